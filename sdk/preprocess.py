@@ -1,0 +1,244 @@
+"""CLIP image preprocessing in numpy + PIL, identical to transformers' CLIPImageProcessor.
+
+The exported vision graph was trained on pixels produced by transformers' PIL-based CLIP
+processor (`CLIPImageProcessorPil` in transformers 5.x: `image_processing_backends.PilBackend`
+and `image_transforms`; the old "slow" CLIPImageProcessor of 4.x is the same algorithm). This
+module reproduces it bit for bit on the device, where neither torch nor transformers exists:
+
+    RGB conversion (alpha composited onto white)      -> uint8 HxWx3
+    resize with PIL on the *uint8* image              (shortest edge: the long edge is truncated)
+    center crop (zero padding where the image is smaller than the crop)
+    rescale: float64 * factor, then cast to float32
+    normalize: (x - mean) / std in float32            -> float32 [1, 3, H, W]
+
+Never import torch or transformers here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import BundleError, ExportError, ImageError
+
+# CLIPImageProcessor's class defaults (transformers/models/clip/image_processing_pil_clip.py).
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+DEFAULTS = {
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": 3,  # PIL bicubic
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
+}
+_RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def config_from_processor(d: dict) -> dict:
+    """A CLIPImageProcessor config (preprocessor_config.json or processor.to_dict()) -> our
+    manifest's "image_preprocessing" dict, every key explicit. Idempotent."""
+    return _normalize(d, ExportError)
+
+
+def _normalize(d: dict, error) -> dict:
+    if not isinstance(d, dict):
+        raise error(f"image preprocessing config must be a dict, got {type(d).__name__}")
+    # transformers treats a key set to None like a missing key: the class default applies.
+    cfg = {key: (d[key] if d.get(key) is not None else default) for key, default in DEFAULTS.items()}
+    if d.get("use_square_size"):
+        # Kosmos-2 compatibility in CLIPImageProcessor.__init__: a square of the *class default*
+        # shortest edge (224), whatever "size" says.
+        cfg["size"] = {"height": 224, "width": 224}
+
+    for key in ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+        cfg[key] = bool(cfg[key])
+    # CLIP has default_to_square=False: an int size is the shortest edge; a crop int is a square.
+    cfg["size"] = _size_dict(cfg["size"], "size", square_int=False, error=error)
+    cfg["crop_size"] = _size_dict(cfg["crop_size"], "crop_size", square_int=True, error=error)
+    if set(cfg["crop_size"]) != {"height", "width"}:
+        raise error(f"crop_size must have 'height' and 'width', got {cfg['crop_size']}")
+    cfg["resample"] = _resample(cfg["resample"], error)
+    cfg["rescale_factor"] = float(cfg["rescale_factor"])
+    for key in ("image_mean", "image_std"):
+        value = cfg[key]
+        value = [value] * 3 if isinstance(value, (int, float)) else list(value)
+        if len(value) != 3:
+            raise error(f"{key} must have 3 values (one per RGB channel), got {value}")
+        cfg[key] = [float(v) for v in value]
+    return cfg
+
+
+def _size_dict(value, name: str, square_int: bool, error) -> dict:
+    """transformers' get_size_dict, restricted to the two forms we support."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {"height": value, "width": value} if square_int else {"shortest_edge": value}
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        value = {"height": value[0], "width": value[1]}  # (height, width) order
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if v is not None}
+        if set(value) in ({"shortest_edge"}, {"height", "width"}):
+            if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()):
+                return dict(value)
+    raise error(f"{name} must be {{'shortest_edge': N}} or {{'height': H, 'width': W}} (positive ints), got {value}")
+
+
+def _resample(value, error) -> int:
+    if isinstance(value, str) and value.lower() in _RESAMPLE_NAMES:
+        return _RESAMPLE_NAMES[value.lower()]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 5:
+        return int(value)  # also PIL.Image.Resampling / transformers' PILImageResampling members
+    raise error(f"resample must be a PIL resampling filter 0-5 (3 = bicubic), got {value!r}")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def load_image(image) -> Image.Image:
+    """A path (str / Path), a PIL image, or a uint8 array (HxW, HxWx1, HxWx3, HxWx4) -> PIL RGB."""
+    if isinstance(image, (str, Path)):
+        return _convert_rgb(_open(Path(image)))
+    if isinstance(image, Image.Image):
+        try:
+            image.load()  # lazily opened images fail here if the file is truncated or broken
+        except Exception as err:
+            raise ImageError(f"the PIL image could not be decoded ({_short(err)}); pass a valid image") from None
+        return _convert_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    raise ImageError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL image "
+                     "or an HxWx3 uint8 numpy array")
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageError(f"image file not found: {path}; check the path")
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory; pass an image file")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, inside the try, and close the file
+            # Apply the EXIF orientation, as transformers.image_utils.load_image does for paths.
+            return ImageOps.exif_transpose(opened)
+    except Exception as err:  # UnidentifiedImageError, truncated data, decompression bomb, ...
+        raise ImageError(f"cannot read {path} as an image ({_short(err)}); pass a JPEG, PNG or other "
+                         "image file that PIL can open") from None
+
+
+def _convert_rgb(image: Image.Image) -> Image.Image:
+    """transformers.image_transforms.convert_to_rgb for PIL images: anything with an alpha band
+    or a transparency entry (RGBA, LA, PA, P/L/RGB with tRNS) is composited onto white; every
+    other mode (L, P, 1, I;16, I, F, CMYK, YCbCr...) goes through PIL's convert("RGB")."""
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"the image is empty ({image.width}x{image.height}); pass a non-empty image")
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except Exception as err:
+        raise ImageError(f"cannot convert a PIL image of mode {image.mode} to RGB ({_short(err)}); "
+                         "pass an RGB, RGBA, L or P image") from None
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """The numpy path of transformers' convert_to_rgb, channels last."""
+    if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
+        raise ImageError("the image array contains NaN; pass a uint8 array with values 0-255")
+    if array.dtype != np.uint8:
+        raise ImageError(f"image array has dtype {array.dtype}; pass uint8 values 0-255 "
+                         "(e.g. (x * 255).round().astype(np.uint8) for floats in 0-1)")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageError(f"image array has shape {array.shape}; pass HxWx3 (channels last), HxWx4 or HxW")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"image array is empty (shape {array.shape}); pass a non-empty image")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 4:
+        # Composite onto white in float64 and round, exactly as transformers does for arrays
+        # (PIL's alpha_composite rounds differently, so don't go through a PIL RGBA image).
+        alpha = array[:, :, 3:4] / 255
+        array = np.round(alpha * array[:, :, :3] + (1 - alpha) * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))  # HxWx3 uint8 -> mode RGB
+
+
+def _short(err: Exception) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
+# -- preprocessing ---------------------------------------------------------------------------------
+
+
+def preprocess(image, config: dict) -> np.ndarray:
+    """Any image load_image accepts -> float32 pixel_values [1, 3, H, W]."""
+    cfg = _normalize(config, _BadManifest)
+    # Always RGB: the vision graph takes 3 channels. (With do_convert_rgb=False transformers keeps
+    # the PIL mode, which only differs for non-RGB images, and then its 3-value normalize fails.)
+    img = load_image(image)
+
+    if cfg["do_resize"]:
+        height, width = _resize_size(img.height, img.width, cfg["size"])
+        # transformers resizes the uint8 image with PIL (to_pil_image; no rescale for uint8).
+        img = img.resize((width, height), resample=cfg["resample"])
+    pixels = np.asarray(img, dtype=np.uint8)  # H x W x 3
+
+    if cfg["do_center_crop"]:
+        pixels = _center_crop(pixels, cfg["crop_size"]["height"], cfg["crop_size"]["width"])
+
+    # Rescale, then normalize (two steps, in transformers' dtypes, so the float32 results match).
+    if cfg["do_rescale"]:
+        out = (pixels.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
+    else:
+        out = pixels.astype(np.float32)
+    if cfg["do_normalize"]:
+        mean = np.asarray(cfg["image_mean"], dtype=np.float32)
+        std = np.asarray(cfg["image_std"], dtype=np.float32)
+        out = (out - mean) / std
+    return np.ascontiguousarray(out.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+class _BadManifest(BundleError):
+    """An image_preprocessing dict in a bundle manifest that we cannot use."""
+
+    def __init__(self, message: str):
+        super().__init__(f"bundle manifest image_preprocessing: {message}; re-export the bundle")
+
+
+def _resize_size(height: int, width: int, size: dict) -> tuple[int, int]:
+    """transformers.image_transforms.get_resize_output_image_size(default_to_square=False)."""
+    if "height" in size:
+        return size["height"], size["width"]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short = size["shortest_edge"]
+    new_long = int(new_short * long / short)  # truncated, not rounded (torchvision's old rule)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers.image_transforms.center_crop on an HxWxC array: floor offsets; where the
+    image is smaller than the crop it is first zero-padded (ceil of half the gap on top/left).
+    Padding happens on uint8 pixels, so padded pixels come out as (0 - mean) / std."""
+    h, w = pixels.shape[:2]
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    if top >= 0 and left >= 0:  # the crop fits in the image
+        return pixels[top:top + crop_h, left:left + crop_w]
+    new_h, new_w = max(crop_h, h), max(crop_w, w)
+    top_pad, left_pad = math.ceil((new_h - h) / 2), math.ceil((new_w - w) / 2)
+    padded = np.zeros((new_h, new_w) + pixels.shape[2:], dtype=pixels.dtype)
+    padded[top_pad:top_pad + h, left_pad:left_pad + w] = pixels
+    top, left = top + top_pad, left + left_pad
+    return padded[max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
