@@ -1,0 +1,165 @@
+"""Write a bundle: trace the graphs, copy the tokenizer, write the manifest with every file's sha256.
+
+Everything is written into a temporary sibling directory and renamed into place at the end,
+so an interrupted export never leaves a half-written bundle that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sdk
+from sdk.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from sdk.errors import ExportError
+
+from . import onnx_export
+from .checkpoint import Checkpoint, load_checkpoint
+from .decoder import DecoderGraph, EmbedGraph
+from .prompt import PromptMLP
+from .vision import PipmmVision, vision_config_from
+
+# LLaVA-1.5's conversation format. The prompt encoder sees the same turn without the image.
+DEFAULT_CHAT_TEMPLATE = {
+    "prompt": "USER: <image>\n{prompt} ASSISTANT:",
+    "prompt_encoder": "USER: {prompt}",
+    "image_placeholder": "<image>",
+    "add_bos": True,
+}
+DEFAULT_GENERATION = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+
+
+def _progress(steps: list[str], enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return iter(steps), lambda *_: None
+    bar = tqdm(steps, desc="export", unit="graph")
+    return iter(bar), bar.set_postfix_str
+
+
+def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="full", reducer="pool") -> dict:
+    """The torch modules that become the graphs (also the PyTorch reference backend's modules)."""
+    model, config = checkpoint.model, checkpoint.config
+    vision_cfg = vision_config_from(config, budget=budget, reducer=reducer)
+    prompt_layer = prompt_mlp.config.prompt_layer if prompt_mlp is not None else -1
+    return {
+        "vision": PipmmVision(model.model.vision_tower, model.model.multi_modal_projector, vision_cfg, prompt_mlp).eval(),
+        "embed": EmbedGraph(model.get_input_embeddings()).eval(),
+        "decoder": DecoderGraph(checkpoint.language_model, model.lm_head, config.text_config, prompt_layer).eval(),
+    }
+
+
+def _preprocessing(checkpoint: Checkpoint, image_size: int) -> dict:
+    from sdk.preprocess import config_from_processor
+
+    file = checkpoint.path / "preprocessor_config.json"
+    raw = json.loads(file.read_text()) if file.is_file() else {
+        "size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    return config_from_processor(raw)
+
+
+def _special_tokens(checkpoint: Checkpoint, tokenizer_json: dict) -> dict:
+    text = checkpoint.config.text_config
+    bos = checkpoint.model.generation_config.bos_token_id
+    pad = checkpoint.model.generation_config.pad_token_id
+    return {
+        "bos": bos if bos is not None else text.bos_token_id,
+        "eos": checkpoint.eos_token_ids,
+        "pad": pad if pad is not None else text.pad_token_id,
+        "image": checkpoint.config.image_token_index,
+        # Every added special token's text: user prompts are stripped of these (no injected turns or image slots).
+        "texts": sorted(t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")),
+    }
+
+
+def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP | None,
+                   chat_template: dict | None = None, precision: str = "fp32") -> dict:
+    """Everything but `graphs` and `files`, which the writer fills in (the torch reference uses it as is)."""
+    text = checkpoint.config.text_config
+    vision = modules["vision"].config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    tokenizer_json = json.loads(checkpoint.tokenizer_file.read_text())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "min_sdk_version": "0.1.0",
+        "created": {"by": f"pipmm-edge {sdk.__version__}", "torch": torch.__version__,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "model": {
+            "source": checkpoint.path.name,
+            "text_architecture": text.model_type,
+            "num_layers": text.num_hidden_layers,
+            "num_kv_heads": text.num_key_value_heads,
+            "head_dim": head_dim,
+            "hidden_size": text.hidden_size,
+            "vocab_size": text.vocab_size,
+            "max_context": checkpoint.max_context,
+            "vision_hidden_size": checkpoint.config.vision_config.hidden_size,
+            "pipmm": prompt_mlp is not None,
+        },
+        "precision": {"default": precision, "graphs": {"vision": precision, "embed": precision, "decoder": precision}},
+        "vision": vision.to_dict(),
+        "visual_tokens": {"budget": vision.budget, "count": vision.num_tokens + (vision.select_strategy == "full"),
+                          "reducer": vision.reducer if vision.num_tokens < vision.grid ** 2 else "full"},
+        "prompt_vector": None if prompt_mlp is None else {
+            "layer": prompt_mlp.config.prompt_layer, "pooling": prompt_mlp.config.pooling,
+            "source": "decoder graph output 'hidden' over the prompt_encoder template (no image)"},
+        "prompt_mlp": None if prompt_mlp is None else vars(prompt_mlp.config).copy(),
+        "image_preprocessing": _preprocessing(checkpoint, vision.image_size),
+        "chat_template": dict(chat_template or DEFAULT_CHAT_TEMPLATE),
+        "special_tokens": _special_tokens(checkpoint, tokenizer_json),
+        "generation": dict(DEFAULT_GENERATION),
+        "tokenizer": "tokenizer.json",
+    }
+
+
+def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: str | Path | None = None,
+                  no_prompt_mlp: bool = False, budget: str | int = "full", reducer: str = "pool",
+                  chat_template: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    out_dir = Path(out_dir)
+    if prompt_mlp is None and not no_prompt_mlp:
+        raise ExportError("a PIP-MM export needs the trained prompt MLP: pass --prompt-mlp FILE "
+                          "(or --no-prompt-mlp for a plain LLaVA bundle)")
+    if prompt_mlp is not None and no_prompt_mlp:
+        raise ExportError("--prompt-mlp and --no-prompt-mlp contradict each other: pass one")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists: pass --overwrite or choose another --out")
+    checkpoint = load_checkpoint(checkpoint_dir)
+    mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
+    if mlp is not None:
+        want = (checkpoint.config.text_config.hidden_size, checkpoint.config.vision_config.hidden_size)
+        if (mlp.config.d_llm, mlp.config.d_vit) != want:
+            raise ExportError(f"prompt MLP maps {mlp.config.d_llm}->{mlp.config.d_vit} but the checkpoint needs "
+                              f"{want[0]}->{want[1]}: it was trained for another checkpoint")
+    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
+    manifest = build_manifest(checkpoint, modules, mlp, chat_template)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        steps, note = _progress(list(onnx_export.EXPORTERS), progress)
+        for name in steps:
+            note(name)
+            path = tmp / f"{name}.onnx"
+            onnx_export.EXPORTERS[name](modules[name], path, manifest["model"])
+            manifest.setdefault("graphs", {})[name] = {"file": path.name, **onnx_export.describe_graph(path)}
+        shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
+        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

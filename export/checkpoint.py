@@ -1,0 +1,90 @@
+"""Load and validate a LLaVA checkpoint directory: a CLIP vision tower with a class token, a
+projector, and any decoder-only text model that transformers supports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdk.errors import ExportError
+
+SUPPORTED_VISION = ("clip_vision_model",)
+
+
+@dataclass
+class Checkpoint:
+    model: "torch.nn.Module"  # LlavaForConditionalGeneration, eval mode, fp32 unless asked
+    path: Path
+    tokenizer_file: Path
+    eos_token_ids: list[int]
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @property
+    def max_context(self) -> int:
+        text = self.config.text_config
+        limit = text.max_position_embeddings
+        # A sliding-window cache would crop past keys and break the runtime's mask bookkeeping:
+        # never let the context outgrow the window.
+        window = getattr(text, "sliding_window", None)
+        if window and getattr(text, "use_sliding_window", True) is not False:
+            limit = min(limit, int(window))
+        return int(limit)
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{path} has no config.json: pass a LlavaForConditionalGeneration checkpoint directory")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ExportError(f"{config_file} is not valid JSON ({err})") from err
+
+
+def validate_config(raw: dict, path: Path) -> None:
+    """Refuse what the export cannot handle, naming what it supports."""
+    model_type = raw.get("model_type")
+    if model_type != "llava":
+        raise ExportError(f"{path}: model_type {model_type!r} is not supported; "
+                          "pipmm exports LlavaForConditionalGeneration checkpoints (model_type 'llava')")
+    vision_type = raw.get("vision_config", {}).get("model_type", "clip_vision_model")
+    if vision_type not in SUPPORTED_VISION:
+        raise ExportError(f"{path}: vision tower {vision_type!r} has no class embedding to replace; "
+                          f"PIP-MM needs a CLIP vision tower ({', '.join(SUPPORTED_VISION)})")
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ExportError(f"{path}: vision_feature_select_strategy {strategy!r} is not 'default' or 'full'")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"checkpoint directory {path} does not exist")
+    validate_config(_read_config(path), path)
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ExportError(f"{path} has no tokenizer.json: save the fast tokenizer beside the weights")
+    try:
+        # safetensors only: nothing is ever unpickled.
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                              attn_implementation="eager")
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot load {path} as a LLaVA checkpoint with safetensors weights: {err}") from err
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    return Checkpoint(model=model, path=path, tokenizer_file=tokenizer_file, eos_token_ids=eos_ids)

@@ -1,0 +1,103 @@
+"""Trace the three graphs (vision, embed, decoder) to ONNX with torch.export (dynamo).
+
+Dynamic axes: batch everywhere, sequence and past length for the decoder. Example inputs use
+sizes >= 2 so that torch.export does not specialise an axis to the example's 0 or 1.
+"""
+
+from __future__ import annotations
+
+import warnings
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+
+from .decoder import DecoderGraph, EmbedGraph, kv_names
+from .vision import PipmmVision
+
+OPSET = 18  # the TensorRT 10 parser covers opsets 9-20
+EXTERNAL_DATA_BYTES = 1 << 30  # weights go to a side file above 1 GiB (protobuf's hard limit is 2 GiB)
+
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+                onnx.TensorProto.BOOL: "bool", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# torch.onnx logs a warning per torchvision op it cannot register; torchvision is not used here.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
+    program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_vision(vision: PipmmVision, path: Path, model: dict) -> None:
+    cfg = vision.config
+    batch = torch.export.Dim("batch", min=1, max=64)
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    if vision.prompt_mlp is None:
+        args, names, shapes = (pixels,), ["pixel_values"], ({0: batch},)
+    else:
+        prompt = torch.randn(2, vision.prompt_mlp.config.d_llm)
+        args, names, shapes = (pixels, prompt), ["pixel_values", "prompt_vector"], ({0: batch}, {0: batch})
+    _export(vision, args, path, names, ["visual_tokens", "cls_attention"], shapes)
+
+
+def export_embed(embed: EmbedGraph, path: Path, model: dict) -> None:
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("sequence", min=1, max=1 << 16)
+    ids = torch.randint(0, embed.embed_tokens.num_embeddings, (2, 5))
+    _export(embed, (ids,), path, ["input_ids"], ["inputs_embeds"], ({0: batch, 1: seq},))
+
+
+def export_decoder(decoder: DecoderGraph, path: Path, model: dict) -> None:
+    cfg = decoder.text_config
+    num_kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
+    n = decoder.num_layers
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("sequence", min=1, max=1 << 16)
+    past = torch.export.Dim("past_sequence", min=0, max=1 << 16)
+    b, t, p = 2, 5, 3
+    dtype = next(decoder.parameters()).dtype
+    args = (
+        torch.randn(b, t, cfg.hidden_size, dtype=dtype),
+        torch.ones(b, p + t, dtype=torch.int64),
+        torch.arange(p, p + t).expand(b, t).contiguous(),
+        tuple(torch.randn(b, num_kv_heads, p, head_dim, dtype=dtype) for _ in range(2 * n)),
+    )
+    total = torch.export.Dim("total_sequence", min=1, max=1 << 17)  # = past + sequence; torch.export can't say so
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+              tuple({0: batch, 2: past} for _ in range(2 * n)))
+    inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past_key_values")]
+    outputs = ["logits", "hidden", *kv_names(n, "present")]
+    _export(decoder, args, path, inputs, outputs, shapes)
+
+
+# graph name -> exporter(module, path, manifest["model"]); the bundle writer walks this in order.
+EXPORTERS = {"vision": export_vision, "embed": export_embed, "decoder": export_decoder}
+
+
+def describe_graph(path: Path) -> dict:
+    """Names, dtypes and shapes (ints, or axis names for dynamic axes) of a graph's inputs and outputs."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def values(items):
+        out = []
+        for v in items:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape})
+        return out
+
+    initializers = {i.name for i in model.graph.initializer}
+    return {"inputs": values(i for i in model.graph.input if i.name not in initializers),
+            "outputs": values(model.graph.output), "opset": OPSET}

@@ -1,0 +1,106 @@
+"""Visual-token reducers: N projected patch tokens -> a budget of K tokens.
+
+Every reducer is a static graph for export: constant K, no data-dependent shapes, only
+operators TensorRT's ONNX parser accepts (MatMul, TopK, GatherElements).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdk.errors import ExportError
+
+
+def resolve_budget(budget: str | int, num_patches: int) -> int:
+    """'full' -> N, 'half' -> ceil(N/2), 'quarter' -> ceil(N/4), an int (or digit string) -> itself."""
+    named = {"full": num_patches, "half": math.ceil(num_patches / 2), "quarter": math.ceil(num_patches / 4)}
+    if isinstance(budget, str) and budget in named:
+        return named[budget]
+    try:
+        k = int(budget)
+    except (TypeError, ValueError):
+        raise ExportError(f"visual-token budget {budget!r} is not full, half, quarter or an integer") from None
+    if not 1 <= k <= num_patches:
+        raise ExportError(f"visual-token budget {k} is outside 1..{num_patches} (the number of patches)")
+    return k
+
+
+def _cell_edges(length: int, cells: int) -> list[int]:
+    # Non-overlapping bins covering 0..length, as equal as rounding allows.
+    return [round(i * length / cells) for i in range(cells + 1)]
+
+
+def pool_matrix(grid_h: int, grid_w: int, k: int) -> torch.Tensor:
+    """[K, N] averaging matrix: output token j is the mean of one rectangular cell of the patch grid.
+
+    The output grid (gh, gw) has gh * gw == K and the squarest cells possible (a 24x24 grid at
+    quarter budget pools 2x2, at half budget 2x1). When K has no factorisation that fits the
+    grid, cells are contiguous runs of the raster order instead (neighbours along rows).
+    """
+    n = grid_h * grid_w
+    matrix = torch.zeros(k, n)
+    shapes = [(gh, k // gh) for gh in range(1, k + 1) if k % gh == 0 and gh <= grid_h and k // gh <= grid_w]
+    if shapes:
+        gh, gw = min(shapes, key=lambda s: (abs(math.log((grid_h / s[0]) / (grid_w / s[1]))), -s[0]))
+        rows, cols = _cell_edges(grid_h, gh), _cell_edges(grid_w, gw)
+        for i in range(gh):
+            for j in range(gw):
+                cell = [r * grid_w + c for r in range(rows[i], rows[i + 1]) for c in range(cols[j], cols[j + 1])]
+                matrix[i * gw + j, cell] = 1.0 / len(cell)
+    else:
+        edges = _cell_edges(n, k)
+        for j in range(k):
+            matrix[j, edges[j]:edges[j + 1]] = 1.0 / (edges[j + 1] - edges[j])
+    return matrix
+
+
+class PoolReducer(torch.nn.Module):
+    """Average neighbouring patches: [B,N,D] -> [B,K,D]. Prompt-agnostic."""
+
+    def __init__(self, grid_h: int, grid_w: int, k: int):
+        super().__init__()
+        self.register_buffer("matrix", pool_matrix(grid_h, grid_w, k), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.matrix.to(tokens.dtype), tokens)
+
+
+class PromptTopKReducer(torch.nn.Module):
+    """Keep the K patches the (T-)CLS attends to most, in their original order: [B,N,D] -> [B,K,D]."""
+
+    def __init__(self, grid_h: int, grid_w: int, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
+        # cls_attention: [B, N], the class token's attention to each patch (mean over heads).
+        top = torch.topk(cls_attention, self.k, dim=-1).indices  # [B, K], by score
+        # Restore raster order: the K smallest indices among the chosen ones (a TopK, not a Sort,
+        # since TensorRT has no Sort operator).
+        order = torch.topk(top, self.k, dim=-1, largest=False).values  # [B, K], ascending
+        index = order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return torch.gather(tokens, 1, index)
+
+
+class FullReducer(torch.nn.Module):
+    def __init__(self, grid_h: int, grid_w: int, k: int):
+        super().__init__()
+
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+
+REDUCERS: dict[str, type[torch.nn.Module]] = {
+    "pool": PoolReducer,
+    "prompt-topk": PromptTopKReducer,
+}
+
+
+def make_reducer(name: str, grid_h: int, grid_w: int, k: int) -> torch.nn.Module:
+    if k == grid_h * grid_w:
+        return FullReducer(grid_h, grid_w, k)
+    if name not in REDUCERS:
+        raise ExportError(f"unknown reducer {name!r}: choose one of {', '.join(REDUCERS)}")
+    return REDUCERS[name](grid_h, grid_w, k)

@@ -1,0 +1,78 @@
+"""The PyTorch reference: the very modules that are exported, behind the runtime's backend interface.
+
+    pipeline = reference_pipeline("ckpt/", prompt_mlp="mlp/", budget="half", reducer="prompt-topk")
+    pipeline.generate(image, prompt)   # same Pipeline class as the ONNX bundle, torch underneath
+
+So the reference and the runtime are compared (and benchmarked) by one loop over backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sdk.pipeline import Pipeline
+
+from .bundle import build_manifest, build_modules
+from .checkpoint import load_checkpoint
+from .prompt import PromptMLP
+
+
+@dataclass
+class TorchCache:
+    past: tuple  # 2 per layer, [B, H_kv, length, hd]
+    length: int = 0
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, modules: dict, model_info: dict, device: str = "cpu"):
+        self.modules = modules
+        self.device = device
+        self.num_layers, self.num_kv_heads, self.head_dim = (model_info["num_layers"], model_info["num_kv_heads"],
+                                                             model_info["head_dim"])
+        self.dtype = next(modules["decoder"].parameters()).dtype
+
+    @staticmethod
+    def available() -> bool:
+        return True
+
+    def _t(self, array: np.ndarray, dtype=None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype=dtype)
+
+    @torch.no_grad()
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.modules["embed"](self._t(input_ids, torch.int64)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None):
+        prompt = None if prompt_vector is None else self._t(prompt_vector, self.dtype)
+        tokens, attention = self.modules["vision"](self._t(pixel_values, self.dtype), prompt)
+        return tokens.float().cpu().numpy(), attention.float().cpu().numpy()
+
+    def new_cache(self, batch: int = 1) -> TorchCache:
+        empty = torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        return TorchCache(past=(empty,) * (2 * self.num_layers), length=0)
+
+    @torch.no_grad()
+    def decoder(self, inputs_embeds: np.ndarray, cache: TorchCache):
+        b, t, _ = inputs_embeds.shape
+        mask = torch.ones(b, cache.length + t, dtype=torch.int64, device=self.device)
+        positions = torch.arange(cache.length, cache.length + t, device=self.device).expand(b, t)
+        logits, hidden, *present = self.modules["decoder"](self._t(inputs_embeds, self.dtype), mask, positions,
+                                                           cache.past)
+        return (logits.float().cpu().numpy(), hidden.float().cpu().numpy(),
+                TorchCache(past=tuple(present), length=cache.length + t))
+
+
+def reference_pipeline(checkpoint_dir, prompt_mlp=None, budget="full", reducer="pool",
+                       chat_template: dict | None = None) -> Pipeline:
+    checkpoint = load_checkpoint(checkpoint_dir)
+    mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
+    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
+    manifest = build_manifest(checkpoint, modules, mlp, chat_template)
+    return Pipeline(manifest, checkpoint.tokenizer_file, TorchBackend(modules, manifest["model"]),
+                    source=f"torch:{checkpoint_dir}")

@@ -1,0 +1,27 @@
+"""pipmm-edge device-side SDK: load a bundle, describe an image. Never imports torch."""
+
+from __future__ import annotations
+
+from .errors import PipmmError
+
+__version__ = "0.1.0"
+
+_default_pipeline = None
+
+
+def load(bundle=None, backend: str = "auto", device: str = "auto"):
+    """Load a bundle directory (None: the embedded default model) and return a Pipeline."""
+    from .pipeline import Pipeline
+
+    return Pipeline.load(bundle, backend=backend, device=device)
+
+
+def describe(image, prompt: str = "Describe the image.", **kwargs) -> str:
+    """Describe `image` with the embedded default model (loaded once, then cached)."""
+    global _default_pipeline
+    if _default_pipeline is None:
+        _default_pipeline = load()
+    return _default_pipeline.describe(image, prompt, **kwargs)
+
+
+__all__ = ["load", "describe", "PipmmError", "__version__"]

@@ -1,0 +1,71 @@
+"""The `pipmm` command line: one verb per pipeline step (train -> export -> build -> run -> measure).
+
+Verbs are registered as "module:prefix"; a verb module provides `add_arguments(parser)`
+and `run(args) -> int`. Modules are imported only when their verb is used, so
+`pipmm describe` never imports torch even though `pipmm export` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import PipmmError
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "describe": ("sdk.cli_describe", "describe an image with a bundle (default: the embedded model)"),
+    "export": ("export.cli_export", "export a LLaVA checkpoint (+ prompt MLP) to an ONNX bundle"),
+    "scenes": ("export.scenes", "write generated scenes and LLaVA-style conversations"),
+}
+
+
+def build_parser(verbs: dict[str, tuple[str, str]] = VERBS) -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="pipmm", description="PIP-MM multimodal LLMs on edge devices.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    modules = {}
+    for verb, (module_name, help_text) in verbs.items():
+        sp = sub.add_parser(verb, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            # A verb from the [export] extra on a runtime-only install: say how to get it.
+            missing = err.name or module_name
+            sp.set_defaults(_missing=f"'pipmm {verb}' needs {missing}: pip install 'pipmm-edge[export]'")
+            continue
+        module.add_arguments(sp)
+        modules[verb] = module
+    return parser, modules
+
+
+def _parser_for(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
+    # Import only the module of the verb asked for (startup time, and no torch for describe).
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb in VERBS:
+        return build_parser({verb: VERBS[verb]})
+    return build_parser()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, modules = _parser_for(argv)
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"error: {args._missing}", file=sys.stderr)
+        return 2
+    try:
+        return int(modules[args.verb].run(args) or 0)
+    except PipmmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

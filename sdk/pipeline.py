@@ -1,0 +1,176 @@
+"""The Pipeline: image + prompt -> text, through a backend that runs the bundle's graphs.
+
+    image --preprocess--> pixel_values
+    prompt --template, no image--> embed -> decoder (fresh cache) -> hidden -> prompt vector   (PIP-MM only)
+    pixel_values (+ prompt vector) --vision--> visual tokens [K, D]
+    template with K image slots --embed--> embeddings, image slots := visual tokens
+    prefill: decoder over the whole turn -> logits, KV cache
+    decode:  sample -> embed -> decoder (T=1) -> logits ... until EOS, max_new_tokens or a full context
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import default_bundle_path, load_bundle
+from .generation import GenerationArgs, sample
+from .preprocess import preprocess
+from .prompting import Prompter
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    visual_tokens: int
+    finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (the context window is full)
+    timings: dict[str, float] = field(default_factory=dict)  # ms, plus tokens_per_s
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids,
+                "stats": {"visual_tokens": self.visual_tokens, "finish_reason": self.finish_reason, **self.timings}}
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class Pipeline:
+    def __init__(self, manifest: dict, tokenizer_path, backend, source: str = ""):
+        self.manifest = manifest
+        self.backend = backend
+        self.source = source
+        self.prompter = Prompter(tokenizer_path, manifest)
+        self.preprocessing = manifest["image_preprocessing"]
+        self.prompt_vector_spec = manifest["prompt_vector"]
+        self.max_context = int(manifest["model"]["max_context"])
+        self.defaults = manifest["generation"]
+        # One request at a time per Pipeline: the backends' sessions are shared state. Callers from
+        # several threads are serialised here; use one Pipeline per thread for parallelism.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, bundle=None, backend: str = "auto", device: str = "auto", verify: bool = True) -> "Pipeline":
+        from runtimes import backend_class
+
+        path = default_bundle_path() if bundle is None else Path(bundle)
+        loaded = load_bundle(path, verify=verify)
+        runner = backend_class(backend)(loaded, device=device)
+        return cls(loaded.manifest, loaded.tokenizer_path, runner, source=str(path))
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return int(self.manifest["visual_tokens"]["count"])
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> np.ndarray:
+        """PIP-MM's prompt vector [1, D_llm]: the decoder's hidden state over the prompt, no image."""
+        ids = self.prompter.encoder_ids(prompt)
+        _, hidden, _ = self.backend.decoder(self.backend.embed(ids[None]), self.backend.new_cache(1))
+        if self.prompt_vector_spec.get("pooling", "last") == "mean":
+            return hidden.mean(axis=1)
+        return hidden[:, -1]
+
+    def prefill(self, input_embeds: np.ndarray):
+        """Whole turn [1,T,D] with a fresh cache -> (last logits [1,V], cache)."""
+        logits, _, cache = self.backend.decoder(input_embeds, self.backend.new_cache(input_embeds.shape[0]))
+        return logits, cache
+
+    def decode(self, token_id: int, cache):
+        """One new token -> (logits [1,V], cache grown by one)."""
+        embeds = self.backend.embed(np.asarray([[token_id]], np.int64))
+        logits, _, cache = self.backend.decoder(embeds, cache)
+        return logits, cache
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _tokens(self, image, prompt, args: GenerationArgs, result: Result) -> Iterator[int]:
+        """Yields generated token ids one by one, filling result.timings as it goes."""
+        t = result.timings
+        start = time.perf_counter()
+        pixel_values = preprocess(image, self.preprocessing)
+        t["preprocess_ms"] = _ms(start)
+
+        stage = time.perf_counter()
+        ids, image_slots = self.prompter.prompt_ids(prompt)
+        prompt_vector = self.encode_prompt(prompt) if self.prompt_vector_spec is not None else None
+        t["prompt_ms"] = _ms(stage)
+
+        stage = time.perf_counter()
+        visual_tokens, _ = self.backend.vision(pixel_values, prompt_vector)
+        t["vision_ms"] = _ms(stage)
+
+        stage = time.perf_counter()
+        embeds = self.backend.embed(ids[None]).copy()
+        embeds[0, image_slots] = visual_tokens[0].astype(embeds.dtype)
+        logits, cache = self.prefill(embeds)
+        t["prefill_ms"] = _ms(stage)
+
+        rng = np.random.default_rng(args.seed)
+        decode_start = time.perf_counter()
+        generated = 0
+        result.finish_reason = "length"
+        while True:
+            token = sample(logits[0], args, rng)
+            if generated == 0:
+                t["ttft_ms"] = _ms(start)
+            if token in self.prompter.eos_ids:
+                result.finish_reason = "eos"
+                break
+            generated += 1
+            yield token
+            if generated >= args.max_new_tokens:
+                break
+            if cache.length + 1 > self.max_context:  # the next token would have no position left
+                result.finish_reason = "context"
+                break
+            logits, cache = self.decode(token, cache)
+        t["decode_ms"] = _ms(decode_start)
+        t["tokens_per_s"] = generated / (t["decode_ms"] / 1000.0) if generated and t["decode_ms"] > 0 else 0.0
+        t["total_ms"] = _ms(start)
+
+    def _args(self, max_new_tokens, temperature, top_p, seed) -> GenerationArgs:
+        d = self.defaults
+        return GenerationArgs.checked(
+            d["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
+            d["temperature"] if temperature is None else temperature,
+            d["top_p"] if top_p is None else top_p, seed, self.max_context)
+
+    def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> Result:
+        args = self._args(max_new_tokens, temperature, top_p, seed)
+        result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
+        with self._lock:
+            result.token_ids = list(self._tokens(image, prompt, args, result))
+        result.text = self.prompter.decode(result.token_ids)
+        return result
+
+    def describe(self, image, prompt: str = "Describe the image.", **kwargs) -> str:
+        return self.generate(image, prompt, **kwargs).text
+
+    def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text)."""
+        args = self._args(max_new_tokens, temperature, top_p, seed)
+        result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
+        with self._lock:
+            emitted = ""
+            for token in self._tokens(image, prompt, args, result):
+                result.token_ids.append(token)
+                text = self.prompter.decode(result.token_ids)
+                # A byte-level token can end inside a UTF-8 character: hold it back until complete.
+                if text.endswith("\ufffd"):
+                    continue
+                if text.startswith(emitted) and len(text) > len(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+            text = self.prompter.decode(result.token_ids)
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]

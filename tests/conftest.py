@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random LLaVA checkpoints and the bundles exported from them, built once per session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # the workstation side; CI installs the [export] extra
+
+from export.bundle import export_bundle  # noqa: E402
+from export.tiny import TEXT_ARCHS, build_random_prompt_mlp, build_tiny_llava  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: build_tiny_llava(root / arch, arch=arch, seed=i) for i, arch in enumerate(TEXT_ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def prompt_mlp(checkpoints, tmp_path_factory):
+    return build_random_prompt_mlp(checkpoints["llama"], tmp_path_factory.mktemp("mlp"), seed=1)
+
+
+class BundleFactory:
+    """Exports each distinct (arch, options) bundle once per session."""
+
+    def __init__(self, checkpoints, prompt_mlp, root):
+        self.checkpoints, self.prompt_mlp, self.root, self.cache = checkpoints, prompt_mlp, root, {}
+
+    def __call__(self, arch="llama", pipmm=False, budget="full", reducer="pool"):
+        key = (arch, pipmm, str(budget), reducer)
+        if key not in self.cache:
+            out = self.root / "-".join(map(str, key))
+            self.cache[key] = export_bundle(self.checkpoints[arch], out, prompt_mlp=self.prompt_mlp if pipmm else None,
+                                            no_prompt_mlp=not pipmm, budget=budget, reducer=reducer, progress=False)
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def bundles(checkpoints, prompt_mlp, tmp_path_factory):
+    return BundleFactory(checkpoints, prompt_mlp, tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="session")
+def image():
+    # An odd-sized photo-like array: smooth gradients plus noise, so resize and crop matter.
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:45, 0:61]
+    base = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1)
+    return np.clip(base + rng.integers(0, 60, base.shape), 0, 255).astype(np.uint8)
