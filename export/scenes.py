@@ -10,8 +10,9 @@ red star"); position and relation questions are asked only where a centre is cle
 from a 3x3 grid line, or clearly apart from the other centre along the asked axis.
 
 Determinism: make_scene(seed, size) draws everything from numpy.random.Generator(PCG64(seed)),
-so the same (seed, size) gives byte-identical pixels. Questions of a scene use their own stream,
-Generator(PCG64([seed, 1])), so asking more or fewer questions never changes the image.
+so the same (seed, size) gives byte-identical pixels. iter_examples, write_dataset and
+corpus_text ask the questions of scene `seed` with their own stream, Generator(PCG64([seed, 1])),
+so asking more or fewer questions never changes the image.
 
 Splits: scene `i` of a split has seed SPLIT_BASE[split] + i, with SPLIT_BASE = train 0,
 val 1_000_000_000, test 2_000_000_000 and i < SPLIT_SPAN = 1_000_000_000, so the three
@@ -410,7 +411,10 @@ def _scene_questions(scene: Scene, questions_per_scene: int | None, families) ->
 
 def iter_examples(split: str, n: int, size: int = 224, questions_per_scene: int | None = None,
                   families: Sequence[str] = FAMILIES, seed_offset: int = 0) -> Iterator[Example]:
-    """Examples of the first `n` scenes of `split`; None questions_per_scene: one per family."""
+    """Examples of `n` scenes of `split`; questions_per_scene None asks one question per family.
+
+    The examples of one scene share one PIL image: copy it before changing it.
+    """
     _check(split, n, seed_offset, size)
     for i in range(seed_offset, seed_offset + n):
         scene = make_scene(split_seed(split, i), size)
