@@ -1,0 +1,214 @@
+"""Training data: the tokenizer, sequences built exactly as the SDK builds them, and batches of scenes.
+
+A training sequence is the SDK's own prompt (sdk.prompting.Prompter, the bundle's chat template
+with K image slots) followed by the answer and EOS; the loss reads only the answer and EOS:
+
+    ids    [<s> U S E R : Ġ <image>*K Ċ What Ġcolor ... ? Ġ ASSISTANT : | Ġred </s> <pad>...]
+    labels [-100 ...                                                 -100 | Ġred </s> -100...]
+
+The prompt encoder's ids (PIP-MM) are Prompter.encoder_ids: "<s>USER: {prompt}", no image.
+Every row is right-padded, so positions 0..T-1 are those the SDK uses (it never pads) and causal
+attention keeps the real tokens from ever seeing the pads.
+
+Batches are drawn by worker processes (PIL drawing costs ~7 ms a scene): batch i holds scenes
+seed_offset + i * S ... + S - 1 of the train split, each with its questions (one per family),
+so batch i is the same whatever the number of workers, and resuming at step i skips nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sdk.preprocess import preprocess
+
+from . import scenes
+from .bundle import DEFAULT_CHAT_TEMPLATE
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def conversation_texts(n_scenes: int, split: str = "train"):
+    """corpus_text as the model will see it: every prompt in both templates, answers after ' '."""
+    texts = scenes.corpus_text(n_scenes, split)
+    yield next(texts)  # the closed answer vocabulary
+    prompt = None
+    for text in texts:
+        if prompt is None:
+            prompt = text
+            continue
+        yield DEFAULT_CHAT_TEMPLATE["prompt"].replace("{prompt}", prompt) + " " + text
+        yield DEFAULT_CHAT_TEMPLATE["prompt_encoder"].replace("{prompt}", prompt)
+        prompt = None
+
+
+def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512):
+    from .tokenizer import train_tokenizer
+
+    return train_tokenizer(conversation_texts(n_scenes), vocab_size=vocab_size)
+
+
+def prompter_manifest(special: dict, num_visual_tokens: int, max_context: int) -> dict:
+    """The few manifest keys sdk.prompting.Prompter reads, as export_bundle will write them."""
+    return {"chat_template": dict(DEFAULT_CHAT_TEMPLATE), "special_tokens": special,
+            "visual_tokens": {"count": num_visual_tokens}, "model": {"max_context": max_context}}
+
+
+@dataclass
+class SequenceSpec:
+    """What a worker needs to build sequences (picklable): tokenizer file and token ids."""
+    tokenizer_file: str
+    special: dict  # bos, eos (list), pad, image, texts
+    num_visual_tokens: int
+    max_context: int
+
+    def prompter(self):
+        from sdk.prompting import Prompter
+
+        return Prompter(self.tokenizer_file, prompter_manifest(self.special, self.num_visual_tokens,
+                                                               self.max_context))
+
+
+def encode_example(prompter, prompt: str, answer: str) -> tuple[list[int], list[int], list[int]]:
+    """-> (ids, labels, encoder ids). Answer tokens are the tokenizer's for ' ' + answer, then EOS."""
+    ids, _ = prompter.prompt_ids(prompt)
+    ids = ids.tolist()
+    answer_ids = prompter.tokenizer.encode(" " + answer, add_special_tokens=False).ids + [min(prompter.eos_ids)]
+    labels = [IGNORE] * len(ids) + answer_ids
+    return ids + answer_ids, labels, prompter.encoder_ids(prompt).tolist()
+
+
+# ----------------------------------------------------------------------------- grounding
+
+_ATTRIBUTES = {**{s: ("shape", s) for s in scenes.SHAPES}, **{p: ("shape", s) for s, p in scenes.PLURALS.items()},
+               **{c: ("color", c) for c in scenes.COLORS}, **{z: ("size", z) for z in scenes.SIZES},
+               "object": None, "objects": None}
+
+
+def named_phrases(prompt: str) -> list[dict]:
+    """Object names in a prompt: maximal runs of size/colour/shape words -> [{attribute: value}]."""
+    phrases, current = [], None
+    for word in re.findall(r"[a-z]+", prompt.lower()):
+        if word in _ATTRIBUTES:
+            current = {} if current is None else current
+            if _ATTRIBUTES[word]:
+                key, value = _ATTRIBUTES[word]
+                current[key] = value
+        elif current is not None:
+            phrases.append(current)
+            current = None
+    if current is not None:
+        phrases.append(current)
+    return [p for p in phrases if p]
+
+
+def relevant_objects(scene, question) -> list:
+    """The drawn objects a question is about: all of them for a caption, else those its names match."""
+    if question.family == "describe":
+        return list(scene.objects)
+    out = []
+    for phrase in named_phrases(question.prompt):
+        out += [o for o in scene.objects if all(getattr(o, k) == v for k, v in phrase.items()) and o not in out]
+    return out
+
+
+def relevant_patches(scene, question, grid: int) -> np.ndarray:
+    """[grid*grid] bool: patches overlapped by the box of a relevant object (and its label for 'label')."""
+    mask = np.zeros((grid, grid), bool)
+    cell = scene.image_size / grid
+    for o in relevant_objects(scene, question):
+        boxes = [(o.x - o.radius, o.y - o.radius, o.x + o.radius, o.y + o.radius)]
+        if question.family == "label" and o.label_box:
+            boxes.append(o.label_box)
+        for x0, y0, x1, y1 in boxes:
+            r0, r1 = int(max(y0, 0) // cell), int(min(y1, scene.image_size - 1) // cell)
+            c0, c1 = int(max(x0, 0) // cell), int(min(x1, scene.image_size - 1) // cell)
+            mask[r0:r1 + 1, c0:c1 + 1] = True
+    return mask.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.int64)
+
+
+def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessing: dict, grid: int,
+                   families=scenes.FAMILIES) -> dict:
+    """[(scene, [Question])] -> one batch dict of tensors (see SceneBatches)."""
+    pixels, ids, labels, enc, scene_index, grounding, family = [], [], [], [], [], [], []
+    for s, (scene, questions) in enumerate(items):
+        pixels.append(preprocess(scene.image, preprocessing)[0])
+        for q in questions:
+            i, lab, e = encode_example(prompter, q.prompt, q.answer)
+            ids.append(i)
+            labels.append(lab)
+            enc.append(e)
+            scene_index.append(s)
+            grounding.append(relevant_patches(scene, q, grid))
+            family.append(families.index(q.family) if q.family in families else -1)
+    pad = int(spec.special["pad"])
+    return {
+        "pixel_values": torch.from_numpy(np.stack(pixels)),                       # [S,3,H,W] float32
+        "input_ids": _pad(ids, pad),                                              # [Q,T]
+        "labels": _pad(labels, IGNORE),                                           # [Q,T]
+        "encoder_ids": _pad(enc, pad),                                            # [Q,Te]
+        "encoder_lengths": torch.tensor([len(e) for e in enc], dtype=torch.int64),  # [Q]
+        "scene_index": torch.tensor(scene_index, dtype=torch.int64),              # [Q] -> row of pixel_values
+        "grounding": torch.from_numpy(np.stack(grounding)),                       # [Q,N] bool
+        "family": torch.tensor(family, dtype=torch.int64),                        # [Q] index into FAMILIES
+    }
+
+
+def scene_items(split: str, first: int, count: int, size: int, families=scenes.FAMILIES,
+                questions_per_family: int = 1) -> list[tuple]:
+    items = []
+    for i in range(first, first + count):
+        scene = scenes.make_scene(scenes.split_seed(split, i), size)
+        rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))  # scenes.py's own question stream
+        items.append((scene, scenes.make_questions(scene, rng, families, per_family=questions_per_family)))
+    return items
+
+
+class SceneBatches(torch.utils.data.IterableDataset):
+    """Batches `start`, `start + 1`, ... of `scenes_per_batch` train scenes each, forever.
+
+    Worker w of W builds batches start + w, start + w + W, ...; the DataLoader hands them back in
+    round-robin worker order, i.e. in batch order, so the stream is the same for any W.
+    """
+
+    def __init__(self, spec: SequenceSpec, preprocessing: dict, scenes_per_batch: int, image_size: int, grid: int,
+                 seed_offset: int = 0, start: int = 0, split: str = "train", families=scenes.FAMILIES):
+        super().__init__()
+        self.spec, self.preprocessing, self.grid = spec, preprocessing, grid
+        self.scenes_per_batch, self.image_size = scenes_per_batch, image_size
+        self.seed_offset, self.start, self.split, self.families = seed_offset, start, split, tuple(families)
+
+    def batch(self, index: int, prompter=None) -> dict:
+        prompter = prompter or self.spec.prompter()
+        first = self.seed_offset + index * self.scenes_per_batch
+        items = scene_items(self.split, first, self.scenes_per_batch, self.image_size, self.families)
+        return collate_scenes(items, self.spec, prompter, self.preprocessing, self.grid)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        prompter = self.spec.prompter()
+        index = self.start + worker
+        while True:
+            yield self.batch(index, prompter)
+            index += workers
+
+
+def loader(dataset: SceneBatches, workers: int):
+    """A DataLoader over whole batches (batch_size=None: the dataset already collates)."""
+    kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": torch.cuda.is_available()}
+    if workers > 0:
+        kwargs.update(prefetch_factor=4, persistent_workers=False)
+    return torch.utils.data.DataLoader(dataset, **kwargs)
