@@ -120,3 +120,19 @@ def test_interrupted_export_leaves_nothing_that_loads(checkpoints, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         export_bundle(checkpoints["llama"], tmp_path / "b", no_prompt_mlp=True, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_bundle_loads_and_checks_its_weights(checkpoints, tmp_path, monkeypatch, image):
+    """Graphs above the threshold keep their weights in a side file, listed and hashed like the rest."""
+    from export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = export_bundle(checkpoints["llama"], tmp_path / "b", no_prompt_mlp=True, progress=False)
+    manifest = load_bundle(out).manifest
+    side_files = [name for name in manifest["files"] if name.endswith(".data")]
+    assert len(side_files) == 3
+    assert sdk.load(out, device="cpu").generate(image, "what is here?", max_new_tokens=4).token_ids
+    data = bytearray((out / side_files[0]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / side_files[0]).write_bytes(bytes(data))
+    _assert_refused(out, "sha256")

@@ -131,3 +131,18 @@ def test_generate_reports_stage_timings(bundles, image):
         assert result.timings[key] >= 0, key
     assert result.visual_tokens == 25
     assert result.timings["ttft_ms"] <= result.timings["total_ms"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_vision_with_class_embedding_equals_transformers_image_features(arch, checkpoints):
+    from export.bundle import build_modules
+
+    checkpoint = load_checkpoint(checkpoints[arch])
+    vision = build_modules(checkpoint, None)["vision"]
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        theirs = checkpoint.model.model.get_image_features(
+            pixels, vision_feature_layer=checkpoint.config.vision_feature_layer,
+            vision_feature_select_strategy=checkpoint.config.vision_feature_select_strategy).pooler_output
+        ours, _ = vision(pixels)
+    torch.testing.assert_close(ours, torch.stack(list(theirs)), atol=1e-6, rtol=0)

@@ -1,0 +1,211 @@
+"""The model side of training: a small LLaVA from transformers' own classes, its loss through the
+export's PipmmVision, and batched greedy decoding for fast evaluation on a GPU.
+
+    pixel_values [S,3,H,W] --PipmmVision (T-CLS from the prompt MLP, or CLIP's class embedding)--> [Q,K,D]
+    input_ids [Q,T] --embed--> [Q,T,D], image slots := visual tokens
+    --language_model--> hidden [Q,T,D] --lm_head at answer positions--> cross-entropy
+
+Same modules as the export (export.vision.PipmmVision, the checkpoint's language model and
+lm_head), so what is trained is what is exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .prompt import PromptMLP
+from .train_data import IGNORE
+from .vision import PipmmVision, vision_config_from
+
+
+@dataclass
+class ModelSizes:
+    image_size: int = 224
+    patch_size: int = 14
+    vision_hidden: int = 192
+    vision_layers: int = 6
+    vision_heads: int = 3
+    vision_mlp: int = 576
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 512
+    vocab_size: int = 512
+    max_positions: int = 512
+    vision_feature_layer: int = -1  # every ViT layer is used (LLaVA-1.5 uses -2 of 24)
+
+    @classmethod
+    def tiny(cls) -> "ModelSizes":
+        """For tests and CPU smoke runs."""
+        return cls(image_size=112, patch_size=14, vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,
+                   text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=128, vocab_size=320)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def special_tokens(tokenizer) -> dict:
+    """The ids the manifest will carry (export.bundle._special_tokens), from the trained tokenizer."""
+    from .tokenizer import SPECIAL_TOKENS
+
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    return {"bos": ids["<s>"], "eos": [ids["</s>"]], "pad": ids["<pad>"], "image": ids["<image>"],
+            "texts": sorted(SPECIAL_TOKENS)}
+
+
+def build_llava(sizes: ModelSizes, tokenizer, seed: int = 0):
+    """A randomly initialised LlavaForConditionalGeneration: CLIP ViT (class token) + projector + Llama (GQA)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    special = special_tokens(tokenizer)
+    vision = CLIPVisionConfig(hidden_size=sizes.vision_hidden, intermediate_size=sizes.vision_mlp,
+                              num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                              image_size=sizes.image_size, patch_size=sizes.patch_size,
+                              projection_dim=sizes.vision_hidden)
+    text = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=sizes.text_hidden,
+                       intermediate_size=sizes.text_mlp, num_hidden_layers=sizes.text_layers,
+                       num_attention_heads=sizes.text_heads, num_key_value_heads=sizes.text_kv_heads,
+                       max_position_embeddings=sizes.max_positions, bos_token_id=special["bos"],
+                       eos_token_id=special["eos"][0], pad_token_id=special["pad"], tie_word_embeddings=False)
+    grid = sizes.image_size // sizes.patch_size
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=special["image"],
+                         vision_feature_layer=sizes.vision_feature_layer, vision_feature_select_strategy="default",
+                         image_seq_length=grid * grid)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = special["bos"], special["eos"][0], special["pad"]
+    return model
+
+
+def parameter_counts(model, prompt_mlp: PromptMLP | None = None) -> dict:
+    inner = model.model
+    counts = {
+        "vision_tower": sum(p.numel() for p in inner.vision_tower.parameters()),
+        "projector": sum(p.numel() for p in inner.multi_modal_projector.parameters()),
+        "language_model": sum(p.numel() for p in inner.language_model.parameters()),
+        "lm_head": sum(p.numel() for p in model.lm_head.parameters()),
+    }
+    if prompt_mlp is not None:
+        counts["prompt_mlp"] = sum(p.numel() for p in prompt_mlp.parameters())
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def make_vision(model, budget="full", reducer="pool", prompt_mlp: PromptMLP | None = None) -> PipmmVision:
+    config = vision_config_from(model.config, budget=budget, reducer=reducer)
+    return PipmmVision(model.model.vision_tower, model.model.multi_modal_projector, config, prompt_mlp)
+
+
+def encode_prompts(model, encoder_ids: torch.Tensor, lengths: torch.Tensor, layer: int = -1,
+                   pooling: str = "last") -> torch.Tensor:
+    """PIP-MM's prompt vectors [Q,D] from right-padded encoder ids [Q,Te] (lengths [Q]).
+
+    As the SDK computes them (Pipeline.encode_prompt over the decoder graph): positions 0..len-1,
+    layer -1 = last hidden state after the final norm, k = output of decoder layer k; the last
+    real token, or the mean over the real tokens.
+    """
+    lm = model.model.language_model
+    out = lm(inputs_embeds=model.get_input_embeddings()(encoder_ids), use_cache=False,
+             output_hidden_states=layer != -1)
+    hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer + 1]  # [Q,Te,D]
+    if pooling == "mean":
+        mask = (torch.arange(encoder_ids.shape[1], device=lengths.device)[None] < lengths[:, None]).to(hidden.dtype)
+        return (hidden * mask.unsqueeze(-1)).sum(1) / lengths[:, None].to(hidden.dtype)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+
+
+def visual_tokens(model, vision: PipmmVision, batch: dict, frozen_llm_for_prompt: bool = True):
+    """-> (visual tokens [Q,K,D], cls_attention [Q,N]) for every question of the batch."""
+    pixels, index = batch["pixel_values"], batch["scene_index"]
+    if vision.prompt_mlp is None:  # prompt-agnostic: one ViT pass per scene, shared by its questions
+        tokens, attention = vision(pixels, None)
+        return tokens[index], attention[index]
+    mlp_cfg = vision.prompt_mlp.config
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_llm_for_prompt):
+        vectors = encode_prompts(model, batch["encoder_ids"], batch["encoder_lengths"], mlp_cfg.prompt_layer,
+                                 mlp_cfg.pooling)
+    return vision(pixels[index], vectors.float() if vectors.dtype != pixels.dtype else vectors)
+
+
+def embed_sequence(model, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [Q,T,D] with the image slots replaced, row by row, by the visual tokens [Q,K,D]."""
+    embeds = model.get_input_embeddings()(input_ids)
+    slots = input_ids == model.config.image_token_index  # [Q,T], K per row
+    return embeds.masked_scatter(slots.unsqueeze(-1), tokens.to(embeds.dtype))
+
+
+def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
+                 frozen_llm_for_prompt: bool = True) -> dict:
+    """Next-token cross-entropy on the answer tokens (+ EOS); optionally the grounding term:
+    -log(attention mass T-CLS puts on the patches of the objects the question names)."""
+    tokens, attention = visual_tokens(model, vision, batch, frozen_llm_for_prompt)
+    embeds = embed_sequence(model, batch["input_ids"], tokens)
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE  # predict token t+1 from position t; only answer tokens
+    logits = model.lm_head(hidden[:, :-1][keep]).float()
+    lm_loss = F.cross_entropy(logits, targets[keep])
+    out = {"lm_loss": lm_loss, "answer_tokens": int(keep.sum())}
+    loss = lm_loss
+    if grounding_weight > 0:
+        mask = batch["grounding"]
+        rows = mask.any(-1)
+        mass = (attention.float() * mask).sum(-1)[rows]
+        grounding = -torch.log(mass.clamp_min(1e-6)).mean() if rows.any() else lm_loss.new_zeros(())
+        out["grounding_loss"] = grounding
+        loss = loss + grounding_weight * grounding
+    out["loss"] = loss
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int = 64) -> list[list[int]]:
+    """Greedy answers for every question of a batch (labels are ignored; ids stop at the prompt).
+
+    Rows are right-padded: prefill the whole [Q,T], read each row's logits at its own last prompt
+    token, then decode with a 2-D attention mask that hides each row's pads and position ids that
+    continue each row's own positions, i.e. exactly the unpadded sequence the SDK would run.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids, labels = batch["input_ids"], batch["labels"]
+    # The prompt is everything before the first label (labels mark answer + EOS).
+    is_answer = labels != IGNORE
+    lengths = torch.where(is_answer.any(1), is_answer.int().argmax(1), (ids != model.config.text_config.pad_token_id).sum(1))
+    width = int(lengths.max())
+    ids = ids[:, :width]
+    q = ids.shape[0]
+    tokens, _ = visual_tokens(model, vision, batch)
+    embeds = embed_sequence(model, ids, tokens)
+    lm = model.model.language_model
+    cache = DynamicCache(config=model.config.text_config)
+    positions = torch.arange(width, device=ids.device).expand(q, width)
+    hidden = lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+    rows = torch.arange(q, device=ids.device)
+    logits = model.lm_head(hidden[rows, lengths - 1])
+    mask = (torch.arange(width, device=ids.device)[None] < lengths[:, None]).long()  # [Q,width]
+    out = [[] for _ in range(q)]
+    done = torch.zeros(q, dtype=torch.bool, device=ids.device)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # [Q]
+        for r in (~done).nonzero().flatten().tolist():
+            token = int(nxt[r])
+            if token in eos:
+                done[r] = True
+            else:
+                out[r].append(token)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(q, 1, dtype=mask.dtype, device=mask.device)], 1)
+        pos = (lengths + step)[:, None]
+        hidden = lm(inputs_embeds=model.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
+                    past_key_values=cache, use_cache=True).last_hidden_state
+        logits = model.lm_head(hidden[:, -1])
+    return out
