@@ -146,3 +146,25 @@ def test_vision_with_class_embedding_equals_transformers_image_features(arch, ch
             vision_feature_select_strategy=checkpoint.config.vision_feature_select_strategy).pooler_output
         ours, _ = vision(pixels)
     torch.testing.assert_close(ours, torch.stack(list(theirs)), atol=1e-6, rtol=0)
+
+
+def test_prompt_vector_from_an_inner_layer(checkpoints, image, tmp_path):
+    """prompt_layer=k exports the hidden state after decoder layer k, and matches the reference."""
+    from export.bundle import export_bundle
+    from export.tiny import build_random_prompt_mlp
+
+    mlp = build_random_prompt_mlp(checkpoints["llama"], tmp_path / "mlp", seed=2, prompt_layer=0)
+    bundle = export_bundle(checkpoints["llama"], tmp_path / "b", prompt_mlp=mlp, budget="half", reducer="pool",
+                           progress=False)
+    onnx_pipe = sdk.load(bundle, device="cpu")
+    ref_pipe = reference_pipeline(checkpoints["llama"], prompt_mlp=mlp, budget="half", reducer="pool")
+    assert onnx_pipe.manifest["prompt_vector"]["layer"] == 0
+    vector = onnx_pipe.encode_prompt(PROMPT)
+    np.testing.assert_allclose(vector, ref_pipe.encode_prompt(PROMPT), atol=ATOL["hidden"], rtol=0)
+    # ...and is not the final normed state that the default (layer -1) gives
+    plain = reference_pipeline(checkpoints["llama"]).backend
+    ids = onnx_pipe.prompter.encoder_ids(PROMPT)
+    _, last_layer, _ = plain.decoder(plain.embed(ids[None]), plain.new_cache())
+    assert np.abs(last_layer[:, -1] - vector).max() > 1e-2
+    assert onnx_pipe.generate(image, PROMPT, max_new_tokens=8).token_ids == \
+        ref_pipe.generate(image, PROMPT, max_new_tokens=8).token_ids
