@@ -18,6 +18,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "describe": ("sdk.cli_describe", "describe an image with a bundle (default: the embedded model)"),
     "export": ("export.cli_export", "export a LLaVA checkpoint (+ prompt MLP) to an ONNX bundle"),
     "scenes": ("export.scenes", "write generated scenes and LLaVA-style conversations"),
+    "train": ("export.train", "train the default model on generated scenes (stage 0 base, 1 prompt MLP, 2 budget)"),
+    "eval": ("export.evaluate", "exact-match accuracy per question family and latency of a bundle or checkpoint"),
 }
 
 

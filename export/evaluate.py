@@ -1,0 +1,308 @@
+"""`pipmm eval`: exact-match accuracy per question family on generated scenes, and latency.
+
+    pipmm eval BUNDLE [--split test] [--n 2000] [--families color shape] [--json out.json] [--jobs 4]
+    pipmm eval --checkpoint DIR [--prompt-mlp DIR] --budget half --reducer pool [--device cuda]
+    pipmm eval --checkpoint DIR ... --batch-size 256          # batched greedy decoding in torch (GPU)
+    pipmm eval --table full.json half.json ...                # markdown table of saved results
+
+A bundle runs through the SDK (sdk.load(bundle).generate), so exported and quantized variants are
+measured the same way; --checkpoint runs the PyTorch reference (export.reference, same Pipeline
+interface). Questions are the first N of scenes.iter_examples(split) (one per family and scene,
+in scene order), so every run with the same --split/--n/--families scores the same questions.
+An answer is correct when the generated text equals the expected one after normalize().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from sdk.errors import PipmmError
+
+from . import scenes
+
+MISTAKES_KEPT = 20
+
+
+class EvalError(PipmmError):
+    """An eval argument does not fit (no bundle or checkpoint, bad family...)."""
+
+
+def normalize(text: str) -> str:
+    """Lower case, single spaces, no surrounding spaces or final period."""
+    return " ".join(text.lower().split()).rstrip(".").strip()
+
+
+def questions(split: str = "test", n: int = 2000, families=scenes.FAMILIES, seed_offset: int = 0,
+              size: int = 224) -> list:
+    """The first n examples of `split` (scenes.Example: image, prompt, answer, family, scene_seed)."""
+    out = []
+    for example in scenes.iter_examples(split, max(1, 4 * n), size=size, families=families, seed_offset=seed_offset):
+        out.append(example)
+        if len(out) == n:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------- runners
+
+def run_pipeline(pipeline, examples, max_new_tokens: int = 64, progress: bool = False) -> list[dict]:
+    """One generate() per question, as a user would call it: [{family, prompt, answer, output, ms}]."""
+    records = []
+    iterator = _progress(examples, progress)
+    for ex in iterator:
+        result = pipeline.generate(ex.image, ex.prompt, max_new_tokens=max_new_tokens)
+        records.append({"family": ex.family, "prompt": ex.prompt, "answer": ex.answer, "output": result.text,
+                        "ms": result.timings.get("total_ms")})
+    return records
+
+
+_WORKER = {}
+
+
+def _worker_init(bundle: str, device: str):
+    os.environ["PIPMM_THREADS"] = "1"  # one thread per process: many small requests scale by processes
+    import sdk
+
+    _WORKER["pipeline"] = sdk.load(bundle, device=device)
+
+
+def _worker_run(job):
+    from export.scenes import Example
+    from PIL import Image
+
+    items, max_new_tokens = job
+    examples = [Example(Image.fromarray(a), p, ans, f, s) for a, p, ans, f, s in items]
+    return run_pipeline(_WORKER["pipeline"], examples, max_new_tokens)
+
+
+def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_new_tokens: int = 64,
+               progress: bool = False) -> tuple[list[dict], dict]:
+    import numpy as np
+
+    import sdk
+
+    if jobs <= 1:
+        pipeline = sdk.load(bundle, device=device)
+        return run_pipeline(pipeline, examples, max_new_tokens, progress), pipeline.manifest
+    import multiprocessing as mp
+
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    chunk = max(1, min(32, len(examples) // (4 * jobs) or 1))
+    work = [([(np.asarray(e.image), e.prompt, e.answer, e.family, e.scene_seed) for e in examples[i:i + chunk]],
+             max_new_tokens) for i in range(0, len(examples), chunk)]
+    records = []
+    with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(str(bundle), device)) as pool:
+        for part in _progress(pool.imap(_worker_run, work), progress, total=len(work)):
+            records += part
+    return records, manifest
+
+
+def torch_pipeline(checkpoint, prompt_mlp=None, budget="full", reducer="pool", device: str = "cpu"):
+    """export.reference's Pipeline, on `device`."""
+    from sdk.pipeline import Pipeline
+
+    from .bundle import build_manifest, build_modules
+    from .checkpoint import load_checkpoint
+    from .prompt import PromptMLP
+    from .reference import TorchBackend
+
+    ckpt = load_checkpoint(checkpoint)
+    mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp else None
+    modules = build_modules(ckpt, mlp, budget=budget, reducer=reducer)
+    for module in modules.values():
+        module.to(device)
+    manifest = build_manifest(ckpt, modules, mlp)
+    return Pipeline(manifest, ckpt.tokenizer_file, TorchBackend(modules, manifest["model"], device=device),
+                    source=f"torch:{checkpoint}")
+
+
+def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="pool", device: str = "cpu",
+                batch_size: int = 256, max_new_tokens: int = 64, progress: bool = False) -> tuple[list[dict], dict]:
+    """Batched greedy decoding in torch (export.train_model.greedy_generate): same answers as the
+    Pipeline up to float rounding, many times faster on a GPU. No per-request latency."""
+    import numpy as np
+    import torch
+
+    from sdk.preprocess import preprocess
+
+    from .train_data import _pad, encode_example
+    from .train_model import greedy_generate, make_vision
+
+    pipeline = torch_pipeline(checkpoint, prompt_mlp, budget, reducer, "cpu")  # manifest + tokenizer
+    manifest = pipeline.manifest
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True,
+                                                          attn_implementation="sdpa").to(device).eval()
+    mlp = None
+    if prompt_mlp:
+        from .prompt import PromptMLP
+
+        mlp = PromptMLP.load(prompt_mlp).to(device).eval()
+    vision = make_vision(model, budget, reducer, mlp)
+    prompter = pipeline.prompter  # K image slots of this budget, the SDK's own tokenization
+    pad = int(manifest["special_tokens"]["pad"])
+    records = []
+    for first in _progress(range(0, len(examples), batch_size), progress):
+        chunk = examples[first:first + batch_size]
+        seqs = [encode_example(prompter, e.prompt, e.answer) for e in chunk]
+        batch = {
+            "pixel_values": torch.from_numpy(np.concatenate([preprocess(e.image, pipeline.preprocessing)
+                                                             for e in chunk])).to(device),
+            "input_ids": _pad([s[0] for s in seqs], pad).to(device),
+            "labels": _pad([s[1] for s in seqs], -100).to(device),
+            "encoder_ids": _pad([s[2] for s in seqs], pad).to(device),
+            "encoder_lengths": torch.tensor([len(s[2]) for s in seqs], device=device),
+            "scene_index": torch.arange(len(chunk), device=device),
+        }
+        outputs = greedy_generate(model, vision, batch, max_new_tokens)
+        records += [{"family": e.family, "prompt": e.prompt, "answer": e.answer, "output": prompter.decode(o),
+                     "ms": None} for e, o in zip(chunk, outputs)]
+    return records, manifest
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def summarize(records: list[dict], manifest: dict, meta: dict) -> dict:
+    per_family = {}
+    for r in records:
+        r["correct"] = normalize(r["output"]) == normalize(r["answer"])
+        f = per_family.setdefault(r["family"], {"n": 0, "correct": 0})
+        f["n"] += 1
+        f["correct"] += r["correct"]
+    for f in per_family.values():
+        f["accuracy"] = f["correct"] / f["n"]
+    order = [f for f in scenes.FAMILIES if f in per_family]
+    n, correct = len(records), sum(r["correct"] for r in records)
+    times = [r["ms"] for r in records if r["ms"] is not None]
+    visual = manifest.get("visual_tokens", {})
+    return {
+        "source": {**meta.get("source", {}), "pipmm": bool(manifest.get("model", {}).get("pipmm")),
+                   "budget": visual.get("budget"), "reducer": visual.get("reducer"),
+                   "visual_tokens": visual.get("count")},
+        "data": meta.get("data", {}),
+        "per_family": {f: per_family[f] for f in order},
+        "overall": {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0},
+        "latency_ms": None if not times else {"median": statistics.median(times), "mean": statistics.fmean(times),
+                                              "p90": sorted(times)[int(0.9 * (len(times) - 1))]},
+        "seconds": meta.get("seconds"),
+        "mistakes": [{k: r[k] for k in ("family", "prompt", "answer", "output")}
+                     for r in records if not r["correct"]][:MISTAKES_KEPT],
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'family':<10} {'n':>6} {'exact match':>12}"]
+    for family, f in result["per_family"].items():
+        lines.append(f"{family:<10} {f['n']:>6} {100 * f['accuracy']:>11.1f}%")
+    o = result["overall"]
+    lines.append(f"{'overall':<10} {o['n']:>6} {100 * o['accuracy']:>11.1f}%")
+    if result["latency_ms"]:
+        lat = result["latency_ms"]
+        lines.append(f"latency: median {lat['median']:.1f} ms, p90 {lat['p90']:.1f} ms per request")
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[tuple[str, dict]]) -> str:
+    """Rows = labelled results, columns = families + overall (exact match, %)."""
+    families = [f for f in scenes.FAMILIES if any(f in r["per_family"] for _, r in results)]
+    head = "| model | tokens | " + " | ".join(families) + " | overall |"
+    lines = [head, "|" + "---|" * (len(families) + 3)]
+    for label, r in results:
+        cells = [f"{100 * r['per_family'][f]['accuracy']:.1f}" if f in r["per_family"] else "" for f in families]
+        lines.append(f"| {label} | {r['source'].get('visual_tokens')} | " + " | ".join(cells)
+                     + f" | **{100 * r['overall']['accuracy']:.1f}** |")
+    return "\n".join(lines)
+
+
+def _progress(iterable, enabled: bool, total: int | None = None):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc="eval", mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: the embedded one)")
+    parser.add_argument("--checkpoint", default=None, help="evaluate a checkpoint through the PyTorch reference")
+    parser.add_argument("--prompt-mlp", default=None, help="with --checkpoint: the prompt MLP (PIP-MM)")
+    parser.add_argument("--budget", default="full", help="with --checkpoint: full, half, quarter or K")
+    parser.add_argument("--reducer", default="pool", choices=("pool", "prompt-topk"), help="with --checkpoint")
+    parser.add_argument("--batch-size", type=int, default=0, help="with --checkpoint: batched greedy decoding")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--split", default="test", choices=tuple(scenes.SPLIT_BASE))
+    parser.add_argument("--n", type=int, default=2000, help="number of questions")
+    parser.add_argument("--families", nargs="+", default=list(scenes.FAMILIES), choices=scenes.FAMILIES)
+    parser.add_argument("--seed-offset", type=int, default=0, help="first scene index of the split")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=1, help="bundle: parallel processes (1 thread each)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the result (with mistakes) as JSON")
+    parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                        help="print a markdown table of saved results (LABEL=FILE or FILE) and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def run(args) -> int:
+    if args.table:
+        rows = []
+        for item in args.table:
+            label, _, file = item.rpartition("=")
+            result = json.loads(Path(file).read_text())
+            rows.append((label or Path(file).stem, result))
+        print(markdown_table(rows))
+        return 0
+    if args.n < 1:
+        raise EvalError(f"--n must be at least 1, got {args.n}")
+    if args.bundle and args.checkpoint:
+        raise EvalError("pass a BUNDLE or --checkpoint, not both")
+    examples = questions(args.split, args.n, args.families, args.seed_offset)
+    start = time.perf_counter()
+    progress = not args.quiet
+    if args.checkpoint:
+        device = _device(args.device)
+        if args.batch_size > 0:
+            records, manifest = run_batched(args.checkpoint, examples, args.prompt_mlp, args.budget, args.reducer,
+                                            device, args.batch_size, args.max_new_tokens, progress)
+        else:
+            pipeline = torch_pipeline(args.checkpoint, args.prompt_mlp, args.budget, args.reducer, device)
+            records, manifest = run_pipeline(pipeline, examples, args.max_new_tokens, progress), pipeline.manifest
+        source = {"kind": "torch-batched" if args.batch_size > 0 else "torch", "path": str(args.checkpoint),
+                  "prompt_mlp": args.prompt_mlp, "device": device}
+    else:
+        import sdk.bundle
+
+        bundle = args.bundle or str(sdk.bundle.default_bundle_path())
+        records, manifest = run_bundle(bundle, examples, args.device, args.jobs, args.max_new_tokens, progress)
+        source = {"kind": "bundle", "path": str(bundle), "device": args.device, "jobs": args.jobs,
+                  "threads_per_job": 1 if args.jobs > 1 else None}
+    meta = {"source": source, "seconds": round(time.perf_counter() - start, 1),
+            "data": {"split": args.split, "n": len(examples), "families": list(args.families),
+                     "seed_offset": args.seed_offset, "scenes": len({e.scene_seed for e in examples}),
+                     "max_new_tokens": args.max_new_tokens}}
+    result = summarize(records, manifest, meta)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0

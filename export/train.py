@@ -1,0 +1,419 @@
+"""`pipmm train`: the embedded default model, from scratch, on generated scenes.
+
+    stage 0  a small LLaVA (CLIP ViT with a class token + projector + Llama with GQA), all weights,
+             full visual-token budget, plain class embedding                     --out ckpt/stage0
+    stage 1  PIP-MM: everything frozen, train the prompt MLP (T-CLS = MLP(prompt vector)), full budget
+             --init ckpt/stage0                                                   --out ckpt/stage1
+    stage 2  prompt MLP + projector (+ LLM with --train-llm) at the reduced budget (--budget, --reducer)
+             --init ckpt/stage1                                                   --out ckpt/stage2
+    stage 2 --no-prompt-mlp: the fair baseline, plain LLaVA's projector fine-tuned at the same budget
+             --init ckpt/stage0                                                   --out ckpt/plain2
+
+Loss: cross-entropy on the answer tokens and EOS only (export.train_model.forward_loss). Every
+choice is written to DIR/train_config.json; see export/train_state.py for the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from sdk.errors import PipmmError
+
+from . import scenes
+from .train_data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
+from .train_model import (ModelSizes, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
+                          special_tokens)
+from .train_state import (STATE_JSON, copy_assets, load_trainer_state, preprocessor_config, save_model,
+                          save_trainer_state)
+
+# Where each stage's stream of train scenes starts (scene index in the train split), per seed
+# += SEED_STRIDE: stages and seeds never see the same scenes.
+DATA_OFFSET = {0: 0, 1: 100_000_000, 2: 200_000_000}
+SEED_STRIDE = 10_000_000
+DEFAULTS = {  # per stage: steps, questions per step, peak learning rate
+    0: {"steps": 3000, "batch_size": 256, "lr": 1e-3},
+    1: {"steps": 600, "batch_size": 128, "lr": 1e-3},
+    2: {"steps": 600, "batch_size": 128, "lr": 3e-4},
+}
+
+
+class TrainError(PipmmError):
+    """A training argument or an --init/--resume directory does not fit."""
+
+
+def add_arguments(parser) -> None:
+    p = parser
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True, help="0 base model, 1 prompt MLP, 2 budget")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--init", default=None, help="checkpoint to start from (stages 1 and 2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (stage default: 3000/600/600)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="fit the run into S seconds: steps = min(--steps, measured steps/s * S), recorded")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="questions per step (one per family of ceil(B/8) scenes; default 256/128/128)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3/1e-3/3e-4)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay down to lr * this")
+    p.add_argument("--seed", type=int, default=0, help="init and data stream (scene offset += seed * 1e7)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--workers", type=int, default=None, help="scene-drawing processes (default: cores - 2, <= 14)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its trainer state")
+    p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="save a resumable checkpoint after step N and stop (split a run; --resume continues)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--val-scenes", type=int, default=64, help="validation scenes scored at the end (0: none)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (tests and CPU smoke runs)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=None)
+    for name in ("vision-hidden", "vision-layers", "vision-heads", "vision-mlp", "text-hidden", "text-layers",
+                 "text-heads", "text-kv-heads", "text-mlp"):
+        p.add_argument(f"--{name}", type=int, default=None, help="model size (stage 0)")
+    p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
+    # PIP-MM
+    p.add_argument("--prompt-layer", type=int, default=-1, help="LLM layer of the prompt vector (-1: last, normed)")
+    p.add_argument("--pooling", default="last", choices=("last", "mean"), help="prompt vector: last token or mean")
+    p.add_argument("--mlp-width", type=int, default=0, help="prompt MLP hidden width (0: ViT width)")
+    p.add_argument("--no-prompt-mlp", action="store_true", help="stage 2 without the MLP: the plain baseline")
+    p.add_argument("--train-llm", action="store_true", help="stage 2: also fine-tune the LLM")
+    p.add_argument("--budget", default=None, help="visual tokens: full, half, quarter or K (stage 2 default half)")
+    p.add_argument("--reducer", default="prompt-topk", choices=("pool", "prompt-topk"))
+    p.add_argument("--grounding-weight", type=float, default=0.0,
+                   help="stages 1-2: weight of -log(T-CLS attention on the named objects' patches) (not in "
+                        "the paper; 0 = the LM loss alone)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda but torch sees no CUDA device: use --device cpu")
+    return torch.device(name)
+
+
+def _sizes(args, parent: dict | None) -> ModelSizes:
+    if parent is not None:
+        return ModelSizes(**parent["model_sizes"])
+    sizes = ModelSizes.tiny() if args.tiny else ModelSizes()
+    for field in ("image_size", "vocab_size", "vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
+                  "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp"):
+        if getattr(args, field, None) is not None:
+            setattr(sizes, field, getattr(args, field))
+    return sizes
+
+
+def _load_init(init: Path):
+    from transformers import LlavaForConditionalGeneration
+
+    if not (init / "train_config.json").is_file():
+        raise TrainError(f"--init {init} has no train_config.json: pass a directory written by pipmm train")
+    model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32, use_safetensors=True,
+                                                          attn_implementation="sdpa")
+    return model, json.loads((init / "train_config.json").read_text())
+
+
+def _new_prompt_mlp(model, args):
+    """T-CLS starts as the checkpoint's own class embedding (fc2 = 0, bias = class embedding), so stage 1
+    begins exactly at the plain model and only moves away where the prompt helps."""
+    from .prompt import PromptMLP, PromptMLPConfig
+
+    vit = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    config = PromptMLPConfig(d_llm=model.config.text_config.hidden_size, d_vit=model.config.vision_config.hidden_size,
+                             d_mid=args.mlp_width, prompt_layer=args.prompt_layer, pooling=args.pooling)
+    torch.manual_seed(args.seed)
+    mlp = PromptMLP(config)
+    with torch.no_grad():
+        mlp.fc2.weight.zero_()
+        mlp.fc2.bias.copy_(vit.embeddings.class_embedding)
+    return mlp
+
+
+def setup(args):
+    """-> (model, prompt MLP or None, vision module, trainable {name: param}, config dict, tokenizer file)."""
+    out = Path(args.out)
+    stage = args.stage
+    parent = None
+    if stage == 0:
+        if args.init:
+            raise TrainError("stage 0 trains from scratch: drop --init")
+        sizes = _sizes(args, None)
+        if args.resume and (out / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        else:
+            tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size)
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(str(out / "tokenizer.json"))
+        sizes.vocab_size = tokenizer.get_vocab_size()
+        model = build_llava(sizes, tokenizer, seed=args.seed)
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(sizes.image_size), indent=2))
+        (out / "special_tokens.json").write_text(json.dumps(special_tokens(tokenizer)) + "\n")
+        src = out
+    else:
+        if not args.init:
+            raise TrainError(f"stage {stage} starts from a trained checkpoint: pass --init DIR")
+        src = Path(args.init)
+        model, parent = _load_init(src)
+        sizes = _sizes(args, parent)
+        out.mkdir(parents=True, exist_ok=True)
+        copy_assets(src, out)
+    mlp = None
+    budget = args.budget or ("half" if stage == 2 else "full")
+    if stage == 1 and args.no_prompt_mlp:
+        raise TrainError("stage 1 trains the prompt MLP: --no-prompt-mlp makes no sense there")
+    if stage == 1:
+        mlp = _new_prompt_mlp(model, args)
+    elif stage == 2 and not args.no_prompt_mlp:
+        from .prompt import CONFIG_FILE, PromptMLP
+
+        if not (src / CONFIG_FILE).is_file():
+            raise TrainError(f"--init {src} has no prompt MLP: start stage 2 from stage 1, or pass --no-prompt-mlp")
+        mlp = PromptMLP.load(src)
+    for p in model.parameters():
+        p.requires_grad_(stage == 0)
+    trainable = {}
+    if stage == 0:
+        trainable = {n: p for n, p in model.named_parameters()}
+    if mlp is not None:
+        trainable.update({f"prompt_mlp.{n}": p for n, p in mlp.named_parameters()})
+    if stage == 2:
+        trainable.update({n: p for n, p in model.named_parameters() if "multi_modal_projector" in n})
+        if args.train_llm:
+            trainable.update({n: p for n, p in model.named_parameters() if "language_model" in n or "lm_head" in n})
+    for p in trainable.values():
+        p.requires_grad_(True)
+    vision = make_vision(model, budget, args.reducer, mlp)
+    return model, mlp, vision, trainable, sizes, parent, src
+
+
+def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) -> dict:
+    return {
+        "stage": args.stage, "init": args.init, "seed": args.seed,
+        "model_sizes": sizes.to_dict(),
+        "parameters": parameter_counts(model, mlp),
+        "trainable_parameters": sum(p.numel() for p in trainable.values()),
+        "trainable": sorted({_part(n) for n in trainable}),
+        "pipmm": mlp is not None,
+        "prompt_mlp": None if mlp is None else vars(mlp.config).copy(),
+        "vision": vision.config.to_dict(),
+        "budget": vision.config.budget, "reducer": vision.config.reducer, "visual_tokens": vision.config.num_tokens,
+        "grounding_weight": args.grounding_weight if mlp is not None else 0.0,
+        "train_llm": bool(args.train_llm),
+        "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
+                      "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
+        "loss": "cross-entropy on answer tokens + EOS (token mean)",
+        "precision": "fp32 master weights, bf16 autocast on CUDA; checkpoint weights saved in bf16",
+        "data": {"split": "train", "families": list(scenes.FAMILIES), "questions_per_scene": "one per family",
+                 "tokenizer_scenes": args.tokenizer_scenes if args.stage == 0 else None},
+        **resolved,
+        "parent": parent,
+    }
+
+
+def _part(name: str) -> str:
+    for part in ("prompt_mlp", "vision_tower", "multi_modal_projector", "language_model", "lm_head"):
+        if part in name:
+            return part
+    return name
+
+
+def _lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def validate(model, vision, spec: SequenceSpec, preprocessing: dict, n_scenes: int, device, grid: int,
+             image_size: int, batch_scenes: int = 32, max_new_tokens: int = 64) -> dict:
+    """Exact match per family on the first n_scenes validation scenes (batched greedy decoding)."""
+    from .evaluate import normalize
+
+    prompter = spec.prompter()
+    correct, total = {}, {}
+    model.eval()
+    for first in range(0, n_scenes, batch_scenes):
+        items = scene_items("val", first, min(batch_scenes, n_scenes - first), image_size)
+        batch = _to(collate_scenes(items, spec, prompter, preprocessing, grid), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs = greedy_generate(model, vision, batch, max_new_tokens)
+        questions = [q for _, qs in items for q in qs]
+        for q, tokens in zip(questions, outputs):
+            ok = normalize(prompter.decode(tokens)) == normalize(q.answer)
+            correct[q.family] = correct.get(q.family, 0) + ok
+            total[q.family] = total.get(q.family, 0) + 1
+    model.train()
+    acc = {f: correct[f] / total[f] for f in total}
+    return {"per_family": acc, "n": sum(total.values()),
+            "overall": sum(correct.values()) / max(1, sum(total.values()))}
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.glob("model*.safetensors")) and not args.resume:
+        raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if args.resume and not (out / STATE_JSON).is_file():
+        raise TrainError(f"--resume: {out} has no {STATE_JSON} to continue from")
+    device = _device(args.device)
+    defaults = DEFAULTS[args.stage]
+    steps = args.steps or defaults["steps"]
+    batch_size = args.batch_size or defaults["batch_size"]
+    lr = args.lr or defaults["lr"]
+    scenes_per_batch = max(1, math.ceil(batch_size / len(scenes.FAMILIES)))
+    workers = args.workers if args.workers is not None else max(0, min(14, (os.cpu_count() or 2) - 2))
+
+    model, mlp, vision, trainable, sizes, parent, src = setup(args)
+    model.to(device).train()
+    if mlp is not None:
+        mlp.to(device).train()
+    decay = [p for n, p in trainable.items() if p.dim() >= 2]
+    no_decay = [p for n, p in trainable.items() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    start, total_steps, time_used = 0, steps, 0.0
+    if args.resume:
+        meta = load_trainer_state(out, trainable, optimizer)
+        start, total_steps, time_used = meta["step"], meta["total_steps"], meta.get("seconds", 0.0)
+    warmup = args.warmup if args.warmup is not None else max(1, int(0.05 * steps))
+    if args.resume:
+        warmup = meta.get("warmup", warmup)
+
+    special = special_tokens(_tokenizer(out))
+    spec = SequenceSpec(str(out / "tokenizer.json"), special, vision.config.num_tokens, sizes.max_positions)
+    preprocessing = _preprocessing(out)
+    grid = sizes.image_size // sizes.patch_size
+    offset = DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
+    data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start)
+    resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,
+                "batch_size": batch_size, "scenes_per_batch": scenes_per_batch, "lr": lr, "warmup": warmup,
+                "data_offset": offset, "workers": workers, "device": str(device)}
+
+    def write_config(extra=None):
+        config = _config(args, sizes, model, mlp, vision, trainable, parent, {**resolved, **(extra or {})})
+        (out / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return config
+
+    def checkpoint(step: int, final: bool = False):
+        if final:  # what ships is bf16: round now so validation scores the shipped weights
+            with torch.no_grad():
+                for p in trainable.values():
+                    p.copy_(p.to(torch.bfloat16).float())
+        save_model(model, out)
+        if mlp is not None:
+            mlp.save(out)
+        save_trainer_state(out, step, trainable, optimizer, {"total_steps": total_steps, "warmup": warmup,
+                                                                  "seconds": elapsed()})
+        write_config({"completed_steps": step})
+
+    counts = parameter_counts(model, mlp)
+    print(f"stage {args.stage}: {counts['total'] / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
+          f"trainable), {vision.config.num_tokens} visual tokens, device {device}, {workers} data workers", flush=True)
+    write_config()
+    log = open(out / "log.jsonl", "a")
+    bar = _bar(start, total_steps, args.quiet)
+    begin = time.perf_counter()
+
+    def elapsed():
+        return time_used + time.perf_counter() - begin
+
+    step, timing_from = start, None
+    frozen_prompt = not args.train_llm
+    for batch in loader(data, workers):
+        if step >= total_steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total_steps, warmup, lr, args.min_lr_ratio)
+        batch = _to(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = forward_loss(model, vision, batch, args.grounding_weight if mlp is not None else 0.0,
+                                  frozen_llm_for_prompt=frozen_prompt)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+        optimizer.step()
+        step += 1
+        if args.time_budget and step == start + 10:
+            timing_from = (step, time.perf_counter())
+        if args.time_budget and timing_from and step == timing_from[0] + 30 and not args.resume:
+            rate = 30 / (time.perf_counter() - timing_from[1])
+            total_steps = min(total_steps, max(step + 1, int(rate * (args.time_budget - (time.perf_counter() - begin))) + step))
+            resolved.update(steps=total_steps, measured_steps_per_s=round(rate, 2))
+            bar.total = total_steps
+            write_config()
+        if step % args.log_every == 0 or step == total_steps:
+            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm),
+                      "questions": int(batch["input_ids"].shape[0]), "seconds": round(elapsed(), 2),
+                      **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix_str(f"loss {record['loss']:.3f}")
+        bar.update(1)
+        if step == args.stop_after and step < total_steps:
+            checkpoint(step)
+            bar.close()
+            log.close()
+            print(f"stopped after step {step} of {total_steps}: --resume continues", flush=True)
+            return 0
+        if step % args.save_every == 0 and step < total_steps:
+            checkpoint(step)
+    bar.close()
+    log.close()
+    resolved["train_seconds"] = round(time.perf_counter() - begin, 1)
+    checkpoint(step, final=True)
+    if args.val_scenes:
+        result = validate(model, vision, spec, preprocessing, args.val_scenes, device, grid, sizes.image_size)
+        resolved["val"] = result
+        write_config({"completed_steps": step})
+        per = " ".join(f"{f} {a:.2f}" for f, a in result["per_family"].items())
+        print(f"validation ({result['n']} questions): overall {result['overall']:.3f} | {per}", flush=True)
+    print(f"wrote {out} after {step} steps in {resolved['train_seconds']} s", flush=True)
+    return 0
+
+
+def _tokenizer(out: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(out / "tokenizer.json"))
+
+
+def _preprocessing(out: Path) -> dict:
+    from sdk.preprocess import config_from_processor
+
+    return config_from_processor(json.loads((out / "preprocessor_config.json").read_text()))
+
+
+def _bar(start: int, total: int, quiet: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        quiet = True
+    if quiet:
+        class _Null:
+            total = 0
+
+            def update(self, *_):
+                pass
+
+            def set_postfix_str(self, *_):
+                pass
+
+            def close(self):
+                pass
+        return _Null()
+    import sys
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", mininterval=1.0 if sys.stderr.isatty() else 15.0)

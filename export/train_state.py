@@ -1,0 +1,120 @@
+"""Checkpoint files of a training run: HF weights in bf16, the prompt MLP, the config, and a resumable
+trainer state (fp32 trainable weights + AdamW moments) in safetensors shards, never pickle.
+
+Every file stays under MAX_FILE_BYTES (the most a file can weigh coming back from the GPU machine).
+
+    DIR/config.json, generation_config.json, model*.safetensors   save_pretrained, bf16, sharded
+    DIR/tokenizer.json, preprocessor_config.json, special_tokens.json
+    DIR/prompt_mlp.safetensors + prompt_mlp.json                  PIP-MM stages (fp32, tiny)
+    DIR/train_config.json                                         every choice of this run (+ its parent's)
+    DIR/log.jsonl                                                 one line per logged step
+    DIR/trainer_state.json + trainer_state-*.safetensors          resume: step, optimizer, fp32 weights
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+MAX_FILE_BYTES = 15 * 1024 * 1024  # < 16 MiB
+STATE_JSON = "trainer_state.json"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """CLIPImageProcessor's file, as a real llava-1.5 checkpoint has it (export/tiny.py's layout)."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD, "do_convert_rgb": True}
+
+
+def save_model(model, out: Path) -> None:
+    """HF layout, weights in bf16 (the model is trained in fp32 master weights), shards < 16 MiB."""
+    state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    dtype = model.config.dtype if hasattr(model.config, "dtype") else None
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(out, state_dict=state, max_shard_size=MAX_FILE_BYTES, safe_serialization=True)
+    if dtype is not None:
+        model.config.dtype = dtype
+
+
+def copy_assets(src: Path, out: Path) -> None:
+    for name in ("tokenizer.json", "preprocessor_config.json", "special_tokens.json"):
+        if (src / name).is_file() and src.resolve() != out.resolve():
+            shutil.copyfile(src / name, out / name)
+
+
+def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > MAX_FILE_BYTES - (1 << 16):
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def save_trainer_state(out: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, extra: dict) -> None:
+    """fp32 trainable weights + optimizer state, by parameter name, in safetensors shards."""
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in params.items()}
+    tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
+    state = optimizer.state_dict()
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{order[index]}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    for old in out.glob("trainer_state-*.safetensors"):
+        old.unlink()
+    shards = _shards(tensors)
+    files = []
+    for i, shard in enumerate(shards):
+        name = f"trainer_state-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name))
+        files.append(name)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    (out / STATE_JSON).write_text(json.dumps({"step": step, "files": files, "param_order": order,
+                                              "param_groups": groups, **extra}, indent=1) + "\n")
+
+
+def load_trainer_state(out: Path, params: dict[str, torch.nn.Parameter], optimizer) -> dict:
+    """Restores weights and optimizer in place; returns the trainer_state.json dict (step, ...)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((out / STATE_JSON).read_text())
+    tensors = {}
+    for name in meta["files"]:
+        tensors.update(load_file(str(out / name)))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
+    order = [n for group in optimizer.param_groups for n in (_name_of(params, p) for p in group["params"])]
+    if order != meta["param_order"]:
+        raise ValueError("the trainable parameters differ from the saved run's: resume with the same stage and flags")
+    state = {"state": {}, "param_groups": []}
+    for index, name in enumerate(order):
+        entry = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"optim.{name}.")
+                 and k[len(f"optim.{name}."):].count(".") == 0}
+        if entry:
+            state["state"][index] = entry
+    start = 0
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        count = len(group["params"])
+        state["param_groups"].append({**saved, "params": list(range(start, start + count))})
+        start += count
+    optimizer.load_state_dict(state)
+    return meta
+
+
+def _name_of(params: dict, p) -> str:
+    return next(n for n, q in params.items() if q is p)
