@@ -123,8 +123,17 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: str | Path | None = None,
                   no_prompt_mlp: bool = False, budget: str | int = "full", reducer: str = "pool",
-                  chat_template: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                  chat_template: dict | None = None, overwrite: bool = False, progress: bool = True,
+                  precision: str = "fp32", **quantize_options) -> Path:
+    """quantize_options (precision other than fp32): calibration_set, calibration_size, block_size,
+    int8_decoder, keep_fp32_ops; see export.quantize.quantize_bundle."""
     out_dir = Path(out_dir)
+    if precision != "fp32":
+        return _export_quantized(checkpoint_dir, out_dir, precision, quantize_options, overwrite, progress,
+                                 prompt_mlp=prompt_mlp, no_prompt_mlp=no_prompt_mlp, budget=budget, reducer=reducer,
+                                 chat_template=chat_template)
+    if quantize_options:
+        raise ExportError(f"{', '.join(sorted(quantize_options))} only apply to --precision fp16, int8 or int4")
     if prompt_mlp is None and not no_prompt_mlp:
         raise ExportError("a PIP-MM export needs the trained prompt MLP: pass --prompt-mlp FILE "
                           "(or --no-prompt-mlp for a plain LLaVA bundle)")
@@ -163,3 +172,26 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _export_quantized(checkpoint_dir, out_dir: Path, precision: str, options: dict, overwrite: bool, progress: bool,
+                      **export_args) -> Path:
+    """Check the precision options and read the calibration set first (errors before any work or write), export
+    FP32 into a hidden sibling, derive `precision` from it into out_dir, drop the FP32 copy."""
+    from . import calibration, quantize
+
+    options = dict(options)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists: pass --overwrite or choose another --out")
+    quantize.check_options(precision, options.get("block_size", quantize.DEFAULT_BLOCK_SIZE),
+                           options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER), options.get("keep_fp32_ops"))
+    if quantize.needs_calibration(precision, options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER)):
+        options["pairs"] = calibration.load_pairs(options.pop("calibration_set", None),
+                                                  options.pop("calibration_size", calibration.DEFAULT_SIZE))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fp32-", dir=out_dir.parent))
+    try:
+        fp32 = export_bundle(checkpoint_dir, scratch / "fp32", overwrite=True, progress=progress, **export_args)
+        return quantize.quantize_bundle(fp32, out_dir, precision, overwrite=overwrite, progress=progress, **options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

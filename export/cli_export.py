@@ -12,6 +12,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--visual-tokens", default="full", help="budget: full, half, quarter or an integer K")
     parser.add_argument("--reducer", default="pool", choices=["pool", "prompt-topk"],
                         help="how the budget is met (ignored at full budget)")
+    q = parser.add_argument_group("precision (docs/precision.md)")
+    q.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                   help="fp16: float16 with fp32 norms/softmax/logits; int8: static QDQ (vision, embed) + decoder "
+                        "per --int8-decoder; int4: 4-bit block-wise decoder weights, int8 vision/embed")
+    q.add_argument("--calibration", default=None, metavar="DIR_OR_JSON",
+                   help="image+prompt pairs for static int8 (default: generated scenes, val split)")
+    q.add_argument("--calibration-size", type=int, default=None, metavar="N", help="pairs used (default 32)")
+    q.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="weight-only block size along K (power of two >= 16; default 32)")
+    q.add_argument("--int8-decoder", default=None, choices=["static", "weight-only"],
+                   help="int8 decoder: static QDQ (TensorRT) or weight-only MatMulNBits (ONNX Runtime; default)")
+    q.add_argument("--keep-fp32-ops", nargs="+", default=None, metavar="OP",
+                   help="op types kept in float, plus lm_head and attention (MatMuls of two activations); "
+                        "'none' to keep nothing; default per precision, see docs/precision.md")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -19,8 +33,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .bundle import export_bundle
 
+    given = {"calibration_set": args.calibration, "calibration_size": args.calibration_size,
+             "block_size": args.block_size, "int8_decoder": args.int8_decoder, "keep_fp32_ops": args.keep_fp32_ops}
+    options = {k: v for k, v in given.items() if v is not None}
     out = export_bundle(args.checkpoint, args.out, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.no_prompt_mlp,
                         budget=args.visual_tokens, reducer=args.reducer, overwrite=args.overwrite,
-                        progress=not args.quiet)
+                        progress=not args.quiet, precision=args.precision, **options)
     print(f"wrote {out}")
     return 0

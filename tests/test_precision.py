@@ -1,0 +1,253 @@
+"""FP16, INT8 and INT4 bundles: they load, run, stay within written tolerances of FP32, record how they were made,
+and a bad calibration set fails cleanly.
+
+All variants are derived from one session FP32 bundle (tiny random llama, PIP-MM, half budget, pool reducer),
+except int4, which goes through export_bundle(precision="int4") end to end. Each graph is fed inputs
+recorded while the FP32 bundle answers held-out questions (test-split scenes, never the val-split scenes
+that calibrate), and its outputs are compared with the FP32 graph's on the same inputs.
+
+Tolerances are relative: max |q - fp32| / max |fp32| over every recorded call. They are written for the
+tiny random checkpoints, whose random weights (std 0.15) amplify rounding about ten times more than a
+trained model does; each is about twice the error measured here. The accuracy targets (exact match,
+token agreement) are measured on the trained default model by scripts/precision_table.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import sdk
+from export import calibration, quantize, scenes
+from export.bundle import export_bundle
+from export.calibration import CalibrationError
+
+BUNDLE = dict(arch="llama", pipmm=True, budget="half", reducer="pool")
+# variant -> graph -> output -> max relative error (measured on this checkpoint, then about x2; "present" = KV)
+TOLERANCE = {
+    "fp16": {"vision": {"visual_tokens": 0.005, "cls_attention": 0.005}, "embed": {"inputs_embeds": 0.002},
+             "decoder": {"logits": 0.01, "hidden": 0.01, "present": 0.01}},        # measured 7e-4 .. 4e-3
+    "int8": {"vision": {"visual_tokens": 0.15, "cls_attention": 0.1}, "embed": {"inputs_embeds": 0.01},
+             "decoder": {"logits": 0.08, "hidden": 0.08, "present": 0.05}},        # 0.076, 0.039, 0.005; 0.03
+    "int8-static": {"vision": {"visual_tokens": 0.15, "cls_attention": 0.1}, "embed": {"inputs_embeds": 0.01},
+                    "decoder": {"logits": 0.35, "hidden": 0.3, "present": 0.4}},   # decoder 0.18, 0.14, 0.22
+    "int4": {"vision": {"visual_tokens": 0.15, "cls_attention": 0.1}, "embed": {"inputs_embeds": 0.01},
+             "decoder": {"logits": 0.8, "hidden": 0.8, "present": 0.7}},           # decoder 0.40, 0.44, 0.35
+}
+# Next-token agreement on the FP32 trajectory: every recorded decoder call (prompt encoder, prefill, decode
+# steps of 4 held-out questions), argmax of the variant's logits == argmax of FP32's. Measured 1.0, 1.0, 0.85, 0.65.
+AGREEMENT = {"fp16": 1.0, "int8": 0.9, "int8-static": 0.7, "int4": 0.5}
+# Free-running greedy tokens of the whole pipeline (16 tokens x 4 prompts, position-wise) for fp16: measured 1.0.
+# (Not asserted for int8/int4 here: on random weights one early flip changes every later token; measured
+# 0.47, 0.36 and 0.08. The trained model's agreement is in docs/precision.md.)
+FREE_RUNNING_FP16 = 0.95
+PROMPTS = ["what is the color of the star left of the circle?", "how many squares are there?",
+           "Describe the image.", "is there a red triangle?"]
+CALIBRATION_PAIRS = 4
+
+
+@pytest.fixture(scope="module")
+def fp32(bundles):
+    return bundles(**BUNDLE)
+
+
+@pytest.fixture(scope="module")
+def variants(fp32, checkpoints, prompt_mlp, tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    out = {
+        "fp16": quantize.quantize_bundle(fp32, root / "fp16", "fp16", progress=False),
+        "int8": quantize.quantize_bundle(fp32, root / "int8", "int8", calibration_size=CALIBRATION_PAIRS,
+                                         progress=False),
+        "int8-static": quantize.quantize_bundle(fp32, root / "int8s", "int8", int8_decoder="static",
+                                                calibration_size=CALIBRATION_PAIRS, progress=False),
+        # end to end: checkpoint -> FP32 in a hidden scratch dir -> int4, scratch removed
+        "int4": export_bundle(checkpoints["llama"], root / "int4", prompt_mlp=prompt_mlp, budget="half",
+                              reducer="pool", progress=False, precision="int4", calibration_size=CALIBRATION_PAIRS),
+    }
+    assert sorted(p.name for p in root.iterdir()) == ["fp16", "int4", "int8", "int8s"], "scratch left behind"
+    return out
+
+
+@pytest.fixture(scope="module")
+def held_out_feeds(fp32, image):
+    pairs = [calibration.Pair(ex.image, ex.prompt, "test") for ex in scenes.iter_examples("test", 3, questions_per_scene=1)]
+    pairs.append(calibration.Pair(image, PROMPTS[0], "fixture"))
+    return calibration.record_feeds(fp32, pairs, decode_steps=6, progress=False)
+
+
+def _relative_errors(fp32_session, session, feeds) -> dict[str, float]:
+    worst: dict[str, list[float]] = {}
+    for feed in feeds:
+        outputs = zip(fp32_session.get_outputs(), fp32_session.run(None, feed), session.run(None, _as_inputs(session, feed)))
+        for meta, ref, got in outputs:
+            key = "present" if meta.name.startswith("present.") else meta.name
+            err, scale = worst.setdefault(key, [0.0, 0.0])
+            worst[key] = [max(err, float(np.abs(ref - got.astype(np.float32)).max())),
+                          max(scale, float(np.abs(ref).max()))]
+    return {k: err / scale for k, (err, scale) in worst.items()}
+
+
+def _as_inputs(session, feed: dict) -> dict:
+    wanted = {i.name: i.type for i in session.get_inputs()}
+    return {k: v.astype(np.float16) if wanted[k] == "tensor(float16)" else v for k, v in feed.items()}
+
+
+@pytest.mark.parametrize("variant", list(TOLERANCE))
+def test_graphs_load_run_and_stay_within_tolerance_of_fp32(variant, variants, fp32, held_out_feeds, image):
+    reference = sdk.load(fp32, device="cpu")
+    pipeline = sdk.load(variants[variant], device="cpu")  # checks sha256 and every graph's signature
+    for graph, limits in TOLERANCE[variant].items():
+        errors = _relative_errors(reference.backend.sessions[graph], pipeline.backend.sessions[graph],
+                                  held_out_feeds[graph])
+        for output, limit in limits.items():
+            assert errors[output] <= limit, f"{variant} {graph}.{output}: relative error {errors[output]:.4f} > {limit}"
+    # logits leave every variant as float32: sampling and argmax see full-precision scores
+    logits = pipeline.manifest["graphs"]["decoder"]["outputs"][0]
+    assert (logits["name"], logits["dtype"]) == ("logits", "float32")
+
+    ours, theirs = pipeline.backend.sessions["decoder"], reference.backend.sessions["decoder"]
+    same = [np.array_equal(np.argmax(theirs.run(["logits"], f)[0], -1),
+                           np.argmax(ours.run(["logits"], _as_inputs(ours, f))[0], -1))
+            for f in held_out_feeds["decoder"]]
+    assert np.mean(same) >= AGREEMENT[variant], f"{variant}: next-token agreement {np.mean(same):.2f} ({len(same)} calls)"
+
+    if variant == "fp16":
+        agree = total = 0
+        for prompt in PROMPTS:
+            got = pipeline.generate(image, prompt, max_new_tokens=16).token_ids
+            want = reference.generate(image, prompt, max_new_tokens=16).token_ids
+            agree += sum(x == y for x, y in zip(got, want))
+            total += max(len(got), len(want))
+        assert agree / total >= FREE_RUNNING_FP16, f"fp16: greedy tokens agree {agree}/{total}"
+
+
+def test_manifest_records_how_each_graph_was_made(variants):
+    expected = {"fp16": ("fp16", "fp16", "fp16"), "int8": ("int8", "int8", "int8"),
+                "int8-static": ("int8", "int8", "int8"), "int4": ("int8", "int8", "int4")}
+    for variant, path in variants.items():
+        precision = json.loads((path / "manifest.json").read_text())["precision"]
+        assert precision["default"] == variant.split("-")[0]
+        assert tuple(precision["graphs"][g] for g in ("vision", "embed", "decoder")) == expected[variant]
+        for graph, details in precision["details"].items():
+            assert details["tool"].startswith("onnxruntime.") and details["encoding"] and details["runtimes"]
+            assert len(details["from_fp32_sha256"]) == 64
+    int4 = json.loads((variants["int4"] / "manifest.json").read_text())["precision"]
+    assert int4["details"]["decoder"]["block_size"] == quantize.DEFAULT_BLOCK_SIZE
+    assert "MatMulNBits" in int4["details"]["decoder"]["encoding"]
+    assert int4["details"]["decoder"]["runtimes"] == ["onnxruntime"] and int4["tensorrt"] is False
+    static = json.loads((variants["int8"] / "manifest.json").read_text())["precision"]["details"]["vision"]
+    assert static["calibration"]["pairs"] == CALIBRATION_PAIRS and static["calibration"]["feeds"] > 0
+    assert {"LayerNormalization", "Softmax", "Add"} <= set(static["kept_float"]["op_types"])
+    fp16 = json.loads((variants["fp16"] / "manifest.json").read_text())["precision"]["details"]["decoder"]
+    assert fp16["kept_float"]["nodes"] and fp16["float32_outputs"] == ["logits"]  # the lm_head
+
+
+def test_int8_static_bundle_is_a_tensorrt_bundle(variants):
+    """QDQ with zero point 0 and only standard-domain ops in TensorRT 10's parser table: TensorRT can read it."""
+    table = json.loads((Path(__file__).parent / "data" / "tensorrt10-onnx-operators.json").read_text())["operators"]
+    path = variants["int8-static"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["precision"]["tensorrt"] is True
+    for name, spec in manifest["graphs"].items():
+        model = onnx.load(str(path / spec["file"]))
+        inits = {i.name: i for i in model.graph.initializer}
+        assert spec["opset"] <= 20
+        for node in model.graph.node:
+            assert node.domain in ("", "ai.onnx"), f"{name}: {node.domain}:{node.op_type}"
+            assert table.get(node.op_type, {}).get("supported"), f"{name}: {node.op_type}"
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+                zero = onnx.numpy_helper.to_array(inits[node.input[2]])
+                assert zero.dtype == np.int8 and not zero.any(), f"{name}: {node.name} zero point must be int8 0"
+
+
+def test_quantized_weights_are_smaller(fp32, variants):
+    """Initializer bytes against FP32. The tiny checkpoint's float32 lm_head (320 x 64), prompt MLP and norms weigh
+    relatively more than in the default model, whose int8 bundle is ~0.3x (docs/precision.md): int8 <= 0.45x here.
+    The int4 decoder is held to the issue's own target, <= 0.2x."""
+    def weights(bundle, graphs=("vision", "embed", "decoder")):
+        return sum(quantize.weight_bytes(bundle / f"{g}.onnx") for g in graphs)
+
+    assert weights(variants["int8"]) <= 0.45 * weights(fp32)
+    assert weights(variants["int8"], ["decoder"]) <= 0.45 * weights(fp32, ["decoder"])
+    assert weights(variants["int4"], ["decoder"]) <= 0.2 * weights(fp32, ["decoder"])
+    assert weights(variants["fp16"]) <= 0.6 * weights(fp32)  # the lm_head stays float32
+
+
+# ----------------------------------------------------------------------------- calibration sets
+
+def _bad_sets(root: Path) -> dict[str, tuple[Path, str]]:
+    root.mkdir()
+    (root / "empty").mkdir()
+    (root / "empty.json").write_text("[]")
+    (root / "broken.json").write_text("[{\"image\": ")
+    (root / "bad-image").mkdir()
+    (root / "bad-image" / "frame.png").write_bytes(b"not a png at all")
+    (root / "no-image.json").write_text(json.dumps([{"image": "nowhere.png", "prompt": "hi"}]))
+    return {"missing": (root / "missing", "does not exist"), "empty folder": (root / "empty", "is empty"),
+            "empty list": (root / "empty.json", "is empty"), "broken json": (root / "broken.json", "not readable JSON"),
+            "unreadable image": (root / "bad-image", "cannot be read"),
+            "image not found": (root / "no-image.json", "does not exist")}
+
+
+def test_bad_calibration_sets_fail_cleanly_and_write_nothing(checkpoints, prompt_mlp, fp32, tmp_path):
+    bad = _bad_sets(tmp_path / "sets")
+    out_root = tmp_path / "out"
+    out_root.mkdir()
+    for label, (path, message) in bad.items():
+        with pytest.raises(CalibrationError, match=message):
+            export_bundle(checkpoints["llama"], out_root / "b", prompt_mlp=prompt_mlp, budget="half", reducer="pool",
+                          progress=False, precision="int8", calibration_set=path)
+        with pytest.raises(CalibrationError, match=message):
+            quantize.quantize_bundle(fp32, out_root / "q", "int4", calibration_set=path, progress=False)
+        assert list(out_root.iterdir()) == [], f"{label}: something was left in the output folder"
+
+
+def test_calibration_error_through_the_cli(checkpoints, prompt_mlp, tmp_path):
+    from test_cli import pipmm
+
+    result = pipmm("export", checkpoints["llama"], "--prompt-mlp", prompt_mlp, "--out", tmp_path / "b", "--quiet",
+                   "--precision", "int8", "--calibration", tmp_path / "nothing-here")
+    assert result.returncode == 1 and result.stderr.startswith("error: calibration set")
+    assert result.stderr.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_sets_from_folders_and_json(tmp_path):
+    # `pipmm scenes --out DIR` output is a calibration folder as is
+    scenes.write_dataset(tmp_path / "scenes", 2, split="val", size=64, progress=False)
+    pairs, info = calibration.load_pairs(tmp_path / "scenes", size=5)
+    assert len(pairs) == 5 and all(p.prompt and "<image>" not in p.prompt for p in pairs)
+    # a folder of images, prompts from prompts.txt in turn
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        pairs[i].image.save(images / f"{i}.jpg")
+    (images / "prompts.txt").write_text("what is this?\n\nhow many?\n")
+    pairs, info = calibration.load_pairs(images, size=10)
+    assert [p.prompt for p in pairs] == ["what is this?", "how many?", "what is this?"] and info["pairs"] == 3
+    # a JSON list of {"image", "prompt"}, paths relative to the file
+    (tmp_path / "set.json").write_text(json.dumps([{"image": "images/0.jpg", "prompt": "colour?"}]))
+    pairs, _ = calibration.load_pairs(tmp_path / "set.json")
+    assert pairs[0].prompt == "colour?" and pairs[0].image.size == (64, 64)
+
+
+def test_precision_options_are_checked_before_any_work(checkpoints, prompt_mlp, fp32, tmp_path):
+    for kwargs, message in [(dict(precision="int3"), "unknown precision"),
+                            (dict(precision="int4", block_size=24), "power of two"),
+                            (dict(precision="int8", int8_decoder="dynamic"), "int8-decoder"),
+                            (dict(precision="fp32", block_size=64), "only apply")]:
+        with pytest.raises(quantize.ExportError, match=message):
+            export_bundle(checkpoints["llama"], tmp_path / "b", prompt_mlp=prompt_mlp, progress=False, **kwargs)
+    with pytest.raises(quantize.ExportError, match="quantize from fp32"):
+        bundle = tmp_path / "copy"
+        shutil.copytree(fp32, bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["precision"]["default"] = "int8"
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        quantize.quantize_bundle(bundle, tmp_path / "q", "int4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
