@@ -184,7 +184,8 @@ def _export_quantized(checkpoint_dir, out_dir: Path, precision: str, options: di
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists: pass --overwrite or choose another --out")
     quantize.check_options(precision, options.get("block_size", quantize.DEFAULT_BLOCK_SIZE),
-                           options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER), options.get("keep_fp32_ops"))
+                           options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER), options.get("keep_fp32_ops"),
+                           options.get("calibration_set"))
     if quantize.needs_calibration(precision, options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER)):
         options["pairs"] = calibration.load_pairs(options.pop("calibration_set", None),
                                                   options.pop("calibration_size", calibration.DEFAULT_SIZE))

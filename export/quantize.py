@@ -319,11 +319,14 @@ def plan(precision: str, int8_decoder: str = DEFAULT_INT8_DECODER) -> dict[str, 
 
 
 def check_options(precision: str, block_size: int = DEFAULT_BLOCK_SIZE, int8_decoder: str = DEFAULT_INT8_DECODER,
-                  keep_fp32_ops=None) -> tuple[dict, tuple[str, ...]]:
+                  keep_fp32_ops=None, calibration_set=None) -> tuple[dict, tuple[str, ...]]:
     """(graph -> method, keep list) or PrecisionError, before anything is exported or written."""
     if precision == "fp32":
         return {}, ()
     methods = plan(precision, int8_decoder)
+    if calibration_set is not None and "int8-static" not in methods.values():
+        raise PrecisionError(f"--calibration applies to static int8 graphs and a {precision} bundle has "
+                             "no static int8 graph: leave it out")
     if block_size < 16 or block_size & (block_size - 1):
         raise PrecisionError(f"--block-size must be a power of two >= 16 (MatMulNBits), got {block_size}")
     keep = KEEP_FP32_DEFAULT[precision] if keep_fp32_ops is None else tuple(keep_fp32_ops)
@@ -342,7 +345,7 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
                     progress: bool = True, pairs=None) -> Path:
     """Write `out_dir`, the FP32 bundle `src` at `precision`. `pairs` = calibration.load_pairs(...) if already read."""
     src, out_dir = Path(src), Path(out_dir)
-    methods, keep = check_options(precision, block_size, int8_decoder, keep_fp32_ops)
+    methods, keep = check_options(precision, block_size, int8_decoder, keep_fp32_ops, calibration_set)
     if precision == "fp32":
         raise PrecisionError("quantize_bundle makes fp16, int8 or int4 bundles; an fp32 bundle is `pipmm export`'s")
     if out_dir.exists() and not overwrite:
@@ -351,8 +354,6 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
     if source.manifest["precision"]["default"] != "fp32":
         raise PrecisionError(f"{src} is a {source.manifest['precision']['default']} bundle: quantize from fp32")
     calib_info = None
-    if "int8-static" not in methods.values() and calibration_set is not None:
-        raise PrecisionError(f"--calibration applies to static int8 graphs; a {precision} bundle has none")
     if "int8-static" in methods.values() and pairs is None:
         pairs, calib_info = calibration.load_pairs(calibration_set, calibration_size)  # errors before any write
     elif pairs is not None:
