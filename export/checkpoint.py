@@ -12,6 +12,7 @@ import torch
 from sdk.errors import ExportError
 
 SUPPORTED_VISION = ("clip_vision_model",)
+TESTED_TEXT = ("llama", "mistral", "qwen2")  # verified token for token against transformers (tests/test_parity.py)
 
 
 @dataclass
@@ -61,9 +62,19 @@ def validate_config(raw: dict, path: Path) -> None:
     if vision_type not in SUPPORTED_VISION:
         raise ExportError(f"{path}: vision tower {vision_type!r} has no class embedding to replace; "
                           f"PIP-MM needs a CLIP vision tower ({', '.join(SUPPORTED_VISION)})")
+    text_type = raw.get("text_config", {}).get("model_type", "llama")
+    if text_type not in _causal_lm_types():
+        raise ExportError(f"{path}: text model {text_type!r} is not a decoder-only model transformers can load "
+                          f"for causal LM; pipmm exports decoder-only text models (tested: {', '.join(TESTED_TEXT)})")
     strategy = raw.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ExportError(f"{path}: vision_feature_select_strategy {strategy!r} is not 'default' or 'full'")
+
+
+def _causal_lm_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
@@ -80,8 +91,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         # safetensors only: nothing is ever unpickled.
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                               attn_implementation="eager")
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot load {path} as a LLaVA checkpoint with safetensors weights: {err}") from err
+    except Exception as err:  # OSError, ValueError, SafetensorError (truncated file), RuntimeError (shape mismatch)
+        first = " ".join(str(err).split())[:300]
+        raise ExportError(f"cannot load {path} as a LLaVA checkpoint with safetensors weights "
+                          f"({type(err).__name__}: {first}): check that config.json matches model.safetensors") from err
     model.eval()
     eos = model.generation_config.eos_token_id
     if eos is None:

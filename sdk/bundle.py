@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BundleError
+from .errors import BundleError, PipmmError
 
 FORMAT = "pipmm-bundle"
 FORMAT_VERSION = 1
@@ -78,6 +78,71 @@ def _inside(root: Path, relative: str) -> Path:
     return candidate
 
 
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_shapes(manifest: dict, manifest_path: Path) -> None:
+    """The manifest fields the device side reads have the types it expects, so a damaged manifest
+    (valid JSON, wrong content) fails here with a BundleError, not later with a KeyError."""
+    from .generation import GenerationArgs
+    from .preprocess import _BadManifest, _normalize
+
+    def bad(what: str):
+        return BundleError(f"{manifest_path}: {what}; the manifest is damaged: copy the bundle again or re-export it")
+
+    def each_dict(value, what: str) -> dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items()):
+            raise bad(f"'{what}' must map names to objects")
+        return value
+
+    for name, graph in each_dict(manifest["graphs"], "graphs").items():
+        ios = [graph.get("inputs"), graph.get("outputs")]
+        if not isinstance(graph.get("file"), str) or not all(
+                isinstance(io, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in io)
+                for io in ios):
+            raise bad(f"graph {name!r} needs a 'file' and 'inputs'/'outputs' lists of named entries")
+    for name, info in each_dict(manifest["files"], "files").items():
+        if not isinstance(info.get("sha256"), str) or not _is_int(info.get("bytes")):
+            raise bad(f"file {name!r} needs a 'sha256' string and a 'bytes' count")
+    if not isinstance(manifest["tokenizer"], str):
+        raise bad("'tokenizer' must be a file name")
+    model = manifest["model"]
+    if not isinstance(model, dict) or not all(_is_int(model.get(k), 1) for k in
+                                              ("num_layers", "num_kv_heads", "head_dim", "max_context")):
+        raise bad("'model' needs positive integers num_layers, num_kv_heads, head_dim, max_context")
+    special = manifest["special_tokens"]
+    if (not isinstance(special, dict) or not _is_int(special.get("image"))
+            or not (isinstance(special.get("eos"), list) and all(_is_int(e) for e in special["eos"]))
+            or not all(special.get(k) is None or _is_int(special[k]) for k in ("bos", "pad"))
+            or not all(isinstance(t, str) and t for t in special.get("texts", []))):
+        raise bad("'special_tokens' needs integer ids image, eos (a list), bos/pad (or null) and texts (strings)")
+    template = manifest["chat_template"]
+    if not isinstance(template, dict) or not all(isinstance(template.get(k), str) and "{prompt}" in template[k]
+                                                 for k in ("prompt", "prompt_encoder")):
+        raise bad("'chat_template' needs 'prompt' and 'prompt_encoder' strings holding {prompt}")
+    visual = manifest["visual_tokens"]
+    if not isinstance(visual, dict) or not _is_int(visual.get("count"), 1):
+        raise bad("'visual_tokens' needs a positive integer 'count'")
+    # The count must be what the vision graph returns (when its manifest shape says so).
+    for output in manifest["graphs"].get("vision", {}).get("outputs", []):
+        shape = output.get("shape")
+        if output["name"] == "visual_tokens" and isinstance(shape, list) and len(shape) == 3 and _is_int(shape[1]):
+            if shape[1] != visual["count"]:
+                raise bad(f"visual_tokens count {visual['count']} differs from the vision graph's {shape[1]} tokens")
+    if manifest["prompt_vector"] is not None and not isinstance(manifest["prompt_vector"], dict):
+        raise bad("'prompt_vector' must be an object or null")
+    _normalize(manifest["image_preprocessing"], _BadManifest)
+    generation = manifest["generation"]
+    if not isinstance(generation, dict):
+        raise bad("'generation' must be an object")
+    try:
+        GenerationArgs.checked(generation.get("max_new_tokens"), generation.get("temperature"),
+                               generation.get("top_p"), None, model["max_context"])
+    except PipmmError as err:
+        raise bad(f"generation defaults: {err}") from None
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and check a bundle directory. `verify` checks every file's sha256 (recommended after a copy)."""
     from . import __version__
@@ -107,6 +172,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 "visual_tokens", "model", "generation", "prompt_vector"):
         if key not in manifest:
             raise BundleError(f"{manifest_path} lacks '{key}': the bundle is incomplete; re-export it")
+    _check_shapes(manifest, manifest_path)
     missing_graphs = [g for g in REQUIRED_GRAPHS if g not in manifest["graphs"]]
     if missing_graphs:
         raise BundleError(f"bundle lacks graph(s) {', '.join(missing_graphs)}: re-export it")

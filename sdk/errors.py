@@ -1,8 +1,14 @@
 """Typed errors of the SDK. Each message is one line that says what to do.
 
 Every error the SDK raises on purpose derives from PipmmError, so a caller (or the
-CLI) can catch one type and print `str(err)`.
+CLI) can catch one type and print `str(err)`. What a request raises is documented in
+docs/robustness.md; anything else that escapes a backend is wrapped in a BackendError
+(the original stays attached as __cause__ for debugging).
 """
+
+from __future__ import annotations
+
+from contextlib import contextmanager
 
 
 class PipmmError(Exception):
@@ -39,3 +45,25 @@ class ExportError(PipmmError):
 
 class ContextOverflowError(PromptError):
     """The request does not fit in the model's context window."""
+
+
+class PipelineBusyError(PipmmError, RuntimeError):
+    """This thread already holds the Pipeline (an unfinished stream()): a second request would wait forever."""
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """`Type: message` of any exception, on one line and at most `limit` characters."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:limit]
+
+
+@contextmanager
+def typed_errors(what: str):
+    """Let PipmmError through; turn anything else a request raises (an ONNX Runtime failure on a
+    bundle that passed its checks, an out-of-memory...) into a one-line BackendError."""
+    try:
+        yield
+    except PipmmError:
+        raise
+    except Exception as err:
+        raise BackendError(f"{what} failed ({one_line(err)}): if the bundle was exported by another "
+                           "version, re-export it; otherwise report this with the bundle's manifest") from err

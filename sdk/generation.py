@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import GenerationArgumentError
+from .errors import BackendError, GenerationArgumentError
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,9 @@ class GenerationArgs:
         if not 1 <= max_new_tokens <= max_context:
             raise GenerationArgumentError(f"max_new_tokens={max_new_tokens} is outside 1..{max_context} "
                                           "(the model's context)")
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
-            raise GenerationArgumentError(f"temperature must be a number >= 0 (0 = greedy), not {temperature!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0
+                or not math.isfinite(temperature)):
+            raise GenerationArgumentError(f"temperature must be a finite number >= 0 (0 = greedy), not {temperature!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
             raise GenerationArgumentError(f"top_p must be in (0, 1], not {top_p!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
@@ -35,10 +37,16 @@ class GenerationArgs:
 
 def sample(logits: np.ndarray, args: GenerationArgs, rng: np.random.Generator) -> int:
     """logits [V] -> one token id."""
-    if args.temperature == 0.0:
+    if np.isnan(logits).any():
+        raise BackendError("the model produced NaN logits: the bundle's weights or precision are broken here "
+                           "(try an fp32 bundle, or re-export it)")
+    if args.temperature == 0.0 or not np.isfinite(logits.max()):  # +inf (fp16 overflow) wins outright
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / args.temperature
-    probs = np.exp(scaled - scaled.max())
+    # Shift before dividing: a tiny temperature must give 0 and -inf, never inf - inf = NaN.
+    logits = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # -x / 1e-320 = -inf on purpose
+        scaled = (logits - logits.max()) / args.temperature
+    probs = np.exp(scaled)
     probs /= probs.sum()
     if args.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")

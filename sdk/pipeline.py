@@ -13,12 +13,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import default_bundle_path, load_bundle
+from .errors import BundleError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .generation import GenerationArgs, sample
 from .preprocess import preprocess
 from .prompting import Prompter
@@ -54,6 +56,7 @@ class Pipeline:
         # One request at a time per Pipeline: the backends' sessions are shared state. Callers from
         # several threads are serialised here; use one Pipeline per thread for parallelism.
         self._lock = threading.Lock()
+        self._owner: int | None = None  # thread id holding _lock (to refuse re-entry instead of deadlocking)
 
     @classmethod
     def load(cls, bundle=None, backend: str = "auto", device: str = "auto", verify: bool = True) -> "Pipeline":
@@ -61,8 +64,13 @@ class Pipeline:
 
         path = default_bundle_path() if bundle is None else Path(bundle)
         loaded = load_bundle(path, verify=verify)
-        runner = backend_class(backend)(loaded, device=device)
-        return cls(loaded.manifest, loaded.tokenizer_path, runner, source=str(path))
+        try:
+            runner = backend_class(backend)(loaded, device=device)
+            return cls(loaded.manifest, loaded.tokenizer_path, runner, source=str(path))
+        except PipmmError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # a manifest field of the wrong form
+            raise BundleError(f"bundle {path} has a malformed manifest ({one_line(err)}): re-export it") from err
 
     @property
     def num_visual_tokens(self) -> int:
@@ -90,6 +98,21 @@ class Pipeline:
         return logits, cache
 
     # -- requests -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _request(self):
+        """One request at a time; typed errors only. A thread that still holds the Pipeline (an
+        unfinished stream()) gets PipelineBusyError instead of waiting for itself forever."""
+        if self._owner == threading.get_ident():
+            raise PipelineBusyError("this thread is still iterating a stream() of this Pipeline: finish it or "
+                                    "call its close() before the next request")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                with typed_errors("the request"):
+                    yield
+            finally:
+                self._owner = None
 
     def _tokens(self, image, prompt, args: GenerationArgs, result: Result) -> Iterator[int]:
         """Yields generated token ids one by one, filling result.timings as it goes."""
@@ -147,7 +170,7 @@ class Pipeline:
                  top_p: float | None = None, seed: int | None = None) -> Result:
         args = self._args(max_new_tokens, temperature, top_p, seed)
         result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
-        with self._lock:
+        with self._request():
             result.token_ids = list(self._tokens(image, prompt, args, result))
         result.text = self.prompter.decode(result.token_ids)
         return result
@@ -160,7 +183,7 @@ class Pipeline:
         """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text)."""
         args = self._args(max_new_tokens, temperature, top_p, seed)
         result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
-        with self._lock:
+        with self._request():
             emitted = ""
             for token in self._tokens(image, prompt, args, result):
                 result.token_ids.append(token)

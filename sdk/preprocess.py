@@ -17,6 +17,9 @@ Never import torch or transformers here.
 from __future__ import annotations
 
 import math
+import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,17 @@ DEFAULTS = {
     "image_std": OPENAI_CLIP_STD,
 }
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+# Images above this many pixels are refused before decoding (decompression bombs, absurd frames).
+# Set sdk.preprocess.MAX_IMAGE_PIXELS, the environment variable PIPMM_MAX_IMAGE_PIXELS, or pass
+# max_pixels=. PIL has its own limit (PIL.Image.MAX_IMAGE_PIXELS, about 89 MP; its error above
+# twice that, its warning above it, both become ImageError here): raise both to go beyond it.
+MAX_IMAGE_PIXELS = int(os.environ.get("PIPMM_MAX_IMAGE_PIXELS", 50_000_000))
+# A resize larger than this (e.g. a 1 x 2,000,000 strip whose short edge is scaled up to the
+# model's size) computes only the window the center crop keeps (see _resize_and_crop).
+RESIZE_WINDOW_PIXELS = 16_000_000
+# warnings.catch_warnings swaps process-wide state: one thread at a time in our header check.
+_WARNINGS_LOCK = threading.Lock()
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -105,35 +119,72 @@ def _resample(value, error) -> int:
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def load_image(image) -> Image.Image:
-    """A path (str / Path), a PIL image, or a uint8 array (HxW, HxWx1, HxWx3, HxWx4) -> PIL RGB."""
+def load_image(image, max_pixels: int | None = None) -> Image.Image:
+    """A path (str / Path), a PIL image, or a uint8 array (HxW, HxWx1, HxWx3, HxWx4) -> PIL RGB.
+
+    Paths: EXIF orientation applied, first frame of an animation, refused before decoding when
+    the header declares more than `max_pixels` (default MAX_IMAGE_PIXELS)."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if isinstance(image, (str, Path)):
-        return _convert_rgb(_open(Path(image)))
+        return _convert_rgb(_open(Path(image), limit))
     if isinstance(image, Image.Image):
+        _check_pixels(image.width, image.height, limit, "the PIL image")  # before load(): may still be lazy
         try:
             image.load()  # lazily opened images fail here if the file is truncated or broken
         except Exception as err:
             raise ImageError(f"the PIL image could not be decoded ({_short(err)}); pass a valid image") from None
         return _convert_rgb(image)
     if isinstance(image, np.ndarray):
-        return _from_array(image)
+        return _from_array(image, limit)
     raise ImageError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL image "
                      "or an HxWx3 uint8 numpy array")
 
 
-def _open(path: Path) -> Image.Image:
+def _check_pixels(width: int, height: int, limit: int, what: str) -> None:
+    if width * height > limit:
+        raise ImageError(f"{what} is {width}x{height} = {width * height / 1e6:.1f} MP, above the limit of "
+                         f"{limit / 1e6:g} MP (a decompression bomb?); downscale it, or raise "
+                         "sdk.preprocess.MAX_IMAGE_PIXELS / PIPMM_MAX_IMAGE_PIXELS if you trust it")
+
+
+def _open_header(path: Path) -> Image.Image:
+    """Image.open reads the header only. PIL's own bomb check raises DecompressionBombError above
+    2x PIL.Image.MAX_IMAGE_PIXELS and only *warns* above 1x: make the warning an error too."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _open(path: Path, limit: int) -> Image.Image:
     if not path.exists():
         raise ImageError(f"image file not found: {path}; check the path")
     if path.is_dir():
         raise ImageError(f"{path} is a directory; pass an image file")
     try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now, inside the try, and close the file
-            # Apply the EXIF orientation, as transformers.image_utils.load_image does for paths.
-            return ImageOps.exif_transpose(opened)
-    except Exception as err:  # UnidentifiedImageError, truncated data, decompression bomb, ...
+        opened = _open_header(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path} is refused before decoding: {_short(err)}; downscale it, or raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS and sdk.preprocess.MAX_IMAGE_PIXELS if you trust it") from None
+    except Exception as err:  # UnidentifiedImageError, empty file, unreadable header, ...
         raise ImageError(f"cannot read {path} as an image ({_short(err)}); pass a JPEG, PNG or other "
                          "image file that PIL can open") from None
+    with opened:
+        _check_pixels(opened.width, opened.height, limit, str(path))  # from the header: nothing decoded yet
+        return _decode(opened, path)
+
+
+def _decode(opened: Image.Image, path: Path) -> Image.Image:
+    try:
+        opened.load()  # decode now (the first frame of an animation), inside the try
+    except Exception as err:  # truncated or corrupt data, ...
+        raise ImageError(f"cannot read {path} as an image ({_short(err)}); pass a JPEG, PNG or other "
+                         "image file that PIL can open") from None
+    try:
+        # Apply the EXIF orientation, as transformers.image_utils.load_image does for paths.
+        # (exif_transpose returns a copy, so the caller may close the file.)
+        return ImageOps.exif_transpose(opened)
+    except Exception:  # a damaged EXIF block: the pixels are fine, keep them as stored
+        return opened.copy()
 
 
 def _convert_rgb(image: Image.Image) -> Image.Image:
@@ -153,7 +204,7 @@ def _convert_rgb(image: Image.Image) -> Image.Image:
                          "pass an RGB, RGBA, L or P image") from None
 
 
-def _from_array(array: np.ndarray) -> Image.Image:
+def _from_array(array: np.ndarray, limit: int) -> Image.Image:
     """The numpy path of transformers' convert_to_rgb, channels last."""
     if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
         raise ImageError("the image array contains NaN; pass a uint8 array with values 0-255")
@@ -166,6 +217,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
         raise ImageError(f"image array has shape {array.shape}; pass HxWx3 (channels last), HxWx4 or HxW")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"image array is empty (shape {array.shape}); pass a non-empty image")
+    _check_pixels(array.shape[1], array.shape[0], limit, "the image array")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     elif array.shape[2] == 4:
@@ -183,21 +235,26 @@ def _short(err: Exception) -> str:
 # -- preprocessing ---------------------------------------------------------------------------------
 
 
-def preprocess(image, config: dict) -> np.ndarray:
+def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
     """Any image load_image accepts -> float32 pixel_values [1, 3, H, W]."""
     cfg = _normalize(config, _BadManifest)
     # Always RGB: the vision graph takes 3 channels. (With do_convert_rgb=False transformers keeps
     # the PIL mode, which only differs for non-RGB images, and then its 3-value normalize fails.)
-    img = load_image(image)
+    img = load_image(image, max_pixels)
 
+    crop = (cfg["crop_size"]["height"], cfg["crop_size"]["width"]) if cfg["do_center_crop"] else None
     if cfg["do_resize"]:
         height, width = _resize_size(img.height, img.width, cfg["size"])
-        # transformers resizes the uint8 image with PIL (to_pil_image; no rescale for uint8).
-        img = img.resize((width, height), resample=cfg["resample"])
-    pixels = np.asarray(img, dtype=np.uint8)  # H x W x 3
+        if height * width > RESIZE_WINDOW_PIXELS:
+            pixels = _resize_and_crop(img, height, width, cfg["resample"], crop)
+        else:
+            # transformers resizes the uint8 image with PIL (to_pil_image; no rescale for uint8).
+            pixels = np.asarray(img.resize((width, height), resample=cfg["resample"]), dtype=np.uint8)
+    else:
+        pixels = np.asarray(img, dtype=np.uint8)  # H x W x 3
 
-    if cfg["do_center_crop"]:
-        pixels = _center_crop(pixels, cfg["crop_size"]["height"], cfg["crop_size"]["width"])
+    if crop is not None:
+        pixels = _center_crop(pixels, *crop)
 
     # Rescale, then normalize (two steps, in transformers' dtypes, so the float32 results match).
     if cfg["do_rescale"]:
@@ -226,6 +283,31 @@ def _resize_size(height: int, width: int, size: dict) -> tuple[int, int]:
     new_short = size["shortest_edge"]
     new_long = int(new_short * long / short)  # truncated, not rounded (torchvision's old rule)
     return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _resize_and_crop(img: Image.Image, height: int, width: int, resample: int, crop) -> np.ndarray:
+    """Resize to (height, width) but compute only the pixels the center crop keeps.
+
+    For extreme aspect ratios (20000x10 with its short edge scaled up to LLaVA-1.5's 336 would be
+    336 x 672000 pixels, 677 MB) the full resize would need too much memory. PIL's resize with a
+    `box` samples the same grid (same scale, filter support reaching outside the box) but only
+    the window asked for. Not bit-identical to resize-then-crop: PIL orders its two passes by the
+    size of their intermediate, so uint8 rounding happens in a different order (measured mean
+    difference well under one level, see tests/test_robustness_images.py). Along an axis longer
+    than the crop the window is the crop; along a shorter one it is the whole axis, which
+    _center_crop then pads exactly as it would the full image."""
+    if crop is None:
+        raise ImageError(f"the image would be resized to {width}x{height} pixels without a center crop; "
+                         "pass an image with a less extreme aspect ratio")
+    sy, sx = img.height / height, img.width / width
+    (r0, rn), (c0, cn) = _kept(height, crop[0]), _kept(width, crop[1])
+    window = img.resize((cn, rn), resample=resample, box=(c0 * sx, r0 * sy, (c0 + cn) * sx, (r0 + rn) * sy))
+    return np.asarray(window, dtype=np.uint8)  # rn x cn x 3
+
+
+def _kept(size: int, crop: int) -> tuple[int, int]:
+    """_center_crop's kept range along one axis of `size` output pixels: (start, count)."""
+    return ((size - crop) // 2, crop) if size >= crop else (0, size)
 
 
 def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

@@ -12,7 +12,11 @@ import unicodedata
 
 import numpy as np
 
-from .errors import PromptError
+from .errors import ContextOverflowError, PromptError
+
+# A token never covers more characters than its vocabulary entry has (byte-level entries have one
+# character per byte); the factor 4 leaves room for normalizers that shrink text (NFKC).
+_CHARS_PER_TOKEN_SLACK = 4
 
 
 def _load_tokenizer(path):
@@ -34,6 +38,28 @@ class Prompter:
         self.num_visual_tokens = int(manifest["visual_tokens"]["count"])
         self.max_context = int(manifest["model"]["max_context"])
         self.eos_ids = set(self.special["eos"])
+        # Every special token, from the manifest and from the tokenizer itself (defence in depth: a
+        # tokenizer may know special tokens an older manifest does not list).
+        added = self.tokenizer.get_added_tokens_decoder()
+        self.special_texts = sorted({*self.special.get("texts", []), *(t.content for t in added.values() if t.special)},
+                                    key=len, reverse=True)
+        self.special_ids = {int(i) for i, t in added.items() if t.special} | self.eos_ids | {
+            int(self.special[k]) for k in ("bos", "pad", "image") if self.special.get(k) is not None}
+        # <unk> is what a tokenizer without byte fallback gives for text it has no piece for: ordinary.
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        self.special_ids -= {self.tokenizer.token_to_id(unk)} if isinstance(unk, str) else set()
+        # A prompt longer than this many characters cannot fit, whatever it says: refuse it before
+        # cleaning and tokenizing it (a 100 MB "prompt" must not cost seconds).
+        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = _CHARS_PER_TOKEN_SLACK * max(longest, 1) * self.max_context
+        # The special tokens of the turn itself; a prompt must add none.
+        template_ids = self._encode(self.template["prompt"].replace("{prompt}", "x"))
+        self.template_specials = sorted(t for t in template_ids if t in self.special_ids)
+        if "{prompt}" not in self.template["prompt"] or template_ids.count(int(self.special["image"])) != 1:
+            from .errors import BundleError
+
+            raise BundleError("the bundle's chat_template must hold '{prompt}' and exactly one image placeholder: "
+                              "re-export the bundle")
 
     def clean(self, prompt) -> str:
         """Refuse what cannot be a prompt; remove what could hijack the template.
@@ -44,8 +70,13 @@ class Prompter:
         """
         if not isinstance(prompt, str):
             raise PromptError(f"prompt must be a string, not {type(prompt).__name__}")
+        if len(prompt) > self.max_prompt_chars:
+            raise ContextOverflowError(f"prompt has {len(prompt)} characters, more than a context of "
+                                       f"{self.max_context} tokens can hold: shorten the prompt")
+        # Control characters first, so that "<ima\x00ge>" cannot become "<image>" after the strip below;
+        # each special text becomes a space, so removing one cannot join its neighbours into another.
         text = "".join(ch for ch in prompt if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-        for special in sorted(self.special.get("texts", []), key=len, reverse=True):
+        for special in self.special_texts:
             text = text.replace(special, " ")
         text = text.strip()
         if not text:
@@ -62,25 +93,31 @@ class Prompter:
         """-> (ids [T] int64 with K image slots, positions of the image slots [K])."""
         text = self.template["prompt"].replace("{prompt}", self.clean(prompt))
         ids = self._encode(text)
+        self._check_no_injected_specials(ids)
         image_id = int(self.special["image"])
-        slots = [i for i, t in enumerate(ids) if t == image_id]
-        if len(slots) != 1:
-            raise PromptError(f"the chat template yields {len(slots)} image placeholders, not 1: fix the bundle's "
-                              "chat_template")
-        at = slots[0]
+        at = ids.index(image_id)  # exactly one: the template's (checked at load), none from the prompt
         ids = ids[:at] + [image_id] * self.num_visual_tokens + ids[at + 1:]
-        if len(ids) >= self.max_context:
-            from .errors import ContextOverflowError
-
+        if len(ids) >= self.max_context:  # prefill plus at least one new token must fit
             raise ContextOverflowError(
                 f"prompt needs {len(ids)} tokens with the image but the context holds {self.max_context}: "
                 "shorten the prompt")
         return np.asarray(ids, np.int64), np.arange(at, at + self.num_visual_tokens)
 
+    def _check_no_injected_specials(self, ids: list[int]) -> None:
+        """The turn must hold exactly the special tokens of the template itself: the prompt adds none
+        (after clean(), only a normalizer mapping look-alike text onto a special token could)."""
+        if sorted(t for t in ids if t in self.special_ids) != self.template_specials:
+            raise PromptError("the prompt contains text the tokenizer reads as a special token (image slot, "
+                              "end of turn...): remove markup such as '<image>' or '</s>' from it")
+
     def encoder_ids(self, prompt: str) -> np.ndarray:
         """The prompt encoder's ids: the user turn without the image. [T] int64."""
-        return np.asarray(self._encode(self.template["prompt_encoder"].replace("{prompt}", self.clean(prompt))),
-                          np.int64)
+        text = self.template["prompt_encoder"].replace("{prompt}", self.clean(prompt))
+        ids = self._encode(text)
+        if len(ids) >= self.max_context:  # only reachable with a template longer than the chat turn
+            raise ContextOverflowError(f"prompt needs {len(ids)} tokens but the context holds {self.max_context}: "
+                                       "shorten the prompt")
+        return np.asarray(ids, np.int64)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
