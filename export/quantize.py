@@ -229,7 +229,9 @@ def int8_static(name: str, src: Path, dst: Path, ctx: dict) -> dict:
                         calibrate_method=CalibrationMethod.MinMax,
                         use_external_data_format=src.stat().st_size > EXTERNAL_DATA_BYTES,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "MatMulConstBOnly": "attention" in keep, "CalibTensorRangeSymmetric": True})
+                                       "MatMulConstBOnly": "attention" in keep, "CalibTensorRangeSymmetric": True,
+                                       # biases stay float: TensorRT dequantizes INT8/INT4/FP8, not int32
+                                       "QuantizeBias": False})
     return {"tool": f"onnxruntime.quantization.quantize_static (onnxruntime {_ort_version()})",
             "method": "static, QDQ; weights int8 symmetric per channel; activations int8 symmetric per tensor; "
                       "MinMax calibration",
@@ -237,7 +239,9 @@ def int8_static(name: str, src: Path, dst: Path, ctx: dict) -> dict:
             "kept_float": {"op_types": sorted(t for t in keep if t not in PSEUDO_OPS),
                            "nodes": exclude, "attention_matmuls": "attention" in keep},
             "calibration": {**ctx["calibration"], "feeds": len(feeds)},
-            "encoding": "QDQ: QuantizeLinear/DequantizeLinear (ai.onnx), int8, zero point 0, per-channel weight scales"}
+            "encoding": "QDQ: QuantizeLinear/DequantizeLinear (ai.onnx), int8, zero point 0, "
+                        + ("one scale for the embedding table" if name == "embed" else
+                           "per-output-channel weight scales, per-tensor activation scales, float biases")}
 
 
 def _nbits_module():

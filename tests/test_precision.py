@@ -162,6 +162,8 @@ def test_int8_static_bundle_is_a_tensorrt_bundle(variants):
         for node in model.graph.node:
             assert node.domain in ("", "ai.onnx"), f"{name}: {node.domain}:{node.op_type}"
             assert table.get(node.op_type, {}).get("supported"), f"{name}: {node.op_type}"
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits:  # TensorRT: INT8, INT4, FP8 only
+                assert inits[node.input[0]].data_type == onnx.TensorProto.INT8, f"{name}: {node.name}"
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
                 zero = onnx.numpy_helper.to_array(inits[node.input[2]])
                 assert zero.dtype == np.int8 and not zero.any(), f"{name}: {node.name} zero point must be int8 0"
