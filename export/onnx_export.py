@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from .decoder import DecoderGraph, EmbedGraph, kv_names
+from .decoder import DecoderGraph, EmbedGraph, StaticDecoderGraph, kv_names
 from .vision import PipmmVision
 
 OPSET = 18  # the TensorRT 10 parser covers opsets 9-20
@@ -44,18 +44,20 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
 def export_vision(vision: PipmmVision, path: Path, model: dict) -> None:
     cfg = vision.config
     batch = torch.export.Dim("batch", min=1, max=64)
-    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    device = next(vision.parameters()).device  # example inputs where the weights are (a GPU export)
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size, device=device)
     if vision.prompt_mlp is None:
         args, names, shapes = (pixels,), ["pixel_values"], ({0: batch},)
     else:
-        prompt = torch.randn(2, vision.prompt_mlp.config.d_llm)
+        mlp_dtype = next(vision.prompt_mlp.parameters()).dtype
+        prompt = torch.randn(2, vision.prompt_mlp.config.d_llm, dtype=mlp_dtype, device=device)
         args, names, shapes = (pixels, prompt), ["pixel_values", "prompt_vector"], ({0: batch}, {0: batch})
     _export(vision, args, path, names, ["visual_tokens", "cls_attention"], shapes)
 
 
 def export_embed(embed: EmbedGraph, path: Path, model: dict) -> None:
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("sequence", min=1, max=1 << 16)
-    ids = torch.randint(0, embed.embed_tokens.num_embeddings, (2, 5))
+    ids = torch.randint(0, embed.embed_tokens.num_embeddings, (2, 5), device=embed.embed_tokens.weight.device)
     _export(embed, (ids,), path, ["input_ids"], ["inputs_embeds"], ({0: batch, 1: seq},))
 
 
@@ -67,12 +69,13 @@ def export_decoder(decoder: DecoderGraph, path: Path, model: dict) -> None:
     seq = torch.export.Dim("sequence", min=1, max=1 << 16)
     past = torch.export.Dim("past_sequence", min=0, max=1 << 16)
     b, t, p = 2, 5, 3
-    dtype = next(decoder.parameters()).dtype
+    param = next(decoder.parameters())
+    dtype, device = param.dtype, param.device
     args = (
-        torch.randn(b, t, cfg.hidden_size, dtype=dtype),
-        torch.ones(b, p + t, dtype=torch.int64),
-        torch.arange(p, p + t).expand(b, t).contiguous(),
-        tuple(torch.randn(b, num_kv_heads, p, head_dim, dtype=dtype) for _ in range(2 * n)),
+        torch.randn(b, t, cfg.hidden_size, dtype=dtype, device=device),
+        torch.ones(b, p + t, dtype=torch.int64, device=device),
+        torch.arange(p, p + t, device=device).expand(b, t).contiguous(),
+        tuple(torch.randn(b, num_kv_heads, p, head_dim, dtype=dtype, device=device) for _ in range(2 * n)),
     )
     total = torch.export.Dim("total_sequence", min=1, max=1 << 17)  # = past + sequence; torch.export can't say so
     shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
@@ -82,8 +85,38 @@ def export_decoder(decoder: DecoderGraph, path: Path, model: dict) -> None:
     _export(decoder, args, path, inputs, outputs, shapes)
 
 
+def export_decoder_static(decoder: StaticDecoderGraph, path: Path, model: dict) -> None:
+    """The decoder over a preallocated cache of S slots (export/decoder.py); S, like batch and T, is a
+    dynamic axis: a runtime fixes it when it allocates the cache."""
+    cfg = decoder.text_config
+    n = decoder.num_layers
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("sequence", min=1, max=1 << 16)
+    slots = torch.export.Dim("cache", min=2, max=1 << 17)
+    b, t, s = 2, 5, 9
+    param = next(decoder.parameters())
+    dtype, device = param.dtype, param.device
+    mask = torch.zeros(b, s, dtype=torch.int64, device=device)
+    mask[:, : 3 + t] = 1
+    args = (
+        torch.randn(b, t, cfg.hidden_size, dtype=dtype, device=device),
+        mask,
+        torch.arange(3, 3 + t, device=device).expand(b, t).contiguous(),
+        tuple(torch.randn(b, model["num_kv_heads"], s, model["head_dim"], dtype=dtype, device=device)
+              for _ in range(2 * n)),
+    )
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: slots}, {0: batch, 1: seq},
+              tuple({0: batch, 2: slots} for _ in range(2 * n)))
+    inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past_key_values")]
+    outputs = ["logits", "hidden", *kv_names(n, "present")]
+    _export(decoder, args, path, inputs, outputs, shapes)
+
+
 # graph name -> exporter(module, path, manifest["model"]); the bundle writer walks this in order.
 EXPORTERS = {"vision": export_vision, "embed": export_embed, "decoder": export_decoder}
+# Graphs a bundle may carry besides those, added on request (export/extra_graphs.py): same weights, other
+# shapes for other runtimes. The default bundle and the CPU path never need them.
+OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static}
 
 
 def describe_graph(path: Path) -> dict:

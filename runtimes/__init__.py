@@ -7,7 +7,8 @@ Every backend offers the same four calls on numpy arrays (batch-first):
     new_cache(batch) -> an opaque KV cache with `.length`
     decoder(inputs_embeds [B,T,D], cache) -> (logits [B,V], hidden [B,T,D], cache grown by T)
 
-`export.reference:TorchBackend` is the PyTorch reference with the same interface (workstation only).
+Backends may also offer `info() -> dict` (what runs where: providers, cache kind, CUDA graph), which
+`pipmm bench` records. `export.reference:TorchBackend` is the PyTorch reference with the same interface (workstation only).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sdk.errors import BackendError
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "runtimes.onnxruntime:OnnxRuntimeBackend",
+    "tensorrt": "runtimes.tensorrt:TensorRTBackend",
 }
 
 # "auto" tries these in order; the first whose `available()` is true wins.

@@ -1,8 +1,24 @@
 """ONNX Runtime backend: one InferenceSession per graph, on the device asked for.
 
-On CPU the KV cache is a list of numpy arrays that each decoder call returns grown by T.
-The provider table and the per-graph session options are where the GPU path (IO binding,
-preallocated cache, CUDA graphs) plugs in.
+Three ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first that fits):
+
+    numpy    (cpu, the default there)  a list of numpy arrays that each decoder call returns grown by T
+    device   (cuda/tensorrt, bundle without decoder_static, or kv_cache="device")
+             ORT-owned device tensors, [B,H_kv,P,hd], fed back through IO binding: no host copy of the
+             cache, but shapes grow per token, so no CUDA graph
+    static   (cuda, bundle with decoder_static: the default there)
+             one preallocated [1,H_kv,S,hd] buffer per layer and part, bound as both the graph's past input
+             and its present output (the graph writes the new slots in place, export/decoder.py), so every
+             decode step has the same shapes and addresses and is captured once as a CUDA graph
+             (ONNX Runtime's enable_cuda_graph) and replayed; prefill runs outside the graph (gpu_graph_id -1)
+
+Per decode step only the token's embedding row goes to the device, and the logits row [1,V] (plus the
+hidden row [1,D]) come back; the sampled id is chosen on the host. S defaults to min(max_context, 4096)
+(`max_cache`): decode reads all S slots, so a cache sized to the request reads less.
+
+ONNX Runtime's own graph optimizations run at load (ORT_ENABLE_ALL: RMSNorm -> SimplifiedLayerNormalization,
+residual + norm -> SkipSimplifiedLayerNormalization, MatMul with a transposed input -> FusedMatMul, constant
+folding); the bundle keeps the plain graphs, which TensorRT reads too. See docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -13,13 +29,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdk.bundle import Bundle
-from sdk.errors import BackendError, BundleError
+from sdk.errors import BackendError, BundleError, one_line
 
 # device -> execution providers, most preferred first
 PROVIDERS: dict[str, list[str]] = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+# where OrtValues of a device live
+ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+DEFAULT_MAX_CACHE = 4096
+KV_CACHES = ("numpy", "device", "static")
+STATIC_DECODER = "decoder_static"
+CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -37,6 +60,23 @@ class KVCache:
     past: list[np.ndarray]  # 2 per layer (key, value), each [B, H_kv, length, head_dim]
     length: int = 0
     mask: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))  # [B, length]
+
+
+@dataclass
+class DeviceKVCache:
+    past: list  # OrtValues on the device (or numpy while empty), [B, H_kv, length, head_dim]
+    length: int = 0
+    mask: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))
+
+
+@dataclass
+class StaticKVCache:
+    """A view of the backend's one static buffer: slots [0, length) hold this sequence. Any number of
+    these may share a generation (each a prefix of the next); new_cache() starts a new generation and
+    the older ones are refused, since the new sequence overwrites their slots."""
+    length: int
+    mask: np.ndarray  # [1, S] int64, 1 = slot in use
+    generation: int
 
 
 class OnnxRuntimeBackend:
@@ -62,33 +102,112 @@ class OnnxRuntimeBackend:
                                f"(it has {', '.join(sorted(available))}): install onnxruntime-gpu or use device='cpu'")
         return device
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None):
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, kv_cache: str = "auto",
+                 cuda_graph: bool | None = None, max_cache: int | None = None, device_id: int = 0,
+                 engine_cache: str | None = None):
         ort = _ort()
         self.bundle = bundle
         self.device = self.resolve_device(device)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
-        if threads:
-            options.intra_op_num_threads = threads
-        elif os.environ.get("PIPMM_THREADS"):
-            options.intra_op_num_threads = int(os.environ["PIPMM_THREADS"])
-        self.sessions = {}
-        for name, spec in bundle.graphs.items():
-            try:
-                session = ort.InferenceSession(str(bundle.graph_path(name)), sess_options=options,
-                                               providers=PROVIDERS[self.device])
-            except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
-                raise BundleError(f"graph {name} ({spec['file']}) cannot be loaded by onnxruntime: "
-                                  f"{str(err).splitlines()[0][:200]}; copy or re-export the bundle") from err
-            self._check_signature(name, spec, session)
-            self.sessions[name] = session
+        self.device_id = int(device_id)
+        self.ort_device = ORT_DEVICE[self.device]
         model = bundle.manifest["model"]
         self.num_layers, self.num_kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
-        decoder_inputs = {i["name"]: i for i in bundle.graphs["decoder"]["inputs"]}
+        self.max_context = int(model["max_context"])
+        has_static = STATIC_DECODER in bundle.graphs
+        if kv_cache == "auto":
+            # TensorRT reads input and output as separate buffers: the in-place static cache is for CUDA.
+            kv_cache = "numpy" if self.device == "cpu" else ("static" if has_static and self.device == "cuda" else "device")
+        if kv_cache not in KV_CACHES:
+            raise BackendError(f"kv_cache {kv_cache!r}: choose auto, {', '.join(KV_CACHES)}")
+        if kv_cache == "numpy" and self.device != "cpu":
+            raise BackendError(f"kv_cache 'numpy' is the CPU's; on {self.device} choose 'device' or 'static'")
+        if kv_cache == "static" and not has_static:
+            raise BackendError(f"bundle {bundle.path} has no {STATIC_DECODER} graph for a static KV cache: add it "
+                               "with 'pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR', or use kv_cache='device'")
+        self.kv_cache = kv_cache
+        self.static_cache = kv_cache == "static"
+        if cuda_graph and not (self.static_cache and self.device == "cuda"):
+            raise BackendError("cuda_graph=True needs device='cuda' and the static KV cache (a bundle with "
+                               f"{STATIC_DECODER}, kv_cache 'static' or 'auto')")
+        self.cuda_graph = bool(self.static_cache and self.device == "cuda" if cuda_graph is None else cuda_graph)
+        self.cuda_graph_note: str | None = None
+        self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
+        self.cache_slots = None
+        if self.static_cache:
+            wanted = max_cache or int(os.environ.get("PIPMM_MAX_CACHE", 0)) or min(self.max_context, DEFAULT_MAX_CACHE)
+            self.cache_slots = max(2, min(int(wanted), self.max_context))
+        self.engine_cache = engine_cache
+
+        self.options = ort.SessionOptions()
+        self.options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            self.options.intra_op_num_threads = threads
+        elif os.environ.get("PIPMM_THREADS"):
+            self.options.intra_op_num_threads = int(os.environ["PIPMM_THREADS"])
+        if self.ort_device == "cuda":
+            # Weights straight into device memory, outside the arena: the arena then holds activations only.
+            self.options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        self.sessions = {}
+        for name in ("vision", "embed", self.decoder_graph):
+            self.sessions[name] = self._open(name)
+        decoder_inputs = {i["name"]: i for i in bundle.graphs[self.decoder_graph]["inputs"]}
         self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"]["dtype"]]
         self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"]["dtype"]]
         vision_inputs = {i["name"]: i for i in bundle.graphs["vision"]["inputs"]}
         self.pixel_dtype = _NUMPY_DTYPES[vision_inputs["pixel_values"]["dtype"]]
+        decoder_outputs = {o["name"]: o for o in bundle.graphs[self.decoder_graph]["outputs"]}
+        self.logits_dtype = _NUMPY_DTYPES[decoder_outputs["logits"]["dtype"]]
+        self.hidden_dtype = _NUMPY_DTYPES[decoder_outputs["hidden"]["dtype"]]
+        self.hidden_size = int(model.get("hidden_size") or decoder_inputs["inputs_embeds"]["shape"][-1])
+        self.vocab_size = int(model.get("vocab_size") or decoder_outputs["logits"]["shape"][-1])
+        if self.static_cache:
+            self._init_static()
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def _provider_options(self, graph: str, cuda_graph: bool) -> list:
+        if self.device == "cpu":
+            return list(PROVIDERS["cpu"])
+        cuda = {"device_id": str(self.device_id), "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
+        if cuda_graph:
+            cuda["enable_cuda_graph"] = "1"
+        providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        if self.device == "tensorrt":
+            from .tensorrt import ort_tensorrt_options
+
+            providers.insert(0, ("TensorrtExecutionProvider",
+                                 ort_tensorrt_options(self.bundle, graph, self.device_id, self.engine_cache)))
+        return providers
+
+    def _open(self, name: str):
+        ort = _ort()
+        spec = self.bundle.graphs[name]
+        graph_capture = self.cuda_graph and name == self.decoder_graph
+        path = str(self.bundle.graph_path(name))
+        try:
+            try:
+                session = ort.InferenceSession(path, sess_options=self.options,
+                                               providers=self._provider_options(name, graph_capture))
+            except Exception as err:
+                if not graph_capture:
+                    raise
+                # ORT refuses graph capture when some node runs on the CPU with a copy in between: run without.
+                self.cuda_graph, graph_capture = False, False
+                self.cuda_graph_note = f"CUDA graph refused by onnxruntime: {one_line(err, 300)}"
+                session = ort.InferenceSession(path, sess_options=self.options,
+                                               providers=self._provider_options(name, False))
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BundleError(f"graph {name} ({spec['file']}) cannot be loaded by onnxruntime: "
+                              f"{str(err).splitlines()[0][:200]}; copy or re-export the bundle") from err
+        self._check_signature(name, spec, session)
+        wanted = PROVIDERS[self.device][0]
+        if wanted not in session.get_providers():
+            raise BackendError(f"onnxruntime could not start {wanted} for graph {name} (it fell back to "
+                               f"{', '.join(session.get_providers())}): check the CUDA/cuDNN libraries that "
+                               "onnxruntime-gpu needs, or use device='cpu'")
+        return session
 
     @staticmethod
     def _check_signature(name: str, spec: dict, session) -> None:
@@ -101,6 +220,23 @@ class OnnxRuntimeBackend:
             raise BundleError(f"graph {name} has inputs {got_in} / outputs {got_out} but the manifest says "
                               f"{want_in} / {want_out}: the bundle is inconsistent; re-export it")
 
+    def info(self) -> dict:
+        """What runs where, for benchmarks and bug reports."""
+        ort = _ort()
+        kv_bytes = None
+        if self.cache_slots:
+            kv_bytes = 2 * self.num_layers * self.num_kv_heads * self.cache_slots * self.head_dim * \
+                np.dtype(self.kv_dtype).itemsize
+        return {"backend": self.name, "onnxruntime": ort.__version__, "device": self.device,
+                "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
+                "decoder_graph": self.decoder_graph,
+                "kv_cache": self.kv_cache,
+                "static_cache_slots": self.cache_slots, "static_cache_bytes": kv_bytes,
+                "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
+                "graph_optimization_level": "ORT_ENABLE_ALL"}
+
+    # -- graphs -----------------------------------------------------------------------------------
+
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
 
@@ -111,11 +247,23 @@ class OnnxRuntimeBackend:
         tokens, cls_attention = self.sessions["vision"].run(None, feeds)
         return tokens, cls_attention
 
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def new_cache(self, batch: int = 1):
+        if self.static_cache:
+            if batch != 1:
+                raise BackendError(f"the static KV cache serves batch 1, not {batch}: load the backend with "
+                                   "kv_cache='device' for batches")
+            self._generation += 1
+            return StaticKVCache(length=0, mask=np.zeros((1, self.cache_slots), np.int64), generation=self._generation)
         empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
-        return KVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
+        if self.kv_cache == "numpy":
+            return KVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
+        return DeviceKVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
 
-    def decoder(self, inputs_embeds: np.ndarray, cache: KVCache):
+    def decoder(self, inputs_embeds: np.ndarray, cache):
+        if isinstance(cache, StaticKVCache):
+            return self._decoder_static(inputs_embeds, cache)
+        if isinstance(cache, DeviceKVCache):
+            return self._decoder_device(inputs_embeds, cache)
         b, t, _ = inputs_embeds.shape
         mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
         feeds = {
@@ -128,3 +276,106 @@ class OnnxRuntimeBackend:
             feeds[f"past_key_values.{i}.value"] = cache.past[2 * i + 1]
         logits, hidden, *present = self.sessions["decoder"].run(None, feeds)
         return logits, hidden, KVCache(past=present, length=cache.length + t, mask=mask)
+
+    # -- device cache (dynamic shapes, IO binding) ------------------------------------------------
+
+    def _kv_names(self, prefix: str) -> list[str]:
+        return [f"{prefix}.{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]
+
+    def _decoder_device(self, inputs_embeds: np.ndarray, cache: DeviceKVCache):
+        b, t, _ = inputs_embeds.shape
+        mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
+        session = self.sessions["decoder"]
+        binding = session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, self.embed_dtype))
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", np.broadcast_to(
+            np.arange(cache.length, cache.length + t, dtype=np.int64), (b, t)).copy())
+        for name, value in zip(self._kv_names("past_key_values"), cache.past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        binding.bind_output("hidden", "cpu")
+        for name in self._kv_names("present"):
+            binding.bind_output(name, self.ort_device, self.device_id)
+        session.run_with_iobinding(binding)
+        logits, hidden, *present = binding.get_outputs()
+        return logits.numpy(), hidden.numpy(), DeviceKVCache(past=present, length=cache.length + t, mask=mask)
+
+    # -- static cache (in place, CUDA graph) ------------------------------------------------------
+
+    def _init_static(self) -> None:
+        ort = _ort()
+        shape = (1, self.num_kv_heads, self.cache_slots, self.head_dim)
+        # Zeros, not uninitialised memory: masked slots are multiplied by 0, and 0 * NaN would be NaN.
+        self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.ort_device, self.device_id)
+                    for _ in range(2 * self.num_layers)]
+        self._generation = 0
+        self._eager_options = ort.RunOptions()
+        self._graph_binding = None
+        if self.cuda_graph:
+            self._eager_options.add_run_config_entry("gpu_graph_id", "-1")
+            self._graph_options = ort.RunOptions()
+            self._graph_options.add_run_config_entry("gpu_graph_id", CUDA_GRAPH_ID)
+            # Fixed-address inputs and outputs of the decode step; their contents change in place.
+            dev, idx = self.ort_device, self.device_id
+            self._step_in = {
+                "inputs_embeds": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.hidden_size), self.embed_dtype), dev, idx),
+                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.cache_slots), np.int64), dev, idx),
+                "position_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), dev, idx),
+            }
+            self._step_out = {
+                "logits": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.vocab_size), self.logits_dtype), dev, idx),
+                "hidden": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.hidden_size), self.hidden_dtype), dev, idx),
+            }
+            binding = self.sessions[STATIC_DECODER].io_binding()
+            for name, value in self._step_in.items():
+                binding.bind_ortvalue_input(name, value)
+            for name, value in self._step_out.items():
+                binding.bind_ortvalue_output(name, value)
+            self._bind_cache(binding)
+            self._graph_binding = binding
+
+    def _bind_cache(self, binding) -> None:
+        for past, present, value in zip(self._kv_names("past_key_values"), self._kv_names("present"), self._kv):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: the graph writes its slots in place
+
+    def _decoder_static(self, inputs_embeds: np.ndarray, cache: StaticKVCache):
+        if cache.generation != self._generation:
+            raise BackendError("this KV cache was replaced by a newer new_cache() of the same backend (one static "
+                               "cache per backend): use the newest one, or one backend per concurrent sequence")
+        b, t, _ = inputs_embeds.shape
+        start = cache.length
+        if start + t > self.cache_slots:
+            raise BackendError(f"the static KV cache holds {self.cache_slots} tokens and this sequence needs "
+                               f"{start + t}: load the backend with a larger max_cache (up to {self.max_context})")
+        mask = cache.mask.copy()
+        mask[:, start:start + t] = 1
+        positions = np.arange(start, start + t, dtype=np.int64).reshape(1, t)
+        embeds = np.ascontiguousarray(inputs_embeds, self.embed_dtype)
+        session = self.sessions[STATIC_DECODER]
+        if t == 1 and self._graph_binding is not None:
+            self._step_in["inputs_embeds"].update_inplace(embeds)
+            self._step_in["attention_mask"].update_inplace(mask)
+            self._step_in["position_ids"].update_inplace(positions)
+            try:
+                session.run_with_iobinding(self._graph_binding, self._graph_options)
+                logits, hidden = self._step_out["logits"].numpy(), self._step_out["hidden"].numpy()
+                return logits, hidden, StaticKVCache(length=start + t, mask=mask, generation=cache.generation)
+            except Exception as err:  # capture failed at run time: keep going without the graph
+                self._graph_binding = None
+                self.cuda_graph = False
+                self.cuda_graph_note = f"CUDA graph capture failed at run time: {one_line(err, 300)}"
+        binding = session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", positions)
+        binding.bind_output("logits", "cpu")
+        binding.bind_output("hidden", "cpu")
+        self._bind_cache(binding)
+        session.run_with_iobinding(binding, self._eager_options)
+        logits, hidden = binding.get_outputs()[:2]  # bound to the host; the cache outputs stay where they are
+        return logits.numpy(), hidden.numpy(), StaticKVCache(length=start + t, mask=mask, generation=cache.generation)

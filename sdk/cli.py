@@ -20,6 +20,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "scenes": ("export.scenes", "write generated scenes and LLaVA-style conversations"),
     "train": ("export.train", "train the default model on generated scenes (stage 0 base, 1 prompt MLP, 2 budget)"),
     "eval": ("export.evaluate", "exact-match accuracy per question family and latency of a bundle or checkpoint"),
+    "bench": ("sdk.bench", "latency per stage and peak memory of a bundle on this device (table, JSON, chart)"),
+    "build-engines": ("sdk.cli_build_engines", "build TensorRT engines of a bundle for this GPU (cached by GPU, "
+                      "TensorRT version and bundle hash)"),
+    "add-graphs": ("export.cli_add_graphs", "add optional graphs to a bundle (decoder_static: static KV cache for "
+                   "CUDA graphs)"),
 }
 
 

@@ -1,0 +1,22 @@
+"""`pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR`: add optional graphs (decoder_static) to a bundle."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("bundle", help="bundle directory written by 'pipmm export' (fp32 or fp16)")
+    parser.add_argument("--checkpoint", required=True, help="the checkpoint the bundle was exported from")
+    parser.add_argument("--graph", action="append", default=None, metavar="NAME",
+                        help="optional graph to add (repeatable; default decoder_static: the static KV cache "
+                             "decoder for CUDA graphs, docs/gpu.md)")
+    parser.add_argument("--device", default="cpu", help="torch device to trace on (default cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="trace a graph again if the bundle has it")
+
+
+def run(args) -> int:
+    from .extra_graphs import add_graphs
+
+    graphs = tuple(args.graph or ["decoder_static"])
+    add_graphs(args.bundle, args.checkpoint, graphs, device=args.device, overwrite=args.overwrite)
+    print(f"added {', '.join(graphs)} to {args.bundle}")
+    return 0

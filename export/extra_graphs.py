@@ -1,0 +1,274 @@
+"""Graphs a bundle may carry besides vision/embed/decoder, and a bundle traced directly in half precision.
+
+    add_graphs("bundle/", "checkpoint/")                       # + decoder_static (pipmm add-graphs)
+    export_direct("checkpoint/", "out/", no_prompt_mlp=True, dtype="fp16", device="cuda")
+
+`decoder_static` (export/decoder.py: the decoder over a preallocated cache, for CUDA graphs) holds the
+same weights as `decoder`. When the decoder keeps its weights in an external data file, the new graph's
+initializers are pointed into that file (after checking that the bytes are equal), so a bundle holds the
+LLM weights once however many decoder graphs it has. Small graphs keep their weights inline.
+
+`export_direct` traces the modules in float16 (or bfloat16) on any device instead of exporting FP32 and
+converting (export/quantize.py): the route for checkpoints whose FP32 export would not fit in memory or on
+disk (a 7B model: 27 GB FP32 against 13.5 GB FP16). transformers' modules keep RMSNorm and our attention
+keeps softmax in float32; the logits output is float32. The budget-independent graphs (embed, decoder,
+decoder_static) can be hard-linked from another bundle of the same checkpoint (`reuse`), so the half
+budget of a 7B model costs one vision export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import torch
+
+from sdk.bundle import MANIFEST, load_bundle, sha256_file
+from sdk.errors import ExportError
+
+from . import onnx_export
+from .bundle import build_manifest, build_modules
+from .checkpoint import load_checkpoint
+from .decoder import StaticDecoderGraph
+from .prompt import PromptMLP
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# graphs that do not depend on the visual-token budget or the prompt MLP: reusable across bundles of a checkpoint
+BUDGET_FREE = ("embed", "decoder", "decoder_static")
+# bytes compared per initializer when checking that two graphs hold the same weights (ends and middle)
+_SAMPLE = 1 << 16
+_WEIGHT_BYTES = 4096  # smaller initializers are constants (shapes, scalars), not weights
+
+
+def optional_module(name: str, checkpoint, prompt_layer: int) -> torch.nn.Module:
+    if name == "decoder_static":
+        return StaticDecoderGraph(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
+                                  prompt_layer).eval()
+    raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
+
+
+# -- weights shared through external data --------------------------------------------------------
+
+def _raw(tensor: onnx.TensorProto, base: Path, sample: bool) -> bytes:
+    """An initializer's stored bytes (all, or a sample of ends and middle when `sample`)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
+        return data[:_SAMPLE] + data[len(data) // 2:len(data) // 2 + _SAMPLE] + data[-_SAMPLE:] if sample else data
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    with open(base / info["location"], "rb") as f:
+        if not sample or length <= 3 * _SAMPLE:
+            f.seek(offset)
+            return f.read(length)
+        parts = []
+        for at in (offset, offset + length // 2, offset + length - _SAMPLE):
+            f.seek(at)
+            parts.append(f.read(_SAMPLE))
+        return b"".join(parts)
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> dict:
+    """Point `new_path`'s initializers into `source_path`'s external data where type, shape and bytes agree
+    (by content: the exporter folds transposed weights into initializers of arbitrary names), and drop the new
+    graph's own data file when nothing is left in it. Raises when less than `min_share` of the new graph's
+    weight bytes are found in the source (the graphs come from different checkpoints)."""
+    base = new_path.parent
+    new = onnx.load(str(new_path), load_external_data=False)
+    source = onnx.load(str(source_path), load_external_data=False)
+    sample = sum(_nbytes(t) for t in new.graph.initializer) > (1 << 31)  # above 2 GiB, compare samples of each
+
+    def key(tensor, where):
+        digest = hashlib.sha256(_raw(tensor, where, sample)).hexdigest()
+        return tensor.data_type, tuple(tensor.dims), digest
+
+    index = {key(t, source_path.parent): t for t in source.graph.initializer if _nbytes(t) >= _WEIGHT_BYTES}
+    weight_bytes = matched_bytes = shared = shared_bytes = 0
+    for tensor in new.graph.initializer:
+        size = _nbytes(tensor)
+        if size < _WEIGHT_BYTES:
+            continue
+        weight_bytes += size
+        other = index.get(key(tensor, base))
+        if other is None:
+            continue
+        matched_bytes += size
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and other.data_location == onnx.TensorProto.EXTERNAL:
+            del tensor.external_data[:]
+            tensor.external_data.extend(other.external_data)
+            shared, shared_bytes = shared + 1, shared_bytes + size
+    if weight_bytes and matched_bytes < min_share * weight_bytes:
+        raise ExportError(f"only {matched_bytes / weight_bytes:.0%} of {new_path.name}'s weights are in "
+                          f"{source_path.name}: the checkpoint is not the one this bundle was exported from")
+    still_used = {{e.key: e.value for e in t.external_data}["location"] for t in new.graph.initializer
+                  if t.data_location == onnx.TensorProto.EXTERNAL}
+    own = f"{new_path.name}.data"
+    onnx.save(new, str(new_path))
+    if (base / own).exists() and own not in still_used:
+        (base / own).unlink()
+    return {"weight_bytes": weight_bytes, "found_in_source_bytes": matched_bytes, "shared_initializers": shared,
+            "shared_bytes": shared_bytes, "compared": "sampled bytes" if sample else "all bytes"}
+
+
+# -- manifest and files ---------------------------------------------------------------------------
+
+def _graph_entry(path: Path, name: str, extra: dict | None = None) -> dict:
+    return {"file": path.name, **onnx_export.describe_graph(path), **(extra or {})}
+
+
+def _files(directory: Path) -> dict:
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)  # atomic: a reader sees the old manifest or the new one
+
+
+def _export_optional(name: str, module, out: Path, model_info: dict, source: Path | None) -> dict:
+    onnx_export.OPTIONAL_EXPORTERS[name](module, out, model_info)
+    extra = {"kv_cache": "static", "for": "GPU runtimes: CUDA graphs (docs/gpu.md)"}
+    if source is not None and source.exists():
+        extra["shares_weights_with"] = source.stem
+        extra["sharing"] = share_weights(out, source)
+    return _graph_entry(out, name, extra)
+
+
+def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: str = "cpu",
+               overwrite: bool = False) -> Path:
+    """Trace the optional `graphs` from the checkpoint the bundle was exported from, add them to the bundle
+    (files first, the manifest last and atomically)."""
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir, verify=True)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    precision = manifest["precision"]["graphs"].get("decoder", manifest["precision"]["default"])
+    if precision not in TORCH_DTYPES:
+        raise ExportError(f"the bundle's decoder is {precision}: optional graphs are traced in fp32, fp16 or bf16; "
+                          "add them to the fp32 or fp16 bundle")
+    for name in graphs:
+        if name not in onnx_export.OPTIONAL_EXPORTERS:
+            raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
+        if name in manifest["graphs"] and not overwrite:
+            raise ExportError(f"bundle {bundle_dir} already has {name}: pass --overwrite to trace it again")
+    checkpoint = load_checkpoint(checkpoint_dir, dtype=TORCH_DTYPES[precision])
+    model = manifest["model"]
+    text = checkpoint.config.text_config
+    got = (text.num_hidden_layers, text.num_key_value_heads, text.hidden_size, text.vocab_size)
+    want = (model["num_layers"], model["num_kv_heads"], model["hidden_size"], model["vocab_size"])
+    if got != want:
+        raise ExportError(f"checkpoint {checkpoint_dir} has layers/KV heads/width/vocabulary {got} but the bundle "
+                          f"was exported from one with {want}: pass the bundle's own checkpoint")
+    checkpoint.model.to(device)
+    prompt_layer = (manifest["prompt_vector"] or {}).get("layer", -1)
+    decoder_file = bundle_dir / manifest["graphs"]["decoder"]["file"]
+    written = []
+    try:
+        for name in graphs:
+            module = optional_module(name, checkpoint, prompt_layer)
+            out = bundle_dir / f"{name}.onnx"
+            written += [out, bundle_dir / f"{name}.onnx.data"]
+            for stale in written[-2:]:
+                stale.unlink(missing_ok=True)
+            manifest["graphs"][name] = _export_optional(name, module, out, model, decoder_file)
+            manifest["precision"]["graphs"][name] = precision
+    except BaseException:
+        for path in written:  # the manifest was not touched: leave no stray file either
+            path.unlink(missing_ok=True)
+        raise
+    manifest["files"] = _files(bundle_dir)
+    _write_manifest(bundle_dir, manifest)
+    return bundle_dir
+
+
+# -- a whole bundle traced in half precision ------------------------------------------------------
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool = False, budget="full",
+                  reducer: str = "pool", dtype: str = "fp16", device: str = "cpu",
+                  graphs=("vision", "embed", "decoder", "decoder_static"), reuse=None, overwrite: bool = False,
+                  chat_template: dict | None = None, log=print) -> Path:
+    """Write a bundle whose graphs are traced in `dtype` on `device`; `reuse` is a bundle of the same
+    checkpoint (and prompt layer) whose budget-free graphs are hard-linked instead of traced again."""
+    out_dir = Path(out_dir)
+    if dtype not in TORCH_DTYPES:
+        raise ExportError(f"dtype {dtype!r}: choose {', '.join(TORCH_DTYPES)}")
+    if (prompt_mlp is None) == (not no_prompt_mlp):
+        raise ExportError("pass the prompt MLP (PIP-MM) or no_prompt_mlp=True (plain LLaVA), one of the two")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists: pass overwrite=True or choose another directory")
+    torch_dtype = TORCH_DTYPES[dtype]
+    start = time.perf_counter()
+    checkpoint = load_checkpoint(checkpoint_dir, dtype=torch_dtype)
+    checkpoint.model.to(device)
+    mlp = PromptMLP.load(prompt_mlp).eval().to(device=device, dtype=torch_dtype) if prompt_mlp is not None else None
+    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
+    manifest = build_manifest(checkpoint, modules, mlp, chat_template, precision=dtype)
+    prompt_layer = mlp.config.prompt_layer if mlp is not None else -1
+    log(f"loaded {checkpoint_dir} in {dtype} on {device} ({time.perf_counter() - start:.1f} s)")
+    reused = load_bundle(reuse, verify=False) if reuse is not None else None
+    if reused is not None and (reused.manifest["model"] != manifest["model"] or
+                               (reused.manifest["prompt_vector"] or {}).get("layer", -1) != prompt_layer):
+        raise ExportError(f"bundle {reuse} is of another checkpoint or prompt layer: it cannot lend its graphs")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        manifest["graphs"] = {}
+        for name in graphs:
+            step = time.perf_counter()
+            path = tmp / f"{name}.onnx"
+            if reused is not None and name in BUDGET_FREE and name in reused.graphs:
+                entry = reused.graphs[name]
+                for file in [entry["file"]] + [f for f in reused.manifest["files"] if f.startswith(entry["file"] + ".")]:
+                    _link_or_copy(reused.path / file, tmp / file)
+                manifest["graphs"][name] = dict(entry)
+                log(f"  {name}: linked from {reuse}")
+                continue
+            if name in onnx_export.EXPORTERS:
+                onnx_export.EXPORTERS[name](modules[name], path, manifest["model"])
+                manifest["graphs"][name] = _graph_entry(path, name)
+            else:
+                module = optional_module(name, checkpoint, prompt_layer)
+                manifest["graphs"][name] = _export_optional(name, module, path, manifest["model"], tmp / "decoder.onnx")
+            log(f"  {name}: traced in {time.perf_counter() - step:.1f} s")
+        manifest["precision"] = {"default": dtype, "graphs": {name: dtype for name in graphs}, "tensorrt": True,
+                                 "method": f"traced in {dtype} (export/extra_graphs.py export_direct)"}
+        shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
+        step = time.perf_counter()
+        manifest["files"] = _files(tmp)
+        log(f"  hashed {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB in "
+            f"{time.perf_counter() - step:.1f} s")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s")
+    return out_dir
