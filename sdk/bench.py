@@ -110,26 +110,10 @@ def _graph_bytes(bundle, graph: str) -> int:
     return sum(info["bytes"] for f, info in files.items() if f == name or f.startswith(name + "."))
 
 
-def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: int = 64, runs: int = 5,
-          warmup: int = 1, image=None, prompt: str = DEFAULT_PROMPT, kv_cache: str = "auto",
-          cuda_graph: bool | None = None, max_cache="auto", compare_hf=None, hf_dtype: str | None = None,
-          hf_attn: str = "eager", verify: bool = True, bandwidth: bool = True, label: str | None = None,
-          log=print) -> dict:
-    from runtimes import backend_class
-    from runtimes.device_info import MemorySampler, copy_bandwidth, describe
-
-    from .bundle import default_bundle_path, load_bundle
+def _timed_runs(cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup):
+    from .bundle import load_bundle
     from .pipeline import Pipeline
-    from .preprocess import preprocess
 
-    if new_tokens < 1 or runs < 1 or warmup < 0:
-        raise PipmmError("--new-tokens and --runs must be >= 1 and --warmup >= 0")
-    path = default_bundle_path() if bundle is None else Path(bundle)
-    image = bench_image() if image is None else image
-    cls = backend_class(backend)
-    resolved = cls.resolve_device(device) if hasattr(cls, "resolve_device") else device
-    sampler = MemorySampler("cpu" if resolved == "cpu" else "cuda")  # baseline before anything is loaded
-    sampler.__enter__()
     load_start = time.perf_counter()
     loaded = load_bundle(path, verify=verify)
     options = {}
@@ -153,7 +137,30 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
             for name in STAGES:
                 per_stage[name].append(timings.get(name))
             tokens = tokens or got
-    sampler.stop()
+    return loaded, runner, pipeline, per_stage, tokens, load_s
+
+
+def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: int = 64, runs: int = 5,
+          warmup: int = 1, image=None, prompt: str = DEFAULT_PROMPT, kv_cache: str = "auto",
+          cuda_graph: bool | None = None, max_cache="auto", compare_hf=None, hf_dtype: str | None = None,
+          hf_attn: str = "eager", verify: bool = True, bandwidth: bool = True, label: str | None = None,
+          log=print) -> dict:
+    from runtimes import backend_class
+    from runtimes.device_info import MemorySampler, copy_bandwidth, describe
+
+    from .bundle import default_bundle_path
+    from .preprocess import preprocess
+
+    if new_tokens < 1 or runs < 1 or warmup < 0:
+        raise PipmmError("--new-tokens and --runs must be >= 1 and --warmup >= 0")
+    path = default_bundle_path() if bundle is None else Path(bundle)
+    image = bench_image() if image is None else image
+    cls = backend_class(backend)
+    resolved = cls.resolve_device(device) if hasattr(cls, "resolve_device") else device
+    sampler = MemorySampler("cpu" if resolved == "cpu" else "cuda")  # baseline before anything is loaded
+    with sampler:
+        loaded, runner, pipeline, per_stage, tokens, load_s = _timed_runs(
+            cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup)
     info = runner.info() if hasattr(runner, "info") else {"backend": cls.name, "device": resolved}
     manifest = loaded.manifest
     decoder_graph = info.get("decoder_graph", "decoder")
