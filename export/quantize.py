@@ -106,9 +106,19 @@ def _prompt_mlp_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if any(i.startswith("prompt_mlp.") for i in n.input)]
 
 
+def _attention_nodes(model: onnx.ModelProto) -> list[str]:
+    """MatMuls whose B is not a weight (Q.K^T, P.V). By name: quantize_static's MatMulConstBOnly option is read
+    by the QOperator quantizer only, and in QDQ format these MatMuls would otherwise be quantized, softmax
+    probabilities included (most of them round to 0 at a per-tensor int8 step of 1/127)."""
+    weights = {i.name for i in model.graph.initializer}
+    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+
+
 def _kept_nodes(model: onnx.ModelProto, keep) -> list[str]:
     return (_lm_head_nodes(model) if "lm_head" in keep else []) + \
-        (_prompt_mlp_nodes(model) if "prompt_mlp" in keep else [])
+        (_prompt_mlp_nodes(model) if "prompt_mlp" in keep else []) + \
+        (_attention_nodes(model) if "attention" in keep else [])
 
 
 def _gemm_as_matmul(model: onnx.ModelProto, node_name: str) -> bool:

@@ -33,15 +33,15 @@ TOLERANCE = {
     "fp16": {"vision": {"visual_tokens": 0.005, "cls_attention": 0.005}, "embed": {"inputs_embeds": 0.002},
              "decoder": {"logits": 0.01, "hidden": 0.01, "present": 0.01}},        # measured 7e-4 .. 4e-3
     "int8": {"vision": {"visual_tokens": 0.15, "cls_attention": 0.1}, "embed": {"inputs_embeds": 0.01},
-             "decoder": {"logits": 0.08, "hidden": 0.08, "present": 0.05}},        # 0.076, 0.039, 0.005; 0.03
+             "decoder": {"logits": 0.08, "hidden": 0.08, "present": 0.05}},        # 0.073, 0.035, 0.005; 0.03
     "int8-static": {"vision": {"visual_tokens": 0.15, "cls_attention": 0.1}, "embed": {"inputs_embeds": 0.01},
-                    "decoder": {"logits": 0.35, "hidden": 0.3, "present": 0.4}},   # decoder 0.18, 0.14, 0.22
+                    "decoder": {"logits": 0.15, "hidden": 0.3, "present": 0.4}},   # decoder 0.06, 0.13, 0.22
     "int4": {"vision": {"visual_tokens": 0.15, "cls_attention": 0.1}, "embed": {"inputs_embeds": 0.01},
              "decoder": {"logits": 0.8, "hidden": 0.8, "present": 0.7}},           # decoder 0.40, 0.44, 0.35
 }
 # Next-token agreement on the FP32 trajectory: every recorded decoder call (prompt encoder, prefill, decode
-# steps of 4 held-out questions), argmax of the variant's logits == argmax of FP32's. Measured 1.0, 1.0, 0.85, 0.65.
-AGREEMENT = {"fp16": 1.0, "int8": 0.9, "int8-static": 0.7, "int4": 0.5}
+# steps of 4 held-out questions), argmax of the variant's logits == argmax of FP32's. Measured 1.0, 1.0, 0.86, 0.61.
+AGREEMENT = {"fp16": 1.0, "int8": 0.9, "int8-static": 0.7, "int4": 0.45}
 # Free-running greedy tokens of the whole pipeline (16 tokens x 4 prompts, position-wise) for fp16: measured 1.0.
 # (Not asserted for int8/int4 here: on random weights one early flip changes every later token; measured
 # 0.47, 0.36 and 0.08. The trained model's agreement is in docs/precision.md.)
@@ -167,6 +167,21 @@ def test_int8_static_bundle_is_a_tensorrt_bundle(variants):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
                 zero = onnx.numpy_helper.to_array(inits[node.input[2]])
                 assert zero.dtype == np.int8 and not zero.any(), f"{name}: {node.name} zero point must be int8 0"
+
+
+def test_static_int8_quantizes_weights_not_attention(variants):
+    """Every MatMul fed by a DequantizeLinear multiplies by a weight: Q.K^T and P.V (softmax probabilities) stay
+    float under the default keep list (onnxruntime's MatMulConstBOnly is ignored in QDQ format; we exclude them)."""
+    for graph in ("vision", "decoder"):
+        model = onnx.load(str(variants["int8-static"] / f"{graph}.onnx"))
+        inits = {i.name for i in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+        quantized = [n for n in matmuls if n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"]
+        assert quantized, f"{graph}: nothing quantized"
+        for node in quantized:
+            assert producer[node.input[1]].input[0] in inits, f"{graph}: {node.name} has a quantized activation as B"
+        assert len(quantized) < len(matmuls), f"{graph}: the attention MatMuls were quantized"
 
 
 def test_quantized_weights_are_smaller(fp32, variants):
