@@ -150,8 +150,8 @@ def markdown(rows: list[dict], families: list[str]) -> str:
     head = "| variant | graphs (vision/embed/decoder) | " + " | ".join(families) + " | overall | Δ vs fp32 |"
     lines = ["Exact match (%), " + f"{rows[0]['eval']['overall']['n']} questions:", "", head,
              "|" + "---|" * (len(families) + 4)]
-    base = rows[0]["eval"]["overall"]["accuracy"]
     for r in rows:
+        base = _base(rows, r)["eval"]["overall"]["accuracy"]
         fam = r["eval"]["per_family"]
         cells = [f"{100 * fam[f]['accuracy']:.1f}" if f in fam else "" for f in families]
         acc = r["eval"]["overall"]["accuracy"]
@@ -162,8 +162,8 @@ def markdown(rows: list[dict], families: list[str]) -> str:
               "| load ms | peak RSS MB (× fp32) | peak RSS − imports MB (× fp32) | describe ms (median) "
               "| tokens/s |",
               "|" + "---|" * 10]
-    b = rows[0]
     for r in rows:
+        b = _base(rows, r)
         p, bp = r["probe"], b["probe"]
         model_rss = p["peak_rss_mb"] - p["rss_after_imports_mb"]
         base_model_rss = bp["peak_rss_mb"] - bp["rss_after_imports_mb"]
@@ -177,11 +177,16 @@ def markdown(rows: list[dict], families: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _base(rows: list[dict], row: dict) -> dict:
+    """The fp32 row on the same device (else the first row)."""
+    return next((r for r in rows if r["name"] == "fp32" and r["device"] == row["device"]), rows[0])
+
+
 def check_targets(rows: list[dict]) -> list[str]:
-    base = rows[0]
     out = []
     for r in rows:
-        target = TARGETS.get(r["variant"])
+        base = _base(rows, r)
+        target = TARGETS.get(r["name"])
         if not target:
             continue
         got = {
@@ -211,7 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--visual-tokens", default="half")
     p.add_argument("--reducer", default="prompt-topk")
     p.add_argument("--work", default="/tmp/pipmm-precision", help="where the variant bundles are written")
-    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME[@DEVICE]",
+                   help=f"of {', '.join(VARIANTS)}; default: all but fp16, plus fp32@cuda fp16@cuda with a GPU")
     p.add_argument("--reuse", action="store_true", help="keep variant bundles already in --work")
     p.add_argument("--calibration", default=None)
     p.add_argument("--calibration-size", type=int, default=32)
@@ -247,12 +253,18 @@ def main(argv=None) -> int:
     else:
         fp32 = Path(args.bundle) if args.bundle else default_bundle_path()
     gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    names = args.variants or [v for v in VARIANTS if v != "fp16" or gpu]
-    if names[0] != "fp32":
-        names = ["fp32", *[n for n in names if n != "fp32"]]
+    # "NAME" runs on --device, "NAME@DEVICE" on DEVICE (e.g. fp16@cuda beside the CPU rows)
+    specs = args.variants or [v for v in VARIANTS if v != "fp16"] + (["fp32@cuda", "fp16@cuda"] if gpu else [])
+    runs = [(spec, *spec.partition("@")[::2]) for spec in specs]
+    runs = [(label, name, device or args.device) for label, name, device in runs]
+    for label, name, _ in runs:
+        if name not in VARIANTS:
+            p.error(f"unknown variant {label!r}: choose from {', '.join(VARIANTS)} (optionally NAME@DEVICE)")
+    if not any(name == "fp32" and device == args.device for _, name, device in runs):
+        runs.insert(0, ("fp32", "fp32", args.device))
 
     bundles = {}
-    for name in names:
+    for name in dict.fromkeys(name for _, name, _ in runs):
         options = VARIANTS[name]
         if options is None:
             bundles[name] = fp32
@@ -268,32 +280,35 @@ def main(argv=None) -> int:
         bundles[name] = out
 
     examples = evaluate.questions(args.split, args.n)
-    rows, reference = [], None
-    for name, bundle in bundles.items():
+    rows, answers = [], {}
+    for label, name, device in runs:  # all evals first, then all probes back to back
+        bundle = bundles[name]
         manifest = load_bundle(bundle, verify=False).manifest
         start = time.perf_counter()
-        records = answer_all(bundle, examples, args.device, args.jobs, args.max_new_tokens)
+        answers[label] = answer_all(bundle, examples, device, args.jobs, args.max_new_tokens)
         seconds = time.perf_counter() - start
-        reference = reference or records
-        summary = evaluate.summarize([dict(r) for r in records], manifest,
-                                     {"source": {"kind": "bundle", "path": str(bundle), "device": args.device},
+        reference = answers.get("fp32" if device == args.device else f"fp32@{device}", answers[runs[0][0]])
+        summary = evaluate.summarize([dict(r) for r in answers[label]], manifest,
+                                     {"source": {"kind": "bundle", "path": str(bundle), "device": device},
                                       "seconds": round(seconds, 1),
                                       "data": {"split": args.split, "n": len(examples)}})
         graphs = manifest["precision"]["graphs"]
         rows.append({
-            "variant": name, "bundle": str(bundle),
+            "variant": label, "name": name, "device": device, "bundle": str(bundle),
             "graphs": "/".join(graphs[g] for g in ("vision", "embed", "decoder")),
-            "eval": summary, "agreement": agreement(records, reference),
+            "eval": summary, "agreement": agreement(answers[label], reference),
             "bundle_bytes": dir_bytes(bundle), "decoder_weight_bytes": quantize.weight_bytes(bundle / "decoder.onnx"),
-            "probe": run_probes(bundle, args.device, args.latency_runs, args.probe_repeats),
         })
-        print(f"{name}: {100 * summary['overall']['accuracy']:.1f}% in {seconds:.0f} s", file=sys.stderr)
+        print(f"{label}: {100 * summary['overall']['accuracy']:.1f}% in {seconds:.0f} s", file=sys.stderr)
+    for row in rows:
+        row["probe"] = run_probes(Path(row["bundle"]), row["device"], args.latency_runs, args.probe_repeats)
 
     families = [f for f in scenes.FAMILIES if f in rows[0]["eval"]["per_family"]]
     table = markdown(rows, families)
     verdicts = check_targets(rows)
     source = args.checkpoint or str(fp32)
-    header = (f"Model: {source} ({load_bundle(fp32, verify=False).manifest['visual_tokens']}); device {args.device}, "
+    header = (f"Model: {source} ({load_bundle(fp32, verify=False).manifest['visual_tokens']}); "
+              f"device {args.device} unless the variant says @device, "
               f"onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores, "
               f"eval in {args.jobs} processes x 1 thread, "
               f"probes: {args.probe_repeats} fresh processes, describe median of {args.latency_runs}.")
