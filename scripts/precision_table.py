@@ -14,9 +14,11 @@ int4, and fp16 where a CUDA provider exists (or when named in --variants). For e
 * greedy-token agreement with fp32 on the same questions: tokens equal position by position, over the
   longer of the two sequences (and the share of questions whose whole answer is identical);
 * bundle size on disk and the decoder's weight bytes (initializers), against fp32;
-* in a fresh process per run (--probe): sdk.load time, peak RSS of one describe (ru_maxrss) and that peak
-  minus the RSS after the imports, describe latency (median of --latency-runs on samples/scene.png,
-  "Describe the image.", default generation settings, ONNX Runtime's default threads).
+* in a fresh process per run (--probe): sdk.load time, peak RSS of one describe (VmHWM) and that peak
+  minus the RSS after the imports;
+* describe latency: all variants loaded in one process and run round-robin (--latency-runs rounds of
+  samples/scene.png, "Describe the image.", default generation settings, ONNX Runtime's default threads),
+  so a busy machine slows them alike; medians of the total, the vision and prefill stages, decode tokens/s.
 
 Prints markdown tables and the targets of issue 4 met or missed; --json keeps everything.
 """
@@ -58,12 +60,10 @@ def _status_mb(key: str) -> float:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":")) / 1024
 
 
-def probe(bundle: str, device: str, runs: int) -> dict:
+def probe(bundle: str, device: str) -> dict:
+    """Load time and peak RSS of one describe, in this (fresh) process."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a big parent would report the
     # parent's peak. VmHWM is this process image's own high-water mark.
-    def rss_mb() -> float:
-        return _status_mb("VmHWM")
-
     import numpy as np  # noqa: F401
     import onnxruntime  # noqa: F401
     from PIL import Image
@@ -76,26 +76,47 @@ def probe(bundle: str, device: str, runs: int) -> dict:
     pipeline = sdk.load(bundle, device=device)
     load_ms = (time.perf_counter() - start) * 1000
     first = pipeline.generate(image, SAMPLE_PROMPT)
-    peak = rss_mb()
-    totals, rates = [], []
+    return {"load_ms": load_ms, "rss_after_imports_mb": after_imports, "peak_rss_mb": _status_mb("VmHWM"),
+            "tokens": len(first.token_ids)}
+
+
+def latency(specs: list[tuple[str, str]], runs: int) -> list[dict]:
+    """Describe latency of several bundles in one process, round-robin: a busy machine slows them alike."""
+    from PIL import Image
+
+    import sdk
+
+    image = Image.open(SAMPLE).convert("RGB")
+    pipelines = [sdk.load(bundle, device=device) for bundle, device in specs]
+    for pipeline in pipelines:  # warm-up
+        pipeline.generate(image, SAMPLE_PROMPT)
+    timings = [[] for _ in pipelines]
     for _ in range(runs):
-        result = pipeline.generate(image, SAMPLE_PROMPT)
-        totals.append(result.timings["total_ms"])
-        rates.append(result.timings["tokens_per_s"])
-    return {"load_ms": load_ms, "rss_after_imports_mb": after_imports, "peak_rss_mb": peak,
-            "peak_rss_all_runs_mb": rss_mb(), "describe_ms": statistics.median(totals),
-            "tokens_per_s": statistics.median(rates), "tokens": len(first.token_ids)}
+        for pipeline, out in zip(pipelines, timings):
+            out.append(pipeline.generate(image, SAMPLE_PROMPT).timings)
+    keys = ("total_ms", "vision_ms", "prefill_ms", "tokens_per_s")
+    return [{k: statistics.median(t[k] for t in out) for k in keys} for out in timings]
 
 
-def run_probes(bundle: Path, device: str, runs: int, repeats: int) -> dict:
+def run_probes(bundle: Path, device: str, repeats: int) -> dict:
     results = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, __file__, "--probe", str(bundle), "--device", device,
-                              "--latency-runs", str(runs)], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run([sys.executable, __file__, "--probe", str(bundle), "--device", device],
+                             capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             raise RuntimeError(f"probe of {bundle} failed: {out.stderr.strip()[-2000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+
+def run_latency(rows: list[dict], runs: int) -> None:
+    specs = [f"{row['bundle']}@{row['device']}" for row in rows]
+    out = subprocess.run([sys.executable, __file__, "--latency", *specs, "--latency-runs", str(runs)],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"latency run failed: {out.stderr.strip()[-2000:]}")
+    for row, result in zip(rows, json.loads(out.stdout.strip().splitlines()[-1])):
+        row["latency"] = result
 
 
 # ----------------------------------------------------------------------------- eval (token ids kept)
@@ -159,9 +180,9 @@ def markdown(rows: list[dict], families: list[str]) -> str:
                      + f" | **{100 * acc:.1f}** | {100 * (acc - base):+.1f} |")
     lines += ["", "Agreement with fp32 and cost:", "",
               "| variant | token agreement | identical answers | bundle MB (× fp32) | decoder weights MB (× fp32) "
-              "| load ms | peak RSS MB (× fp32) | peak RSS − imports MB (× fp32) | describe ms (median) "
-              "| tokens/s |",
-              "|" + "---|" * 10]
+              "| load ms | peak RSS MB (× fp32) | peak RSS − imports MB (× fp32) | describe ms | vision ms "
+              "| prefill ms | decode tokens/s |",
+              "|" + "---|" * 12]
     for r in rows:
         b = _base(rows, r)
         p, bp = r["probe"], b["probe"]
@@ -173,7 +194,8 @@ def markdown(rows: list[dict], families: list[str]) -> str:
             f"| {r['decoder_weight_bytes'] / 1e6:.2f} ({r['decoder_weight_bytes'] / b['decoder_weight_bytes']:.2f}) "
             f"| {p['load_ms']:.0f} | {p['peak_rss_mb']:.0f} ({p['peak_rss_mb'] / bp['peak_rss_mb']:.2f}) "
             f"| {model_rss:.0f} ({model_rss / max(base_model_rss, 1e-9):.2f}) "
-            f"| {p['describe_ms']:.1f} | {p['tokens_per_s']:.0f} |")
+            f"| {r['latency']['total_ms']:.1f} | {r['latency']['vision_ms']:.1f} | {r['latency']['prefill_ms']:.1f} "
+            f"| {r['latency']['tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -211,6 +233,7 @@ def main(argv=None) -> int:
     src.add_argument("--bundle", help="the FP32 bundle (default: the embedded one)")
     src.add_argument("--checkpoint", help="export this checkpoint to FP32 first")
     src.add_argument("--probe", help=argparse.SUPPRESS)
+    src.add_argument("--latency", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--prompt-mlp", default=None)
     p.add_argument("--no-prompt-mlp", action="store_true")
     p.add_argument("--visual-tokens", default="half")
@@ -233,7 +256,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.probe:
-        print(json.dumps(probe(args.probe, args.device, args.latency_runs)))
+        print(json.dumps(probe(args.probe, args.device)))
+        return 0
+    if args.latency:
+        specs = [tuple(spec.rsplit("@", 1)) for spec in args.latency]
+        print(json.dumps(latency(specs, args.latency_runs)))
         return 0
 
     import onnxruntime
@@ -301,7 +328,8 @@ def main(argv=None) -> int:
         })
         print(f"{label}: {100 * summary['overall']['accuracy']:.1f}% in {seconds:.0f} s", file=sys.stderr)
     for row in rows:
-        row["probe"] = run_probes(Path(row["bundle"]), row["device"], args.latency_runs, args.probe_repeats)
+        row["probe"] = run_probes(Path(row["bundle"]), row["device"], args.probe_repeats)
+    run_latency(rows, args.latency_runs)
 
     families = [f for f in scenes.FAMILIES if f in rows[0]["eval"]["per_family"]]
     table = markdown(rows, families)
@@ -311,7 +339,8 @@ def main(argv=None) -> int:
               f"device {args.device} unless the variant says @device, "
               f"onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores, "
               f"eval in {args.jobs} processes x 1 thread, "
-              f"probes: {args.probe_repeats} fresh processes, describe median of {args.latency_runs}.")
+              f"load/RSS: median of {args.probe_repeats} fresh processes; latency: medians of {args.latency_runs} "
+              f"round-robin describes of samples/scene.png, one process, default threads.")
     text = header + "\n\n" + table + "\n\nTargets (issue 4):\n\n" + "\n".join(f"* {v}" for v in verdicts) + "\n"
     print(text)
     if args.markdown:
