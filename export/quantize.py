@@ -384,9 +384,14 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        details = {}
+        details, dropped = {}, {}
         for name, spec in source.graphs.items():
-            method = methods[name]
+            method = methods.get(name)
+            if method is None:  # an optional graph (pipmm add-graphs): traced per precision, not converted here
+                dropped[name] = ("not carried over: add it to this bundle with `pipmm add-graphs` where that "
+                                 "supports the precision (fp32, fp16, bf16)")
+                del manifest["graphs"][name]
+                continue
             src_path, dst_path = source.graph_path(name), tmp / spec["file"]
             start = time.perf_counter()
             info = METHODS[method](name, src_path, dst_path, ctx)
@@ -403,6 +408,7 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
             "graphs": {name: d["precision"] for name, d in details.items()},
             "tensorrt": all("tensorrt" in d["runtimes"] for d in details.values()),
             "details": details,
+            **({"dropped_graphs": dropped} if dropped else {}),
         }
         manifest["created"] = {**manifest["created"], "by": f"pipmm-edge {sdk.__version__}",
                                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

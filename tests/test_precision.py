@@ -271,3 +271,22 @@ def test_precision_options_are_checked_before_any_work(checkpoints, prompt_mlp, 
         (bundle / "manifest.json").write_text(json.dumps(manifest))
         quantize.quantize_bundle(bundle, tmp_path / "q", "int4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def test_optional_graphs_are_dropped_not_half_converted(fp32, tmp_path):
+    """A graph the plan does not know (e.g. decoder_static from pipmm add-graphs) is left out and recorded."""
+    from sdk.bundle import sha256_file
+
+    bundle = tmp_path / "with-extra"
+    shutil.copytree(fp32, bundle)
+    shutil.copyfile(bundle / "embed.onnx", bundle / "extra.onnx")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["graphs"]["extra"] = {**manifest["graphs"]["embed"], "file": "extra.onnx"}
+    manifest["files"]["extra.onnx"] = {"sha256": sha256_file(bundle / "extra.onnx"),
+                                       "bytes": (bundle / "extra.onnx").stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    out = quantize.quantize_bundle(bundle, tmp_path / "fp16", "fp16", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "extra" not in manifest["graphs"] and not (out / "extra.onnx").exists()
+    assert "add-graphs" in manifest["precision"]["dropped_graphs"]["extra"]
+    sdk.load(out, device="cpu")
