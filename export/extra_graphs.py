@@ -132,9 +132,18 @@ def _graph_entry(path: Path, name: str, extra: dict | None = None) -> dict:
     return {"file": path.name, **onnx_export.describe_graph(path), **(extra or {})}
 
 
-def _files(directory: Path) -> dict:
-    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+def _files(directory: Path, known: dict | None = None) -> dict:
+    """sha256 and size of every file; files listed in `known` with the same size keep their recorded hash
+    (they were checked when that manifest was loaded, or hard-linked from a checked bundle)."""
+    known = known or {}
+    out = {}
+    for p in sorted(directory.iterdir()):
+        if not p.is_file() or p.name == MANIFEST or p.name.startswith("."):
+            continue
+        size = p.stat().st_size
+        entry = known.get(p.name)
+        out[p.name] = dict(entry) if entry and entry.get("bytes") == size else {"sha256": sha256_file(p), "bytes": size}
+    return out
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
@@ -143,8 +152,7 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     os.replace(tmp, directory / MANIFEST)  # atomic: a reader sees the old manifest or the new one
 
 
-def _export_optional(name: str, module, out: Path, model_info: dict, source: Path | None) -> dict:
-    onnx_export.OPTIONAL_EXPORTERS[name](module, out, model_info)
+def _entry_of_optional(name: str, out: Path, source: Path | None) -> dict:
     extra = {"kv_cache": "static", "for": "GPU runtimes: CUDA graphs (docs/gpu.md)"}
     if source is not None and source.exists():
         extra["shares_weights_with"] = source.stem
@@ -152,23 +160,21 @@ def _export_optional(name: str, module, out: Path, model_info: dict, source: Pat
     return _graph_entry(out, name, extra)
 
 
-def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: str = "cpu",
-               overwrite: bool = False) -> Path:
-    """Trace the optional `graphs` from the checkpoint the bundle was exported from, add them to the bundle
-    (files first, the manifest last and atomically)."""
-    bundle_dir = Path(bundle_dir)
-    bundle = load_bundle(bundle_dir, verify=True)
-    manifest = json.loads(json.dumps(bundle.manifest))
+def _export_optional(name: str, module, out: Path, model_info: dict, source: Path | None) -> dict:
+    onnx_export.OPTIONAL_EXPORTERS[name](module, out, model_info)
+    return _entry_of_optional(name, out, source)
+
+
+def _bundle_precision(manifest: dict) -> str:
     precision = manifest["precision"]["graphs"].get("decoder", manifest["precision"]["default"])
     if precision not in TORCH_DTYPES:
         raise ExportError(f"the bundle's decoder is {precision}: optional graphs are traced in fp32, fp16 or bf16; "
                           "add them to the fp32 or fp16 bundle")
-    for name in graphs:
-        if name not in onnx_export.OPTIONAL_EXPORTERS:
-            raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
-        if name in manifest["graphs"] and not overwrite:
-            raise ExportError(f"bundle {bundle_dir} already has {name}: pass --overwrite to trace it again")
-    checkpoint = load_checkpoint(checkpoint_dir, dtype=TORCH_DTYPES[precision])
+    return precision
+
+
+def _checked_checkpoint(checkpoint_dir, manifest: dict, dtype: torch.dtype):
+    checkpoint = load_checkpoint(checkpoint_dir, dtype=dtype)
     model = manifest["model"]
     text = checkpoint.config.text_config
     got = (text.num_hidden_layers, text.num_key_value_heads, text.hidden_size, text.vocab_size)
@@ -176,26 +182,83 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
     if got != want:
         raise ExportError(f"checkpoint {checkpoint_dir} has layers/KV heads/width/vocabulary {got} but the bundle "
                           f"was exported from one with {want}: pass the bundle's own checkpoint")
+    return checkpoint
+
+
+def export_optional_graph(checkpoint_dir, name: str, out_path, dtype: str = "fp32", device: str = "cpu",
+                          prompt_layer: int = -1) -> Path:
+    """Trace one optional graph alone (into a scratch directory), e.g. in parallel with the bundle's own
+    export; attach_graphs then moves it into the bundle."""
+    if name not in onnx_export.OPTIONAL_EXPORTERS:
+        raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
+    checkpoint = load_checkpoint(checkpoint_dir, dtype=TORCH_DTYPES[dtype])
     checkpoint.model.to(device)
-    prompt_layer = (manifest["prompt_vector"] or {}).get("layer", -1)
+    text = checkpoint.config.text_config
+    info = {"num_kv_heads": text.num_key_value_heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_export.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out_path, info)
+    return out_path
+
+
+def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
+    """Move already exported optional graphs {name: path.onnx (+ path.onnx.data)} into a bundle: weights shared
+    with the decoder's external data where equal, then the manifest (hashing only the new files)."""
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir, verify=verify)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    precision = _bundle_precision(manifest)
     decoder_file = bundle_dir / manifest["graphs"]["decoder"]["file"]
-    written = []
+    moved = []
     try:
-        for name in graphs:
-            module = optional_module(name, checkpoint, prompt_layer)
-            out = bundle_dir / f"{name}.onnx"
-            written += [out, bundle_dir / f"{name}.onnx.data"]
-            for stale in written[-2:]:
-                stale.unlink(missing_ok=True)
-            manifest["graphs"][name] = _export_optional(name, module, out, model, decoder_file)
+        for name, path in exported.items():
+            path, out = Path(path), bundle_dir / f"{name}.onnx"
+            if path.name != out.name:  # the graph names its data file: the names must not change in the move
+                raise ExportError(f"export {name} as {name}.onnx (got {path.name})")
+            for src, dst in ((path, out), (Path(f"{path}.data"), bundle_dir / f"{name}.onnx.data")):
+                dst.unlink(missing_ok=True)
+                if src.exists():
+                    shutil.move(str(src), str(dst))
+                    moved.append(dst)
+            manifest["graphs"][name] = _entry_of_optional(name, out, decoder_file)
             manifest["precision"]["graphs"][name] = precision
     except BaseException:
-        for path in written:  # the manifest was not touched: leave no stray file either
+        for path in moved:  # the manifest was not touched: leave no stray file either
             path.unlink(missing_ok=True)
         raise
-    manifest["files"] = _files(bundle_dir)
+    fresh = {p.name for p in moved}
+    manifest["files"] = _files(bundle_dir, known={k: v for k, v in manifest["files"].items() if k not in fresh})
     _write_manifest(bundle_dir, manifest)
     return bundle_dir
+
+
+def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: str = "cpu",
+               overwrite: bool = False) -> Path:
+    """Trace the optional `graphs` from the checkpoint the bundle was exported from and add them to the bundle
+    (files first, the manifest last and atomically)."""
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir, verify=True)
+    manifest = bundle.manifest
+    precision = _bundle_precision(manifest)
+    for name in graphs:
+        if name not in onnx_export.OPTIONAL_EXPORTERS:
+            raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
+        if name in manifest["graphs"] and not overwrite:
+            raise ExportError(f"bundle {bundle_dir} already has {name}: pass --overwrite to trace it again")
+    checkpoint = _checked_checkpoint(checkpoint_dir, manifest, TORCH_DTYPES[precision])
+    checkpoint.model.to(device)
+    prompt_layer = (manifest["prompt_vector"] or {}).get("layer", -1)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.graphs-", dir=bundle_dir.parent))
+    try:
+        exported = {}
+        for name in graphs:
+            out = scratch / f"{name}.onnx"
+            onnx_export.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out, manifest["model"])
+            exported[name] = out
+        return attach_graphs(bundle_dir, exported, verify=False)  # verified above
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # -- a whole bundle traced in half precision ------------------------------------------------------
@@ -230,7 +293,8 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
     prompt_layer = mlp.config.prompt_layer if mlp is not None else -1
     log(f"loaded {checkpoint_dir} in {dtype} on {device} ({time.perf_counter() - start:.1f} s)")
     reused = load_bundle(reuse, verify=False) if reuse is not None else None
-    if reused is not None and (reused.manifest["model"] != manifest["model"] or
+    same_model = (lambda a, b: {k: v for k, v in a.items() if k != "pipmm"} == {k: v for k, v in b.items() if k != "pipmm"})
+    if reused is not None and (not same_model(reused.manifest["model"], manifest["model"]) or
                                (reused.manifest["prompt_vector"] or {}).get("layer", -1) != prompt_layer):
         raise ExportError(f"bundle {reuse} is of another checkpoint or prompt layer: it cannot lend its graphs")
 
@@ -259,7 +323,7 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
                                  "method": f"traced in {dtype} (export/extra_graphs.py export_direct)"}
         shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
         step = time.perf_counter()
-        manifest["files"] = _files(tmp)
+        manifest["files"] = _files(tmp, known=reused.manifest["files"] if reused is not None else None)
         log(f"  hashed {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB in "
             f"{time.perf_counter() - step:.1f} s")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -142,6 +142,21 @@ def nvml(index: int = 0) -> Nvml | None:
         return None
 
 
+def process_gpu_memory(pid: int | None = None) -> int | None:
+    """Bytes of GPU memory held by process `pid` (default: this one), from nvidia-smi's per-process list;
+    None where nvidia-smi is absent or does not list the process (a Jetson, a PID namespace)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    pid = os.getpid() if pid is None else pid
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(m) for p, m in re.findall(r"^\s*(\d+)\s*,\s*(\d+)", out, re.M) if int(p) == pid]
+    return sum(used) * 2**20 if used else None
+
+
 # -- the whole picture ----------------------------------------------------------------------------
 
 def cpu_name() -> str:
@@ -190,27 +205,34 @@ def host_rss_bytes() -> tuple[int | None, int | None]:
 
 
 class MemorySampler:
-    """Polls host RSS and device memory in a thread; `peaks()` after `stop()`.
+    """Polls host RSS and device memory in threads; `peaks()` after `stop()`.
 
-    Device memory is NVML's `used` for the whole GPU (a bench machine runs one job), or unified memory
-    in use on a Jetson. The baseline taken at start is reported too, so the growth is visible."""
+    Device memory, in order of preference: this process's own GPU memory (nvidia-smi's per-process list,
+    polled every 0.2 s: other jobs on the GPU do not count), NVML's `used` for the whole GPU (polled every
+    few ms), or unified memory in use on a Jetson (/proc/meminfo). The whole-GPU figure before the work is
+    reported as the baseline."""
 
     def __init__(self, device: str = "cpu", index: int = 0, interval_s: float = 0.005):
         self.interval_s = interval_s
         self.source = None
         self._read_device = None
+        self._process = None
         if device != "cpu":
             if jetson_info() is not None:
                 self.source, self._read_device = "meminfo (unified)", meminfo_used_bytes
             else:
                 gpu = nvml(index)
                 if gpu is not None:
-                    self.source, self._read_device = "nvml", lambda: gpu.memory()[0]
+                    self.source, self._read_device = "nvml (whole GPU)", lambda: gpu.memory()[0]
+                if shutil.which("nvidia-smi"):
+                    self._process = 0
         self.device_baseline = self._read_device() if self._read_device else None
         self.device_peak = self.device_baseline
         self.host_peak = host_rss_bytes()[0]
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True)]
+        if self._process is not None:
+            self._threads.append(threading.Thread(target=self._run_process, daemon=True))
 
     def _sample(self) -> None:
         if self._read_device is not None:
@@ -221,29 +243,44 @@ class MemorySampler:
         if rss is not None:
             self.host_peak = max(self.host_peak or 0, rss)
 
+    def _sample_process(self) -> None:
+        value = process_gpu_memory()
+        if value is not None:
+            self._process = max(self._process or 0, value)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
+    def _run_process(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample_process()
+
     def __enter__(self) -> "MemorySampler":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     def stop(self) -> None:
+        if self._process is not None:
+            self._sample_process()  # before anything is released
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join()
         self._sample()
 
     def peaks(self) -> dict:
         mb = (lambda b: None if b is None else round(b / 2**20, 1))
         hwm = host_rss_bytes()[1]
+        process = self._process or None
         return {"host_peak_rss_mb": mb(max(filter(None, [self.host_peak, hwm]), default=None)),
-                "device_peak_mb": mb(self.device_peak), "device_baseline_mb": mb(self.device_baseline),
-                "device_source": self.source}
+                "device_peak_mb": mb(process if process else self.device_peak),
+                "device_source": "nvidia-smi (this process)" if process else self.source,
+                "device_total_peak_mb": mb(self.device_peak), "device_baseline_mb": mb(self.device_baseline)}
 
 
 # -- bandwidth ------------------------------------------------------------------------------------

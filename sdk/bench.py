@@ -163,14 +163,15 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
             cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup)
     info = runner.info() if hasattr(runner, "info") else {"backend": cls.name, "device": resolved}
     manifest = loaded.manifest
-    decoder_graph = info.get("decoder_graph", "decoder")
     result = {
         "schema": SCHEMA,
         "label": label,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bundle": {"path": str(path), "hash": loaded.content_hash[:16], "precision": manifest["precision"]["default"],
                    "visual_tokens": manifest["visual_tokens"], "pipmm": manifest["prompt_vector"] is not None,
-                   "model": manifest["model"], "decoder_weight_bytes": _graph_bytes(loaded, decoder_graph)},
+                   "model": manifest["model"],
+                   # what a decode step reads: the decoder's weights (decoder_static shares them)
+                   "decoder_weight_bytes": _graph_bytes(loaded, "decoder")},
         "backend": info,
         "device": describe(resolved),
         "config": {"new_tokens": new_tokens, "runs": runs, "warmup": warmup, "prompt": prompt,
