@@ -194,6 +194,7 @@ def to_fp16(name: str, src: Path, dst: Path, ctx: dict) -> dict:
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    _skip_float16_round_trips(model)
     OnnxModel(model).topological_sort()
     _save(model, dst)
     return {"tool": f"onnxruntime.transformers.float16.convert_float_to_float16 (onnxruntime {_ort_version()})",
@@ -201,6 +202,42 @@ def to_fp16(name: str, src: Path, dst: Path, ctx: dict) -> dict:
             "block_size": None, "kept_float": {"op_types": op_block, "nodes": node_block},
             "float32_outputs": keep_io,
             "encoding": "float16 initializers and tensors (ai.onnx), Cast around float32 ops"}
+
+
+def _skip_float16_round_trips(model: onnx.ModelProto) -> int:
+    """float32 -> Cast(fp16) -> Cast(fp32): read the float32 tensor directly.
+
+    The converter wraps each kept op separately, so a chain of kept ops (RMSNorm's Pow -> ReduceMean) passes
+    through float16 between them: x^2 of a 300-valued activation (LLMs have a few such "massive activations")
+    overflows to inf there and the logits turn NaN. Reading the float32 tensor instead only removes rounding.
+    """
+    dtypes = {v.name: v.type.tensor_type.elem_type
+              for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
+    dtypes.update({i.name: i.data_type for i in model.graph.initializer})
+    to = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    replace = {}
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.input[0] not in to:
+            continue
+        first = to[node.input[0]]
+        target = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "to"))
+        middle = onnx.helper.get_attribute_value(next(a for a in first.attribute if a.name == "to"))
+        if (middle == onnx.TensorProto.FLOAT16 and target == onnx.TensorProto.FLOAT
+                and dtypes.get(first.input[0]) == onnx.TensorProto.FLOAT):
+            replace[node.output[0]] = first.input[0]
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace and replace[name] not in outputs | {name}:
+                node.input[i] = replace[name]
+    used = {i for n in model.graph.node for i in n.input} | outputs
+    dead = [n for n in model.graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+    while dead:
+        for node in dead:
+            model.graph.node.remove(node)
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+    return len(replace)
 
 
 class _Feeds(CalibrationDataReader):

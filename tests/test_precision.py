@@ -290,3 +290,26 @@ def test_optional_graphs_are_dropped_not_half_converted(fp32, tmp_path):
     assert "extra" not in manifest["graphs"] and not (out / "extra.onnx").exists()
     assert "add-graphs" in manifest["precision"]["dropped_graphs"]["extra"]
     sdk.load(out, device="cpu")
+
+
+def test_fp16_chains_of_kept_ops_stay_float32(tmp_path):
+    """RMSNorm's Pow -> ReduceMean, both kept in float32, must not pass through float16 between them: an LLM's
+    'massive activations' (|x| ~ 300) square past float16's 65504. The converter alone makes that round trip."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Pow", ["x", "two"], ["x2"]), helper.make_node("ReduceMean", ["x2", "axes"], ["ms"]),
+         helper.make_node("Sqrt", ["ms"], ["rms"]), helper.make_node("Div", ["x", "rms"], ["y"])],
+        "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+         onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    src = tmp_path / "rms.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), src)
+    info = quantize.to_fp16("decoder", src, tmp_path / "rms16.onnx", {"keep": quantize.KEEP_FP32_DEFAULT["fp16"]})
+    assert info["kept_float"]["op_types"]
+    import onnxruntime as ort
+
+    x = np.array([[300.0, -2.0, 1.0, 0.5]], np.float32)
+    got = ort.InferenceSession(str(tmp_path / "rms16.onnx")).run(None, {"x": x.astype(np.float16)})[0]
+    np.testing.assert_allclose(got.astype(np.float32), x / np.sqrt((x ** 2).mean()), rtol=2e-3)
