@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
     q.add_argument("--int8-decoder", default=None, choices=["static", "weight-only"],
                    help="int8 decoder: static QDQ (TensorRT) or weight-only MatMulNBits (ONNX Runtime; default)")
     q.add_argument("--keep-fp32-ops", nargs="+", default=None, metavar="OP",
-                   help="op types kept in float, plus lm_head and attention (MatMuls of two activations); "
+                   help="op types kept in float, plus lm_head, attention (MatMuls of two activations) and "
+                        "prompt_mlp; "
                         "'none' to keep nothing; default per precision, see docs/precision.md")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
