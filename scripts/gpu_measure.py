@@ -142,7 +142,7 @@ def bench(preset: str, work: Path, new_tokens: int, runs: int, warmup: int, dead
             continue
         print(done.stdout.strip(), flush=True)
         result = json.loads(out.read_text())
-        result["command"] = "pipmm " + shlex.join(cmd[4:]).replace(str(work), "$WORK")
+        result["command"] = "pipmm " + shlex.join(cmd[3:]).replace(str(work), "$WORK")
         result["wall_s"] = round(time.perf_counter() - start, 1)
         results.append(result)
     return results

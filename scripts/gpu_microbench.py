@@ -75,7 +75,7 @@ def gemv_graph(k: int, n: int, layout: str) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT16, [1, n]))
     graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, k])], outs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
 def chain_graph(length: int = 1000) -> onnx.ModelProto:
@@ -84,7 +84,7 @@ def chain_graph(length: int = 1000) -> onnx.ModelProto:
     c = numpy_helper.from_array(np.full((1, 4096), 1e-3, np.float16), "c")
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4096])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4096])], [c])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
 def torch_gemv(k: int, n: int) -> float | None:

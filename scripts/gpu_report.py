@@ -105,10 +105,12 @@ def markdown(doc: dict) -> str:
         lines.append(f"Greedy tokens identical to transformers' (plain bundle, FP16, end-of-sequence suppressed on both "
                      f"sides): the first {hf_run['ratios']['leading_tokens_identical']} of {len(hf_run['tokens'])}.")
     lines += ["", "## Targets (issue 5)", "", *targets(doc), "",
-              f"Export: {export['seconds']} s in all, disk used {export['disk_used_gb']} GB "
-              f"(free {export['disk_free_gb']} GB); steps: " +
-              "; ".join(f"{k} {v['seconds']} s" for k, v in export["steps"].items()) + ".", "",
-              "Commands (on the GPU machine, after shared/device/stage-ort-gpu.sh):", ""]
+              f"Export: {export['seconds']} s wall in all (steps in parallel where independent): " +
+              "; ".join(f"{k} {v['seconds']} s ({v['bytes'] / 1e9:.2f} GB)" for k, v in export["steps"].items()) +
+              ". Sizes are of the step's output directory: the PIP-MM bundles hard-link the plain bundle's decoder, "
+              "decoder_static and embed files and add one vision graph each.", "",
+              f"Commands (on the GPU machine, after shared/device/stage-ort-gpu.sh; $WORK = /tmp/pipmm/{doc['preset']}; "
+              f"made by `python scripts/gpu_measure.py --preset {doc['preset']} --work /tmp/pipmm --out OUT`):", ""]
     lines += [f"    {r['command']}" for r in doc["results"] if r.get("command")]
     notes = sorted({r["backend"].get("cuda_graph_note") for r in doc["results"] if r["backend"].get("cuda_graph_note")})
     if notes:
