@@ -63,11 +63,13 @@ ACCURACY_LEVEL = {8: 4, 4: 4}
 # Pseudo op types usable in keep_fp32_ops besides real ONNX op types:
 #   lm_head    the node that makes the `logits` output (vocabulary projection)
 #   attention  MatMuls of two activations (Q.K^T and P.V); their inputs change every request
+#   rope       the rotary-embedding angles (position x inverse frequency, up to Cos/Sin): in float16 an angle of
+#              300 rad is rounded to 0.25 rad, which turns positions into noise (transformers computes them in fp32)
 #   prompt_mlp the PIP-MM prompt MLP in the vision graph (nodes reading prompt_mlp.* weights): it makes the
 #              T-CLS query that conditions the whole ViT, from a prompt vector with outliers; tiny, so kept float
-PSEUDO_OPS = ("lm_head", "attention", "prompt_mlp")
+PSEUDO_OPS = ("lm_head", "attention", "rope", "prompt_mlp")
 KEEP_FP32_DEFAULT = {
-    "fp16": ("LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "lm_head"),
+    "fp16": ("LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "lm_head", "rope"),
     "int8": ("LayerNormalization", "Softmax", "Add", "Mul", "Sigmoid", "lm_head", "attention", "prompt_mlp"),
 }
 # int4: the lm_head is not kept in float32 but quantized to 8 bits (still above the 4 of the other linears):
@@ -114,6 +116,18 @@ def _attention_nodes(model: onnx.ModelProto) -> list[str]:
     weights = {i.name for i in model.graph.initializer}
     weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+
+
+def _rope_nodes(model: onnx.ModelProto) -> list[str]:
+    """Cos/Sin and every node they are computed from (Cast of position_ids, Mul by inv_freq, Concat, ...)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found, stack = {}, [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    while stack:
+        node = stack.pop()
+        if node.name not in found:
+            found[node.name] = node
+            stack += [producer[i] for i in node.input if i in producer]
+    return [n.name for n in model.graph.node if n.name in found]
 
 
 def _kept_nodes(model: onnx.ModelProto, keep) -> list[str]:
@@ -181,7 +195,7 @@ def to_fp16(name: str, src: Path, dst: Path, ctx: dict) -> dict:
     model = _load(src)
     keep = ctx["keep"]
     op_block = sorted(t for t in keep if t not in PSEUDO_OPS)
-    node_block = _lm_head_nodes(model) if "lm_head" in keep else []
+    node_block = (_lm_head_nodes(model) if "lm_head" in keep else []) + (_rope_nodes(model) if "rope" in keep else [])
     keep_io = ["logits"] if any(o.name == "logits" for o in model.graph.output) else []
     model = convert_float_to_float16(model, keep_io_types=keep_io, op_block_list=op_block, node_block_list=node_block)
     # The converter adds one Cast per (tensor, blocked consumer): a tensor read by two blocked nodes gets two
