@@ -147,6 +147,9 @@ def test_manifest_records_how_each_graph_was_made(variants):
     assert {"LayerNormalization", "Softmax", "Add"} <= set(static["kept_float"]["op_types"])
     fp16 = json.loads((variants["fp16"] / "manifest.json").read_text())["precision"]["details"]["decoder"]
     assert fp16["kept_float"]["nodes"] and fp16["float32_outputs"] == ["logits"]  # the lm_head
+    decoder16 = onnx.load(str(variants["fp16"] / "decoder.onnx"))
+    rotary = [n.name for n in decoder16.graph.node if n.op_type in ("Cos", "Sin")]
+    assert rotary and set(rotary) <= set(fp16["kept_float"]["nodes"]), "rotary angles must stay float32"
 
 
 def test_int8_static_bundle_is_a_tensorrt_bundle(variants):
