@@ -144,7 +144,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
         from .prompt import PromptMLP
 
         mlp = PromptMLP.load(prompt_mlp).to(device).eval()
-    vision = make_vision(model, budget, reducer, mlp)
+    vision = make_vision(model, budget, reducer, mlp).to(device)
     prompter = pipeline.prompter  # K image slots of this budget, the SDK's own tokenization
     pad = int(manifest["special_tokens"]["pad"])
     records = []

@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
     p = parser
     p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True, help="0 base model, 1 prompt MLP, 2 budget")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--init", default=None, help="checkpoint to start from (stages 1 and 2)")
+    p.add_argument("--init", default=None, help="checkpoint to start from (stages 1 and 2; stage 0: continue one)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (stage default: 3000/600/600)")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="fit the run into S seconds: steps = min(--steps, measured steps/s * S), recorded")
@@ -62,6 +62,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay down to lr * this")
     p.add_argument("--seed", type=int, default=0, help="init and data stream (scene offset += seed * 1e7)")
+    p.add_argument("--data-offset", type=int, default=None,
+                   help="first train scene of the stream (default: per stage 0 / 1e8 / 2e8, + seed * 1e7)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--workers", type=int, default=None, help="scene-drawing processes (default: cores - 2, <= 14)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its trainer state")
@@ -141,9 +143,7 @@ def setup(args):
     out = Path(args.out)
     stage = args.stage
     parent = None
-    if stage == 0:
-        if args.init:
-            raise TrainError("stage 0 trains from scratch: drop --init")
+    if stage == 0 and not args.init:
         sizes = _sizes(args, None)
         if args.resume and (out / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
@@ -161,6 +161,7 @@ def setup(args):
     else:
         if not args.init:
             raise TrainError(f"stage {stage} starts from a trained checkpoint: pass --init DIR")
+        # (stage 0 with --init: more base training of every weight, with a fresh optimizer and schedule)
         src = Path(args.init)
         model, parent = _load_init(src)
         sizes = _sizes(args, parent)
@@ -277,6 +278,7 @@ def run(args) -> int:
 
     model, mlp, vision, trainable, sizes, parent, src = setup(args)
     model.to(device).train()
+    vision.to(device)  # the reducer's buffers (pool matrix) are the vision module's own
     if mlp is not None:
         mlp.to(device).train()
     decay = [p for n, p in trainable.items() if p.dim() >= 2]
@@ -296,7 +298,7 @@ def run(args) -> int:
     spec = SequenceSpec(str(out / "tokenizer.json"), special, vision.config.num_tokens, sizes.max_positions)
     preprocessing = _preprocessing(out)
     grid = sizes.image_size // sizes.patch_size
-    offset = DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
+    offset = args.data_offset if args.data_offset is not None else DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
     data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start)
     resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,
                 "batch_size": batch_size, "scenes_per_batch": scenes_per_batch, "lr": lr, "warmup": warmup,
@@ -346,14 +348,20 @@ def run(args) -> int:
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         step += 1
-        if args.time_budget and step == start + 10:
+        # Steps that fit the time budget, from the rate measured after the data workers warmed up
+        # (steps 50-150 of the run, again at 1000); the hard stop below catches any drift.
+        if args.time_budget and not args.resume and step - start == 50:
             timing_from = (step, time.perf_counter())
-        if args.time_budget and timing_from and step == timing_from[0] + 30 and not args.resume:
-            rate = 30 / (time.perf_counter() - timing_from[1])
-            total_steps = min(total_steps, max(step + 1, int(rate * (args.time_budget - (time.perf_counter() - begin))) + step))
+        if args.time_budget and not args.resume and timing_from and step - start in (150, 1000):
+            rate = (step - timing_from[0]) / (time.perf_counter() - timing_from[1])
+            left = args.time_budget - (time.perf_counter() - begin)
+            total_steps = min(steps, max(step + 1, step + int(rate * left)))
             resolved.update(steps=total_steps, measured_steps_per_s=round(rate, 2))
             bar.total = total_steps
             write_config()
+        if args.time_budget and not args.resume and time.perf_counter() - begin > args.time_budget and step < total_steps:
+            total_steps = step  # a hard stop too: the measured rate can drift
+            resolved.update(steps=total_steps)
         if step % args.log_every == 0 or step == total_steps:
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm),
                       "questions": int(batch["input_ids"].shape[0]), "seconds": round(elapsed(), 2),
