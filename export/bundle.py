@@ -45,6 +45,26 @@ def _progress(steps: list[str], enabled: bool):
     return iter(bar), bar.set_postfix_str
 
 
+def file_records(directory: Path) -> dict:
+    """The manifest's `files`: sha256 and size of every file in a bundle directory being written."""
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def publish_bundle(tmp: Path, out_dir: Path, manifest: dict) -> Path:
+    """Write the manifest last, then rename the finished temporary directory into place.
+
+    Every bundle writer goes through here, so a bundle that loads is always complete; the caller
+    removes `tmp` if anything before this fails.
+    """
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="full", reducer="pool") -> dict:
     """The torch modules that become the graphs (also the PyTorch reference backend's modules)."""
     model, config = checkpoint.model, checkpoint.config
@@ -161,13 +181,8 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
             onnx_export.EXPORTERS[name](modules[name], path, manifest["model"])
             manifest.setdefault("graphs", {})[name] = {"file": path.name, **onnx_export.describe_graph(path)}
         shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
-        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                             for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        manifest["files"] = file_records(tmp)
+        publish_bundle(tmp, out_dir, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,7 +33,7 @@ from sdk.bundle import MANIFEST, load_bundle, sha256_file
 from sdk.errors import ExportError
 
 from . import onnx_export
-from .bundle import build_manifest, build_modules
+from .bundle import build_manifest, build_modules, publish_bundle
 from .checkpoint import load_checkpoint
 from .decoder import StaticDecoderGraph
 from .prompt import PromptMLP
@@ -326,11 +326,7 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
         manifest["files"] = _files(tmp, known=reused.manifest["files"] if reused is not None else None)
         log(f"  hashed {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB in "
             f"{time.perf_counter() - step:.1f} s")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        publish_bundle(tmp, out_dir, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 import sdk
-from sdk.bundle import MANIFEST, load_bundle, sha256_file
+from sdk.bundle import load_bundle
 from sdk.errors import ExportError
 
 from . import calibration
@@ -465,13 +465,10 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
         manifest["created"] = {**manifest["created"], "by": f"pipmm-edge {sdk.__version__}",
                                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "from_fp32_bundle": str(src)}
-        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                             for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        from .bundle import file_records, publish_bundle
+
+        manifest["files"] = file_records(tmp)
+        publish_bundle(tmp, out_dir, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
