@@ -70,6 +70,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="save a resumable checkpoint after step N and stop (split a run; --resume continues)")
+    p.add_argument("--stop-after-seconds", type=float, default=None, metavar="S",
+                   help="save a resumable checkpoint once this process has trained S seconds and stop, whatever "
+                        "the step (split a long run over time-limited machines; --resume continues)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--val-scenes", type=int, default=64, help="validation scenes scored at the end (0: none)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (tests and CPU smoke runs)")
@@ -78,6 +81,8 @@ def add_arguments(parser) -> None:
     for name in ("vision-hidden", "vision-layers", "vision-heads", "vision-mlp", "text-hidden", "text-layers",
                  "text-heads", "text-kv-heads", "text-mlp"):
         p.add_argument(f"--{name}", type=int, default=None, help="model size (stage 0)")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="stage 0: weight of the auxiliary patch-classification loss (default 1.0; 0 = LM loss only)")
     p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
     # PIP-MM
     p.add_argument("--prompt-layer", type=int, default=-1, help="LLM layer of the prompt vector (-1: last, normed)")
@@ -193,7 +198,22 @@ def setup(args):
     for p in trainable.values():
         p.requires_grad_(True)
     vision = make_vision(model, budget, args.reducer, mlp)
-    return model, mlp, vision, trainable, sizes, parent, src
+    aux_head = None
+    if stage == 0 and _aux_weight(args) > 0:
+        # Training-only: a linear classifier over the visual tokens, kept in the trainer state (resume)
+        # but not in the model files; see train_model.aux_patch_loss.
+        from .train_data import PATCH_CLASSES
+
+        torch.manual_seed(args.seed + 1)
+        aux_head = torch.nn.Linear(model.config.text_config.hidden_size, len(PATCH_CLASSES))
+        trainable.update({f"aux_head.{n}": p for n, p in aux_head.named_parameters()})
+    return model, mlp, vision, trainable, sizes, parent, src, aux_head
+
+
+def _aux_weight(args) -> float:
+    if args.aux_weight is not None and args.aux_weight > 0 and args.stage != 0:
+        raise TrainError("--aux-weight is a stage-0 loss (the plain model at full budget)")
+    return (1.0 if args.aux_weight is None else args.aux_weight) if args.stage == 0 else 0.0
 
 
 def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) -> dict:
@@ -208,6 +228,7 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
         "vision": vision.config.to_dict(),
         "budget": vision.config.budget, "reducer": vision.config.reducer, "visual_tokens": vision.config.num_tokens,
         "grounding_weight": args.grounding_weight if mlp is not None else 0.0,
+        "aux_patch_weight": _aux_weight(args),
         "train_llm": bool(args.train_llm),
         "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
                       "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
@@ -276,7 +297,10 @@ def run(args) -> int:
     scenes_per_batch = max(1, math.ceil(batch_size / len(scenes.FAMILIES)))
     workers = args.workers if args.workers is not None else max(0, min(14, (os.cpu_count() or 2) - 2))
 
-    model, mlp, vision, trainable, sizes, parent, src = setup(args)
+    model, mlp, vision, trainable, sizes, parent, src, aux_head = setup(args)
+    aux_weight = _aux_weight(args)
+    if aux_head is not None:
+        aux_head.to(device).train()
     model.to(device).train()
     vision.to(device)  # the reducer's buffers (pool matrix) are the vision module's own
     if mlp is not None:
@@ -334,7 +358,9 @@ def run(args) -> int:
 
     step, timing_from = start, None
     frozen_prompt = not args.train_llm
+    data_wait, waited_from = 0.0, time.perf_counter()  # seconds spent waiting on the scene workers
     for batch in loader(data, workers):
+        data_wait += time.perf_counter() - waited_from
         if step >= total_steps:
             break
         for group in optimizer.param_groups:
@@ -342,7 +368,7 @@ def run(args) -> int:
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = forward_loss(model, vision, batch, args.grounding_weight if mlp is not None else 0.0,
-                                  frozen_llm_for_prompt=frozen_prompt)
+                                  frozen_llm_for_prompt=frozen_prompt, aux_head=aux_head, aux_weight=aux_weight)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
@@ -365,12 +391,14 @@ def run(args) -> int:
         if step % args.log_every == 0 or step == total_steps:
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm),
                       "questions": int(batch["input_ids"].shape[0]), "seconds": round(elapsed(), 2),
+                      "data_wait_s": round(data_wait, 2),
                       **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}}
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix_str(f"loss {record['loss']:.3f}")
         bar.update(1)
-        if step == args.stop_after and step < total_steps:
+        out_of_time = args.stop_after_seconds is not None and time.perf_counter() - begin > args.stop_after_seconds
+        if (step == args.stop_after or out_of_time) and step < total_steps:
             checkpoint(step)
             bar.close()
             log.close()
@@ -378,6 +406,7 @@ def run(args) -> int:
             return 0
         if step % args.save_every == 0 and step < total_steps:
             checkpoint(step)
+        waited_from = time.perf_counter()
     bar.close()
     log.close()
     resolved["train_seconds"] = round(time.perf_counter() - begin, 1)

@@ -134,6 +134,26 @@ def relevant_patches(scene, question, grid: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- batches
 
+# Classes of the auxiliary patch target: 0 = no object centre in the patch, else 1 + the index of
+# (size, colour, shape) in this order: 1 + 2 * 8 * 6 = 97 classes.
+PATCH_CLASSES = [None] + [(z, c, s) for z in scenes.SIZES for c in scenes.COLORS for s in scenes.SHAPES]
+_PATCH_CLASS = {key: i for i, key in enumerate(PATCH_CLASSES) if key is not None}
+
+
+def patch_classes(scene, grid: int) -> np.ndarray:
+    """[grid*grid] int64: the class of the object whose centre pixel lies in each patch (0: none).
+
+    The dense target of stage 0's auxiliary loss: it tells the ViT directly what the caption will
+    name at that place, instead of only through the language model's loss on the answer.
+    """
+    target = np.zeros(grid * grid, np.int64)
+    cell = scene.image_size / grid
+    for o in scene.objects:
+        row, col = min(int(o.y // cell), grid - 1), min(int(o.x // cell), grid - 1)
+        target[row * grid + col] = _PATCH_CLASS[(o.size, o.color, o.shape)]
+    return target
+
+
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.int64)
@@ -143,8 +163,10 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
                    families=scenes.FAMILIES) -> dict:
     """[(scene, [Question])] -> one batch dict of tensors (see SceneBatches)."""
     pixels, ids, labels, enc, scene_index, grounding, family = [], [], [], [], [], [], []
+    classes = []
     for s, (scene, questions) in enumerate(items):
         pixels.append(preprocess(scene.image, preprocessing)[0])
+        classes.append(patch_classes(scene, grid))
         for q in questions:
             i, lab, e = encode_example(prompter, q.prompt, q.answer)
             ids.append(i)
@@ -163,6 +185,7 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
         "scene_index": torch.tensor(scene_index, dtype=torch.int64),              # [Q] -> row of pixel_values
         "grounding": torch.from_numpy(np.stack(grounding)),                       # [Q,N] bool
         "family": torch.tensor(family, dtype=torch.int64),                        # [Q] index into FAMILIES
+        "patch_classes": torch.from_numpy(np.stack(classes)),                     # [S,N] index into PATCH_CLASSES
     }
 
 

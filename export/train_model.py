@@ -139,11 +139,38 @@ def embed_sequence(model, input_ids: torch.Tensor, tokens: torch.Tensor) -> torc
     return embeds.masked_scatter(slots.unsqueeze(-1), tokens.to(embeds.dtype))
 
 
+def aux_patch_loss(head: torch.nn.Module, scene_tokens: torch.Tensor, classes: torch.Tensor,
+                   background_weight: float = 0.1) -> torch.Tensor:
+    """Stage 0's auxiliary dense loss: classify every full-budget visual token [S,N,D] into
+    train_data.PATCH_CLASSES [S,N] (which object, if any, has its centre there).
+
+    Patches with an object centre are ~3% of all; their mean cross-entropy and the background's
+    are averaged with weights 1 and background_weight, so the rare object patches are not drowned.
+    """
+    logits = head(scene_tokens).float().flatten(0, 1)  # [S*N, C]
+    target = classes.flatten()
+    per_patch = F.cross_entropy(logits, target, reduction="none")
+    objects = target > 0
+    loss = per_patch[objects].mean() if objects.any() else per_patch.new_zeros(())
+    return loss + background_weight * per_patch[~objects].mean()
+
+
 def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
-                 frozen_llm_for_prompt: bool = True) -> dict:
+                 frozen_llm_for_prompt: bool = True, aux_head: torch.nn.Module | None = None,
+                 aux_weight: float = 0.0) -> dict:
     """Next-token cross-entropy on the answer tokens (+ EOS); optionally the grounding term:
-    -log(attention mass T-CLS puts on the patches of the objects the question names)."""
-    tokens, attention = visual_tokens(model, vision, batch, frozen_llm_for_prompt)
+    -log(attention mass T-CLS puts on the patches of the objects the question names), and (stage 0)
+    the auxiliary patch-classification term of aux_patch_loss on the full-budget visual tokens."""
+    aux = None
+    if aux_head is not None and aux_weight > 0:
+        if vision.prompt_mlp is not None or vision.config.num_tokens != vision.config.grid ** 2:
+            raise ValueError("the auxiliary patch loss needs the plain model at full budget (stage 0)")
+        scene_tokens, scene_attention = vision(batch["pixel_values"], None)  # [S,N,D], one pass per scene
+        index = batch["scene_index"]
+        tokens, attention = scene_tokens[index], scene_attention[index]
+        aux = aux_patch_loss(aux_head, scene_tokens, batch["patch_classes"])
+    else:
+        tokens, attention = visual_tokens(model, vision, batch, frozen_llm_for_prompt)
     embeds = embed_sequence(model, batch["input_ids"], tokens)
     hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
@@ -152,6 +179,9 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
     lm_loss = F.cross_entropy(logits, targets[keep])
     out = {"lm_loss": lm_loss, "answer_tokens": int(keep.sum())}
     loss = lm_loss
+    if aux is not None:
+        out["aux_loss"] = aux
+        loss = loss + aux_weight * aux
     if grounding_weight > 0:
         mask = batch["grounding"]
         rows = mask.any(-1)

@@ -1,0 +1,92 @@
+#!/bin/bash
+# The default model's GPU runs, phase by phase; each phase fits one 10-minute device call.
+#
+#   bash scripts/gpu_default_model.sh stage0 [SECONDS_TOTAL] [SECONDS_THIS_CALL]
+#        stage 0 from scratch; the cosine schedule is sized to SECONDS_TOTAL of training (from the
+#        rate measured in the first 150 steps), and this call stops at SECONDS_THIS_CALL with a
+#        resumable state
+#   bash scripts/gpu_default_model.sh resume0 [SECONDS_THIS_CALL]
+#        continue stage 0 (same machine: the trainer state stays in $RUNS between calls)
+#   bash scripts/gpu_default_model.sh init0 DIR
+#        when the machine was replaced: put the bf16 stage-0 weights that came back (DIR) in place
+#   bash scripts/gpu_default_model.sh finetune
+#        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
+#
+# Results are copied to $OUT (the files that come back from the device machine: at most 8, each
+# < 16 MiB): weights in bf16, the trainer state shards, and a tar of every small file.
+set -eo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+RUNS=${RUNS:-/tmp/pipmm-runs}
+OUT=${OUT:-/tmp/pipmm-out}
+T="python3 -m sdk.cli train"
+mkdir -p "$RUNS" "$OUT"
+phase=${1:?phase: stage0, resume0, init0 or finetune}
+
+pack() {  # small files of every run -> one tar; listed weights -> one file each
+  (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
+      --exclude='projector.safetensors' */ 2>/dev/null) || true
+  for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
+}
+
+case $phase in
+stage0)
+  nvidia-smi -L || true
+  rm -rf "$RUNS/s0"
+  $T --stage 0 --out "$RUNS/s0" --steps 1000000 --time-budget "${2:-1100}" --stop-after-seconds "${3:-500}" \
+     --warmup 300 --batch-size 256 --lr 1e-3 --save-every 1000000 --log-every 50 --val-scenes 32 --quiet
+  pack s0/model.safetensors
+  ;;
+resume0)
+  $T --stage 0 --out "$RUNS/s0" --resume --stop-after-seconds "${2:-520}" --save-every 1000000 --log-every 50 \
+     --val-scenes 64 --quiet
+  pack s0/model.safetensors
+  ;;
+init0)
+  rm -rf "$RUNS/s0" && mkdir -p "$RUNS/s0" && cp -r "${2:?DIR with the stage-0 files}"/. "$RUNS/s0/"
+  ;;
+finetune)
+  # PIP-MM stage 1 (prompt MLP alone, full budget) then stage 2 (MLP + projector + LLM at half,
+  # prompt-topk); the plain baseline gets the same stage-2 fine-tune (projector + LLM at half, pool).
+  P="--batch-size 128 --warmup 30 --workers 3 --val-scenes 0 --quiet --log-every 20"
+  G=${GROUNDING:-0.25}
+  chain() {  # seed name
+    $T --stage 1 --init "$RUNS/s0" --out "$RUNS/$2-s1" --seed "$1" --steps 100000 --time-budget "${S1:-120}" \
+       --lr 1e-3 --grounding-weight "$G" $P
+    $T --stage 2 --init "$RUNS/$2-s1" --out "$RUNS/$2" --seed "$1" --steps 100000 --time-budget "${S2:-150}" \
+       --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $P
+  }
+  plain() {  # seed
+    $T --stage 2 --init "$RUNS/s0" --out "$RUNS/plain$1" --seed "$1" --no-prompt-mlp --steps 100000 \
+       --time-budget $(( ${S1:-120} + ${S2:-150} )) --lr 3e-4 --budget half --reducer pool --train-llm $P
+  }
+  for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done
+  for s in 0 1 2; do chain $s pip$s > "$RUNS/pip$s.log" 2>&1 & done
+  for s in 0 1 2; do plain $s > "$RUNS/plain$s.log" 2>&1 & done
+  wait
+  tail -n 2 "$RUNS"/*.log
+  mkdir -p "$RUNS/evals"
+  E="python3 -m sdk.cli eval --quiet --batch-size 250 --device cuda --split val --n 2000"
+  O="--families color shape position"
+  for s in 0 1 2; do
+    $E $O --checkpoint "$RUNS/pip$s" --prompt-mlp "$RUNS/pip$s" --budget half --reducer prompt-topk \
+       --json "$RUNS/evals/obj-pip$s.json" > /dev/null 2>&1 &
+    $E $O --checkpoint "$RUNS/plain$s" --budget half --reducer pool --json "$RUNS/evals/obj-plain$s.json" > /dev/null 2>&1 &
+  done
+  $E --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget half --reducer prompt-topk \
+     --json "$RUNS/evals/pip0-half-topk.json" > /dev/null 2>&1 &
+  wait
+  python3 - "$RUNS/evals" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    r = json.load(open(f))
+    print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
+          {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
+PY
+  pack pip0/model.safetensors plain0/model.safetensors pip1/model.safetensors pip2/model.safetensors \
+       plain1/model.safetensors plain2/model.safetensors
+  ;;
+*)
+  echo "unknown phase $phase" >&2; exit 2
+  ;;
+esac
+echo "phase $phase done"
