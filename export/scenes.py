@@ -258,6 +258,17 @@ def make_scene(seed: int, size: int = 224) -> Scene:
     return Scene(seed=seed, image_size=size, objects=tuple(objects), image=img)
 
 
+def label_char_centres(o: SceneObject, size: int) -> list[tuple[str, float, float]]:
+    """(character, x, y) of the centre of each drawn character of o's label, left to right ([] if none);
+    from the same font metrics make_scene draws with."""
+    if not o.label:
+        return []
+    font = _font(size)
+    left, top, _, _ = font.getbbox(o.label)
+    x0, y = o.label_box[0] - left, (o.label_box[1] + o.label_box[3]) / 2
+    return [(ch, x0 + font.getlength(o.label[:i]) + font.getlength(ch) / 2, y) for i, ch in enumerate(o.label)]
+
+
 # ----------------------------------------------------------------------------- questions
 
 TEMPLATES = {

@@ -27,7 +27,7 @@ from sdk.errors import PipmmError
 
 from . import scenes
 from .train_data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
-from .train_model import (ModelSizes, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
+from .train_model import (ModelSizes, aux_head_outputs, build_llava, sample_keep, forward_loss, greedy_generate, make_vision, parameter_counts,
                           special_tokens)
 from .train_state import (STATE_JSON, copy_assets, load_trainer_state, preprocessor_config, save_model,
                           save_trainer_state)
@@ -83,6 +83,11 @@ def add_arguments(parser) -> None:
         p.add_argument(f"--{name}", type=int, default=None, help="model size (stage 0)")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="stage 0: weight of the auxiliary patch-classification loss (default 1.0; 0 = LM loss only)")
+    p.add_argument("--reduced-fraction", type=float, default=0.0,
+                   help="stage 0: fraction of questions trained on a reduced visual-token set (their objects' "
+                        "patches + random others; see train_model.sample_keep)")
+    p.add_argument("--reduced-budgets", nargs="+", default=["half", "quarter"],
+                   help="stage 0: the budgets those reduced sets are drawn from")
     p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
     # PIP-MM
     p.add_argument("--prompt-layer", type=int, default=-1, help="LLM layer of the prompt vector (-1: last, normed)")
@@ -202,10 +207,8 @@ def setup(args):
     if stage == 0 and _aux_weight(args) > 0:
         # Training-only: a linear classifier over the visual tokens, kept in the trainer state (resume)
         # but not in the model files; see train_model.aux_patch_loss.
-        from .train_data import PATCH_CLASSES
-
         torch.manual_seed(args.seed + 1)
-        aux_head = torch.nn.Linear(model.config.text_config.hidden_size, len(PATCH_CLASSES))
+        aux_head = torch.nn.Linear(model.config.text_config.hidden_size, aux_head_outputs())
         trainable.update({f"aux_head.{n}": p for n, p in aux_head.named_parameters()})
     return model, mlp, vision, trainable, sizes, parent, src, aux_head
 
@@ -229,6 +232,8 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
         "budget": vision.config.budget, "reducer": vision.config.reducer, "visual_tokens": vision.config.num_tokens,
         "grounding_weight": args.grounding_weight if mlp is not None else 0.0,
         "aux_patch_weight": _aux_weight(args),
+        "reduced_fraction": args.reduced_fraction if args.stage == 0 else 0.0,
+        "reduced_budgets": list(args.reduced_budgets) if args.stage == 0 and args.reduced_fraction > 0 else None,
         "train_llm": bool(args.train_llm),
         "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
                       "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
@@ -358,6 +363,14 @@ def run(args) -> int:
 
     step, timing_from = start, None
     frozen_prompt = not args.train_llm
+    reduced_budgets = ()
+    if args.reduced_fraction > 0:
+        if args.stage != 0 or not 0 < args.reduced_fraction <= 1:
+            raise TrainError("--reduced-fraction is a stage-0 setting in (0, 1]")
+        from .reducers import resolve_budget
+
+        reduced_budgets = tuple(resolve_budget(b, grid * grid) for b in args.reduced_budgets)
+        keep_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + start)
     data_wait, waited_from = 0.0, time.perf_counter()  # seconds spent waiting on the scene workers
     for batch in loader(data, workers):
         data_wait += time.perf_counter() - waited_from
@@ -366,6 +379,8 @@ def run(args) -> int:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total_steps, warmup, lr, args.min_lr_ratio)
         batch = _to(batch, device)
+        if reduced_budgets:
+            batch["keep"] = sample_keep(batch["grounding"], args.reduced_fraction, reduced_budgets, keep_rng)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = forward_loss(model, vision, batch, args.grounding_weight if mlp is not None else 0.0,
                                   frozen_llm_for_prompt=frozen_prompt, aux_head=aux_head, aux_weight=aux_weight)

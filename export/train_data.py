@@ -134,24 +134,38 @@ def relevant_patches(scene, question, grid: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- batches
 
-# Classes of the auxiliary patch target: 0 = no object centre in the patch, else 1 + the index of
-# (size, colour, shape) in this order: 1 + 2 * 8 * 6 = 97 classes.
+# Classes of the auxiliary patch targets. Objects: 0 = no object centre in the patch, else 1 + the
+# index of (size, colour, shape) in this order: 1 + 2 * 8 * 6 = 97 classes. Label characters: up to
+# CHAR_SLOTS characters of a label have their centre in one patch (a character is ~6 px wide at
+# 224 px, a patch 14 px), slot j holds the j-th of them from the left: 0 = none, else 1 + index in
+# scenes._LABEL_CHARS.
 PATCH_CLASSES = [None] + [(z, c, s) for z in scenes.SIZES for c in scenes.COLORS for s in scenes.SHAPES]
 _PATCH_CLASS = {key: i for i, key in enumerate(PATCH_CLASSES) if key is not None}
+CHAR_CLASSES = [None] + list(scenes._LABEL_CHARS)
+CHAR_SLOTS = 3
 
 
-def patch_classes(scene, grid: int) -> np.ndarray:
-    """[grid*grid] int64: the class of the object whose centre pixel lies in each patch (0: none).
+def patch_targets(scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (objects [grid*grid] int64, chars [grid*grid, CHAR_SLOTS] int64), see PATCH_CLASSES.
 
-    The dense target of stage 0's auxiliary loss: it tells the ViT directly what the caption will
-    name at that place, instead of only through the language model's loss on the answer.
+    The dense targets of stage 0's auxiliary loss: they tell the ViT directly what the caption and
+    the label questions will name at each place, instead of only through the language model's loss.
     """
-    target = np.zeros(grid * grid, np.int64)
+    objects = np.zeros(grid * grid, np.int64)
+    chars = np.zeros((grid * grid, CHAR_SLOTS), np.int64)
     cell = scene.image_size / grid
+
+    def patch(x, y):
+        return min(int(y // cell), grid - 1) * grid + min(int(x // cell), grid - 1)
+
     for o in scene.objects:
-        row, col = min(int(o.y // cell), grid - 1), min(int(o.x // cell), grid - 1)
-        target[row * grid + col] = _PATCH_CLASS[(o.size, o.color, o.shape)]
-    return target
+        objects[patch(o.x, o.y)] = _PATCH_CLASS[(o.size, o.color, o.shape)]
+        for ch, x, y in scenes.label_char_centres(o, scene.image_size):
+            row = chars[patch(x, y)]
+            free = np.flatnonzero(row == 0)
+            if free.size:
+                row[free[0]] = CHAR_CLASSES.index(ch)
+    return objects, chars
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -166,7 +180,7 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
     classes = []
     for s, (scene, questions) in enumerate(items):
         pixels.append(preprocess(scene.image, preprocessing)[0])
-        classes.append(patch_classes(scene, grid))
+        classes.append(patch_targets(scene, grid))
         for q in questions:
             i, lab, e = encode_example(prompter, q.prompt, q.answer)
             ids.append(i)
@@ -185,7 +199,8 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
         "scene_index": torch.tensor(scene_index, dtype=torch.int64),              # [Q] -> row of pixel_values
         "grounding": torch.from_numpy(np.stack(grounding)),                       # [Q,N] bool
         "family": torch.tensor(family, dtype=torch.int64),                        # [Q] index into FAMILIES
-        "patch_classes": torch.from_numpy(np.stack(classes)),                     # [S,N] index into PATCH_CLASSES
+        "patch_classes": torch.from_numpy(np.stack([c[0] for c in classes])),     # [S,N] index into PATCH_CLASSES
+        "patch_chars": torch.from_numpy(np.stack([c[1] for c in classes])),       # [S,N,3] index into CHAR_CLASSES
     }
 
 

@@ -139,20 +139,57 @@ def embed_sequence(model, input_ids: torch.Tensor, tokens: torch.Tensor) -> torc
     return embeds.masked_scatter(slots.unsqueeze(-1), tokens.to(embeds.dtype))
 
 
-def aux_patch_loss(head: torch.nn.Module, scene_tokens: torch.Tensor, classes: torch.Tensor,
-                   background_weight: float = 0.1) -> torch.Tensor:
-    """Stage 0's auxiliary dense loss: classify every full-budget visual token [S,N,D] into
-    train_data.PATCH_CLASSES [S,N] (which object, if any, has its centre there).
+def _balanced_ce(logits: torch.Tensor, target: torch.Tensor, background_weight: float) -> torch.Tensor:
+    """Mean cross-entropy over targets > 0 plus background_weight * the mean over targets == 0."""
+    per = F.cross_entropy(logits, target, reduction="none")
+    fore = target > 0
+    loss = per[fore].mean() if fore.any() else per.new_zeros(())
+    return loss + background_weight * per[~fore].mean()
 
-    Patches with an object centre are ~3% of all; their mean cross-entropy and the background's
-    are averaged with weights 1 and background_weight, so the rare object patches are not drowned.
+
+def aux_head_outputs() -> int:
+    from .train_data import CHAR_CLASSES, CHAR_SLOTS, PATCH_CLASSES
+
+    return len(PATCH_CLASSES) + CHAR_SLOTS * len(CHAR_CLASSES)
+
+
+def aux_patch_loss(head: torch.nn.Module, scene_tokens: torch.Tensor, objects: torch.Tensor, chars: torch.Tensor,
+                   background_weight: float = 0.1) -> torch.Tensor:
+    """Stage 0's auxiliary dense loss on the full-budget visual tokens [S,N,D]: classify every token
+    into train_data.PATCH_CLASSES (objects [S,N]: which object, if any, has its centre there) and
+    its CHAR_SLOTS label-character slots (chars [S,N,3]).
+
+    Object patches are ~3% of all and character patches fewer: the foreground mean cross-entropy and
+    the background's are averaged with weights 1 and background_weight, so the rare ones count.
     """
-    logits = head(scene_tokens).float().flatten(0, 1)  # [S*N, C]
-    target = classes.flatten()
-    per_patch = F.cross_entropy(logits, target, reduction="none")
-    objects = target > 0
-    loss = per_patch[objects].mean() if objects.any() else per_patch.new_zeros(())
-    return loss + background_weight * per_patch[~objects].mean()
+    from .train_data import PATCH_CLASSES
+
+    logits = head(scene_tokens).float().flatten(0, 1)  # [S*N, 97 + 3*31]
+    n_obj = len(PATCH_CLASSES)
+    loss = _balanced_ce(logits[:, :n_obj], objects.flatten(), background_weight)
+    slots = chars.shape[-1]
+    char_logits = logits[:, n_obj:].reshape(logits.shape[0] * slots, -1)  # [S*N*3, 31]
+    return loss + _balanced_ce(char_logits, chars.flatten(), background_weight)
+
+
+def sample_keep(grounding: torch.Tensor, fraction: float, budgets: tuple[int, ...],
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """[Q,N] bool: the visual tokens each question keeps when stage 0 trains on reduced sets.
+
+    A `fraction` of the questions keep K (drawn from `budgets`) tokens: every patch of the objects
+    the question is about (grounding [Q,N], as an ideal prompt-aware reducer would) plus random
+    others up to K; the rest keep all N. The language model so learns to answer from a subset of
+    tokens whose original grid positions it must read from their content, as it has to behind
+    prompt-topk, where the kept tokens get consecutive positions.
+    """
+    q, n = grounding.shape
+    device = grounding.device
+    reduce = torch.rand(q, device=device, generator=generator) < fraction
+    k = torch.tensor(budgets, device=device)[torch.randint(len(budgets), (q,), device=device, generator=generator)]
+    score = torch.rand(q, n, device=device, generator=generator) + 2.0 * grounding.float()  # named patches first
+    rank = score.argsort(dim=1, descending=True).argsort(dim=1)  # [Q,N] rank of each patch
+    keep = (rank < k[:, None]) | grounding
+    return torch.where(reduce[:, None], keep, torch.ones_like(keep))
 
 
 def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
@@ -168,11 +205,17 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
         scene_tokens, scene_attention = vision(batch["pixel_values"], None)  # [S,N,D], one pass per scene
         index = batch["scene_index"]
         tokens, attention = scene_tokens[index], scene_attention[index]
-        aux = aux_patch_loss(aux_head, scene_tokens, batch["patch_classes"])
+        aux = aux_patch_loss(aux_head, scene_tokens, batch["patch_classes"], batch["patch_chars"])
     else:
         tokens, attention = visual_tokens(model, vision, batch, frozen_llm_for_prompt)
     embeds = embed_sequence(model, batch["input_ids"], tokens)
-    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    lm_kwargs = {}
+    if batch.get("keep") is not None:  # reduced visual sets (sample_keep): hide the dropped slots, close the gaps
+        slots = batch["input_ids"] == model.config.image_token_index  # [Q,T], N per row
+        attend = torch.ones_like(slots)
+        attend[slots] = batch["keep"].flatten()
+        lm_kwargs = {"attention_mask": attend.long(), "position_ids": (attend.long().cumsum(1) - 1).clamp_min(0)}
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False, **lm_kwargs).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE  # predict token t+1 from position t; only answer tokens
     logits = model.lm_head(hidden[:, :-1][keep]).float()

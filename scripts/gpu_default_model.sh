@@ -7,8 +7,10 @@
 #        resumable state
 #   bash scripts/gpu_default_model.sh resume0 [SECONDS_THIS_CALL]
 #        continue stage 0 (same machine: the trainer state stays in $RUNS between calls)
-#   bash scripts/gpu_default_model.sh init0 DIR
-#        when the machine was replaced: put the bf16 stage-0 weights that came back (DIR) in place
+#   bash scripts/gpu_default_model.sh cont0 DIR [SECONDS] [LR]
+#        when the machine was replaced (its trainer state is lost): continue stage 0 from the bf16
+#        weights that came back (DIR), fresh optimizer, cosine from LR over SECONDS ($EXTRA0: more
+#        train flags, e.g. EXTRA0="--reduced-fraction 0.5")
 #   bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
 #
@@ -20,7 +22,7 @@ RUNS=${RUNS:-/tmp/pipmm-runs}
 OUT=${OUT:-/tmp/pipmm-out}
 T="python3 -m sdk.cli train"
 mkdir -p "$RUNS" "$OUT"
-phase=${1:?phase: stage0, resume0, init0 or finetune}
+phase=${1:?phase: stage0, resume0, cont0 or finetune}
 
 pack() {  # small files of every run -> one tar; listed weights -> one file each
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
@@ -41,8 +43,12 @@ resume0)
      --val-scenes 64 --quiet
   pack s0/model.safetensors
   ;;
-init0)
-  rm -rf "$RUNS/s0" && mkdir -p "$RUNS/s0" && cp -r "${2:?DIR with the stage-0 files}"/. "$RUNS/s0/"
+cont0)
+  rm -rf "$RUNS/s0"
+  $T --stage 0 --init "${2:?DIR with the stage-0 files}" --out "$RUNS/s0" --steps 1000000 --time-budget "${3:-500}" \
+     --warmup 100 --batch-size 256 --lr "${4:-6e-4}" --data-offset 5000000 --save-every 1000000 --log-every 50 \
+     --val-scenes 64 --quiet $EXTRA0
+  pack s0/model.safetensors
   ;;
 finetune)
   # PIP-MM stage 1 (prompt MLP alone, full budget) then stage 2 (MLP + projector + LLM at half,
