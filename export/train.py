@@ -27,7 +27,7 @@ from sdk.errors import PipmmError
 
 from . import scenes
 from .train_data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
-from .train_model import (ModelSizes, aux_head_outputs, build_llava, sample_keep, forward_loss, greedy_generate, make_vision, parameter_counts,
+from .train_model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
                           special_tokens)
 from .train_state import (STATE_JSON, copy_assets, load_trainer_state, preprocessor_config, save_model,
                           save_trainer_state)
@@ -208,7 +208,8 @@ def setup(args):
         # Training-only: a linear classifier over the visual tokens, kept in the trainer state (resume)
         # but not in the model files; see train_model.aux_patch_loss.
         torch.manual_seed(args.seed + 1)
-        aux_head = torch.nn.Linear(model.config.text_config.hidden_size, aux_head_outputs())
+        aux_head = torch.nn.Linear(model.config.text_config.hidden_size,
+                                   aux_head_outputs(sizes.image_size // sizes.patch_size))
         trainable.update({f"aux_head.{n}": p for n, p in aux_head.named_parameters()})
     return model, mlp, vision, trainable, sizes, parent, src, aux_head
 
@@ -379,11 +380,10 @@ def run(args) -> int:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total_steps, warmup, lr, args.min_lr_ratio)
         batch = _to(batch, device)
-        if reduced_budgets:
-            batch["keep"] = sample_keep(batch["grounding"], args.reduced_fraction, reduced_budgets, keep_rng)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = forward_loss(model, vision, batch, args.grounding_weight if mlp is not None else 0.0,
-                                  frozen_llm_for_prompt=frozen_prompt, aux_head=aux_head, aux_weight=aux_weight)
+                                  frozen_llm_for_prompt=frozen_prompt, aux_head=aux_head, aux_weight=aux_weight,
+                                  reduced=(args.reduced_fraction, reduced_budgets, keep_rng) if reduced_budgets else None)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)

@@ -11,6 +11,7 @@ lm_head), so what is trained is what is exported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -147,57 +148,67 @@ def _balanced_ce(logits: torch.Tensor, target: torch.Tensor, background_weight: 
     return loss + background_weight * per[~fore].mean()
 
 
-def aux_head_outputs() -> int:
+def aux_head_outputs(grid: int) -> int:
     from .train_data import CHAR_CLASSES, CHAR_SLOTS, PATCH_CLASSES
 
-    return len(PATCH_CLASSES) + CHAR_SLOTS * len(CHAR_CLASSES)
+    return len(PATCH_CLASSES) + CHAR_SLOTS * len(CHAR_CLASSES) + 2 * grid
 
 
 def aux_patch_loss(head: torch.nn.Module, scene_tokens: torch.Tensor, objects: torch.Tensor, chars: torch.Tensor,
                    background_weight: float = 0.1) -> torch.Tensor:
     """Stage 0's auxiliary dense loss on the full-budget visual tokens [S,N,D]: classify every token
     into train_data.PATCH_CLASSES (objects [S,N]: which object, if any, has its centre there) and
-    its CHAR_SLOTS label-character slots (chars [S,N,3]).
+    its CHAR_SLOTS label-character slots (chars [S,N,3]), and every token into its own grid row and
+    column (so a token says where it is, also once a reducer has dropped its neighbours).
 
     Object patches are ~3% of all and character patches fewer: the foreground mean cross-entropy and
     the background's are averaged with weights 1 and background_weight, so the rare ones count.
     """
     from .train_data import PATCH_CLASSES
 
-    logits = head(scene_tokens).float().flatten(0, 1)  # [S*N, 97 + 3*31]
-    n_obj = len(PATCH_CLASSES)
+    s, n, _ = scene_tokens.shape
+    grid = math.isqrt(n)
+    logits = head(scene_tokens).float().flatten(0, 1)  # [S*N, 97 + 3*31 + 2*grid]
+    n_obj, slots = len(PATCH_CLASSES), chars.shape[-1]
+    n_char = logits.shape[1] - n_obj - 2 * grid
     loss = _balanced_ce(logits[:, :n_obj], objects.flatten(), background_weight)
-    slots = chars.shape[-1]
-    char_logits = logits[:, n_obj:].reshape(logits.shape[0] * slots, -1)  # [S*N*3, 31]
-    return loss + _balanced_ce(char_logits, chars.flatten(), background_weight)
+    char_logits = logits[:, n_obj:n_obj + n_char].reshape(s * n * slots, -1)  # [S*N*3, 31]
+    loss = loss + _balanced_ce(char_logits, chars.flatten(), background_weight)
+    place = torch.arange(n, device=logits.device).repeat(s)  # [S*N] patch index, raster order
+    rows, cols = logits[:, n_obj + n_char:n_obj + n_char + grid], logits[:, n_obj + n_char + grid:]
+    return loss + F.cross_entropy(rows, place // grid) + F.cross_entropy(cols, place % grid)
 
 
-def sample_keep(grounding: torch.Tensor, fraction: float, budgets: tuple[int, ...],
+def sample_keep(grounding: torch.Tensor, attention: torch.Tensor, fraction: float, budgets: tuple[int, ...],
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """[Q,N] bool: the visual tokens each question keeps when stage 0 trains on reduced sets.
 
-    A `fraction` of the questions keep K (drawn from `budgets`) tokens: every patch of the objects
-    the question is about (grounding [Q,N], as an ideal prompt-aware reducer would) plus random
-    others up to K; the rest keep all N. The language model so learns to answer from a subset of
-    tokens whose original grid positions it must read from their content, as it has to behind
-    prompt-topk, where the kept tokens get consecutive positions.
+    A `fraction` of the questions keep K tokens (K drawn from `budgets`): the K patches the class
+    token attends to most (attention [Q,N], as prompt-topk keeps them), and for half of those rows
+    every patch of the objects the question is about (grounding [Q,N]) first, as an ideal
+    prompt-aware reducer would; the other questions keep all N. The kept tokens bunch up where the
+    class token looks, so a token's index in the sequence no longer tells its place in the image:
+    the language model must read positions from the tokens themselves, as behind prompt-topk.
     """
     q, n = grounding.shape
     device = grounding.device
     reduce = torch.rand(q, device=device, generator=generator) < fraction
+    force = torch.rand(q, device=device, generator=generator) < 0.5
     k = torch.tensor(budgets, device=device)[torch.randint(len(budgets), (q,), device=device, generator=generator)]
-    score = torch.rand(q, n, device=device, generator=generator) + 2.0 * grounding.float()  # named patches first
+    score = attention.detach().float() / attention.detach().float().amax(1, keepdim=True).clamp_min(1e-9)  # [0,1]
+    score = score + 2.0 * (grounding & force[:, None]).float()
     rank = score.argsort(dim=1, descending=True).argsort(dim=1)  # [Q,N] rank of each patch
-    keep = (rank < k[:, None]) | grounding
+    keep = rank < k[:, None]
     return torch.where(reduce[:, None], keep, torch.ones_like(keep))
 
 
 def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
                  frozen_llm_for_prompt: bool = True, aux_head: torch.nn.Module | None = None,
-                 aux_weight: float = 0.0) -> dict:
+                 aux_weight: float = 0.0, reduced: tuple | None = None) -> dict:
     """Next-token cross-entropy on the answer tokens (+ EOS); optionally the grounding term:
     -log(attention mass T-CLS puts on the patches of the objects the question names), and (stage 0)
-    the auxiliary patch-classification term of aux_patch_loss on the full-budget visual tokens."""
+    the auxiliary patch-classification term of aux_patch_loss on the full-budget visual tokens, and
+    (stage 0, reduced = (fraction, budgets, generator)) answers from reduced sets (sample_keep)."""
     aux = None
     if aux_head is not None and aux_weight > 0:
         if vision.prompt_mlp is not None or vision.config.num_tokens != vision.config.grid ** 2:
@@ -206,6 +217,10 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
         index = batch["scene_index"]
         tokens, attention = scene_tokens[index], scene_attention[index]
         aux = aux_patch_loss(aux_head, scene_tokens, batch["patch_classes"], batch["patch_chars"])
+    if reduced is not None:
+        if aux is None:
+            raise ValueError("reduced visual sets are a stage-0 setting (with the auxiliary loss)")
+        batch = {**batch, "keep": sample_keep(batch["grounding"], attention, *reduced)}
     else:
         tokens, attention = visual_tokens(model, vision, batch, frozen_llm_for_prompt)
     embeds = embed_sequence(model, batch["input_ids"], tokens)
