@@ -100,11 +100,34 @@ def _special_tokens(checkpoint: Checkpoint, tokenizer_json: dict) -> dict:
     }
 
 
+# Decoder positions of the visual tokens, per reducer (runtimes/positions.py); the first is the
+# default. "sequence" numbers the K tokens one after another, as transformers' LLaVA does (and as
+# our training does); "patch" puts each kept token at the position of its patch (prompt-topk keeps
+# whole patches, in raster order), which a decoder trained at full budget can read places from.
+VISUAL_POSITIONS = {"prompt-topk": ("sequence", "patch"), "pool": ("sequence",), "full": ("sequence",)}
+
+
+def visual_positions_for(reducer: str, asked: str | None) -> str:
+    """The reducer's default (first) or the asked mode, if that reducer supports it."""
+    allowed = VISUAL_POSITIONS.get(reducer, ("sequence",))
+    if asked is None:
+        return allowed[0]
+    if asked not in allowed:
+        raise ExportError(f"visual positions {asked!r} do not apply to reducer {reducer!r}: choose "
+                          f"{' or '.join(allowed)}")
+    return asked
+
+
 def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP | None,
-                   chat_template: dict | None = None, precision: str = "fp32") -> dict:
+                   chat_template: dict | None = None, precision: str = "fp32", visual_positions: str | None = None) -> dict:
     """Everything but `graphs` and `files`, which the writer fills in (the torch reference uses it as is)."""
     text = checkpoint.config.text_config
     vision = modules["vision"].config
+    reducer = vision.reducer if vision.num_tokens < vision.grid ** 2 else "full"
+    if vision.select_strategy == "full":  # the class token leads the visual tokens: it has no patch
+        reducer_positions = visual_positions_for("full", visual_positions)
+    else:
+        reducer_positions = visual_positions_for(reducer, visual_positions)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     tokenizer_json = json.loads(checkpoint.tokenizer_file.read_text())
     return {
@@ -128,7 +151,7 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
         "precision": {"default": precision, "graphs": {"vision": precision, "embed": precision, "decoder": precision}},
         "vision": vision.to_dict(),
         "visual_tokens": {"budget": vision.budget, "count": vision.num_tokens + (vision.select_strategy == "full"),
-                          "reducer": vision.reducer if vision.num_tokens < vision.grid ** 2 else "full"},
+                          "reducer": reducer, "positions": reducer_positions},
         "prompt_vector": None if prompt_mlp is None else {
             "layer": prompt_mlp.config.prompt_layer, "pooling": prompt_mlp.config.pooling,
             "source": "decoder graph output 'hidden' over the prompt_encoder template (no image)"},
@@ -144,14 +167,14 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: str | Path | None = None,
                   no_prompt_mlp: bool = False, budget: str | int = "full", reducer: str = "pool",
                   chat_template: dict | None = None, overwrite: bool = False, progress: bool = True,
-                  precision: str = "fp32", **quantize_options) -> Path:
+                  precision: str = "fp32", visual_positions: str | None = None, **quantize_options) -> Path:
     """quantize_options (precision other than fp32): calibration_set, calibration_size, block_size,
     int8_decoder, keep_fp32_ops; see export.quantize.quantize_bundle."""
     out_dir = Path(out_dir)
     if precision != "fp32":
         return _export_quantized(checkpoint_dir, out_dir, precision, quantize_options, overwrite, progress,
                                  prompt_mlp=prompt_mlp, no_prompt_mlp=no_prompt_mlp, budget=budget, reducer=reducer,
-                                 chat_template=chat_template)
+                                 chat_template=chat_template, visual_positions=visual_positions)
     if quantize_options:
         raise ExportError(f"{', '.join(sorted(quantize_options))} only apply to --precision fp16, int8 or int4")
     if prompt_mlp is None and not no_prompt_mlp:
@@ -169,7 +192,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
             raise ExportError(f"prompt MLP maps {mlp.config.d_llm}->{mlp.config.d_vit} but the checkpoint needs "
                               f"{want[0]}->{want[1]}: it was trained for another checkpoint")
     modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
-    manifest = build_manifest(checkpoint, modules, mlp, chat_template)
+    manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

@@ -12,6 +12,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--visual-tokens", default="full", help="budget: full, half, quarter or an integer K")
     parser.add_argument("--reducer", default="pool", choices=["pool", "prompt-topk"],
                         help="how the budget is met (ignored at full budget)")
+    parser.add_argument("--visual-positions", default=None, choices=["patch", "sequence"],
+                        help="decoder positions of the kept visual tokens: one after another (default) or, with "
+                             "prompt-topk, those of their patches; docs/bundle.md")
     q = parser.add_argument_group("precision (docs/precision.md)")
     q.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
                    help="fp16: float16 with fp32 norms/softmax/logits; int8: static QDQ (vision, embed) + decoder "
@@ -39,6 +42,7 @@ def run(args) -> int:
     options = {k: v for k, v in given.items() if v is not None}
     out = export_bundle(args.checkpoint, args.out, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.no_prompt_mlp,
                         budget=args.visual_tokens, reducer=args.reducer, overwrite=args.overwrite,
-                        progress=not args.quiet, precision=args.precision, **options)
+                        progress=not args.quiet, precision=args.precision,
+                        visual_positions=args.visual_positions, **options)
     print(f"wrote {out}")
     return 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runtimes.positions import following, step_positions
 from sdk.pipeline import Pipeline
 
 from .bundle import build_manifest, build_modules
@@ -24,6 +25,7 @@ from .prompt import PromptMLP
 class TorchCache:
     past: tuple  # 2 per layer, [B, H_kv, length, hd]
     length: int = 0
+    next_position: int = 0  # runtimes/positions.py
 
 
 class TorchBackend:
@@ -58,21 +60,21 @@ class TorchBackend:
         return TorchCache(past=(empty,) * (2 * self.num_layers), length=0)
 
     @torch.no_grad()
-    def decoder(self, inputs_embeds: np.ndarray, cache: TorchCache):
+    def decoder(self, inputs_embeds: np.ndarray, cache: TorchCache, position_ids: np.ndarray | None = None):
         b, t, _ = inputs_embeds.shape
         mask = torch.ones(b, cache.length + t, dtype=torch.int64, device=self.device)
-        positions = torch.arange(cache.length, cache.length + t, device=self.device).expand(b, t)
-        logits, hidden, *present = self.modules["decoder"](self._t(inputs_embeds, self.dtype), mask, positions,
-                                                           cache.past)
+        positions = step_positions(cache.next_position, b, t, position_ids)
+        logits, hidden, *present = self.modules["decoder"](self._t(inputs_embeds, self.dtype), mask,
+                                                           self._t(positions), cache.past)
         return (logits.float().cpu().numpy(), hidden.float().cpu().numpy(),
-                TorchCache(past=tuple(present), length=cache.length + t))
+                TorchCache(past=tuple(present), length=cache.length + t, next_position=following(positions)))
 
 
 def reference_pipeline(checkpoint_dir, prompt_mlp=None, budget="full", reducer="pool",
-                       chat_template: dict | None = None) -> Pipeline:
+                       chat_template: dict | None = None, visual_positions: str | None = None) -> Pipeline:
     checkpoint = load_checkpoint(checkpoint_dir)
     mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
     modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
-    manifest = build_manifest(checkpoint, modules, mlp, chat_template)
+    manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
     return Pipeline(manifest, checkpoint.tokenizer_file, TorchBackend(modules, manifest["model"]),
                     source=f"torch:{checkpoint_dir}")

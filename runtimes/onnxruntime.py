@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .positions import following, step_positions
+
 from sdk.bundle import Bundle
 from sdk.errors import BackendError, BundleError, one_line
 
@@ -60,6 +62,7 @@ class KVCache:
     past: list[np.ndarray]  # 2 per layer (key, value), each [B, H_kv, length, head_dim]
     length: int = 0
     mask: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))  # [B, length]
+    next_position: int = 0  # runtimes/positions.py
 
 
 @dataclass
@@ -67,6 +70,7 @@ class DeviceKVCache:
     past: list  # OrtValues on the device (or numpy while empty), [B, H_kv, length, head_dim]
     length: int = 0
     mask: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))
+    next_position: int = 0
 
 
 @dataclass
@@ -74,9 +78,13 @@ class StaticKVCache:
     """A view of the backend's one static buffer: slots [0, length) hold this sequence. Any number of
     these may share a generation (each a prefix of the next); new_cache() starts a new generation and
     the older ones are refused, since the new sequence overwrites their slots."""
-    length: int
+    length: int  # slots [0, length) may be in use: the static graph writes token p to slot p (its position)
     mask: np.ndarray  # [1, S] int64, 1 = slot in use
     generation: int
+
+    @property
+    def next_position(self) -> int:
+        return self.length
 
 
 class OnnxRuntimeBackend:
@@ -259,38 +267,41 @@ class OnnxRuntimeBackend:
             return KVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
         return DeviceKVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
 
-    def decoder(self, inputs_embeds: np.ndarray, cache):
-        if isinstance(cache, StaticKVCache):
-            return self._decoder_static(inputs_embeds, cache)
-        if isinstance(cache, DeviceKVCache):
-            return self._decoder_device(inputs_embeds, cache)
+    def decoder(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None):
+        """[B,T,D] -> (logits [B,V], hidden [B,T,D], grown cache); position_ids [B,T] or contiguous."""
         b, t, _ = inputs_embeds.shape
+        start = cache.length if isinstance(cache, StaticKVCache) else cache.next_position
+        positions = step_positions(start, b, t, position_ids)
+        if isinstance(cache, StaticKVCache):
+            return self._decoder_static(inputs_embeds, cache, positions)
+        if isinstance(cache, DeviceKVCache):
+            return self._decoder_device(inputs_embeds, cache, positions)
         mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
         feeds = {
             "inputs_embeds": inputs_embeds.astype(self.embed_dtype),
             "attention_mask": mask,
-            "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + t, dtype=np.int64), (b, t)).copy(),
+            "position_ids": positions,
         }
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"] = cache.past[2 * i]
             feeds[f"past_key_values.{i}.value"] = cache.past[2 * i + 1]
         logits, hidden, *present = self.sessions["decoder"].run(None, feeds)
-        return logits, hidden, KVCache(past=present, length=cache.length + t, mask=mask)
+        return logits, hidden, KVCache(past=present, length=cache.length + t, mask=mask,
+                                       next_position=following(positions))
 
     # -- device cache (dynamic shapes, IO binding) ------------------------------------------------
 
     def _kv_names(self, prefix: str) -> list[str]:
         return [f"{prefix}.{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]
 
-    def _decoder_device(self, inputs_embeds: np.ndarray, cache: DeviceKVCache):
+    def _decoder_device(self, inputs_embeds: np.ndarray, cache: DeviceKVCache, positions: np.ndarray):
         b, t, _ = inputs_embeds.shape
         mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
         session = self.sessions["decoder"]
         binding = session.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, self.embed_dtype))
         binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", np.broadcast_to(
-            np.arange(cache.length, cache.length + t, dtype=np.int64), (b, t)).copy())
+        binding.bind_cpu_input("position_ids", positions)
         for name, value in zip(self._kv_names("past_key_values"), cache.past):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
@@ -302,7 +313,8 @@ class OnnxRuntimeBackend:
             binding.bind_output(name, self.ort_device, self.device_id)
         session.run_with_iobinding(binding)
         logits, hidden, *present = binding.get_outputs()
-        return logits.numpy(), hidden.numpy(), DeviceKVCache(past=present, length=cache.length + t, mask=mask)
+        return logits.numpy(), hidden.numpy(), DeviceKVCache(past=present, length=cache.length + t, mask=mask,
+                                                                next_position=following(positions))
 
     # -- static cache (in place, CUDA graph) ------------------------------------------------------
 
@@ -343,18 +355,17 @@ class OnnxRuntimeBackend:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # the same buffer: the graph writes its slots in place
 
-    def _decoder_static(self, inputs_embeds: np.ndarray, cache: StaticKVCache):
+    def _decoder_static(self, inputs_embeds: np.ndarray, cache: StaticKVCache, positions: np.ndarray):
         if cache.generation != self._generation:
             raise BackendError("this KV cache was replaced by a newer new_cache() of the same backend (one static "
                                "cache per backend): use the newest one, or one backend per concurrent sequence")
         b, t, _ = inputs_embeds.shape
-        start = cache.length
-        if start + t > self.cache_slots:
+        end = following(positions)  # the graph writes each token to the slot of its position
+        if end > self.cache_slots or int(positions.min()) < cache.length:
             raise BackendError(f"the static KV cache holds {self.cache_slots} tokens and this sequence needs "
-                               f"{start + t}: load the backend with a larger max_cache (up to {self.max_context})")
+                               f"{end}: load the backend with a larger max_cache (up to {self.max_context})")
         mask = cache.mask.copy()
-        mask[:, start:start + t] = 1
-        positions = np.arange(start, start + t, dtype=np.int64).reshape(1, t)
+        mask[0, positions[0]] = 1
         embeds = np.ascontiguousarray(inputs_embeds, self.embed_dtype)
         session = self.sessions[STATIC_DECODER]
         if t == 1 and self._graph_binding is not None:
@@ -364,7 +375,7 @@ class OnnxRuntimeBackend:
             try:
                 session.run_with_iobinding(self._graph_binding, self._graph_options)
                 logits, hidden = self._step_out["logits"].numpy(), self._step_out["hidden"].numpy()
-                return logits, hidden, StaticKVCache(length=start + t, mask=mask, generation=cache.generation)
+                return logits, hidden, StaticKVCache(length=end, mask=mask, generation=cache.generation)
             except Exception as err:  # capture failed at run time: keep going without the graph
                 self._graph_binding = None
                 self.cuda_graph = False
@@ -378,4 +389,4 @@ class OnnxRuntimeBackend:
         self._bind_cache(binding)
         session.run_with_iobinding(binding, self._eager_options)
         logits, hidden = binding.get_outputs()[:2]  # bound to the host; the cache outputs stay where they are
-        return logits.numpy(), hidden.numpy(), StaticKVCache(length=start + t, mask=mask, generation=cache.generation)
+        return logits.numpy(), hidden.numpy(), StaticKVCache(length=end, mask=mask, generation=cache.generation)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .positions import following, step_positions
+
 from sdk.bundle import Bundle, load_bundle
 from sdk.errors import BackendError
 
@@ -379,6 +381,7 @@ class TensorRTCache:
     length: int
     side: int  # which of the two KV buffer sets holds the cache
     generation: int
+    next_position: int = 0  # runtimes/positions.py
 
 
 class _Engine:
@@ -502,7 +505,7 @@ class TensorRTBackend:
         self._generation += 1
         return TensorRTCache(length=0, side=0, generation=self._generation)
 
-    def decoder(self, inputs_embeds: np.ndarray, cache: TensorRTCache):
+    def decoder(self, inputs_embeds: np.ndarray, cache: TensorRTCache, position_ids: np.ndarray | None = None):
         if cache.generation != self._generation:
             raise BackendError("this KV cache was replaced by a newer new_cache(): one sequence at a time per backend")
         b, t, _ = inputs_embeds.shape
@@ -516,12 +519,13 @@ class TensorRTBackend:
         names = [f"{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]
         shape = (b, self.num_kv_heads, cache.length, self.head_dim)
         host = {"inputs_embeds": inputs_embeds, "attention_mask": np.ones((b, cache.length + t), np.int64),
-                "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + t, dtype=np.int64), (b, t))}
+                "position_ids": step_positions(cache.next_position, b, t, position_ids)}
         device_in = {f"past_key_values.{n}": (buf.ptr, shape) for n, buf in zip(names, past)}
         device_out = {f"present.{n}": buf.ptr for n, buf in zip(names, present)}
         profile = 0 if cache.length == 0 else 1
         out = self._execute("decoder", profile, host, device_in, device_out)
-        return out["logits"], out["hidden"], TensorRTCache(cache.length + t, 1 - cache.side, cache.generation)
+        return out["logits"], out["hidden"], TensorRTCache(cache.length + t, 1 - cache.side, cache.generation,
+                                                           following(host["position_ids"]))
 
     def __del__(self):
         for side in getattr(self, "_kv", []):

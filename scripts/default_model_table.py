@@ -5,7 +5,8 @@
 1. Assembles the plain-LLaVA baseline: its vision tower is the default model's own (both were
    frozen after stage 0), the rest is export/default_model/plain-baseline/without_vision.safetensors.
 2. Exports one FP32 bundle per row: {plain, PIP-MM} x {full, half, quarter} x {pool, prompt-topk}
-   (at full budget the reducer does nothing, so full has one row per model).
+   (at full budget the reducer does nothing, so full has one row per model), plus PIP-MM's
+   prompt-topk rows with --visual-positions patch.
 3. Runs `pipmm eval BUNDLE --split test --n N --json ...` on each (the SDK path, ONNX Runtime CPU)
    and prints the markdown table of `pipmm eval --table`.
 
@@ -35,6 +36,8 @@ ROWS = [  # (name, model, budget, reducer)
     ("PIP-MM half prompt-topk", "pipmm", "half", "prompt-topk"),
     ("PIP-MM quarter pool", "pipmm", "quarter", "pool"),
     ("PIP-MM quarter prompt-topk", "pipmm", "quarter", "prompt-topk"),
+    ("PIP-MM half prompt-topk patch-positions", "pipmm", "half", "prompt-topk"),
+    ("PIP-MM quarter prompt-topk patch-positions", "pipmm", "quarter", "prompt-topk"),
 ]
 
 
@@ -81,8 +84,9 @@ def main() -> int:
         if not (bundle / "manifest.json").is_file():
             source = ["--prompt-mlp", str(DEFAULT_MODEL)] if model == "pipmm" else ["--no-prompt-mlp"]
             ckpt = str(DEFAULT_MODEL if model == "pipmm" else plain)
-            pipmm("export", ckpt, *source, "--visual-tokens", budget, "--reducer", reducer, "--out", str(bundle),
-                  "--overwrite", "--quiet")
+            positions = ["--visual-positions", "patch"] if name.endswith("patch-positions") else []
+            pipmm("export", ckpt, *source, "--visual-tokens", budget, "--reducer", reducer, *positions,
+                  "--out", str(bundle), "--overwrite", "--quiet")
         if not result.is_file() or json.loads(result.read_text())["overall"]["n"] != args.n:
             pipmm("eval", str(bundle), "--split", "test", "--n", str(args.n), "--jobs", str(args.jobs), "--quiet",
                   "--json", str(result))

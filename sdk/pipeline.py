@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import default_bundle_path, load_bundle
-from .errors import BundleError, PipelineBusyError, PipmmError, one_line, typed_errors
+from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .generation import GenerationArgs, sample
 from .preprocess import preprocess
 from .prompting import Prompter
@@ -53,6 +53,10 @@ class Pipeline:
         self.prompt_vector_spec = manifest["prompt_vector"]
         self.max_context = int(manifest["model"]["max_context"])
         self.defaults = manifest["generation"]
+        self.visual_positions = manifest["visual_tokens"].get("positions", "sequence")  # older bundles: sequence
+        if self.visual_positions not in ("sequence", "patch"):
+            raise BundleError(f"manifest visual_tokens.positions is {self.visual_positions!r}, not 'sequence' or "
+                              "'patch': this SDK is older than the bundle, or the manifest was edited")
         # One request at a time per Pipeline: the backends' sessions are shared state. Callers from
         # several threads are serialised here; use one Pipeline per thread for parallelism.
         self._lock = threading.Lock()
@@ -86,9 +90,35 @@ class Pipeline:
             return hidden.mean(axis=1)
         return hidden[:, -1]
 
-    def prefill(self, input_embeds: np.ndarray):
-        """Whole turn [1,T,D] with a fresh cache -> (last logits [1,V], cache)."""
-        logits, _, cache = self.backend.decoder(input_embeds, self.backend.new_cache(input_embeds.shape[0]))
+    def prefill_positions(self, length: int, image_slots: np.ndarray, cls_attention: np.ndarray) -> np.ndarray | None:
+        """Position ids [1,T] of the prefill when the manifest puts visual tokens at their patch
+        positions (visual_tokens.positions == "patch"), else None (contiguous, runtimes/positions.py).
+
+        prompt-topk keeps the K patches of largest class-token attention, in raster order (TopK keeps
+        the lower index first on ties, as a stable sort does): token k sits at first_slot + its patch
+        index, and the text after the image at its full-budget place, shifted by N - K.
+        """
+        if self.visual_positions != "patch":
+            return None
+        k, n = len(image_slots), cls_attention.shape[-1]
+        kept = np.sort(np.argsort(-cls_attention[0], kind="stable")[:k])  # [K] patch indices
+        positions = np.arange(length, dtype=np.int64)
+        positions[image_slots] = image_slots[0] + kept
+        positions[image_slots[-1] + 1:] += n - k
+        if positions[-1] + 1 >= self.max_context:  # prefill plus one new token must have positions
+            raise ContextOverflowError(f"prompt needs positions up to {positions[-1] + 1} with the image's "
+                                       f"{n} patch positions but the context holds {self.max_context}: "
+                                       "shorten the prompt")
+        return positions[None]
+
+    def prefill(self, input_embeds: np.ndarray, position_ids: np.ndarray | None = None):
+        """Whole turn [1,T,D] with a fresh cache -> (last logits [1,V], cache); position_ids [1,T] or
+        None for 0..T-1."""
+        cache = self.backend.new_cache(input_embeds.shape[0])
+        if position_ids is None:
+            logits, _, cache = self.backend.decoder(input_embeds, cache)
+        else:
+            logits, _, cache = self.backend.decoder(input_embeds, cache, position_ids)
         return logits, cache
 
     def decode(self, token_id: int, cache):
@@ -127,13 +157,13 @@ class Pipeline:
         t["prompt_ms"] = _ms(stage)
 
         stage = time.perf_counter()
-        visual_tokens, _ = self.backend.vision(pixel_values, prompt_vector)
+        visual_tokens, cls_attention = self.backend.vision(pixel_values, prompt_vector)
         t["vision_ms"] = _ms(stage)
 
         stage = time.perf_counter()
         embeds = self.backend.embed(ids[None]).copy()
         embeds[0, image_slots] = visual_tokens[0].astype(embeds.dtype)
-        logits, cache = self.prefill(embeds)
+        logits, cache = self.prefill(embeds, self.prefill_positions(len(ids), image_slots, cls_attention))
         t["prefill_ms"] = _ms(stage)
 
         rng = np.random.default_rng(args.seed)
@@ -151,7 +181,7 @@ class Pipeline:
             yield token
             if generated >= args.max_new_tokens:
                 break
-            if cache.length + 1 > self.max_context:  # the next token would have no position left
+            if cache.next_position + 1 > self.max_context:  # the next token would have no position left
                 result.finish_reason = "context"
                 break
             logits, cache = self.decode(token, cache)

@@ -28,12 +28,13 @@ class BundleFactory:
     def __init__(self, checkpoints, prompt_mlp, root):
         self.checkpoints, self.prompt_mlp, self.root, self.cache = checkpoints, prompt_mlp, root, {}
 
-    def __call__(self, arch="llama", pipmm=False, budget="full", reducer="pool"):
-        key = (arch, pipmm, str(budget), reducer)
+    def __call__(self, arch="llama", pipmm=False, budget="full", reducer="pool", positions=None):
+        key = (arch, pipmm, str(budget), reducer) + ((positions,) if positions else ())
         if key not in self.cache:
             out = self.root / "-".join(map(str, key))
             self.cache[key] = export_bundle(self.checkpoints[arch], out, prompt_mlp=self.prompt_mlp if pipmm else None,
-                                            no_prompt_mlp=not pipmm, budget=budget, reducer=reducer, progress=False)
+                                            no_prompt_mlp=not pipmm, budget=budget, reducer=reducer, progress=False,
+                                            visual_positions=positions)
         return self.cache[key]
 
 

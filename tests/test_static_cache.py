@@ -101,8 +101,10 @@ def test_decoder_static_operators_are_in_tensorrt_10(static_bundles):
 
 
 @pytest.mark.parametrize("options", [dict(arch="llama"), dict(arch="qwen2"),
-                                     dict(arch="llama", pipmm=True, budget="half", reducer="prompt-topk")],
-                         ids=["llama", "qwen2-gqa", "pipmm-half"])
+                                     dict(arch="llama", pipmm=True, budget="half", reducer="prompt-topk"),
+                                     dict(arch="llama", pipmm=True, budget="half", reducer="prompt-topk",
+                                          positions="patch")],
+                         ids=["llama", "qwen2-gqa", "pipmm-half", "pipmm-half-patch-positions"])
 def test_every_cache_mode_generates_the_same_tokens(static_bundles, image, options):
     bundle = static_bundles(**options)
     reference = _pipeline(bundle).generate(image, "what is the color of the shape?", max_new_tokens=32)

@@ -1,0 +1,111 @@
+"""Visual tokens at their patch positions (manifest visual_tokens.positions == "patch").
+
+prompt-topk keeps K of N patches; with "patch" positions the decoder sees each kept token at the
+position of its patch and the text after the image where it is at full budget (runtimes/positions.py).
+Checked here: the positions themselves, parity with the PyTorch reference, KV cache against full
+recompute with the same positions, every ONNX Runtime cache mode, and the export's refusals.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import sdk
+from export.bundle import export_bundle
+from export.reference import reference_pipeline
+from runtimes.positions import step_positions
+from sdk.errors import BundleError, ExportError
+from sdk.preprocess import preprocess
+
+PROMPT = "what is the color of the shape?"
+PATCH = dict(arch="llama", pipmm=True, budget="half", reducer="prompt-topk", positions="patch")
+
+
+def test_step_positions_default_and_given():
+    np.testing.assert_array_equal(step_positions(5, 2, 3), [[5, 6, 7], [5, 6, 7]])
+    given = np.array([[0, 4, 9]])
+    np.testing.assert_array_equal(step_positions(0, 1, 3, given), given)
+    with pytest.raises(ValueError, match="shape"):
+        step_positions(0, 1, 2, given)
+
+
+def test_manifest_records_the_positions(bundles):
+    assert sdk.load(bundles(**PATCH), device="cpu").manifest["visual_tokens"]["positions"] == "patch"
+    default = sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
+    assert default.manifest["visual_tokens"]["positions"] == "sequence"
+
+
+def test_prefill_positions_put_kept_tokens_at_their_patches(bundles, image):
+    pipeline = sdk.load(bundles(**PATCH), device="cpu")
+    ids, slots = pipeline.prompter.prompt_ids(PROMPT)
+    vector = pipeline.encode_prompt(PROMPT)
+    _, attention = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), vector)
+    n, k = attention.shape[-1], len(slots)
+    positions = pipeline.prefill_positions(len(ids), slots, attention)[0]
+    kept = torch.topk(torch.from_numpy(attention[0]), k).indices.sort().values.numpy()  # the reducer's choice
+    np.testing.assert_array_equal(positions[: slots[0]], np.arange(slots[0]))
+    np.testing.assert_array_equal(positions[slots], slots[0] + kept)
+    np.testing.assert_array_equal(positions[slots[-1] + 1:], np.arange(slots[-1] + 1, len(ids)) + n - k)
+    assert np.all(np.diff(positions) > 0)
+
+
+def test_patch_positions_match_the_reference_and_change_the_logits(checkpoints, prompt_mlp, bundles, image):
+    onnx = sdk.load(bundles(**PATCH), device="cpu")
+    ref = reference_pipeline(checkpoints["llama"], prompt_mlp, budget="half", reducer="prompt-topk",
+                             visual_positions="patch")
+    got, want = onnx.generate(image, PROMPT, max_new_tokens=16), ref.generate(image, PROMPT, max_new_tokens=16)
+    assert got.token_ids == want.token_ids
+    # the same graphs with sequence positions answer from other logits: the positions are used
+    sequence = sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
+    ids, slots = onnx.prompter.prompt_ids(PROMPT)
+    visual, attention = onnx.backend.vision(preprocess(image, onnx.preprocessing), onnx.encode_prompt(PROMPT))
+    embeds = onnx.backend.embed(ids[None]).copy()
+    embeds[0, slots] = visual[0]
+    patch_logits, _ = onnx.prefill(embeds, onnx.prefill_positions(len(ids), slots, attention))
+    sequence_logits, _ = sequence.prefill(embeds)
+    assert np.abs(patch_logits - sequence_logits).max() > 1e-3
+
+
+def test_patch_positions_kv_cache_equals_full_recompute(bundles, image):
+    pipeline = sdk.load(bundles(**PATCH), device="cpu")
+    backend = pipeline.backend
+    cached = pipeline.generate(image, PROMPT, max_new_tokens=10).token_ids
+    ids, slots = pipeline.prompter.prompt_ids(PROMPT)
+    visual, attention = backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
+    prompt_embeds = backend.embed(ids[None]).copy()
+    prompt_embeds[0, slots] = visual[0]
+    positions = pipeline.prefill_positions(len(ids), slots, attention)
+    tokens = []
+    for _ in range(10):
+        grown = np.concatenate([positions, positions[:, -1:] + 1 + np.arange(len(tokens))[None]], axis=1)
+        embeds = prompt_embeds if not tokens else np.concatenate(
+            [prompt_embeds, backend.embed(np.asarray([tokens], np.int64))], axis=1)
+        logits, _, _ = backend.decoder(embeds, backend.new_cache(), grown)
+        token = int(np.argmax(logits[0]))
+        if token in pipeline.prompter.eos_ids:
+            break
+        tokens.append(token)
+    assert cached == tokens
+
+
+def test_patch_positions_need_a_reducer_that_keeps_patches(checkpoints, prompt_mlp, tmp_path):
+    with pytest.raises(ExportError, match="do not apply to reducer 'pool'"):
+        export_bundle(checkpoints["llama"], tmp_path / "b", prompt_mlp=prompt_mlp, budget="half", reducer="pool",
+                      visual_positions="patch", progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_positions_in_a_manifest_are_refused(bundles, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundles(**PATCH), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["visual_tokens"]["positions"] = "diagonal"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="positions"):
+        sdk.load(copy, device="cpu")
+    del manifest["visual_tokens"]["positions"]  # a bundle from before the key: sequence positions
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert sdk.load(copy, device="cpu").visual_positions == "sequence"
