@@ -95,6 +95,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--mlp-width", type=int, default=0, help="prompt MLP hidden width (0: ViT width)")
     p.add_argument("--no-prompt-mlp", action="store_true", help="stage 2 without the MLP: the plain baseline")
     p.add_argument("--train-llm", action="store_true", help="stage 2: also fine-tune the LLM")
+    p.add_argument("--patch-positions", action="store_true",
+                   help="stage 2 with prompt-topk: kept visual tokens at their patch positions (export the result "
+                        "with --visual-positions patch)")
     p.add_argument("--budget", default=None, help="visual tokens: full, half, quarter or K (stage 2 default half)")
     p.add_argument("--reducer", default="prompt-topk", choices=("pool", "prompt-topk"))
     p.add_argument("--grounding-weight", type=float, default=0.0,
@@ -236,6 +239,7 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
         "reduced_fraction": args.reduced_fraction if args.stage == 0 else 0.0,
         "reduced_budgets": list(args.reduced_budgets) if args.stage == 0 and args.reduced_fraction > 0 else None,
         "train_llm": bool(args.train_llm),
+        "visual_positions": "patch" if args.patch_positions else "sequence",
         "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
                       "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
         "loss": "cross-entropy on answer tokens + EOS (token mean)",
@@ -364,6 +368,8 @@ def run(args) -> int:
 
     step, timing_from = start, None
     frozen_prompt = not args.train_llm
+    if args.patch_positions and (args.stage != 2 or vision.config.reducer != "prompt-topk"):
+        raise TrainError("--patch-positions is a stage-2 setting of the prompt-topk reducer")
     reduced_budgets = ()
     if args.reduced_fraction > 0:
         if args.stage != 0 or not 0 < args.reduced_fraction <= 1:
@@ -383,7 +389,8 @@ def run(args) -> int:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = forward_loss(model, vision, batch, args.grounding_weight if mlp is not None else 0.0,
                                   frozen_llm_for_prompt=frozen_prompt, aux_head=aux_head, aux_weight=aux_weight,
-                                  reduced=(args.reduced_fraction, reduced_budgets, keep_rng) if reduced_budgets else None)
+                                  reduced=(args.reduced_fraction, reduced_budgets, keep_rng) if reduced_budgets else None,
+                                  patch_positions=args.patch_positions)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)

@@ -202,9 +202,25 @@ def sample_keep(grounding: torch.Tensor, attention: torch.Tensor, fraction: floa
     return torch.where(reduce[:, None], keep, torch.ones_like(keep))
 
 
+def patch_position_ids(input_ids: torch.Tensor, image_token: int, attention: torch.Tensor, k: int) -> torch.Tensor:
+    """[Q,T] decoder positions with the K kept visual tokens at their patch positions, as the SDK
+    builds them for a bundle with visual_tokens.positions == "patch" (sdk.pipeline.prefill_positions):
+    prompt-topk keeps the K patches of largest attention [Q,N] in raster order; the text after the
+    image moves to its full-budget place (+ N - K). Right-padded rows: pads get positions too, unread."""
+    q, t = input_ids.shape
+    n = attention.shape[-1]
+    slots = input_ids == image_token  # [Q,T], K per row
+    kept = torch.topk(attention.float(), k, dim=-1).indices.sort(dim=-1).values  # [Q,K]
+    first = slots.int().argmax(dim=1)  # [Q]
+    positions = torch.arange(t, device=input_ids.device).expand(q, t).clone()
+    positions[slots] = (first[:, None] + kept).flatten()
+    after = torch.arange(t, device=input_ids.device)[None] >= (first + k)[:, None]
+    return positions + after * (n - k)
+
+
 def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
                  frozen_llm_for_prompt: bool = True, aux_head: torch.nn.Module | None = None,
-                 aux_weight: float = 0.0, reduced: tuple | None = None) -> dict:
+                 aux_weight: float = 0.0, reduced: tuple | None = None, patch_positions: bool = False) -> dict:
     """Next-token cross-entropy on the answer tokens (+ EOS); optionally the grounding term:
     -log(attention mass T-CLS puts on the patches of the objects the question names), and (stage 0)
     the auxiliary patch-classification term of aux_patch_loss on the full-budget visual tokens, and
@@ -225,7 +241,10 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
         tokens, attention = visual_tokens(model, vision, batch, frozen_llm_for_prompt)
     embeds = embed_sequence(model, batch["input_ids"], tokens)
     lm_kwargs = {}
-    if batch.get("keep") is not None:  # reduced visual sets (sample_keep): hide the dropped slots, close the gaps
+    if patch_positions:
+        lm_kwargs = {"position_ids": patch_position_ids(batch["input_ids"], model.config.image_token_index,
+                                                        attention, tokens.shape[1])}
+    elif batch.get("keep") is not None:  # reduced visual sets (sample_keep): hide the dropped slots, close the gaps
         slots = batch["input_ids"] == model.config.image_token_index  # [Q,T], N per row
         attend = torch.ones_like(slots)
         attend[slots] = batch["keep"].flatten()

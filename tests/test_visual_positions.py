@@ -109,3 +109,17 @@ def test_unknown_positions_in_a_manifest_are_refused(bundles, tmp_path):
     del manifest["visual_tokens"]["positions"]  # a bundle from before the key: sequence positions
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert sdk.load(copy, device="cpu").visual_positions == "sequence"
+
+
+def test_training_positions_equal_the_sdk_positions(bundles, image):
+    """Stage 2 --patch-positions (export.train_model.patch_position_ids) trains on the SDK's positions."""
+    from export.train_model import patch_position_ids
+
+    pipeline = sdk.load(bundles(**PATCH), device="cpu")
+    _, attention = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
+    ids, slots = pipeline.prompter.prompt_ids(PROMPT)
+    want = pipeline.prefill_positions(len(ids), slots, attention)
+    padded = torch.from_numpy(np.concatenate([ids, [0, 0]]))[None]  # a right-padded training row
+    got = patch_position_ids(padded, int(pipeline.manifest["special_tokens"]["image"]), torch.from_numpy(attention),
+                             len(slots))
+    np.testing.assert_array_equal(got[:, : len(ids)].numpy(), want)
