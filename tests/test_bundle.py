@@ -37,7 +37,7 @@ def test_manifest_lists_every_file_and_the_contract(bundles):
     manifest = load_bundle(path).manifest
     on_disk = {p.name for p in path.iterdir()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
-    assert manifest["visual_tokens"] == {"budget": "half", "count": 25, "reducer": "prompt-topk"}
+    assert manifest["visual_tokens"] == {"budget": "half", "count": 25, "reducer": "prompt-topk", "positions": "sequence"}
     assert manifest["prompt_vector"]["layer"] == -1
     assert manifest["precision"]["default"] == "fp32"
     assert {"bos", "eos", "pad", "image"} <= set(manifest["special_tokens"])
