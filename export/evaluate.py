@@ -102,7 +102,8 @@ def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_n
     return records, manifest
 
 
-def torch_pipeline(checkpoint, prompt_mlp=None, budget="full", reducer="pool", device: str = "cpu"):
+def torch_pipeline(checkpoint, prompt_mlp=None, budget="full", reducer="pool", device: str = "cpu",
+                   visual_positions: str | None = None):
     """export.reference's Pipeline, on `device`."""
     from sdk.pipeline import Pipeline
 
@@ -116,12 +117,13 @@ def torch_pipeline(checkpoint, prompt_mlp=None, budget="full", reducer="pool", d
     modules = build_modules(ckpt, mlp, budget=budget, reducer=reducer)
     for module in modules.values():
         module.to(device)
-    manifest = build_manifest(ckpt, modules, mlp)
+    manifest = build_manifest(ckpt, modules, mlp, visual_positions=visual_positions)
     return Pipeline(manifest, ckpt.tokenizer_file, TorchBackend(modules, manifest["model"], device=device),
                     source=f"torch:{checkpoint}")
 
 
 def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="pool", device: str = "cpu",
+                visual_positions: str | None = None,
                 batch_size: int = 256, max_new_tokens: int = 64, progress: bool = False) -> tuple[list[dict], dict]:
     """Batched greedy decoding in torch (export.train_model.greedy_generate): same answers as the
     Pipeline up to float rounding, many times faster on a GPU. No per-request latency."""
@@ -133,7 +135,8 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
     from .train_data import _pad, encode_example
     from .train_model import greedy_generate, make_vision
 
-    pipeline = torch_pipeline(checkpoint, prompt_mlp, budget, reducer, "cpu")  # manifest + tokenizer
+    pipeline = torch_pipeline(checkpoint, prompt_mlp, budget, reducer, "cpu", visual_positions)  # manifest, tokenizer
+    patch = pipeline.visual_positions == "patch"
     manifest = pipeline.manifest
     from transformers import LlavaForConditionalGeneration
 
@@ -160,7 +163,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
             "encoder_lengths": torch.tensor([len(s[2]) for s in seqs], device=device),
             "scene_index": torch.arange(len(chunk), device=device),
         }
-        outputs = greedy_generate(model, vision, batch, max_new_tokens)
+        outputs = greedy_generate(model, vision, batch, max_new_tokens, patch_positions=patch)
         records += [{"family": e.family, "prompt": e.prompt, "answer": e.answer, "output": prompter.decode(o),
                      "ms": None} for e, o in zip(chunk, outputs)]
     return records, manifest
@@ -239,6 +242,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget", default="full", help="with --checkpoint: full, half, quarter or K")
     parser.add_argument("--reducer", default="pool", choices=("pool", "prompt-topk"), help="with --checkpoint")
     parser.add_argument("--batch-size", type=int, default=0, help="with --checkpoint: batched greedy decoding")
+    parser.add_argument("--visual-positions", default=None, choices=("sequence", "patch"),
+                        help="with --checkpoint: decoder positions of the kept visual tokens (as pipmm export)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--split", default="test", choices=tuple(scenes.SPLIT_BASE))
     parser.add_argument("--n", type=int, default=2000, help="number of questions")
@@ -283,9 +288,11 @@ def run(args) -> int:
         device = _device(args.device)
         if args.batch_size > 0:
             records, manifest = run_batched(args.checkpoint, examples, args.prompt_mlp, args.budget, args.reducer,
-                                            device, args.batch_size, args.max_new_tokens, progress)
+                                            device, args.visual_positions, args.batch_size, args.max_new_tokens,
+                                            progress)
         else:
-            pipeline = torch_pipeline(args.checkpoint, args.prompt_mlp, args.budget, args.reducer, device)
+            pipeline = torch_pipeline(args.checkpoint, args.prompt_mlp, args.budget, args.reducer, device,
+                                      args.visual_positions)
             records, manifest = run_pipeline(pipeline, examples, args.max_new_tokens, progress), pipeline.manifest
         source = {"kind": "torch-batched" if args.batch_size > 0 else "torch", "path": str(args.checkpoint),
                   "prompt_mlp": args.prompt_mlp, "device": device}

@@ -271,7 +271,8 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
 
 
 @torch.no_grad()
-def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int = 64) -> list[list[int]]:
+def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int = 64,
+                    patch_positions: bool = False) -> list[list[int]]:
     """Greedy answers for every question of a batch (labels are ignored; ids stop at the prompt).
 
     Rows are right-padded: prefill the whole [Q,T], read each row's logits at its own last prompt
@@ -289,11 +290,15 @@ def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int
     width = int(lengths.max())
     ids = ids[:, :width]
     q = ids.shape[0]
-    tokens, _ = visual_tokens(model, vision, batch)
+    tokens, attention = visual_tokens(model, vision, batch)
     embeds = embed_sequence(model, ids, tokens)
     lm = model.model.language_model
     cache = DynamicCache(config=model.config.text_config)
     positions = torch.arange(width, device=ids.device).expand(q, width)
+    shift = 0  # decode positions run ahead of the cache by N - K with patch positions
+    if patch_positions:
+        positions = patch_position_ids(ids, model.config.image_token_index, attention, tokens.shape[1])
+        shift = attention.shape[-1] - tokens.shape[1]
     hidden = lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
     rows = torch.arange(q, device=ids.device)
     logits = model.lm_head(hidden[rows, lengths - 1])
@@ -311,7 +316,7 @@ def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(q, 1, dtype=mask.dtype, device=mask.device)], 1)
-        pos = (lengths + step)[:, None]
+        pos = (lengths + step + shift)[:, None]
         hidden = lm(inputs_embeds=model.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True).last_hidden_state
         logits = model.lm_head(hidden[:, -1])

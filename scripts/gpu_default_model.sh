@@ -11,8 +11,9 @@
 #        when the machine was replaced (its trainer state is lost): continue stage 0 from the bf16
 #        weights that came back (DIR), fresh optimizer, cosine from LR over SECONDS ($EXTRA0: more
 #        train flags, e.g. EXTRA0="--reduced-fraction 0.5")
-#   bash scripts/gpu_default_model.sh finetune
+#   [PATCH=1] bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
+#        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch)
 #
 # Results are copied to $OUT (the files that come back from the device machine: at most 8, each
 # < 16 MiB): weights in bf16, the trainer state shards, and a tar of every small file.
@@ -55,11 +56,14 @@ finetune)
   # prompt-topk); the plain baseline gets the same stage-2 fine-tune (projector + LLM at half, pool).
   P="--batch-size 128 --warmup 30 --workers 3 --val-scenes 0 --quiet --log-every 20"
   G=${GROUNDING:-0.25}
+  # PATCH=1: PIP-MM's stage 2 with the kept tokens at their patch positions (export those runs with
+  # --visual-positions patch); the evals below then use the same positions.
+  PP=""; EP=""; [ "${PATCH:-0}" = 1 ] && PP="--patch-positions" && EP="--visual-positions patch"
   chain() {  # seed name
     $T --stage 1 --init "$RUNS/s0" --out "$RUNS/$2-s1" --seed "$1" --steps 100000 --time-budget "${S1:-120}" \
        --lr 1e-3 --grounding-weight "$G" $P
     $T --stage 2 --init "$RUNS/$2-s1" --out "$RUNS/$2" --seed "$1" --steps 100000 --time-budget "${S2:-150}" \
-       --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $P
+       --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $PP $P
   }
   plain() {  # seed
     $T --stage 2 --init "$RUNS/s0" --out "$RUNS/plain$1" --seed "$1" --no-prompt-mlp --steps 100000 \
@@ -74,11 +78,11 @@ finetune)
   E="python3 -m sdk.cli eval --quiet --batch-size 250 --device cuda --split val --n 2000"
   O="--families color shape position"
   for s in 0 1 2; do
-    $E $O --checkpoint "$RUNS/pip$s" --prompt-mlp "$RUNS/pip$s" --budget half --reducer prompt-topk \
+    $E $O --checkpoint "$RUNS/pip$s" --prompt-mlp "$RUNS/pip$s" --budget half --reducer prompt-topk $EP \
        --json "$RUNS/evals/obj-pip$s.json" > /dev/null 2>&1 &
     $E $O --checkpoint "$RUNS/plain$s" --budget half --reducer pool --json "$RUNS/evals/obj-plain$s.json" > /dev/null 2>&1 &
   done
-  $E --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget half --reducer prompt-topk \
+  $E --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget half --reducer prompt-topk $EP \
      --json "$RUNS/evals/pip0-half-topk.json" > /dev/null 2>&1 &
   wait
   python3 - "$RUNS/evals" <<'PY'

@@ -123,3 +123,18 @@ def test_training_positions_equal_the_sdk_positions(bundles, image):
     got = patch_position_ids(padded, int(pipeline.manifest["special_tokens"]["image"]), torch.from_numpy(attention),
                              len(slots))
     np.testing.assert_array_equal(got[:, : len(ids)].numpy(), want)
+
+
+def test_batched_torch_eval_with_patch_positions_matches_the_pipeline(checkpoints, prompt_mlp):
+    """pipmm eval --checkpoint --batch-size (padded batches, export.train_model.greedy_generate) answers
+    as the one-at-a-time reference Pipeline with the same patch positions."""
+    from export import evaluate
+
+    examples = evaluate.questions("test", 6)
+    records, manifest = evaluate.run_batched(checkpoints["llama"], examples, prompt_mlp, "half", "prompt-topk",
+                                             "cpu", "patch", batch_size=3, max_new_tokens=8)
+    assert manifest["visual_tokens"]["positions"] == "patch"
+    assert sum(len(r["output"]) for r in records) > 6  # random weights, but real text to compare
+    reference = evaluate.torch_pipeline(checkpoints["llama"], prompt_mlp, "half", "prompt-topk", "cpu", "patch")
+    for example, record in zip(examples, records):
+        assert record["output"] == reference.generate(example.image, example.prompt, max_new_tokens=8).text
