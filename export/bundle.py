@@ -65,10 +65,11 @@ def publish_bundle(tmp: Path, out_dir: Path, manifest: dict) -> Path:
     return out_dir
 
 
-def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="full", reducer="pool") -> dict:
+def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="full", reducer="pool",
+                  reducer_options: dict | None = None) -> dict:
     """The torch modules that become the graphs (also the PyTorch reference backend's modules)."""
     model, config = checkpoint.model, checkpoint.config
-    vision_cfg = vision_config_from(config, budget=budget, reducer=reducer)
+    vision_cfg = vision_config_from(config, budget=budget, reducer=reducer, options=reducer_options)
     prompt_layer = prompt_mlp.config.prompt_layer if prompt_mlp is not None else -1
     return {
         "vision": PipmmVision(model.model.vision_tower, model.model.multi_modal_projector, vision_cfg, prompt_mlp).eval(),
@@ -104,7 +105,8 @@ def _special_tokens(checkpoint: Checkpoint, tokenizer_json: dict) -> dict:
 # default. "sequence" numbers the K tokens one after another, as transformers' LLaVA does (and as
 # our training does); "patch" puts each kept token at the position of its patch (prompt-topk keeps
 # whole patches, in raster order), which a decoder trained at full budget can read places from.
-VISUAL_POSITIONS = {"prompt-topk": ("sequence", "patch"), "pool": ("sequence",), "full": ("sequence",)}
+VISUAL_POSITIONS = {"prompt-topk": ("sequence", "patch"), "pool": ("sequence",), "merge": ("sequence",),
+                    "full": ("sequence",)}
 
 
 def visual_positions_for(reducer: str, asked: str | None) -> str:
@@ -167,14 +169,16 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: str | Path | None = None,
                   no_prompt_mlp: bool = False, budget: str | int = "full", reducer: str = "pool",
                   chat_template: dict | None = None, overwrite: bool = False, progress: bool = True,
-                  precision: str = "fp32", visual_positions: str | None = None, **quantize_options) -> Path:
+                  precision: str = "fp32", visual_positions: str | None = None, reducer_options: dict | None = None,
+                  **quantize_options) -> Path:
     """quantize_options (precision other than fp32): calibration_set, calibration_size, block_size,
     int8_decoder, keep_fp32_ops; see export.quantize.quantize_bundle."""
     out_dir = Path(out_dir)
     if precision != "fp32":
         return _export_quantized(checkpoint_dir, out_dir, precision, quantize_options, overwrite, progress,
                                  prompt_mlp=prompt_mlp, no_prompt_mlp=no_prompt_mlp, budget=budget, reducer=reducer,
-                                 chat_template=chat_template, visual_positions=visual_positions)
+                                 chat_template=chat_template, visual_positions=visual_positions,
+                                 reducer_options=reducer_options)
     if quantize_options:
         raise ExportError(f"{', '.join(sorted(quantize_options))} only apply to --precision fp16, int8 or int4")
     if prompt_mlp is None and not no_prompt_mlp:
@@ -191,7 +195,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
         if (mlp.config.d_llm, mlp.config.d_vit) != want:
             raise ExportError(f"prompt MLP maps {mlp.config.d_llm}->{mlp.config.d_vit} but the checkpoint needs "
                               f"{want[0]}->{want[1]}: it was trained for another checkpoint")
-    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
+    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options)
     manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

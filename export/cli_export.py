@@ -10,8 +10,10 @@ def add_arguments(parser) -> None:
     mlp.add_argument("--prompt-mlp", default=None, help="prompt_mlp.safetensors (or its folder) for PIP-MM")
     mlp.add_argument("--no-prompt-mlp", action="store_true", help="plain LLaVA: keep the original class embedding")
     parser.add_argument("--visual-tokens", default="full", help="budget: full, half, quarter or an integer K")
-    parser.add_argument("--reducer", default="pool", choices=["pool", "prompt-topk"],
+    parser.add_argument("--reducer", default="pool", choices=["pool", "prompt-topk", "merge"],
                         help="how the budget is met (ignored at full budget)")
+    parser.add_argument("--primary-ratio", type=float, default=None, metavar="R",
+                        help="merge: share of the budget kept as primary patches, the rest merged (default 0.5)")
     parser.add_argument("--visual-positions", default=None, choices=["patch", "sequence"],
                         help="decoder positions of the kept visual tokens: one after another (default) or, with "
                              "prompt-topk, those of their patches; docs/bundle.md")
@@ -43,6 +45,8 @@ def run(args) -> int:
     out = export_bundle(args.checkpoint, args.out, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.no_prompt_mlp,
                         budget=args.visual_tokens, reducer=args.reducer, overwrite=args.overwrite,
                         progress=not args.quiet, precision=args.precision,
-                        visual_positions=args.visual_positions, **options)
+                        visual_positions=args.visual_positions,
+                        reducer_options=None if args.primary_ratio is None else {"primary_ratio": args.primary_ratio},
+                        **options)
     print(f"wrote {out}")
     return 0

@@ -240,7 +240,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", default=None, help="evaluate a checkpoint through the PyTorch reference")
     parser.add_argument("--prompt-mlp", default=None, help="with --checkpoint: the prompt MLP (PIP-MM)")
     parser.add_argument("--budget", default="full", help="with --checkpoint: full, half, quarter or K")
-    parser.add_argument("--reducer", default="pool", choices=("pool", "prompt-topk"), help="with --checkpoint")
+    parser.add_argument("--reducer", default="pool", choices=("pool", "prompt-topk", "merge"), help="with --checkpoint")
     parser.add_argument("--batch-size", type=int, default=0, help="with --checkpoint: batched greedy decoding")
     parser.add_argument("--visual-positions", default=None, choices=("sequence", "patch"),
                         help="with --checkpoint: decoder positions of the kept visual tokens (as pipmm export)")

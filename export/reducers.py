@@ -84,6 +84,61 @@ class PromptTopKReducer(torch.nn.Module):
         return torch.gather(tokens, 1, index)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    # x / |x| along the last axis, written out (Mul, ReduceSum, Sqrt, Div) for any ONNX consumer.
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-12)
+
+
+class MergeReducer(torch.nn.Module):
+    """VMTC (arXiv 2411.15453, as far as public sources describe it): keep the K_p patches the (T-)CLS
+    attends to most, merge the others into K_m = K - K_p tokens: [B,N,D] -> [B,K,D].
+
+    Clustering is static (constant K, a fixed number of unrolled iterations, no data-dependent
+    shape): the K_m next-ranked patches seed the clusters; each iteration assigns every non-primary
+    patch to its most cosine-similar centre (ReduceMax + Equal: a one-hot row, several on an exact tie)
+    and recomputes the centres. A merged token is the mean of its members weighted by their
+    attention scores; a cluster left empty keeps its seed token. Output: the primary tokens in raster
+    order, then the merged tokens in the raster order of their seeds.
+    """
+
+    DEFAULTS = {"primary_ratio": 0.5, "iterations": 2}
+
+    def __init__(self, grid_h: int, grid_w: int, k: int, primary_ratio: float = 0.5, iterations: int = 2):
+        super().__init__()
+        if not 0.0 < primary_ratio < 1.0:
+            raise ExportError(f"--primary-ratio {primary_ratio} is outside (0, 1): part of the budget must go "
+                              "to primary patches and part to merged ones")
+        if iterations < 1:
+            raise ExportError(f"merge iterations {iterations} must be at least 1")
+        if k < 2:
+            raise ExportError(f"the merge reducer needs a budget of at least 2 tokens (one primary, one merged), "
+                              f"not {k}")
+        self.kp = min(k - 1, max(1, round(k * primary_ratio)))
+        self.km = k - self.kp
+        self.iterations = iterations
+
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
+        d = tokens.shape[-1]
+        ranked = torch.topk(cls_attention, self.kp + self.km, dim=-1).indices  # [B, Kp+Km], by score
+        primary_index = torch.topk(ranked[:, : self.kp], self.kp, dim=-1, largest=False).values  # raster order
+        seed_index = torch.topk(ranked[:, self.kp:], self.km, dim=-1, largest=False).values  # [B, Km]
+        primary = torch.gather(tokens, 1, primary_index.unsqueeze(-1).expand(-1, -1, d))  # [B, Kp, D]
+        seeds = torch.gather(tokens, 1, seed_index.unsqueeze(-1).expand(-1, -1, d))  # [B, Km, D]
+        is_primary = torch.zeros_like(cls_attention).scatter(1, primary_index, 1.0)  # [B, N]
+        weight = (cls_attention * (1.0 - is_primary)).unsqueeze(-1)  # [B, N, 1]: primaries take no part
+        unit = _unit(tokens)  # [B, N, D]
+        centres = _unit(seeds)
+        merged = seeds
+        for _ in range(self.iterations):
+            similarity = torch.matmul(unit, centres.transpose(1, 2))  # [B, N, Km]
+            assign = (similarity == similarity.amax(-1, keepdim=True)).to(tokens.dtype) * weight  # [B, N, Km]
+            mass = assign.sum(1).unsqueeze(-1)  # [B, Km, 1]
+            pooled = torch.matmul(assign.transpose(1, 2), tokens)  # [B, Km, D]
+            merged = torch.where(mass > 0, pooled / mass.clamp_min(1e-12), seeds)
+            centres = _unit(merged)
+        return torch.cat([primary, merged], dim=1)
+
+
 class FullReducer(torch.nn.Module):
     def __init__(self, grid_h: int, grid_w: int, k: int):
         super().__init__()
@@ -95,12 +150,24 @@ class FullReducer(torch.nn.Module):
 REDUCERS: dict[str, type[torch.nn.Module]] = {
     "pool": PoolReducer,
     "prompt-topk": PromptTopKReducer,
+    "merge": MergeReducer,
 }
 
 
-def make_reducer(name: str, grid_h: int, grid_w: int, k: int) -> torch.nn.Module:
-    if k == grid_h * grid_w:
-        return FullReducer(grid_h, grid_w, k)
+def reducer_options(name: str, given: dict | None = None) -> dict:
+    """The reducer's settings with its defaults filled in (recorded in the manifest's vision config)."""
+    cls = REDUCERS.get(name)
+    defaults = dict(getattr(cls, "DEFAULTS", {}))
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise ExportError(f"reducer {name!r} takes no {', '.join(unknown)} setting"
+                          + (f" (it takes {', '.join(defaults)})" if defaults else ""))
+    return {**defaults, **(given or {})}
+
+
+def make_reducer(name: str, grid_h: int, grid_w: int, k: int, options: dict | None = None) -> torch.nn.Module:
     if name not in REDUCERS:
         raise ExportError(f"unknown reducer {name!r}: choose one of {', '.join(REDUCERS)}")
-    return REDUCERS[name](grid_h, grid_w, k)
+    if k == grid_h * grid_w:
+        return FullReducer(grid_h, grid_w, k)
+    return REDUCERS[name](grid_h, grid_w, k, **reducer_options(name, options))

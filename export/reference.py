@@ -71,10 +71,11 @@ class TorchBackend:
 
 
 def reference_pipeline(checkpoint_dir, prompt_mlp=None, budget="full", reducer="pool",
-                       chat_template: dict | None = None, visual_positions: str | None = None) -> Pipeline:
+                       chat_template: dict | None = None, visual_positions: str | None = None,
+                       reducer_options: dict | None = None) -> Pipeline:
     checkpoint = load_checkpoint(checkpoint_dir)
     mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
-    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
+    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options)
     manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
     return Pipeline(manifest, checkpoint.tokenizer_file, TorchBackend(modules, manifest["model"]),
                     source=f"torch:{checkpoint_dir}")

@@ -99,7 +99,7 @@ def add_arguments(parser) -> None:
                    help="stage 2 with prompt-topk: kept visual tokens at their patch positions (export the result "
                         "with --visual-positions patch)")
     p.add_argument("--budget", default=None, help="visual tokens: full, half, quarter or K (stage 2 default half)")
-    p.add_argument("--reducer", default="prompt-topk", choices=("pool", "prompt-topk"))
+    p.add_argument("--reducer", default="prompt-topk", choices=("pool", "prompt-topk", "merge"))
     p.add_argument("--grounding-weight", type=float, default=0.0,
                    help="stages 1-2: weight of -log(T-CLS attention on the named objects' patches) (not in "
                         "the paper; 0 = the LM loss alone)")

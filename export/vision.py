@@ -14,13 +14,13 @@ in the deepest used layer is needed anyway (the prompt-topk reducer and explanat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from .prompt import PromptMLP
-from .reducers import make_reducer, resolve_budget
+from .reducers import REDUCERS, make_reducer, reducer_options, resolve_budget
 
 
 @dataclass
@@ -32,6 +32,7 @@ class VisionConfig:
     budget: str | int  # as asked: "full", "half", "quarter" or an int
     num_tokens: int  # K, resolved
     reducer: str
+    reducer_options: dict = field(default_factory=dict)  # e.g. merge: primary_ratio, iterations
 
     @property
     def grid(self) -> int:
@@ -44,7 +45,7 @@ class VisionConfig:
         return d
 
 
-def vision_config_from(llava_config, budget="full", reducer="pool") -> VisionConfig:
+def vision_config_from(llava_config, budget="full", reducer="pool", options: dict | None = None) -> VisionConfig:
     vc = llava_config.vision_config
     num_layers = vc.num_hidden_layers
     layers = llava_config.vision_feature_layer
@@ -56,6 +57,7 @@ def vision_config_from(llava_config, budget="full", reducer="pool") -> VisionCon
         image_size=vc.image_size, patch_size=vc.patch_size, feature_layers=layers,
         select_strategy=llava_config.vision_feature_select_strategy, budget=budget,
         num_tokens=resolve_budget(budget, grid * grid), reducer=reducer,
+        reducer_options=reducer_options(reducer, options) if reducer in REDUCERS else dict(options or {}),
     )
 
 
@@ -91,7 +93,8 @@ class PipmmVision(nn.Module):
         self.projector = projector
         self.prompt_mlp = prompt_mlp
         self.config = config
-        self.reducer = make_reducer(config.reducer, config.grid, config.grid, config.num_tokens)
+        self.reducer = make_reducer(config.reducer, config.grid, config.grid, config.num_tokens,
+                                    config.reducer_options)
 
     def embed(self, pixel_values: torch.Tensor, t_cls: torch.Tensor | None) -> torch.Tensor:
         emb = self.vit.embeddings

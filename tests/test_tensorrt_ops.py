@@ -21,8 +21,9 @@ def _constants(graph) -> set[str]:
 
 
 @pytest.mark.parametrize("options", [dict(), dict(pipmm=True, budget="half", reducer="prompt-topk"),
-                                     dict(pipmm=True, budget="half", reducer="pool"), dict(arch="qwen2")],
-                         ids=["plain", "pipmm-topk", "pipmm-pool", "qwen2"])
+                                     dict(pipmm=True, budget="half", reducer="pool"), dict(arch="qwen2"),
+                                     dict(pipmm=True, budget="quarter", reducer="merge")],
+                         ids=["plain", "pipmm-topk", "pipmm-pool", "qwen2", "pipmm-merge"])
 def test_every_operator_is_supported_by_tensorrt(options, bundles):
     bundle = bundles(**options)
     manifest = json.loads((bundle / "manifest.json").read_text())
