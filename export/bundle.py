@@ -20,7 +20,7 @@ from sdk.errors import ExportError
 
 from . import onnx_export
 from .checkpoint import Checkpoint, load_checkpoint
-from .decoder import DecoderGraph, EmbedGraph
+from .decoder import DecoderGraph, EmbedGraph, cmai_settings
 from .prompt import PromptMLP
 from .vision import PipmmVision, vision_config_from
 
@@ -66,15 +66,19 @@ def publish_bundle(tmp: Path, out_dir: Path, manifest: dict) -> Path:
 
 
 def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="full", reducer="pool",
-                  reducer_options: dict | None = None) -> dict:
-    """The torch modules that become the graphs (also the PyTorch reference backend's modules)."""
+                  reducer_options: dict | None = None, cmai: dict | None = None) -> dict:
+    """The torch modules that become the graphs (also the PyTorch reference backend's modules).
+
+    cmai: CMAI settings (export.decoder.cmai_settings; None = defaults, {"layers": "none"} = without)."""
     model, config = checkpoint.model, checkpoint.config
     vision_cfg = vision_config_from(config, budget=budget, reducer=reducer, options=reducer_options)
     prompt_layer = prompt_mlp.config.prompt_layer if prompt_mlp is not None else -1
+    cmai = cmai_settings(config.text_config.num_hidden_layers, cmai)
     return {
         "vision": PipmmVision(model.model.vision_tower, model.model.multi_modal_projector, vision_cfg, prompt_mlp).eval(),
         "embed": EmbedGraph(model.get_input_embeddings()).eval(),
-        "decoder": DecoderGraph(checkpoint.language_model, model.lm_head, config.text_config, prompt_layer).eval(),
+        "decoder": DecoderGraph(checkpoint.language_model, model.lm_head, config.text_config, prompt_layer,
+                                cmai).eval(),
     }
 
 
@@ -162,6 +166,9 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
         "chat_template": dict(chat_template or DEFAULT_CHAT_TEMPLATE),
         "special_tokens": _special_tokens(checkpoint, tokenizer_json),
         "generation": dict(DEFAULT_GENERATION),
+        # CMAI (docs/vmtc-cmai.md): the decoder's image_bias input and attention output, the layers they act at
+        # and the runtime's settings; absent (bundles before it) or null: the decoder has neither.
+        "cmai": modules["decoder"].cmai,
         "tokenizer": "tokenizer.json",
     }
 
@@ -170,7 +177,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
                   no_prompt_mlp: bool = False, budget: str | int = "full", reducer: str = "pool",
                   chat_template: dict | None = None, overwrite: bool = False, progress: bool = True,
                   precision: str = "fp32", visual_positions: str | None = None, reducer_options: dict | None = None,
-                  **quantize_options) -> Path:
+                  cmai: dict | None = None, **quantize_options) -> Path:
     """quantize_options (precision other than fp32): calibration_set, calibration_size, block_size,
     int8_decoder, keep_fp32_ops; see export.quantize.quantize_bundle."""
     out_dir = Path(out_dir)
@@ -178,7 +185,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
         return _export_quantized(checkpoint_dir, out_dir, precision, quantize_options, overwrite, progress,
                                  prompt_mlp=prompt_mlp, no_prompt_mlp=no_prompt_mlp, budget=budget, reducer=reducer,
                                  chat_template=chat_template, visual_positions=visual_positions,
-                                 reducer_options=reducer_options)
+                                 reducer_options=reducer_options, cmai=cmai)
     if quantize_options:
         raise ExportError(f"{', '.join(sorted(quantize_options))} only apply to --precision fp16, int8 or int4")
     if prompt_mlp is None and not no_prompt_mlp:
@@ -195,7 +202,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
         if (mlp.config.d_llm, mlp.config.d_vit) != want:
             raise ExportError(f"prompt MLP maps {mlp.config.d_llm}->{mlp.config.d_vit} but the checkpoint needs "
                               f"{want[0]}->{want[1]}: it was trained for another checkpoint")
-    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options)
+    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options, cmai=cmai)
     manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

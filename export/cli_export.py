@@ -14,6 +14,11 @@ def add_arguments(parser) -> None:
                         help="how the budget is met (ignored at full budget)")
     parser.add_argument("--primary-ratio", type=float, default=None, metavar="R",
                         help="merge: share of the budget kept as primary patches, the rest merged (default 0.5)")
+    parser.add_argument("--cmai-layers", default="auto", metavar="auto|none|I,J,...",
+                        help="CMAI: decoder layers that take the image_bias input and return attention "
+                             "(auto: the second half; none: a decoder without them); docs/vmtc-cmai.md")
+    parser.add_argument("--cmai-aggregate", default=None, choices=["per-layer", "mean"],
+                        help="CMAI: each layer masks by its own focus scores, or all by their mean (default per-layer)")
     parser.add_argument("--visual-positions", default=None, choices=["patch", "sequence"],
                         help="decoder positions of the kept visual tokens: one after another (default) or, with "
                              "prompt-topk, those of their patches; docs/bundle.md")
@@ -47,6 +52,8 @@ def run(args) -> int:
                         progress=not args.quiet, precision=args.precision,
                         visual_positions=args.visual_positions,
                         reducer_options=None if args.primary_ratio is None else {"primary_ratio": args.primary_ratio},
+                        cmai={"layers": args.cmai_layers,
+                              **({"aggregate": args.cmai_aggregate} if args.cmai_aggregate else {})},
                         **options)
     print(f"wrote {out}")
     return 0

@@ -1,10 +1,14 @@
 """The LLM as two graphs: `embed` (ids -> embeddings) and `decoder` (one step, with KV cache).
 
 decoder inputs:  inputs_embeds [B,T,D], attention_mask [B,P+T] (int64, 1 = attend),
-                 position_ids [B,T] (int64), past_key_values.{i}.key/.value [B,H_kv,P,hd] per layer
+                 position_ids [B,T] (int64), past_key_values.{i}.key/.value [B,H_kv,P,hd] per layer,
+                 image_bias [B,L_c,P+T] (float, CMAI bundles only: added to the attention scores of every
+                 query of the call at the L_c CMAI layers; zeros = off. docs/vmtc-cmai.md)
 decoder outputs: logits [B,V] (last position only: the only one generation reads),
                  hidden [B,T,D] (hidden state at the prompt-vector layer, every position),
-                 present.{i}.key/.value [B,H_kv,P+T,hd]
+                 present.{i}.key/.value [B,H_kv,P+T,hd],
+                 attention [B,L_c,T,P+T] (CMAI bundles only: softmax probabilities at the CMAI layers, mean
+                 over heads, after the bias; the runtime's focus score reads them)
 
 Prefill is a call with P = 0 and the whole prompt; decode is a call with T = 1. The same graph
 over the prompt alone (no image) is PIP-MM's prompt encoder, so the bundle holds the LLM once.
@@ -23,9 +27,13 @@ decoder_static outputs: logits [B,V], hidden [B,T,D],
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
+
+from sdk.errors import ExportError
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:
@@ -41,32 +49,106 @@ class EmbedGraph(nn.Module):
         return self.embed_tokens(input_ids)  # [B,T] -> [B,T,D]
 
 
+def default_cmai_layers(num_layers: int) -> list[int]:
+    """CMAI's layers when export is not told: the second half of the decoder (its first layers attend
+    broadly and build the tokens' context; the later ones read the image for the answer)."""
+    return list(range(num_layers // 2, num_layers))
+
+
+def cmai_settings(num_layers: int, given: dict | None = None) -> dict | None:
+    """The manifest's `cmai` entry: layers (None or "auto" = default_cmai_layers, [] or "none" = no CMAI
+    inputs in the graph: returns None), the runtime's settings (sdk.cmai.DEFAULTS) filled in."""
+    from sdk.cmai import check_settings
+
+    given = dict(given or {})
+    layers = given.pop("layers", None)
+    if layers is None or layers == "auto":
+        layers = default_cmai_layers(num_layers)
+    elif layers == "none":
+        layers = []
+    elif isinstance(layers, str):
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise ExportError(f"--cmai-layers {layers!r} is not auto, none or comma-separated layer numbers") from None
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not -num_layers <= x < num_layers]
+    if bad:
+        raise ExportError(f"CMAI layers {bad} are outside the decoder's {num_layers} layers (0..{num_layers - 1}, "
+                          "or negative from the end)")
+    layers = sorted({x % num_layers for x in layers})
+    if not layers:
+        return None
+    settings = check_settings(given, error=ExportError)
+    return {"layers": layers, "bias_input": "image_bias", "attention_output": "attention", **settings}
+
+
+@contextmanager
+def _cmai_hooks(layers, cmai_layers: list[int], image_bias: torch.Tensor | None):
+    """While open, attention of layer cmai_layers[c] gets image_bias[:, c] added to its mask, and its
+    probabilities are collected: yields a list that fills with [B,T,S] (mean over heads) per CMAI layer.
+
+    Hooks on the checkpoint's own attention modules (transformers' eager attention adds the mask to the
+    scores and returns the softmax probabilities), so every text architecture that transformers runs gets
+    the same treatment; they are removed on exit, so the model is untouched outside this graph's call.
+    """
+    probs: list[torch.Tensor] = []
+    handles = []
+
+    def add_bias(column: int, module, args, kwargs):
+        bias = image_bias[:, column].unsqueeze(1).unsqueeze(1)  # [B,1,1,S]: every query row of the call
+        mask = kwargs.get("attention_mask")  # [B,1,T,S] float (eager), finfo.min where masked
+        kwargs["attention_mask"] = bias if mask is None else mask + bias.to(mask.dtype)
+        return args, kwargs
+
+    def keep_probs(module, args, kwargs, output):
+        probs.append(output[1].float().mean(1))  # eager returns (out, probs [B,H,T,S])
+
+    for column, index in enumerate(cmai_layers):
+        attn = layers[index].self_attn
+        if image_bias is not None:
+            handles.append(attn.register_forward_pre_hook(
+                lambda m, a, k, c=column: add_bias(c, m, a, k), with_kwargs=True))
+        handles.append(attn.register_forward_hook(keep_probs, with_kwargs=True))
+    try:
+        yield probs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class DecoderGraph(nn.Module):
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, text_config, prompt_layer: int = -1):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, text_config, prompt_layer: int = -1,
+                 cmai: dict | None = None):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
         self.text_config = text_config
         self.num_layers = text_config.num_hidden_layers
         self.prompt_layer = prompt_layer
+        self.cmai = cmai  # the manifest's cmai entry (cmai_settings), or None
+        self.cmai_layers = list((cmai or {}).get("layers", []))  # empty: no image_bias input, no attention output
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past: tuple[torch.Tensor, ...]):
+    def forward(self, inputs_embeds, attention_mask, position_ids, past: tuple[torch.Tensor, ...],
+                image_bias: torch.Tensor | None = None):
         # The cache object is rebuilt from flat tensors inside the traced function: the graph's
         # interface stays plain tensors, whatever cache class the transformers release uses.
         cache = DynamicCache(config=self.text_config)
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, output_hidden_states=self.prompt_layer != -1,
-        )
+        with _cmai_hooks(self.language_model.layers, self.cmai_layers, image_bias) as probs:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, output_hidden_states=self.prompt_layer != -1,
+            )
         last = out.last_hidden_state
         hidden = last if self.prompt_layer == -1 else out.hidden_states[self.prompt_layer + 1]
         logits = self.lm_head(last[:, -1]).float()
         present = []
         for layer in cache.layers[: self.num_layers]:
             present += [layer.keys, layer.values]
-        return (logits, hidden, *present)
+        if not self.cmai_layers:
+            return (logits, hidden, *present)
+        return (logits, hidden, *present, torch.stack(probs, dim=1))  # attention [B,L_c,T,P+T]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

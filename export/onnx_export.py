@@ -82,6 +82,11 @@ def export_decoder(decoder: DecoderGraph, path: Path, model: dict) -> None:
               tuple({0: batch, 2: past} for _ in range(2 * n)))
     inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past_key_values")]
     outputs = ["logits", "hidden", *kv_names(n, "present")]
+    if decoder.cmai_layers:  # CMAI (docs/vmtc-cmai.md): image_bias [B,L_c,P+T] in, attention [B,L_c,T,P+T] out
+        args += (torch.randn(b, len(decoder.cmai_layers), p + t, dtype=dtype, device=device),)
+        shapes += ({0: batch, 2: total},)
+        inputs.append("image_bias")
+        outputs.append("attention")
     _export(decoder, args, path, inputs, outputs, shapes)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from runtimes.positions import following, step_positions
+from sdk.errors import BundleError
 from sdk.pipeline import Pipeline
 
 from .bundle import build_manifest, build_modules
@@ -59,23 +60,47 @@ class TorchBackend:
         empty = torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
         return TorchCache(past=(empty,) * (2 * self.num_layers), length=0)
 
-    @torch.no_grad()
-    def decoder(self, inputs_embeds: np.ndarray, cache: TorchCache, position_ids: np.ndarray | None = None):
+    def _run(self, inputs_embeds: np.ndarray, cache: TorchCache, position_ids, image_bias):
         b, t, _ = inputs_embeds.shape
         mask = torch.ones(b, cache.length + t, dtype=torch.int64, device=self.device)
         positions = step_positions(cache.next_position, b, t, position_ids)
-        logits, hidden, *present = self.modules["decoder"](self._t(inputs_embeds, self.dtype), mask,
-                                                           self._t(positions), cache.past)
-        return (logits.float().cpu().numpy(), hidden.float().cpu().numpy(),
-                TorchCache(past=tuple(present), length=cache.length + t, next_position=following(positions)))
+        decoder = self.modules["decoder"]
+        extra = ()
+        if decoder.cmai_layers:  # a CMAI decoder: image_bias [B,L_c,P+T], zeros when not given
+            layers = len(decoder.cmai_layers)
+            bias = np.zeros((b, layers, cache.length + t), np.float32) if image_bias is None else image_bias
+            extra = (self._t(bias, self.dtype),)
+        elif image_bias is not None:
+            raise BundleError("this decoder has no CMAI layers (exported with --cmai-layers none): no inhibit")
+        outputs = decoder(self._t(inputs_embeds, self.dtype), mask, self._t(positions), cache.past, *extra)
+        n = 2 + 2 * self.num_layers
+        logits, hidden, present = outputs[0], outputs[1], outputs[2:n]
+        attention = outputs[n] if len(outputs) > n else None
+        grown = TorchCache(past=tuple(present), length=cache.length + t, next_position=following(positions))
+        return logits.float().cpu().numpy(), hidden.float().cpu().numpy(), grown, attention
+
+    @torch.no_grad()
+    def decoder(self, inputs_embeds: np.ndarray, cache: TorchCache, position_ids: np.ndarray | None = None,
+                image_bias: np.ndarray | None = None):
+        logits, hidden, grown, _ = self._run(inputs_embeds, cache, position_ids, image_bias)
+        return logits, hidden, grown
+
+    @torch.no_grad()
+    def attention(self, inputs_embeds: np.ndarray, cache: TorchCache, position_ids: np.ndarray | None = None):
+        """CMAI's probe: attention [B,L_c,T,P+T] of this call's queries (no bias); the cache is not kept."""
+        attention = self._run(inputs_embeds, cache, position_ids, None)[3]
+        if attention is None:
+            raise BundleError("this decoder has no CMAI layers (exported with --cmai-layers none): no attention")
+        return attention.float().cpu().numpy()
 
 
 def reference_pipeline(checkpoint_dir, prompt_mlp=None, budget="full", reducer="pool",
                        chat_template: dict | None = None, visual_positions: str | None = None,
-                       reducer_options: dict | None = None) -> Pipeline:
+                       reducer_options: dict | None = None, cmai: dict | None = None) -> Pipeline:
     checkpoint = load_checkpoint(checkpoint_dir)
     mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
-    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options)
+    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options,
+                            cmai=cmai)
     manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
     return Pipeline(manifest, checkpoint.tokenizer_file, TorchBackend(modules, manifest["model"]),
                     source=f"torch:{checkpoint_dir}")

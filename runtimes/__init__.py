@@ -5,7 +5,10 @@ Every backend offers the same four calls on numpy arrays (batch-first):
     embed(input_ids [B,T] int64) -> inputs_embeds [B,T,D]
     vision(pixel_values [B,3,H,W], prompt_vector [B,D_llm] or None) -> (visual_tokens [B,K,D], cls_attention [B,N])
     new_cache(batch) -> an opaque KV cache with `.length`
-    decoder(inputs_embeds [B,T,D], cache) -> (logits [B,V], hidden [B,T,D], cache grown by T)
+    decoder(inputs_embeds [B,T,D], cache, position_ids=None, image_bias=None)
+        -> (logits [B,V], hidden [B,T,D], cache grown by T); image_bias [B,L_c,P+T] for CMAI bundles (None = zeros)
+    attention(inputs_embeds [B,T,D], cache, position_ids=None) -> [B,L_c,T,P+T]
+        CMAI's probe: the call's attention probabilities at the CMAI layers; `cache` is not grown (sdk/cmai.py)
 
 Backends may also offer `info() -> dict` (what runs where: providers, cache kind, CUDA graph), which
 `pipmm bench` records. `export.reference:TorchBackend` is the PyTorch reference with the same interface (workstation only).

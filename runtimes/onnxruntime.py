@@ -168,6 +168,13 @@ class OnnxRuntimeBackend:
         self.logits_dtype = _NUMPY_DTYPES[decoder_outputs["logits"]["dtype"]]
         self.hidden_dtype = _NUMPY_DTYPES[decoder_outputs["hidden"]["dtype"]]
         self.hidden_size = int(model.get("hidden_size") or decoder_inputs["inputs_embeds"]["shape"][-1])
+        # CMAI (sdk/cmai.py): image_bias [B,L_c,P+T] in, attention [B,L_c,T,P+T] out; bundles before it (and
+        # decoder_static) have neither: nothing is fed, and inhibition is refused in one line.
+        bias = decoder_inputs.get("image_bias")
+        self.bias_layers = int(bias["shape"][1]) if bias else 0
+        self.bias_dtype = _NUMPY_DTYPES[bias["dtype"]] if bias else None
+        self.has_attention = "attention" in decoder_outputs
+        self.step_outputs = ["logits", "hidden", *self._kv_names("present")]  # what a generation step reads
         self.vocab_size = int(model.get("vocab_size") or decoder_outputs["logits"]["shape"][-1])
         if self.static_cache:
             self._init_static()
@@ -267,15 +274,46 @@ class OnnxRuntimeBackend:
             return KVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
         return DeviceKVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
 
-    def decoder(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None):
-        """[B,T,D] -> (logits [B,V], hidden [B,T,D], grown cache); position_ids [B,T] or contiguous."""
+    def _image_bias(self, batch: int, total: int, image_bias: np.ndarray | None) -> np.ndarray | None:
+        """The decoder's image_bias feed [B,L_c,P+T]: zeros unless given; None when the graph has no such input."""
+        if not self.bias_layers:
+            if image_bias is not None:
+                raise BundleError(f"the {self.decoder_graph} graph of bundle {self.bundle.path} takes no image_bias "
+                                  "(exported before CMAI or with --cmai-layers none, or a static KV cache): "
+                                  "re-export it with 'pipmm export', or run without inhibit")
+            return None
+        if image_bias is None:
+            return np.zeros((batch, self.bias_layers, total), self.bias_dtype)
+        if image_bias.shape != (batch, self.bias_layers, total):
+            raise BackendError(f"image_bias has shape {image_bias.shape}, the call needs {(batch, self.bias_layers, total)}")
+        return np.ascontiguousarray(image_bias, self.bias_dtype)
+
+    def decoder(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None,
+                image_bias: np.ndarray | None = None):
+        """[B,T,D] -> (logits [B,V], hidden [B,T,D], grown cache); position_ids [B,T] or contiguous;
+        image_bias [B,L_c,P+T] (CMAI bundles; None = zeros)."""
+        logits, hidden, grown, _ = self._decoder(inputs_embeds, cache, position_ids, image_bias, attention=False)
+        return logits, hidden, grown
+
+    def attention(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None) -> np.ndarray:
+        """CMAI's probe: attention [B,L_c,T,P+T] of this call's queries at the CMAI layers (no bias); the
+        grown cache is dropped, `cache` stays valid (numpy and device caches are never written in place)."""
+        if not self.has_attention:
+            raise BundleError(f"the {self.decoder_graph} graph of bundle {self.bundle.path} has no attention output "
+                              "(exported before CMAI or with --cmai-layers none, or a static KV cache): re-export "
+                              "it with 'pipmm export', or run without inhibit")
+        return self._decoder(inputs_embeds, cache, position_ids, None, attention=True)[3]
+
+    def _decoder(self, inputs_embeds: np.ndarray, cache, position_ids, image_bias, attention: bool):
         b, t, _ = inputs_embeds.shape
         start = cache.length if isinstance(cache, StaticKVCache) else cache.next_position
         positions = step_positions(start, b, t, position_ids)
         if isinstance(cache, StaticKVCache):
-            return self._decoder_static(inputs_embeds, cache, positions)
+            self._image_bias(b, 0, image_bias)  # refuses a bias: decoder_static has no CMAI input
+            return (*self._decoder_static(inputs_embeds, cache, positions), None)
+        bias = self._image_bias(b, cache.length + t, image_bias)
         if isinstance(cache, DeviceKVCache):
-            return self._decoder_device(inputs_embeds, cache, positions)
+            return self._decoder_device(inputs_embeds, cache, positions, bias)
         mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
         feeds = {
             "inputs_embeds": inputs_embeds.astype(self.embed_dtype),
@@ -285,16 +323,21 @@ class OnnxRuntimeBackend:
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"] = cache.past[2 * i]
             feeds[f"past_key_values.{i}.value"] = cache.past[2 * i + 1]
-        logits, hidden, *present = self.sessions["decoder"].run(None, feeds)
+        if bias is not None:
+            feeds["image_bias"] = bias
+        fetch = self.step_outputs + (["attention"] if attention else [])
+        logits, hidden, *present = self.sessions["decoder"].run(fetch, feeds)
+        probs = present.pop() if attention else None
         return logits, hidden, KVCache(past=present, length=cache.length + t, mask=mask,
-                                       next_position=following(positions))
+                                       next_position=following(positions)), probs
 
     # -- device cache (dynamic shapes, IO binding) ------------------------------------------------
 
     def _kv_names(self, prefix: str) -> list[str]:
         return [f"{prefix}.{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]
 
-    def _decoder_device(self, inputs_embeds: np.ndarray, cache: DeviceKVCache, positions: np.ndarray):
+    def _decoder_device(self, inputs_embeds: np.ndarray, cache: DeviceKVCache, positions: np.ndarray,
+                        bias: np.ndarray | None):
         b, t, _ = inputs_embeds.shape
         mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
         session = self.sessions["decoder"]
@@ -302,6 +345,8 @@ class OnnxRuntimeBackend:
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, self.embed_dtype))
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("position_ids", positions)
+        if bias is not None:
+            binding.bind_cpu_input("image_bias", bias)
         for name, value in zip(self._kv_names("past_key_values"), cache.past):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
@@ -311,10 +356,13 @@ class OnnxRuntimeBackend:
         binding.bind_output("hidden", "cpu")
         for name in self._kv_names("present"):
             binding.bind_output(name, self.ort_device, self.device_id)
+        if self.has_attention:
+            binding.bind_output("attention", "cpu")
         session.run_with_iobinding(binding)
         logits, hidden, *present = binding.get_outputs()
+        probs = present.pop().numpy() if self.has_attention else None
         return logits.numpy(), hidden.numpy(), DeviceKVCache(past=present, length=cache.length + t, mask=mask,
-                                                                next_position=following(positions))
+                                                                next_position=following(positions)), probs
 
     # -- static cache (in place, CUDA graph) ------------------------------------------------------
 

@@ -505,7 +505,12 @@ class TensorRTBackend:
         self._generation += 1
         return TensorRTCache(length=0, side=0, generation=self._generation)
 
-    def decoder(self, inputs_embeds: np.ndarray, cache: TensorRTCache, position_ids: np.ndarray | None = None):
+    def attention(self, inputs_embeds: np.ndarray, cache: TensorRTCache, position_ids: np.ndarray | None = None):
+        raise BackendError("CMAI (inhibit) runs the prompt's text as a chunk after the image's cache, which these "
+                           "engines' profiles (fresh prompt or one token) do not take: use the onnxruntime backend")
+
+    def decoder(self, inputs_embeds: np.ndarray, cache: TensorRTCache, position_ids: np.ndarray | None = None,
+                image_bias: np.ndarray | None = None):
         if cache.generation != self._generation:
             raise BackendError("this KV cache was replaced by a newer new_cache(): one sequence at a time per backend")
         b, t, _ = inputs_embeds.shape
@@ -520,6 +525,12 @@ class TensorRTBackend:
         shape = (b, self.num_kv_heads, cache.length, self.head_dim)
         host = {"inputs_embeds": inputs_embeds, "attention_mask": np.ones((b, cache.length + t), np.int64),
                 "position_ids": step_positions(cache.next_position, b, t, position_ids)}
+        if "image_bias" in self.engines["decoder"].inputs:  # a CMAI bundle (sdk/cmai.py): zeros = off
+            layers = int(self.engines["decoder"].engine.get_tensor_shape("image_bias")[1])
+            host["image_bias"] = (np.zeros((b, layers, cache.length + t), np.float32) if image_bias is None
+                                  else image_bias)
+        elif image_bias is not None:
+            raise BackendError("this bundle's decoder takes no image_bias (exported before CMAI): re-export it")
         device_in = {f"past_key_values.{n}": (buf.ptr, shape) for n, buf in zip(names, past)}
         device_out = {f"present.{n}": buf.ptr for n, buf in zip(names, present)}
         profile = 0 if cache.length == 0 else 1

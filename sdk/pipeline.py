@@ -5,6 +5,8 @@
     pixel_values (+ prompt vector) --vision--> visual tokens [K, D]
     template with K image slots --embed--> embeddings, image slots := visual tokens
     prefill: decoder over the whole turn -> logits, KV cache
+             (inhibit > 0, CMAI: [text, image] -> cache; the prompt's text -> attention -> focus -> image_bias;
+              the prompt's text again with image_bias -> logits, cache. sdk/cmai.py)
     decode:  sample -> embed -> decoder (T=1) -> logits ... until EOS, max_new_tokens or a full context
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cmai
 from .bundle import default_bundle_path, load_bundle
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .generation import GenerationArgs, sample
@@ -33,10 +36,12 @@ class Result:
     visual_tokens: int
     finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (the context window is full)
     timings: dict[str, float] = field(default_factory=dict)  # ms, plus tokens_per_s
+    inhibited: int = 0  # CMAI: visual tokens masked from the text's attention (per CMAI layer)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids,
-                "stats": {"visual_tokens": self.visual_tokens, "finish_reason": self.finish_reason, **self.timings}}
+                "stats": {"visual_tokens": self.visual_tokens, "finish_reason": self.finish_reason,
+                          "inhibited_visual_tokens": self.inhibited, **self.timings}}
 
 
 def _ms(start: float) -> float:
@@ -57,6 +62,8 @@ class Pipeline:
         if self.visual_positions not in ("sequence", "patch"):
             raise BundleError(f"manifest visual_tokens.positions is {self.visual_positions!r}, not 'sequence' or "
                               "'patch': this SDK is older than the bundle, or the manifest was edited")
+        spec = manifest.get("cmai")  # absent (bundles before CMAI) or null: the decoder has no image_bias input
+        self.cmai = None if spec is None else cmai.check_settings(spec)
         # One request at a time per Pipeline: the backends' sessions are shared state. Callers from
         # several threads are serialised here; use one Pipeline per thread for parallelism.
         self._lock = threading.Lock()
@@ -121,10 +128,39 @@ class Pipeline:
             logits, _, cache = self.backend.decoder(input_embeds, cache, position_ids)
         return logits, cache
 
-    def decode(self, token_id: int, cache):
-        """One new token -> (logits [1,V], cache grown by one)."""
+    def inhibited_prefill(self, input_embeds: np.ndarray, position_ids: np.ndarray | None, image_slots: np.ndarray,
+                          fraction: float):
+        """CMAI prefill -> (last logits [1,V], cache, image_bias [1,L_c,T] for the following calls, masked count).
+
+        The text after the image is run twice over the cache of everything before it: once with no bias to
+        read its attention (focus scores), once with the lowest `fraction` of image tokens masked at the
+        CMAI layers. Only text queries see the bias: the image tokens and the text before them are
+        prefilled without it, as in one plain prefill.
+        """
+        split = int(image_slots[-1]) + 1  # first text token after the image
+        if split >= input_embeds.shape[1]:  # no prompt text after the image: nothing to weigh focus by
+            logits, cache = self.prefill(input_embeds, position_ids)
+            return logits, cache, None, 0
+        head, tail = (None, None) if position_ids is None else (position_ids[:, :split], position_ids[:, split:])
+        _, before = self.prefill(input_embeds[:, :split], head)
+        text = input_embeds[:, split:]
+        attention = self.backend.attention(text, before, tail)  # [1, L_c, T_b, split + T_b]
+        text_slots = np.arange(split, input_embeds.shape[1])
+        focus = cmai.focus_scores(attention[0].astype(np.float32), image_slots, text_slots)  # [L_c, K]
+        bias, count = cmai.inhibition_bias(focus, fraction, image_slots, input_embeds.shape[1], self.cmai)
+        if tail is None:
+            logits, _, cache = self.backend.decoder(text, before, image_bias=bias)
+        else:
+            logits, _, cache = self.backend.decoder(text, before, tail, image_bias=bias)
+        return logits, cache, bias, count
+
+    def decode(self, token_id: int, cache, image_bias: np.ndarray | None = None):
+        """One new token -> (logits [1,V], cache grown by one); image_bias [1,L_c,P+1] (CMAI) or None."""
         embeds = self.backend.embed(np.asarray([[token_id]], np.int64))
-        logits, _, cache = self.backend.decoder(embeds, cache)
+        if image_bias is None:
+            logits, _, cache = self.backend.decoder(embeds, cache)
+        else:
+            logits, _, cache = self.backend.decoder(embeds, cache, image_bias=image_bias)
         return logits, cache
 
     # -- requests -------------------------------------------------------------------------------
@@ -144,7 +180,7 @@ class Pipeline:
             finally:
                 self._owner = None
 
-    def _tokens(self, image, prompt, args: GenerationArgs, result: Result) -> Iterator[int]:
+    def _tokens(self, image, prompt, args: GenerationArgs, result: Result, inhibit: float = 0.0) -> Iterator[int]:
         """Yields generated token ids one by one, filling result.timings as it goes."""
         t = result.timings
         start = time.perf_counter()
@@ -163,7 +199,12 @@ class Pipeline:
         stage = time.perf_counter()
         embeds = self.backend.embed(ids[None]).copy()
         embeds[0, image_slots] = visual_tokens[0].astype(embeds.dtype)
-        logits, cache = self.prefill(embeds, self.prefill_positions(len(ids), image_slots, cls_attention))
+        positions = self.prefill_positions(len(ids), image_slots, cls_attention)
+        bias = None
+        if inhibit > 0:
+            logits, cache, bias, result.inhibited = self.inhibited_prefill(embeds, positions, image_slots, inhibit)
+        else:
+            logits, cache = self.prefill(embeds, positions)
         t["prefill_ms"] = _ms(stage)
 
         rng = np.random.default_rng(args.seed)
@@ -184,7 +225,8 @@ class Pipeline:
             if cache.next_position + 1 > self.max_context:  # the next token would have no position left
                 result.finish_reason = "context"
                 break
-            logits, cache = self.decode(token, cache)
+            bias = cmai.grow(bias)  # the new token's own position is never inhibited
+            logits, cache = self.decode(token, cache, bias)
         t["decode_ms"] = _ms(decode_start)
         t["tokens_per_s"] = generated / (t["decode_ms"] / 1000.0) if generated and t["decode_ms"] > 0 else 0.0
         t["total_ms"] = _ms(start)
@@ -196,12 +238,22 @@ class Pipeline:
             d["temperature"] if temperature is None else temperature,
             d["top_p"] if top_p is None else top_p, seed, self.max_context)
 
+    def _inhibit(self, inhibit) -> float:
+        """inhibit as a fraction in [0, 1) (sdk/cmai.py); > 0 needs a bundle with CMAI inputs."""
+        fraction = cmai.check_fraction(inhibit)
+        if fraction > 0 and self.cmai is None:
+            raise BundleError(f"bundle {self.source or '(in memory)'} has no CMAI inputs (exported before CMAI, or "
+                              "with --cmai-layers none): re-export it with 'pipmm export' to use inhibit")
+        return fraction
+
     def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> Result:
+                 top_p: float | None = None, seed: int | None = None, inhibit: float | None = None) -> Result:
+        """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off)."""
         args = self._args(max_new_tokens, temperature, top_p, seed)
+        fraction = self._inhibit(inhibit)
         result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
         with self._request():
-            result.token_ids = list(self._tokens(image, prompt, args, result))
+            result.token_ids = list(self._tokens(image, prompt, args, result, fraction))
         result.text = self.prompter.decode(result.token_ids)
         return result
 
@@ -209,13 +261,15 @@ class Pipeline:
         return self.generate(image, prompt, **kwargs).text
 
     def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
-               temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+               inhibit: float | None = None) -> Iterator[str]:
         """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text)."""
         args = self._args(max_new_tokens, temperature, top_p, seed)
+        fraction = self._inhibit(inhibit)
         result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
         with self._request():
             emitted = ""
-            for token in self._tokens(image, prompt, args, result):
+            for token in self._tokens(image, prompt, args, result, fraction):
                 result.token_ids.append(token)
                 text = self.prompter.decode(result.token_ids)
                 # A byte-level token can end inside a UTF-8 character: hold it back until complete.

@@ -35,8 +35,9 @@ def test_decoder_profiles_from_the_manifest(bundle):
     assert limits.max_context == 512 and limits.opt_sequence == 25 + 64
     prefill, decode = trt_runtime.derive_profiles(bundle.manifest, "decoder", limits)
     n = bundle.manifest["model"]["num_layers"]
-    assert set(prefill) == {"inputs_embeds", "attention_mask", "position_ids",
+    assert set(prefill) == {"inputs_embeds", "attention_mask", "position_ids", "image_bias",
                             *[f"past_key_values.{i}.{p}" for i in range(n) for p in ("key", "value")]}
+    assert decode["image_bias"] == ((1, 1, 2), (1, 1, limits.opt_past + 1), (2, 1, 512))  # CMAI: [B,L_c,P+T]
     assert prefill["past_key_values.0.key"] == ((1, 2, 0, 16), (1, 2, 0, 16), (2, 2, 0, 16))
     assert prefill["inputs_embeds"] == ((1, 1, 64), (1, 89, 64), (2, 512, 64))
     assert decode["inputs_embeds"] == ((1, 1, 64), (1, 1, 64), (2, 1, 64))
