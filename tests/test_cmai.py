@@ -203,3 +203,14 @@ def test_cli_inhibit_and_export_settings_errors_are_one_line(bundles, checkpoint
         assert out.returncode == 1 and last.startswith("error:") and match in last, out.stderr
         assert out.stderr.count("error:") == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_inhibition_with_visual_tokens_at_patch_positions_matches_the_reference(checkpoints, prompt_mlp, bundles,
+                                                                                 image):
+    # the split prefill carries the patch positions over: the text after the image keeps its full-budget place
+    onnx = sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk", positions="patch"), device="cpu")
+    ref = reference_pipeline(checkpoints["llama"], prompt_mlp, budget="half", reducer="prompt-topk",
+                             visual_positions="patch")
+    assert onnx.visual_positions == ref.visual_positions == "patch"
+    a, b = (p.generate(image, PROMPT, max_new_tokens=12, inhibit=0.3) for p in (onnx, ref))
+    assert a.token_ids == b.token_ids and a.inhibited == b.inhibited == 7  # floor(0.3 * 25)
