@@ -25,7 +25,7 @@ import torch
 
 from sdk.errors import PipmmError
 
-from . import scenes
+from . import instructions, scenes
 from .train_data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
 from .train_model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
                           special_tokens)
@@ -95,6 +95,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--mlp-width", type=int, default=0, help="prompt MLP hidden width (0: ViT width)")
     p.add_argument("--no-prompt-mlp", action="store_true", help="stage 2 without the MLP: the plain baseline")
     p.add_argument("--train-llm", action="store_true", help="stage 2: also fine-tune the LLM")
+    p.add_argument("--instruction-fraction", type=float, default=0.0, metavar="F",
+                   help="append an answer-form instruction (export/instructions.py) to this fraction of the "
+                        "training questions that one fits (0-1; default 0)")
     p.add_argument("--patch-positions", action="store_true",
                    help="stage 2 with prompt-topk: kept visual tokens at their patch positions (export the result "
                         "with --visual-positions patch)")
@@ -245,6 +248,8 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
         "loss": "cross-entropy on answer tokens + EOS (token mean)",
         "precision": "fp32 master weights, bf16 autocast on CUDA; checkpoint weights saved in bf16",
         "data": {"split": "train", "families": list(scenes.FAMILIES), "questions_per_scene": "one per family",
+                 "instruction_fraction": args.instruction_fraction,
+                 "instructions": {n: i.text for n, i in instructions.TRAINED.items()} if args.instruction_fraction else None,
                  "tokenizer_scenes": args.tokenizer_scenes if args.stage == 0 else None},
         **resolved,
         "parent": parent,
@@ -299,6 +304,8 @@ def run(args) -> int:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if args.resume and not (out / STATE_JSON).is_file():
         raise TrainError(f"--resume: {out} has no {STATE_JSON} to continue from")
+    if not 0 <= args.instruction_fraction <= 1:
+        raise TrainError(f"--instruction-fraction {args.instruction_fraction} is outside 0-1")
     device = _device(args.device)
     defaults = DEFAULTS[args.stage]
     steps = args.steps or defaults["steps"]
@@ -333,7 +340,8 @@ def run(args) -> int:
     preprocessing = _preprocessing(out)
     grid = sizes.image_size // sizes.patch_size
     offset = args.data_offset if args.data_offset is not None else DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
-    data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start)
+    data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start,
+                        instruction_fraction=args.instruction_fraction)
     resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,
                 "batch_size": batch_size, "scenes_per_batch": scenes_per_batch, "lr": lr, "warmup": warmup,
                 "data_offset": offset, "workers": workers, "device": str(device)}

@@ -25,7 +25,7 @@ import torch
 
 from sdk.preprocess import preprocess
 
-from . import scenes
+from . import instructions, scenes
 from .bundle import DEFAULT_CHAT_TEMPLATE
 
 IGNORE = -100
@@ -205,12 +205,19 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
 
 
 def scene_items(split: str, first: int, count: int, size: int, families=scenes.FAMILIES,
-                questions_per_family: int = 1) -> list[tuple]:
+                questions_per_family: int = 1, instruction_fraction: float = 0.0) -> list[tuple]:
+    """[(scene, [Question])] for scenes first..first+count-1 of `split`; a fraction of the questions
+    gets an answer-form instruction (export/instructions.py) from its own stream, so the scenes and
+    questions are the same for any fraction."""
     items = []
     for i in range(first, first + count):
         scene = scenes.make_scene(scenes.split_seed(split, i), size)
         rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))  # scenes.py's own question stream
-        items.append((scene, scenes.make_questions(scene, rng, families, per_family=questions_per_family)))
+        questions = scenes.make_questions(scene, rng, families, per_family=questions_per_family)
+        if instruction_fraction > 0:
+            questions = instructions.maybe_instruct(questions, np.random.Generator(np.random.PCG64([scene.seed, 2])),
+                                                    instruction_fraction)
+        items.append((scene, questions))
     return items
 
 
@@ -222,8 +229,10 @@ class SceneBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, spec: SequenceSpec, preprocessing: dict, scenes_per_batch: int, image_size: int, grid: int,
-                 seed_offset: int = 0, start: int = 0, split: str = "train", families=scenes.FAMILIES):
+                 seed_offset: int = 0, start: int = 0, split: str = "train", families=scenes.FAMILIES,
+                 instruction_fraction: float = 0.0):
         super().__init__()
+        self.instruction_fraction = instruction_fraction
         self.spec, self.preprocessing, self.grid = spec, preprocessing, grid
         self.scenes_per_batch, self.image_size = scenes_per_batch, image_size
         self.seed_offset, self.start, self.split, self.families = seed_offset, start, split, tuple(families)
@@ -231,7 +240,8 @@ class SceneBatches(torch.utils.data.IterableDataset):
     def batch(self, index: int, prompter=None) -> dict:
         prompter = prompter or self.spec.prompter()
         first = self.seed_offset + index * self.scenes_per_batch
-        items = scene_items(self.split, first, self.scenes_per_batch, self.image_size, self.families)
+        items = scene_items(self.split, first, self.scenes_per_batch, self.image_size, self.families,
+                            instruction_fraction=self.instruction_fraction)
         return collate_scenes(items, self.spec, prompter, self.preprocessing, self.grid)
 
     def __iter__(self):

@@ -11,9 +11,12 @@
 #        when the machine was replaced (its trainer state is lost): continue stage 0 from the bf16
 #        weights that came back (DIR), fresh optimizer, cosine from LR over SECONDS ($EXTRA0: more
 #        train flags, e.g. EXTRA0="--reduced-fraction 0.5")
-#   [PATCH=1] bash scripts/gpu_default_model.sh finetune
+#   [PATCH=1] [INSTR=F] [MERGE=1] [S0=DIR] bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
-#        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch)
+#        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
+#        INSTR=F: stages 1-2 and the baseline with --instruction-fraction F; MERGE=1: also seed 0's
+#        stage 2 with the merge reducer at quarter budget, as merge0; S0: the stage-0 checkpoint,
+#        default $RUNS/s0, e.g. runs/gpu/s0e carried from this machine)
 #
 # Results are copied to $OUT (the files that come back from the device machine: at most 8, each
 # < 16 MiB): weights in bf16, the trainer state shards, and a tar of every small file.
@@ -54,22 +57,29 @@ cont0)
 finetune)
   # PIP-MM stage 1 (prompt MLP alone, full budget) then stage 2 (MLP + projector + LLM at half,
   # prompt-topk); the plain baseline gets the same stage-2 fine-tune (projector + LLM at half, pool).
-  P="--batch-size 128 --warmup 30 --workers 3 --val-scenes 0 --quiet --log-every 20"
+  P="--batch-size 128 --warmup 30 --workers 2 --val-scenes 0 --quiet --log-every 20 --instruction-fraction ${INSTR:-0}"
+  S0=${S0:-$RUNS/s0}
   G=${GROUNDING:-0.25}
   # PATCH=1: PIP-MM's stage 2 with the kept tokens at their patch positions (export those runs with
   # --visual-positions patch); the evals below then use the same positions.
   PP=""; EP=""; [ "${PATCH:-0}" = 1 ] && PP="--patch-positions" && EP="--visual-positions patch"
   chain() {  # seed name
-    $T --stage 1 --init "$RUNS/s0" --out "$RUNS/$2-s1" --seed "$1" --steps 100000 --time-budget "${S1:-120}" \
+    $T --stage 1 --init "$S0" --out "$RUNS/$2-s1" --seed "$1" --steps 100000 --time-budget "${S1:-120}" \
        --lr 1e-3 --grounding-weight "$G" $P
+    [ "$1" = 0 ] && [ "${MERGE:-0}" = 1 ] && { merge & }
     $T --stage 2 --init "$RUNS/$2-s1" --out "$RUNS/$2" --seed "$1" --steps 100000 --time-budget "${S2:-150}" \
        --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $PP $P
+    wait
   }
   plain() {  # seed
-    $T --stage 2 --init "$RUNS/s0" --out "$RUNS/plain$1" --seed "$1" --no-prompt-mlp --steps 100000 \
+    $T --stage 2 --init "$S0" --out "$RUNS/plain$1" --seed "$1" --no-prompt-mlp --steps 100000 \
        --time-budget $(( ${S1:-120} + ${S2:-150} )) --lr 3e-4 --budget half --reducer pool --train-llm $P
   }
-  for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done
+  merge() {  # seed 0's stage 2 with the merge reducer at quarter budget (from seed 0's stage 1)
+    $T --stage 2 --init "$RUNS/pip0-s1" --out "$RUNS/merge0" --seed 0 --steps 100000 --time-budget "${S2:-150}" \
+       --lr 3e-4 --grounding-weight "$G" --budget quarter --reducer merge --train-llm $P > "$RUNS/merge0.log" 2>&1
+  }
+  for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done; rm -rf "$RUNS/merge0"
   for s in 0 1 2; do chain $s pip$s > "$RUNS/pip$s.log" 2>&1 & done
   for s in 0 1 2; do plain $s > "$RUNS/plain$s.log" 2>&1 & done
   wait
@@ -84,6 +94,10 @@ finetune)
   done
   $E --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget half --reducer prompt-topk $EP \
      --json "$RUNS/evals/pip0-half-topk.json" > /dev/null 2>&1 &
+  $E --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget full --json "$RUNS/evals/pip0-full.json" \
+     > /dev/null 2>&1 &
+  [ -f "$RUNS/merge0/model.safetensors" ] && { $E --checkpoint "$RUNS/merge0" --prompt-mlp "$RUNS/merge0" \
+     --budget quarter --reducer merge --json "$RUNS/evals/merge0-quarter.json" > /dev/null 2>&1 & }
   wait
   python3 - "$RUNS/evals" <<'PY'
 import glob, json, sys
@@ -93,7 +107,7 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
           {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
 PY
   pack pip0/model.safetensors plain0/model.safetensors pip1/model.safetensors pip2/model.safetensors \
-       plain1/model.safetensors plain2/model.safetensors
+       plain1/model.safetensors plain2/model.safetensors merge0/model.safetensors
   ;;
 *)
   echo "unknown phase $phase" >&2; exit 2

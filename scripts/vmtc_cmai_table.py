@@ -7,8 +7,8 @@
 Per row (a bundle, and an inhibit fraction: 0 = CMAI off):
 1. accuracy per question family on the test split, exact match (export/evaluate.py: questions, summarize,
    markdown_table), the SDK path on ONNX Runtime CPU, `--jobs` processes of one thread each;
-2. an instruction-following probe (PROBES below): test-split questions with an instruction appended that
-   asks for a form the model does not answer in by itself (or keeps the one it does), scored by rules;
+2. an instruction-following probe (export/instructions.py): test-split questions with an answer-form
+   instruction appended, scored by exact rules (trained instructions) or form (held-out ones);
 3. vision and prefill latency (ms, median of `--latency-runs` requests in this process, all threads; the
    prefill of a CMAI row includes its probe pass and the focus scores).
 
@@ -26,56 +26,19 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export import evaluate, scenes  # noqa: E402
-
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve"]
+from export import evaluate, instructions, scenes  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Probe:
-    instruction: str  # appended to the scene question after one space
-    families: tuple[str, ...]  # which questions it is asked of
-    form: Callable[[str], bool]  # output -> does it have the asked form (content not checked)
-    exact: Callable[[str, str], bool]  # (output, expected answer) -> asked form and right content
-    note: str
-
-
-def _words(text: str) -> list[str]:
-    return text.strip().rstrip(".").split()
-
-
-def _has_letters_all_capitals(text: str) -> bool:
-    return any(c.isalpha() for c in text) and text == text.upper()
-
-
-# instruction name -> probe. The model answers color, shape and exist questions in lower case and counts
-# in digits, and lists every object for describe: each probe asks for something it would not do unasked,
-# except yes-no, which checks that an appended instruction does not derail an answer already in form.
-PROBES: dict[str, Probe] = {
-    "one-word": Probe("Answer in one word.", ("describe", "position"),
-                      lambda out: len(_words(out)) == 1, lambda out, answer: len(_words(out)) == 1,
-                      "describe/position questions; any single word passes (content not scored)"),
-    "capitals": Probe("Answer in capitals.", ("color", "shape"),
-                      _has_letters_all_capitals,
-                      lambda out, answer: out.strip().rstrip(".") == answer.upper(),
-                      "color/shape questions; exact: the right answer, upper case"),
-    "number-word": Probe("Answer with the number written as a word.", ("count",),
-                         lambda out: evaluate.normalize(out) in NUMBER_WORDS,
-                         lambda out, answer: evaluate.normalize(out) == NUMBER_WORDS[int(answer)],
-                         "count questions; exact: 'three' for 3"),
-    "yes-no": Probe("Answer yes or no.", ("exist", "relation"),
-                    lambda out: evaluate.normalize(out) in ("yes", "no"),
-                    lambda out, answer: evaluate.normalize(out) == answer,
-                    "exist/relation questions (already yes/no): the instruction must not derail them"),
-}
+# The probe's instructions: export/instructions.py. TRAINED ones were appended to a fraction of stage 2's
+# training questions (--instruction-fraction), each with an exact instructed answer; HELD_OUT ones were
+# never seen in training and are scored on form alone.
+PROBES = instructions.ALL
 
 
 def probe_examples(n: int, split: str = "test") -> list[tuple[str, scenes.Example]]:
@@ -83,7 +46,7 @@ def probe_examples(n: int, split: str = "test") -> list[tuple[str, scenes.Exampl
     out = []
     for name, probe in PROBES.items():
         for example in evaluate.questions(split, n, probe.families):
-            out.append((name, replace(example, prompt=f"{example.prompt} {probe.instruction}")))
+            out.append((name, replace(example, prompt=f"{example.prompt} {probe.text}")))
     return out
 
 
@@ -98,9 +61,11 @@ def score_probe(records: list[dict]) -> dict:
         entry["exact"] += bool(probe.exact(r["output"], r["answer"]))
     for entry in per.values():
         entry["form_rate"], entry["exact_rate"] = entry["form"] / entry["n"], entry["exact"] / entry["n"]
-    n = sum(e["n"] for e in per.values())
-    return {"per_probe": per, "overall": {"n": n, "form_rate": sum(e["form"] for e in per.values()) / max(n, 1),
-                                          "exact_rate": sum(e["exact"] for e in per.values()) / max(n, 1)}}
+    # "overall": the trained instructions (exact answers); held-out ones stay in per_probe only.
+    trained = [e for name, e in per.items() if name in instructions.TRAINED]
+    n = sum(e["n"] for e in trained)
+    return {"per_probe": per, "overall": {"n": n, "form_rate": sum(e["form"] for e in trained) / max(n, 1),
+                                          "exact_rate": sum(e["exact"] for e in trained) / max(n, 1)}}
 
 
 # ----------------------------------------------------------------------------- running a bundle
@@ -233,7 +198,8 @@ def cost_markdown(cost: list[dict]) -> str:
 def markdown(rows: list[dict]) -> str:
     labelled = [(r["label"] + (f" +CMAI {r['inhibit']:g}" if r["inhibit"] else ""), r["accuracy"]) for r in rows]
     lines = ["Accuracy per family (exact match, %):", "", evaluate.markdown_table(labelled), "",
-             "Instruction-following probe (exact: asked form and right content, %; form only in brackets), "
+             "Instruction-following probe (exact: asked form and right content, %; form only in brackets; "
+             "'probe' = the trained instructions together; one-word is held out and scored on form), "
              "vision and prefill latency (ms, median, CPU):", ""]
     names = list(PROBES)
     lines.append("| model | tokens | overall acc | " + " | ".join(names) + " | probe | vision ms | prefill ms |")
@@ -300,7 +266,7 @@ def main(argv=None) -> int:
     print(table)
     settings = {k: v for k, v in vars(args).items()}
     result = {"command": " ".join(["python", "scripts/vmtc_cmai_table.py", *(argv or sys.argv[1:])]),
-              "settings": settings, "probes": {k: {"instruction": p.instruction, "families": p.families, "note": p.note}
+              "settings": settings, "probes": {k: {"instruction": p.text, "families": p.families, "trained": k in instructions.TRAINED, "note": p.note}
                                                for k, p in PROBES.items()},
               "rows": rows, "cmai_cost": cost, "markdown": table}
     (Path(args.out) / "table.json").write_text(json.dumps(result, indent=1) + "\n")

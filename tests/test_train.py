@@ -30,7 +30,9 @@ def runs(tmp_path_factory):
     train("--stage", 0, "--out", root / "s0", "--steps", 6, "--tokenizer-scenes", 100)
     train("--stage", 1, "--init", root / "s0", "--out", root / "s1", "--steps", 3, "--grounding-weight", 0.5,
           "--prompt-layer", 0, "--pooling", "mean")
-    train("--stage", 2, "--init", root / "s1", "--out", root / "s2", "--steps", 3)
+    train("--stage", 2, "--init", root / "s1", "--out", root / "s2", "--steps", 3, "--instruction-fraction", 0.5)
+    train("--stage", 2, "--init", root / "s1", "--out", root / "m2", "--steps", 2, "--reducer", "merge",
+          "--budget", "quarter")
     train("--stage", 2, "--init", root / "s0", "--out", root / "p2", "--steps", 3, "--no-prompt-mlp",
           "--reducer", "pool")
     return root
@@ -56,6 +58,10 @@ def test_stages_write_hf_checkpoints_and_record_every_choice(runs):
     s2 = json.loads((runs / "s2/train_config.json").read_text())
     assert s2["budget"] == "half" and s2["reducer"] == "prompt-topk" and s2["visual_tokens"] == 32  # 8x8 / 2
     assert s2["trainable"] == ["multi_modal_projector", "prompt_mlp"] and s2["parent"]["parent"]["stage"] == 0
+    assert s2["data"]["instruction_fraction"] == 0.5 and "capitals" in s2["data"]["instructions"]
+    assert s1["data"]["instruction_fraction"] == 0.0 and s1["data"]["instructions"] is None
+    m2 = json.loads((runs / "m2/train_config.json").read_text())
+    assert m2["reducer"] == "merge" and m2["visual_tokens"] == 16
     assert (runs / "s2/prompt_mlp.json").is_file() and json.loads((runs / "s2/prompt_mlp.json").read_text())[
         "prompt_layer"] == 0
     p2 = json.loads((runs / "p2/train_config.json").read_text())
