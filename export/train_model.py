@@ -242,8 +242,13 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
     embeds = embed_sequence(model, batch["input_ids"], tokens)
     lm_kwargs = {}
     if patch_positions:
+        # The explicit all-ones mask matters: given position ids with jumps and no mask (and no cache),
+        # transformers reads the jumps as packed-sequence boundaries (masking_utils.
+        # find_packed_sequence_indices) and the text after the image could not attend to it. Pads sit
+        # after the answer, so causal attention never reads them for a scored token.
         lm_kwargs = {"position_ids": patch_position_ids(batch["input_ids"], model.config.image_token_index,
-                                                        attention, tokens.shape[1])}
+                                                        attention, tokens.shape[1]),
+                     "attention_mask": torch.ones_like(batch["input_ids"])}
     elif batch.get("keep") is not None:  # reduced visual sets (sample_keep): hide the dropped slots, close the gaps
         slots = batch["input_ids"] == model.config.image_token_index  # [Q,T], N per row
         attend = torch.ones_like(slots)

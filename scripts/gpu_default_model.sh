@@ -15,7 +15,8 @@
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
 #        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
 #        INSTR=F: stages 1-2 and the baseline with --instruction-fraction F; MERGE=1: also seed 0's
-#        stage 2 with the merge reducer at quarter budget, as merge0; S0: the stage-0 checkpoint,
+#        stage 2 with the merge reducer at quarter budget, as merge0; SEQ=1 with PATCH=1: also seed 0's
+#        stage 2 with sequence positions, as pipseq0; S0: the stage-0 checkpoint,
 #        default $RUNS/s0, e.g. runs/gpu/s0e carried from this machine)
 #
 # Results are copied to $OUT (the files that come back from the device machine: at most 8, each
@@ -67,6 +68,7 @@ finetune)
     $T --stage 1 --init "$S0" --out "$RUNS/$2-s1" --seed "$1" --steps 100000 --time-budget "${S1:-120}" \
        --lr 1e-3 --grounding-weight "$G" $P
     [ "$1" = 0 ] && [ "${MERGE:-0}" = 1 ] && { merge & }
+    [ "$1" = 0 ] && [ "${SEQ:-0}" = 1 ] && { sequence & }
     $T --stage 2 --init "$RUNS/$2-s1" --out "$RUNS/$2" --seed "$1" --steps 100000 --time-budget "${S2:-150}" \
        --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $PP $P
     wait
@@ -79,7 +81,11 @@ finetune)
     $T --stage 2 --init "$RUNS/pip0-s1" --out "$RUNS/merge0" --seed 0 --steps 100000 --time-budget "${S2:-150}" \
        --lr 3e-4 --grounding-weight "$G" --budget quarter --reducer merge --train-llm $P > "$RUNS/merge0.log" 2>&1
   }
-  for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done; rm -rf "$RUNS/merge0"
+  sequence() {  # seed 0's stage 2 as the chain's, with sequence positions
+    $T --stage 2 --init "$RUNS/pip0-s1" --out "$RUNS/pipseq0" --seed 0 --steps 100000 --time-budget "${S2:-150}" \
+       --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $P > "$RUNS/pipseq0.log" 2>&1
+  }
+  for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done; rm -rf "$RUNS/merge0" "$RUNS/pipseq0"
   for s in 0 1 2; do chain $s pip$s > "$RUNS/pip$s.log" 2>&1 & done
   for s in 0 1 2; do plain $s > "$RUNS/plain$s.log" 2>&1 & done
   wait
@@ -98,6 +104,8 @@ finetune)
      > /dev/null 2>&1 &
   [ -f "$RUNS/merge0/model.safetensors" ] && { $E --checkpoint "$RUNS/merge0" --prompt-mlp "$RUNS/merge0" \
      --budget quarter --reducer merge --json "$RUNS/evals/merge0-quarter.json" > /dev/null 2>&1 & }
+  [ -f "$RUNS/pipseq0/model.safetensors" ] && { $E --checkpoint "$RUNS/pipseq0" --prompt-mlp "$RUNS/pipseq0" \
+     --budget half --reducer prompt-topk --json "$RUNS/evals/pipseq0-half-topk.json" > /dev/null 2>&1 & }
   wait
   python3 - "$RUNS/evals" <<'PY'
 import glob, json, sys
@@ -106,8 +114,9 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
     print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
           {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
 PY
-  pack pip0/model.safetensors plain0/model.safetensors pip1/model.safetensors pip2/model.safetensors \
-       plain1/model.safetensors plain2/model.safetensors merge0/model.safetensors
+  # at most 7 files (about 73 MB) come back: the tar and six checkpoints; the other seeds are measured above
+  pack pip0/model.safetensors plain0/model.safetensors merge0/model.safetensors pipseq0/model.safetensors \
+       pip1/model.safetensors plain1/model.safetensors
   ;;
 *)
   echo "unknown phase $phase" >&2; exit 2

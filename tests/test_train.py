@@ -148,3 +148,45 @@ def test_grounding_masks_cover_the_named_objects():
             assert mask.any(), q
         if q.family in ("color", "shape", "position"):  # one named object: a few patches
             assert 1 <= mask.sum() <= 16, q
+
+
+def test_patch_position_loss_attends_across_the_position_jumps(tmp_path):
+    """Stage 2 --patch-positions: the loss equals a row-by-row causal forward with the same positions
+    (a cache-fed forward, which transformers never treats as packed sequences), so the answer tokens
+    see the image although the kept tokens' positions jump."""
+    from transformers.cache_utils import DynamicCache
+
+    from export.train_model import embed_sequence, patch_position_ids, visual_tokens
+    from export.prompt import PromptMLP, PromptMLPConfig
+
+    sizes = ModelSizes.tiny()
+    tokenizer = build_tokenizer(60, sizes.vocab_size)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = build_llava(sizes, tokenizer).eval()
+    mlp = PromptMLP(PromptMLPConfig(d_llm=sizes.text_hidden, d_vit=sizes.vision_hidden))
+    vision = make_vision(model, "half", "prompt-topk", mlp)
+    spec = SequenceSpec(str(tmp_path / "tokenizer.json"), special_tokens(tokenizer), vision.config.num_tokens, 512)
+    batch = SceneBatches(spec, config_from_processor(preprocessor_config(sizes.image_size)), 1, sizes.image_size,
+                         sizes.image_size // sizes.patch_size).batch(0)
+    with torch.no_grad():
+        got = forward_loss(model, vision, batch, patch_positions=True)["lm_loss"]
+        tokens, attention = visual_tokens(model, vision, batch)
+        embeds = embed_sequence(model, batch["input_ids"], tokens)
+        positions = patch_position_ids(batch["input_ids"], model.config.image_token_index, attention, tokens.shape[1])
+        assert (positions.diff(dim=1) > 1).any()  # the jumps that must not cut the sequence
+        total, count = 0.0, 0
+        for row in range(embeds.shape[0]):
+            hidden = model.model.language_model(inputs_embeds=embeds[row:row + 1], position_ids=positions[row:row + 1],
+                                                past_key_values=DynamicCache(config=model.config.text_config),
+                                                use_cache=True).last_hidden_state[0]
+            targets = batch["labels"][row, 1:]
+            keep = targets != IGNORE
+            logits = model.lm_head(hidden[:-1][keep]).float()
+            total += float(torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"))
+            count += int(keep.sum())
+        # and the image reaches the answers: other pixels, another loss (it would not if cut)
+        other = forward_loss(model, vision, {**batch, "pixel_values": batch["pixel_values"].flip(-1)},
+                             patch_positions=True)["lm_loss"]
+    torch.testing.assert_close(got, torch.tensor(total / count), rtol=2e-5, atol=0.0)
+    assert abs(float(other) - float(got)) > 1e-3
