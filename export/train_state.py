@@ -118,3 +118,53 @@ def load_trainer_state(out: Path, params: dict[str, torch.nn.Parameter], optimiz
 
 def _name_of(params: dict, p) -> str:
     return next(n for n, q in params.items() if q is p)
+
+
+# ----------------------------------------------------------------------------- variants that share the vision tower
+# Stage 1-2 runs freeze the vision tower after stage 0, so a variant trained from the same stage 0
+# (the plain baseline, a merge-trained stage 2) ships only its other weights: WITHOUT_VISION plus
+# its configs, and is made whole again with the default model's tower.
+
+WITHOUT_VISION = "without_vision.safetensors"
+_VARIANT_CONFIGS = ("config.json", "generation_config.json", "train_config.json", "log.jsonl")
+_SHARED_ASSETS = ("tokenizer.json", "preprocessor_config.json", "special_tokens.json")
+
+
+def split_variant(checkpoint: Path, out: Path) -> Path:
+    """checkpoint (a whole HF checkpoint directory) -> out: its non-vision weights, configs and prompt MLP."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for shard in sorted(checkpoint.glob("model*.safetensors")):
+        weights.update(load_file(str(shard)))
+    save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, str(out / WITHOUT_VISION),
+              metadata={"format": "pt"})
+    for name in (*_VARIANT_CONFIGS, "prompt_mlp.json", "prompt_mlp.safetensors"):
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out / name)
+    return out
+
+
+def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
+    """A whole checkpoint directory in out: base's vision tower and assets + variant's other weights."""
+    from safetensors.torch import load_file, save_file
+
+    base, variant, out = Path(base), Path(variant), Path(out)
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tower = load_file(str(base / "model.safetensors"))
+    rest = load_file(str(variant / WITHOUT_VISION))
+    missing = [k for k in tower if "vision_tower" not in k and k not in rest]
+    if missing:
+        raise ValueError(f"{variant / WITHOUT_VISION} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    merged = {k: (v if "vision_tower" in k else rest[k]) for k, v in tower.items()}
+    for name in _SHARED_ASSETS:
+        shutil.copyfile(base / name, out / name)
+    for name in (*_VARIANT_CONFIGS, "prompt_mlp.json", "prompt_mlp.safetensors"):
+        if (variant / name).is_file():
+            shutil.copyfile(variant / name, out / name)
+    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

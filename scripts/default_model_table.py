@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,23 +42,9 @@ ROWS = [  # (name, model, budget, reducer)
 
 def assemble_plain(out: Path) -> Path:
     """The plain baseline as a whole checkpoint directory: default model's vision tower + its own rest."""
-    from safetensors.torch import load_file, save_file
+    from export.train_state import assemble_variant
 
-    if (out / "model.safetensors").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    base = load_file(str(DEFAULT_MODEL / "model.safetensors"))
-    rest = load_file(str(PLAIN_PARTIAL / "without_vision.safetensors"))
-    missing = [k for k in base if "vision_tower" not in k and k not in rest]
-    if missing:
-        raise SystemExit(f"plain-baseline weights lack {len(missing)} tensors, e.g. {missing[0]}")
-    merged = {k: (v if "vision_tower" in k else rest[k]) for k, v in base.items()}
-    for name in ("tokenizer.json", "preprocessor_config.json", "special_tokens.json"):
-        shutil.copyfile(DEFAULT_MODEL / name, out / name)
-    for name in ("config.json", "generation_config.json", "train_config.json"):
-        shutil.copyfile(PLAIN_PARTIAL / name, out / name)
-    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return assemble_variant(DEFAULT_MODEL, PLAIN_PARTIAL, out)
 
 
 def pipmm(*args: str) -> None:

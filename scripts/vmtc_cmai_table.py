@@ -140,36 +140,55 @@ def run_row(label: str, bundle: Path, inhibit: float, examples, probes, args) ->
 
 # ----------------------------------------------------------------------------- bundles and tables
 
+def checkpoint_positions(checkpoint) -> str:
+    """The visual positions a checkpoint's stage 2 trained with (train_config.json; sequence if unsaid)."""
+    config = Path(checkpoint) / "train_config.json"
+    return (json.loads(config.read_text()).get("visual_positions") if config.is_file() else None) or "sequence"
+
+
 def export_bundles(args) -> list[tuple[str, Path]]:
     from export.bundle import export_bundle
+    from export.train_state import assemble_variant
 
     root = Path(args.out) / "bundles"
-    wanted = [("full", "full", "pool")] + [(f"{b} {r}", b, r) for b in args.budgets for r in args.reducers]
+    # (label, checkpoint, budget, reducer): the checkpoint's rows, then each --variant at its trained setting
+    wanted = [("full", args.checkpoint, "full", "pool")] + [(f"{b} {r}", args.checkpoint, b, r)
+                                                            for b in args.budgets for r in args.reducers]
+    for item in args.variant or []:
+        label, _, path = item.rpartition("=")
+        trained = json.loads((Path(path) / "train_config.json").read_text())
+        whole = assemble_variant(args.checkpoint, Path(path), Path(args.out) / "variants" / Path(path).name)
+        wanted.append((label or Path(path).name, whole, trained["budget"], trained["reducer"]))
+    topk_positions = args.topk_positions if args.topk_positions != "auto" else checkpoint_positions(args.checkpoint)
     out = []
-    for label, budget, reducer in wanted:
-        path = root / f"{budget}-{reducer}"
+    for label, checkpoint, budget, reducer in wanted:
+        positions = topk_positions if reducer == "prompt-topk" and checkpoint == args.checkpoint else None
+        path = root / (f"{budget}-{reducer}" + (f"-{positions}" if positions == "patch" else "")
+                       + ("" if checkpoint == args.checkpoint else f"-{Path(checkpoint).name}"))
         if not (path / "manifest.json").is_file():
             print(f"export {label} -> {path}", flush=True)
             options = {"primary_ratio": args.primary_ratio} if reducer == "merge" and budget != "full" else None
-            export_bundle(args.checkpoint, path, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.prompt_mlp is None,
-                          budget=budget, reducer=reducer, reducer_options=options, progress=False, overwrite=True,
+            export_bundle(checkpoint, path, prompt_mlp=None if args.prompt_mlp is None else checkpoint,
+                          no_prompt_mlp=args.prompt_mlp is None, budget=budget, reducer=reducer,
+                          reducer_options=options, visual_positions=positions, progress=False, overwrite=True,
                           cmai={"layers": args.cmai_layers})
-        out.append((label, path))
+        out.append((label + (" (patch positions)" if positions == "patch" else ""), path))
     return out
 
 
-def cmai_cost(args, examples) -> list[dict]:
+def cmai_cost(args, examples, with_cmai: Path) -> list[dict]:
     """What CMAI costs (checkpoint mode): the half-budget prompt-topk bundle exported without CMAI's input and
     output (as before CMAI), with them and inhibit 0, and with inhibit --inhibit; vision, prefill and per-token
     decode ms (medians over --latency-runs requests of 16 new tokens, this process, all threads)."""
     import sdk
     from export.bundle import export_bundle
 
-    plain = Path(args.out) / "bundles" / "half-prompt-topk-no-cmai"
+    plain = with_cmai.parent / f"{with_cmai.name}-no-cmai"
+    positions = json.loads((with_cmai / "manifest.json").read_text())["visual_tokens"].get("positions")
     if not (plain / "manifest.json").is_file():
         export_bundle(args.checkpoint, plain, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.prompt_mlp is None,
-                      budget="half", reducer="prompt-topk", progress=False, overwrite=True, cmai={"layers": "none"})
-    with_cmai = Path(args.out) / "bundles" / "half-prompt-topk"
+                      budget="half", reducer="prompt-topk", visual_positions=positions, progress=False,
+                      overwrite=True, cmai={"layers": "none"})
     os.environ.pop("PIPMM_THREADS", None)
     out = []
     for label, path, inhibit in (("no CMAI graph", plain, 0.0), ("CMAI graph, inhibit 0", with_cmai, 0.0),
@@ -226,6 +245,11 @@ def main(argv=None) -> int:
                         choices=["pool", "prompt-topk", "merge"])
     parser.add_argument("--primary-ratio", type=float, default=0.5, help="merge's primary share of the budget")
     parser.add_argument("--cmai-layers", default="auto", help="as pipmm export --cmai-layers")
+    parser.add_argument("--topk-positions", default="auto", choices=("auto", "sequence", "patch"),
+                        help="visual positions of the prompt-topk rows (auto: as the checkpoint's stage 2 trained)")
+    parser.add_argument("--variant", action="append", default=None, metavar="LABEL=DIR",
+                        help="also a variant trained from the same stage 0 (export.train_state.split_variant, e.g. "
+                             "export/variants/merge-quarter), at its trained budget and reducer (repeatable)")
     parser.add_argument("--inhibit", type=float, default=0.5, help="CMAI rows' fraction of visual tokens masked")
     parser.add_argument("--n", type=int, default=2000, help="accuracy questions (test split)")
     parser.add_argument("--probe-n", type=int, default=None, help="questions per probe (default n / 5)")
@@ -261,7 +285,7 @@ def main(argv=None) -> int:
     table = markdown(rows)
     cost = None
     if not args.bundle and "half" in args.budgets and "prompt-topk" in args.reducers:
-        cost = cmai_cost(args, examples)
+        cost = cmai_cost(args, examples, next(p for label, p in bundles if label.startswith("half prompt-topk")))
         table += "\n\n" + cost_markdown(cost)
     print(table)
     settings = {k: v for k, v in vars(args).items()}
