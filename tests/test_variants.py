@@ -1,0 +1,41 @@
+"""Variants that share the default model's vision tower: split to the non-vision weights, made whole again."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from export.tiny import build_tiny_llava  # noqa: E402
+from export.train_state import WITHOUT_VISION, assemble_variant, split_variant  # noqa: E402
+
+
+def test_split_then_assemble_gives_back_the_variant_with_the_base_tower(tmp_path):
+    base = build_tiny_llava(tmp_path / "base", seed=0)
+    variant = build_tiny_llava(tmp_path / "variant", seed=1)
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        assert (base / name).is_file()
+    part = split_variant(variant, tmp_path / "part")
+    stored = load_file(str(part / WITHOUT_VISION))
+    assert stored and not any("vision_tower" in k for k in stored)
+    assert (part / "config.json").is_file()
+
+    whole = assemble_variant(base, part, tmp_path / "whole")
+    got, want_base, want_variant = (load_file(str(d / "model.safetensors")) for d in (whole, base, variant))
+    assert set(got) == set(want_base)
+    for key, value in got.items():
+        expected = want_base[key] if "vision_tower" in key else want_variant[key]
+        assert torch.equal(value, expected), key
+    assert any(not torch.equal(want_base[k], want_variant[k]) for k in got if "vision_tower" in k)  # seeds differ
+
+
+def test_assemble_refuses_a_variant_missing_weights(tmp_path):
+    base = build_tiny_llava(tmp_path / "base", seed=0)
+    part = split_variant(base, tmp_path / "part")
+    weights = load_file(str(part / WITHOUT_VISION))
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, str(part / WITHOUT_VISION))
+    with pytest.raises(ValueError, match="lacks 1 tensors"):
+        assemble_variant(base, part, tmp_path / "whole")
