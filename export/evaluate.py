@@ -50,12 +50,14 @@ def questions(split: str = "test", n: int = 2000, families=scenes.FAMILIES, seed
 
 # ----------------------------------------------------------------------------- runners
 
-def run_pipeline(pipeline, examples, max_new_tokens: int = 64, progress: bool = False) -> list[dict]:
-    """One generate() per question, as a user would call it: [{family, prompt, answer, output, ms}]."""
+def run_pipeline(pipeline, examples, max_new_tokens: int = 64, progress: bool = False,
+                 inhibit: float | None = None) -> list[dict]:
+    """One generate() per question, as a user would call it: [{family, prompt, answer, output, ms}]
+    (inhibit: CMAI's fraction, sdk/cmai.py; None = off)."""
     records = []
     iterator = _progress(examples, progress)
     for ex in iterator:
-        result = pipeline.generate(ex.image, ex.prompt, max_new_tokens=max_new_tokens)
+        result = pipeline.generate(ex.image, ex.prompt, max_new_tokens=max_new_tokens, inhibit=inhibit)
         records.append({"family": ex.family, "prompt": ex.prompt, "answer": ex.answer, "output": result.text,
                         "ms": result.timings.get("total_ms")})
     return records
@@ -75,26 +77,26 @@ def _worker_run(job):
     from export.scenes import Example
     from PIL import Image
 
-    items, max_new_tokens = job
+    items, max_new_tokens, inhibit = job
     examples = [Example(Image.fromarray(a), p, ans, f, s) for a, p, ans, f, s in items]
-    return run_pipeline(_WORKER["pipeline"], examples, max_new_tokens)
+    return run_pipeline(_WORKER["pipeline"], examples, max_new_tokens, inhibit=inhibit)
 
 
 def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_new_tokens: int = 64,
-               progress: bool = False) -> tuple[list[dict], dict]:
+               progress: bool = False, inhibit: float | None = None) -> tuple[list[dict], dict]:
     import numpy as np
 
     import sdk
 
     if jobs <= 1:
         pipeline = sdk.load(bundle, device=device)
-        return run_pipeline(pipeline, examples, max_new_tokens, progress), pipeline.manifest
+        return run_pipeline(pipeline, examples, max_new_tokens, progress, inhibit), pipeline.manifest
     import multiprocessing as mp
 
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     chunk = max(1, min(32, len(examples) // (4 * jobs) or 1))
     work = [([(np.asarray(e.image), e.prompt, e.answer, e.family, e.scene_seed) for e in examples[i:i + chunk]],
-             max_new_tokens) for i in range(0, len(examples), chunk)]
+             max_new_tokens, inhibit) for i in range(0, len(examples), chunk)]
     records = []
     with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(str(bundle), device)) as pool:
         for part in _progress(pool.imap(_worker_run, work), progress, total=len(work)):

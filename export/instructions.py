@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from .evaluate import normalize
 from .scenes import FAMILIES, Question
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -27,11 +28,6 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 def _words(text: str) -> list[str]:
     return text.strip().rstrip(".").split()
-
-
-def normalize(text: str) -> str:
-    """As export.evaluate.normalize: lower case, single spaces, no final period."""
-    return " ".join(text.lower().split()).rstrip(".").strip()
 
 
 @dataclass(frozen=True)

@@ -214,10 +214,8 @@ def scene_items(split: str, first: int, count: int, size: int, families=scenes.F
         scene = scenes.make_scene(scenes.split_seed(split, i), size)
         rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))  # scenes.py's own question stream
         questions = scenes.make_questions(scene, rng, families, per_family=questions_per_family)
-        if instruction_fraction > 0:
-            questions = instructions.maybe_instruct(questions, np.random.Generator(np.random.PCG64([scene.seed, 2])),
-                                                    instruction_fraction)
-        items.append((scene, questions))
+        instruct_rng = np.random.Generator(np.random.PCG64([scene.seed, 2]))
+        items.append((scene, instructions.maybe_instruct(questions, instruct_rng, instruction_fraction)))
     return items
 
 

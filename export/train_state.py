@@ -126,7 +126,8 @@ def _name_of(params: dict, p) -> str:
 # its configs, and is made whole again with the default model's tower.
 
 WITHOUT_VISION = "without_vision.safetensors"
-_VARIANT_CONFIGS = ("config.json", "generation_config.json", "train_config.json", "log.jsonl")
+_VARIANT_FILES = ("config.json", "generation_config.json", "train_config.json", "log.jsonl", "prompt_mlp.json",
+                  "prompt_mlp.safetensors")  # besides WITHOUT_VISION; the prompt MLP only for PIP-MM variants
 _SHARED_ASSETS = ("tokenizer.json", "preprocessor_config.json", "special_tokens.json")
 
 
@@ -141,7 +142,7 @@ def split_variant(checkpoint: Path, out: Path) -> Path:
         weights.update(load_file(str(shard)))
     save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, str(out / WITHOUT_VISION),
               metadata={"format": "pt"})
-    for name in (*_VARIANT_CONFIGS, "prompt_mlp.json", "prompt_mlp.safetensors"):
+    for name in _VARIANT_FILES:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
     return out
@@ -163,7 +164,7 @@ def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
     merged = {k: (v if "vision_tower" in k else rest[k]) for k, v in tower.items()}
     for name in _SHARED_ASSETS:
         shutil.copyfile(base / name, out / name)
-    for name in (*_VARIANT_CONFIGS, "prompt_mlp.json", "prompt_mlp.safetensors"):
+    for name in _VARIANT_FILES:
         if (variant / name).is_file():
             shutil.copyfile(variant / name, out / name)
     save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})

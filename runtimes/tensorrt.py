@@ -441,6 +441,9 @@ class TensorRTBackend:
         self.num_layers, self.num_kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
         decoder = self.engines["decoder"]
         self.kv_dtype = decoder.dtype("past_key_values.0.key")
+        # CMAI bundles (sdk/cmai.py): image_bias [B,L_c,P+T]; 0 layers = a decoder without it
+        self.bias_layers = (int(decoder.engine.get_tensor_shape("image_bias")[1]) if "image_bias" in decoder.inputs
+                            else 0)
         kv_bytes = self.max_batch * self.num_kv_heads * self.max_context * self.head_dim * self.kv_dtype.itemsize
         self._kv = [[_Buffer(cudart) for _ in range(2 * self.num_layers)] for _ in range(2)]
         for side in self._kv:
@@ -525,9 +528,8 @@ class TensorRTBackend:
         shape = (b, self.num_kv_heads, cache.length, self.head_dim)
         host = {"inputs_embeds": inputs_embeds, "attention_mask": np.ones((b, cache.length + t), np.int64),
                 "position_ids": step_positions(cache.next_position, b, t, position_ids)}
-        if "image_bias" in self.engines["decoder"].inputs:  # a CMAI bundle (sdk/cmai.py): zeros = off
-            layers = int(self.engines["decoder"].engine.get_tensor_shape("image_bias")[1])
-            host["image_bias"] = (np.zeros((b, layers, cache.length + t), np.float32) if image_bias is None
+        if self.bias_layers:  # a CMAI bundle: zeros = off
+            host["image_bias"] = (np.zeros((b, self.bias_layers, cache.length + t), np.float32) if image_bias is None
                                   else image_bias)
         elif image_bias is not None:
             raise BackendError("this bundle's decoder takes no image_bias (exported before CMAI): re-export it")

@@ -64,26 +64,25 @@ finetune)
   # PATCH=1: PIP-MM's stage 2 with the kept tokens at their patch positions (export those runs with
   # --visual-positions patch); the evals below then use the same positions.
   PP=""; EP=""; [ "${PATCH:-0}" = 1 ] && PP="--patch-positions" && EP="--visual-positions patch"
+  stage2() {  # seed stage-1-dir out [flags]: PIP-MM's stage 2 (MLP + projector + LLM) from a stage-1 run
+    $T --stage 2 --init "$2" --out "$3" --seed "$1" --steps 100000 --time-budget "${S2:-150}" \
+       --lr 3e-4 --grounding-weight "$G" --train-llm $P "${@:4}"
+  }
   chain() {  # seed name
     $T --stage 1 --init "$S0" --out "$RUNS/$2-s1" --seed "$1" --steps 100000 --time-budget "${S1:-120}" \
        --lr 1e-3 --grounding-weight "$G" $P
-    [ "$1" = 0 ] && [ "${MERGE:-0}" = 1 ] && { merge & }
-    [ "$1" = 0 ] && [ "${SEQ:-0}" = 1 ] && { sequence & }
-    $T --stage 2 --init "$RUNS/$2-s1" --out "$RUNS/$2" --seed "$1" --steps 100000 --time-budget "${S2:-150}" \
-       --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $PP $P
+    if [ "$1" = 0 ]; then  # MERGE=1: merge at quarter budget; SEQ=1: the chain's with sequence positions
+      [ "${MERGE:-0}" = 1 ] && { stage2 0 "$RUNS/pip0-s1" "$RUNS/merge0" --budget quarter --reducer merge \
+                                   > "$RUNS/merge0.log" 2>&1 & }
+      [ "${SEQ:-0}" = 1 ] && { stage2 0 "$RUNS/pip0-s1" "$RUNS/pipseq0" --budget half --reducer prompt-topk \
+                                 > "$RUNS/pipseq0.log" 2>&1 & }
+    fi
+    stage2 "$1" "$RUNS/$2-s1" "$RUNS/$2" --budget half --reducer prompt-topk $PP
     wait
   }
   plain() {  # seed
     $T --stage 2 --init "$S0" --out "$RUNS/plain$1" --seed "$1" --no-prompt-mlp --steps 100000 \
        --time-budget $(( ${S1:-120} + ${S2:-150} )) --lr 3e-4 --budget half --reducer pool --train-llm $P
-  }
-  merge() {  # seed 0's stage 2 with the merge reducer at quarter budget (from seed 0's stage 1)
-    $T --stage 2 --init "$RUNS/pip0-s1" --out "$RUNS/merge0" --seed 0 --steps 100000 --time-budget "${S2:-150}" \
-       --lr 3e-4 --grounding-weight "$G" --budget quarter --reducer merge --train-llm $P > "$RUNS/merge0.log" 2>&1
-  }
-  sequence() {  # seed 0's stage 2 as the chain's, with sequence positions
-    $T --stage 2 --init "$RUNS/pip0-s1" --out "$RUNS/pipseq0" --seed 0 --steps 100000 --time-budget "${S2:-150}" \
-       --lr 3e-4 --grounding-weight "$G" --budget half --reducer prompt-topk --train-llm $P > "$RUNS/pipseq0.log" 2>&1
   }
   for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done; rm -rf "$RUNS/merge0" "$RUNS/pipseq0"
   for s in 0 1 2; do chain $s pip$s > "$RUNS/pip$s.log" 2>&1 & done

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -70,37 +69,11 @@ def score_probe(records: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- running a bundle
 
-_WORKER = {}
-
-
-def _init(bundle: str):
-    os.environ["PIPMM_THREADS"] = "1"  # one thread per process: many small requests scale by processes
-    import sdk
-
-    _WORKER["pipeline"] = sdk.load(bundle, device="cpu")
-
-
-def _answer(job):
-    from PIL import Image
-
-    items, inhibit, max_new_tokens = job
-    pipeline = _WORKER["pipeline"]
-    return [pipeline.generate(Image.fromarray(image), prompt, max_new_tokens=max_new_tokens, inhibit=inhibit).text
-            for image, prompt in items]
-
-
-def answer_all(bundle: Path, examples: list, inhibit: float, jobs: int, max_new_tokens: int) -> list[str]:
-    """generate() text per example (inhibit = CMAI fraction), in order, over `jobs` processes."""
-    import numpy as np
-
-    items = [(np.asarray(e.image), e.prompt) for e in examples]
-    chunk = max(1, min(16, len(items) // (4 * jobs) or 1))
-    work = [(items[i:i + chunk], inhibit, max_new_tokens) for i in range(0, len(items), chunk)]
-    if jobs <= 1:
-        _init(str(bundle))
-        return [text for job in work for text in _answer(job)]
-    with mp.get_context("spawn").Pool(jobs, initializer=_init, initargs=(str(bundle),)) as pool:
-        return [text for part in pool.imap(_answer, work) for text in part]
+def answer_all(bundle: Path, examples: list, inhibit: float, jobs: int, max_new_tokens: int) -> list[dict]:
+    """evaluate.run_bundle's records (inhibit = CMAI fraction), in order, over `jobs` processes of one thread;
+    their per-request ms (taken under that load) are dropped: latency() measures alone."""
+    records, _ = evaluate.run_bundle(str(bundle), examples, "cpu", jobs, max_new_tokens, inhibit=inhibit)
+    return [{**r, "ms": None} for r in records]
 
 
 def latency(bundle: Path, examples: list, inhibit: float, runs: int) -> dict:
@@ -118,15 +91,13 @@ def latency(bundle: Path, examples: list, inhibit: float, runs: int) -> dict:
 def run_row(label: str, bundle: Path, inhibit: float, examples, probes, args) -> dict:
     start = time.perf_counter()
     manifest = json.loads((bundle / "manifest.json").read_text())
-    texts = answer_all(bundle, examples, inhibit, args.jobs, args.max_new_tokens)
-    records = [{"family": e.family, "prompt": e.prompt, "answer": e.answer, "output": t, "ms": None}
-               for e, t in zip(examples, texts)]
+    records = answer_all(bundle, examples, inhibit, args.jobs, args.max_new_tokens)
     meta = {"source": {"kind": "bundle", "path": str(bundle), "inhibit": inhibit},
             "data": {"split": "test", "n": len(examples)}}
     accuracy = evaluate.summarize(records, manifest, meta)
-    probe_texts = answer_all(bundle, [e for _, e in probes], inhibit, args.jobs, args.max_new_tokens)
-    probe_records = [{"probe": name, "prompt": e.prompt, "answer": e.answer, "output": t}
-                     for (name, e), t in zip(probes, probe_texts)]
+    answered = answer_all(bundle, [e for _, e in probes], inhibit, args.jobs, args.max_new_tokens)
+    probe_records = [{"probe": name, "prompt": r["prompt"], "answer": r["answer"], "output": r["output"]}
+                     for (name, _), r in zip(probes, answered)]
     row = {"label": label, "bundle": str(bundle), "inhibit": inhibit,
            "reducer": manifest["visual_tokens"]["reducer"], "budget": manifest["visual_tokens"]["budget"],
            "visual_tokens": manifest["visual_tokens"]["count"], "reducer_options": manifest["vision"].get("reducer_options"),

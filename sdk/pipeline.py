@@ -148,19 +148,13 @@ class Pipeline:
         text_slots = np.arange(split, input_embeds.shape[1])
         focus = cmai.focus_scores(attention[0].astype(np.float32), image_slots, text_slots)  # [L_c, K]
         bias, count = cmai.inhibition_bias(focus, fraction, image_slots, input_embeds.shape[1], self.cmai)
-        if tail is None:
-            logits, _, cache = self.backend.decoder(text, before, image_bias=bias)
-        else:
-            logits, _, cache = self.backend.decoder(text, before, tail, image_bias=bias)
+        logits, _, cache = self.backend.decoder(text, before, tail, image_bias=bias)
         return logits, cache, bias, count
 
     def decode(self, token_id: int, cache, image_bias: np.ndarray | None = None):
         """One new token -> (logits [1,V], cache grown by one); image_bias [1,L_c,P+1] (CMAI) or None."""
         embeds = self.backend.embed(np.asarray([[token_id]], np.int64))
-        if image_bias is None:
-            logits, _, cache = self.backend.decoder(embeds, cache)
-        else:
-            logits, _, cache = self.backend.decoder(embeds, cache, image_bias=image_bias)
+        logits, _, cache = self.backend.decoder(embeds, cache, image_bias=image_bias)
         return logits, cache
 
     # -- requests -------------------------------------------------------------------------------
