@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .extra_graphs import add_graphs
+    from export.extra_graphs import add_graphs
 
     graphs = tuple(args.graph or ["decoder_static"])
     add_graphs(args.bundle, args.checkpoint, graphs, device=args.device, overwrite=args.overwrite)

@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .bundle import export_bundle
+    from export.writer import export_bundle
 
     given = {"calibration_set": args.calibration, "calibration_size": args.calibration_size,
              "block_size": args.block_size, "int8_decoder": args.int8_decoder, "keep_fp32_ops": args.keep_fp32_ops}

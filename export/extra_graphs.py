@@ -3,13 +3,13 @@
     add_graphs("bundle/", "checkpoint/")                       # + decoder_static (pipmm add-graphs)
     export_direct("checkpoint/", "out/", no_prompt_mlp=True, dtype="fp16", device="cuda")
 
-`decoder_static` (export/decoder.py: the decoder over a preallocated cache, for CUDA graphs) holds the
+`decoder_static` (export/model/decoder.py: the decoder over a preallocated cache, for CUDA graphs) holds the
 same weights as `decoder`. When the decoder keeps its weights in an external data file, the new graph's
 initializers are pointed into that file (after checking that the bytes are equal), so a bundle holds the
 LLM weights once however many decoder graphs it has. Small graphs keep their weights inline.
 
 `export_direct` traces the modules in float16 (or bfloat16) on any device instead of exporting FP32 and
-converting (export/quantize.py): the route for checkpoints whose FP32 export would not fit in memory or on
+converting (export/precision/quantize.py): the route for checkpoints whose FP32 export would not fit in memory or on
 disk (a 7B model: 27 GB FP32 against 13.5 GB FP16). transformers' modules keep RMSNorm and our attention
 keeps softmax in float32; the logits output is float32. The budget-independent graphs (embed, decoder,
 decoder_static) can be hard-linked from another bundle of the same checkpoint (`reuse`), so the half
@@ -32,11 +32,11 @@ import torch
 from sdk.bundle import MANIFEST, load_bundle, sha256_file
 from sdk.errors import ExportError
 
-from . import onnx_export
-from .bundle import build_manifest, build_modules, publish_bundle
-from .checkpoint import load_checkpoint
-from .decoder import StaticDecoderGraph
-from .prompt import PromptMLP
+from export import onnx_graphs
+from export.writer import build_manifest, build_modules, publish_bundle
+from export.model.checkpoint import load_checkpoint
+from export.model.decoder import StaticDecoderGraph
+from export.model.prompt import PromptMLP
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # graphs that do not depend on the visual-token budget or the prompt MLP: reusable across bundles of a checkpoint
@@ -50,7 +50,7 @@ def optional_module(name: str, checkpoint, prompt_layer: int) -> torch.nn.Module
     if name == "decoder_static":
         return StaticDecoderGraph(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
                                   prompt_layer).eval()
-    raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
+    raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
 
 
 # -- weights shared through external data --------------------------------------------------------
@@ -129,7 +129,7 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
 # -- manifest and files ---------------------------------------------------------------------------
 
 def _graph_entry(path: Path, name: str, extra: dict | None = None) -> dict:
-    return {"file": path.name, **onnx_export.describe_graph(path), **(extra or {})}
+    return {"file": path.name, **onnx_graphs.describe_graph(path), **(extra or {})}
 
 
 def _files(directory: Path, known: dict | None = None) -> dict:
@@ -161,7 +161,7 @@ def _entry_of_optional(name: str, out: Path, source: Path | None) -> dict:
 
 
 def _export_optional(name: str, module, out: Path, model_info: dict, source: Path | None) -> dict:
-    onnx_export.OPTIONAL_EXPORTERS[name](module, out, model_info)
+    onnx_graphs.OPTIONAL_EXPORTERS[name](module, out, model_info)
     return _entry_of_optional(name, out, source)
 
 
@@ -189,8 +189,8 @@ def export_optional_graph(checkpoint_dir, name: str, out_path, dtype: str = "fp3
                           prompt_layer: int = -1) -> Path:
     """Trace one optional graph alone (into a scratch directory), e.g. in parallel with the bundle's own
     export; attach_graphs then moves it into the bundle."""
-    if name not in onnx_export.OPTIONAL_EXPORTERS:
-        raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
+    if name not in onnx_graphs.OPTIONAL_EXPORTERS:
+        raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
     checkpoint = load_checkpoint(checkpoint_dir, dtype=TORCH_DTYPES[dtype])
     checkpoint.model.to(device)
     text = checkpoint.config.text_config
@@ -198,7 +198,7 @@ def export_optional_graph(checkpoint_dir, name: str, out_path, dtype: str = "fp3
             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_export.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out_path, info)
+    onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out_path, info)
     return out_path
 
 
@@ -242,8 +242,8 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
     manifest = bundle.manifest
     precision = _bundle_precision(manifest)
     for name in graphs:
-        if name not in onnx_export.OPTIONAL_EXPORTERS:
-            raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_export.OPTIONAL_EXPORTERS)}")
+        if name not in onnx_graphs.OPTIONAL_EXPORTERS:
+            raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
         if name in manifest["graphs"] and not overwrite:
             raise ExportError(f"bundle {bundle_dir} already has {name}: pass --overwrite to trace it again")
     checkpoint = _checked_checkpoint(checkpoint_dir, manifest, TORCH_DTYPES[precision])
@@ -254,7 +254,7 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
         exported = {}
         for name in graphs:
             out = scratch / f"{name}.onnx"
-            onnx_export.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out, manifest["model"])
+            onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out, manifest["model"])
             exported[name] = out
         return attach_graphs(bundle_dir, exported, verify=False)  # verified above
     finally:
@@ -312,8 +312,8 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
                 manifest["graphs"][name] = dict(entry)
                 log(f"  {name}: linked from {reuse}")
                 continue
-            if name in onnx_export.EXPORTERS:
-                onnx_export.EXPORTERS[name](modules[name], path, manifest["model"])
+            if name in onnx_graphs.EXPORTERS:
+                onnx_graphs.EXPORTERS[name](modules[name], path, manifest["model"])
                 manifest["graphs"][name] = _graph_entry(path, name)
             else:
                 module = optional_module(name, checkpoint, prompt_layer)

@@ -17,9 +17,9 @@ from runtimes.positions import following, step_positions
 from sdk.errors import BundleError
 from sdk.pipeline import Pipeline
 
-from .bundle import build_manifest, build_modules
-from .checkpoint import load_checkpoint
-from .prompt import PromptMLP
+from export.writer import build_manifest, build_modules
+from export.model.checkpoint import load_checkpoint
+from export.model.prompt import PromptMLP
 
 
 @dataclass

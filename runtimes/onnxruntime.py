@@ -8,7 +8,7 @@ Three ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first
              cache, but shapes grow per token, so no CUDA graph
     static   (cuda, bundle with decoder_static: the default there)
              one preallocated [1,H_kv,S,hd] buffer per layer and part, bound as both the graph's past input
-             and its present output (the graph writes the new slots in place, export/decoder.py), so every
+             and its present output (the graph writes the new slots in place, export/model/decoder.py), so every
              decode step has the same shapes and addresses and is captured once as a CUDA graph
              (ONNX Runtime's enable_cuda_graph) and replayed; prefill runs outside the graph (gpu_graph_id -1)
 

@@ -3,7 +3,7 @@
     python scripts/default_model_table.py [--n 2000] [--jobs 2] [--out runs/table]
 
 1. Assembles the plain-LLaVA baseline: its vision tower is the default model's own (both were
-   frozen after stage 0), the rest is export/default_model/plain-baseline/without_vision.safetensors.
+   frozen after stage 0), the rest is models/default_model/plain-baseline/without_vision.safetensors.
 2. Exports one FP32 bundle per row: {plain, PIP-MM} x {full, half, quarter} x {pool, prompt-topk}
    (at full budget the reducer does nothing, so full has one row per model), plus PIP-MM's
    prompt-topk rows with --visual-positions patch.
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ROOT / "export" / "default_model"
+DEFAULT_MODEL = ROOT / "models" / "default_model"
 PLAIN_PARTIAL = DEFAULT_MODEL / "plain-baseline"
 ROWS = [  # (name, model, budget, reducer)
     ("plain full", "plain", "full", "pool"),
@@ -42,7 +42,7 @@ ROWS = [  # (name, model, budget, reducer)
 
 def assemble_plain(out: Path) -> Path:
     """The plain baseline as a whole checkpoint directory: default model's vision tower + its own rest."""
-    from export.train_state import assemble_variant
+    from export.train.state import assemble_variant
 
     return assemble_variant(DEFAULT_MODEL, PLAIN_PARTIAL, out)
 

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if args.step == "checkpoint":
         import torch
 
-        from export.shapes import build_random_checkpoint, build_random_prompt_mlp
+        from export.synthetic import build_random_checkpoint, build_random_prompt_mlp
 
         out = build_random_checkpoint(args.out, args.preset, dtype=torch.float16, device=args.device)
         build_random_prompt_mlp(out, f"{args.out}-mlp")

@@ -6,7 +6,7 @@ against the CPU path.
 FP32 bundles (plain Llama, Qwen2 with grouped KV heads, PIP-MM at half budget with prompt-topk), each with
 decoder_static: greedy tokens (32) on CUDA with the device KV cache, the static cache, and the static cache
 captured as a CUDA graph must be identical to the CPU's; prefill logits are compared too.
-FP16: a bundle traced in FP16 (export/extra_graphs.py) and one converted by export/quantize.py, on CUDA,
+FP16: a bundle traced in FP16 (export/extra_graphs.py) and one converted by export/precision/quantize.py, on CUDA,
 against the FP32 bundle on the CPU: relative logits error <= FP16_TOLERANCE, and the leading tokens that agree.
 """
 
@@ -64,9 +64,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself (no CUDA graph)")
     args = parser.parse_args()
 
-    from export.bundle import export_bundle
+    from export.writer import export_bundle
     from export.extra_graphs import add_graphs, export_direct
-    from export.tiny import build_random_prompt_mlp, build_tiny_llava
+    from export.synthetic import build_random_prompt_mlp, build_tiny_llava
     from sdk.bench import bench_image
 
     image = bench_image((45, 61))
@@ -119,7 +119,7 @@ def main() -> int:
                                   progress=False)
         for name, bundle_dir, options in (("fp16 traced, static KV (+ CUDA graph on cuda)", traced, dict(kv_cache="static")),
                                           ("fp16 traced, device KV", traced, dict(kv_cache="device")),
-                                          ("fp16 converted (export/quantize.py), device KV", converted,
+                                          ("fp16 converted (export/precision/quantize.py), device KV", converted,
                                            dict(kv_cache="device"))):
             p = pipeline(bundle_dir, device=args.device, **options)
             logits = prefill_logits(p, image)

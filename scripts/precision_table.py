@@ -4,11 +4,11 @@
     python scripts/precision_table.py --checkpoint CKPT --prompt-mlp CKPT --visual-tokens half --reducer prompt-topk ...
     python scripts/precision_table.py --bundle B --variants fp32 fp16 --device cuda     # on a GPU machine
 
-Variants (derived from the FP32 bundle with export.quantize.quantize_bundle, written under --work):
+Variants (derived from the FP32 bundle with export.precision.quantize.quantize_bundle, written under --work):
 fp32, int8 (decoder weight-only, the default), int8-static (decoder static QDQ too, the TensorRT form),
 int4, and fp16 where a CUDA provider exists (or when named in --variants). For each:
 
-* exact-match accuracy per family and overall: export.evaluate's questions (the first N of the split, the
+* exact-match accuracy per family and overall: export.train.evaluate's questions (the first N of the split, the
   same set `pipmm eval --n N` scores) and its scoring (evaluate.summarize), one generate() per question
   through the SDK, in --jobs processes of one thread each;
 * greedy-token agreement with fp32 on the same questions: tokens equal position by position, over the
@@ -265,13 +265,15 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    from export import evaluate, quantize, scenes
+    from export.train import evaluate
+    from export.precision import quantize
+    from export.tasks import scenes
     from sdk.bundle import default_bundle_path, load_bundle
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:
-        from export.bundle import export_bundle
+        from export.writer import export_bundle
 
         fp32 = work / "fp32"
         if not (args.reuse and fp32.exists()):

@@ -1,13 +1,13 @@
 """Issue 7's table: pool / prompt-topk / merge at half and quarter budget, each without and with CMAI.
 
-    python scripts/vmtc_cmai_table.py [--checkpoint export/default_model --prompt-mlp export/default_model]
+    python scripts/vmtc_cmai_table.py [--checkpoint models/default_model --prompt-mlp models/default_model]
         [--n 2000] [--probe-n 400] [--jobs 2] [--inhibit 0.5] [--primary-ratio 0.5] [--out runs/vmtc-cmai]
     python scripts/vmtc_cmai_table.py --bundle half-merge=B1 --bundle quarter-merge=B2 ...   # bundles as they are
 
 Per row (a bundle, and an inhibit fraction: 0 = CMAI off):
-1. accuracy per question family on the test split, exact match (export/evaluate.py: questions, summarize,
+1. accuracy per question family on the test split, exact match (export/train/evaluate.py: questions, summarize,
    markdown_table), the SDK path on ONNX Runtime CPU, `--jobs` processes of one thread each;
-2. an instruction-following probe (export/instructions.py): test-split questions with an answer-form
+2. an instruction-following probe (export/tasks/instructions.py): test-split questions with an answer-form
    instruction appended, scored by exact rules (trained instructions) or form (held-out ones);
 3. vision and prefill latency (ms, median of `--latency-runs` requests in this process, all threads; the
    prefill of a CMAI row includes its probe pass and the focus scores).
@@ -31,10 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export import evaluate, instructions, scenes  # noqa: E402
+from export.train import evaluate
+from export.tasks import instructions, scenes  # noqa: E402
 
 
-# The probe's instructions: export/instructions.py. TRAINED ones were appended to a fraction of stage 2's
+# The probe's instructions: export/tasks/instructions.py. TRAINED ones were appended to a fraction of stage 2's
 # training questions (--instruction-fraction), each with an exact instructed answer; HELD_OUT ones were
 # never seen in training and are scored on form alone.
 PROBES = instructions.ALL
@@ -118,8 +119,8 @@ def checkpoint_positions(checkpoint) -> str:
 
 
 def export_bundles(args) -> list[tuple[str, Path]]:
-    from export.bundle import export_bundle
-    from export.train_state import assemble_variant
+    from export.writer import export_bundle
+    from export.train.state import assemble_variant
 
     root = Path(args.out) / "bundles"
     # (label, checkpoint, budget, reducer): the checkpoint's rows, then each --variant at its trained setting
@@ -152,7 +153,7 @@ def cmai_cost(args, examples, with_cmai: Path) -> list[dict]:
     output (as before CMAI), with them and inhibit 0, and with inhibit --inhibit; vision, prefill and per-token
     decode ms (medians over --latency-runs requests of 16 new tokens, this process, all threads)."""
     import sdk
-    from export.bundle import export_bundle
+    from export.writer import export_bundle
 
     plain = with_cmai.parent / f"{with_cmai.name}-no-cmai"
     positions = json.loads((with_cmai / "manifest.json").read_text())["visual_tokens"].get("positions")
@@ -206,8 +207,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "export" / "default_model"))
-    parser.add_argument("--prompt-mlp", default=str(ROOT / "export" / "default_model"),
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "default_model"))
+    parser.add_argument("--prompt-mlp", default=str(ROOT / "models" / "default_model"),
                         help="the prompt MLP (PIP-MM); 'none' for a plain LLaVA checkpoint")
     parser.add_argument("--bundle", action="append", default=None, metavar="LABEL=DIR",
                         help="measure these bundles instead of exporting from --checkpoint (repeatable)")
@@ -219,8 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--topk-positions", default="auto", choices=("auto", "sequence", "patch"),
                         help="visual positions of the prompt-topk rows (auto: as the checkpoint's stage 2 trained)")
     parser.add_argument("--variant", action="append", default=None, metavar="LABEL=DIR",
-                        help="also a variant trained from the same stage 0 (export.train_state.split_variant, e.g. "
-                             "export/variants/merge-quarter), at its trained budget and reducer (repeatable)")
+                        help="also a variant trained from the same stage 0 (export.train.state.split_variant, e.g. "
+                             "models/variants/merge-quarter), at its trained budget and reducer (repeatable)")
     parser.add_argument("--inhibit", type=float, default=0.5, help="CMAI rows' fraction of visual tokens masked")
     parser.add_argument("--n", type=int, default=2000, help="accuracy questions (test split)")
     parser.add_argument("--probe-n", type=int, default=None, help="questions per probe (default n / 5)")

@@ -13,7 +13,7 @@ from /proc/meminfo on a Jetson) with the device's memory before the bundle was l
 visual-token budget; on a GPU the device-to-device copy bandwidth and the decode bound it implies
 (decoder weight bytes read once per token).
 
-`--compare-hf` runs transformers' own `generate` (export/hf_compare.py, imported only then, since it needs
+`--compare-hf` runs transformers' own `generate` (export/compare_hf.py, imported only then, since it needs
 torch) on the checkpoint, with the same image and prompt at the checkpoint's full budget, in the same
 process after this runtime's runs, and reports ratios.
 """
@@ -197,7 +197,7 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
     if compare_hf is not None:
         del pipeline, runner
         gc.collect()
-        hf = importlib.import_module("export.hf_compare")
+        hf = importlib.import_module("export.compare_hf")
         full = dict(manifest, visual_tokens=dict(manifest["visual_tokens"], count=hf.full_budget_tokens(manifest)))
         from .prompting import Prompter
 

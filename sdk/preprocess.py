@@ -28,21 +28,21 @@ from PIL import Image, ImageOps
 from .errors import BundleError, ExportError, ImageError
 
 # CLIPImageProcessor's class defaults (transformers/models/clip/image_processing_pil_clip.py).
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-DEFAULTS = {
-    "do_convert_rgb": True,
-    "do_resize": True,
-    "size": {"shortest_edge": 224},
-    "resample": 3,  # PIL bicubic
-    "do_center_crop": True,
-    "crop_size": {"height": 224, "width": 224},
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": OPENAI_CLIP_MEAN,
-    "image_std": OPENAI_CLIP_STD,
-}
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def clip_processor_config(image_size: int = 224) -> dict:
+    """CLIPImageProcessor's settings for square `image_size` inputs, as a llava-1.5 checkpoint's
+    preprocessor_config.json holds them (its class defaults at 224)."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"shortest_edge": image_size}, "resample": 3,  # PIL bicubic
+            "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+
+
+DEFAULTS = {k: v for k, v in clip_processor_config().items() if k != "image_processor_type"}
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 # Images above this many pixels are refused before decoding (decompression bombs, absurd frames).

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")  # the workstation side; CI installs the [export] extra
 
-from export.bundle import export_bundle  # noqa: E402
-from export.tiny import TEXT_ARCHS, build_random_prompt_mlp, build_tiny_llava  # noqa: E402
+from export.writer import export_bundle  # noqa: E402
+from export.synthetic import TEXT_ARCHS, build_random_prompt_mlp, build_tiny_llava  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import sdk
-from export.bundle import export_bundle
+from export.writer import export_bundle
 from sdk.bundle import FORMAT_VERSION, load_bundle
 from sdk.errors import BundleError, ExportError
 
@@ -112,11 +112,11 @@ def test_unsupported_checkpoint_is_refused(checkpoints, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing_that_loads(checkpoints, tmp_path, monkeypatch):
-    from export import onnx_export
+    from export import onnx_graphs
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setitem(onnx_export.EXPORTERS, "decoder", fail)
+    monkeypatch.setitem(onnx_graphs.EXPORTERS, "decoder", fail)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(checkpoints["llama"], tmp_path / "b", no_prompt_mlp=True, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -124,9 +124,9 @@ def test_interrupted_export_leaves_nothing_that_loads(checkpoints, tmp_path, mon
 
 def test_external_data_bundle_loads_and_checks_its_weights(checkpoints, tmp_path, monkeypatch, image):
     """Graphs above the threshold keep their weights in a side file, listed and hashed like the rest."""
-    from export import onnx_export
+    from export import onnx_graphs
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_BYTES", 0)
     out = export_bundle(checkpoints["llama"], tmp_path / "b", no_prompt_mlp=True, progress=False)
     manifest = load_bundle(out).manifest
     side_files = [name for name in manifest["files"] if name.endswith(".data")]

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import sdk
-from export.bundle import export_bundle
-from export.checkpoint import load_checkpoint
-from export.decoder import DecoderGraph, cmai_settings
+from export.writer import export_bundle
+from export.model.checkpoint import load_checkpoint
+from export.model.decoder import DecoderGraph, cmai_settings
 from export.reference import reference_pipeline
 from runtimes.onnxruntime import OnnxRuntimeBackend
 from sdk import cmai

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 import sdk
-from export import evaluate
+from export.tasks.answers import normalize
+from export.train import evaluate
 from sdk.bundle import default_bundle_path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / "export" / "default_model"
+CHECKPOINT = ROOT / "models" / "default_model"
 
 
 def _megabytes(folder: Path) -> float:
@@ -42,10 +43,10 @@ def test_default_model_answers_test_scenes(default_pipeline, family):
     # Measured on 2000 test questions: color 99.6%, shape 100%, exist 99.6% (docs/default-model.md).
     examples = evaluate.questions("test", 20, families=[family])
     records = evaluate.run_pipeline(default_pipeline, examples)
-    correct = sum(evaluate.normalize(r["output"]) == evaluate.normalize(r["answer"]) for r in records)
+    correct = sum(normalize(r["output"]) == normalize(r["answer"]) for r in records)
     assert correct >= 18, [(r["prompt"], r["answer"], r["output"]) for r in records]
 
 
 def test_sample_scene_caption(default_pipeline):
     text = default_pipeline.generate(ROOT / "samples" / "scene.png", "What color is the large cross?").text
-    assert evaluate.normalize(text) == "yellow"
+    assert normalize(text) == "yellow"

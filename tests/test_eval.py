@@ -8,9 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export import scenes  # noqa: E402
-from export.bundle import export_bundle  # noqa: E402
-from export.evaluate import normalize, questions, run_batched, run_pipeline, torch_pipeline  # noqa: E402
+from export.tasks import scenes  # noqa: E402
+from export.writer import export_bundle  # noqa: E402
+from export.tasks.answers import normalize  # noqa: E402
+from export.train.evaluate import questions, run_batched, run_pipeline, torch_pipeline  # noqa: E402
 from sdk.cli import main  # noqa: E402
 
 FAST = ["--tiny", "--batch-size", "16", "--workers", "0", "--val-scenes", "0", "--quiet"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export import instructions, scenes
-from export.scenes import Question
+from export.tasks import instructions, scenes
+from export.tasks.scenes import Question
 
 
 def test_instructed_answers_follow_the_instruction():
@@ -34,7 +34,7 @@ def test_exact_and_form_checks():
 
 def test_training_stream_instructs_about_the_asked_fraction_and_keeps_the_questions():
     pytest.importorskip("torch")
-    from export.train_data import scene_items
+    from export.train.data import scene_items
 
     plain = scene_items("train", 0, 40, 224)
     mixed = scene_items("train", 0, 40, 224, instruction_fraction=0.5)

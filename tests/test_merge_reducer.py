@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sdk
-from export.bundle import export_bundle
-from export.reducers import MergeReducer, make_reducer
+from export.writer import export_bundle
+from export.model.reducers import MergeReducer, make_reducer
 from export.reference import reference_pipeline
 from sdk.errors import ExportError
 from sdk.preprocess import preprocess

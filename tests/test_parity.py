@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import sdk
-from export.checkpoint import load_checkpoint
+from export.model.checkpoint import load_checkpoint
 from export.reference import reference_pipeline
-from export.tiny import TEXT_ARCHS
+from export.synthetic import TEXT_ARCHS
 from sdk.preprocess import preprocess
 
 PROMPT = "what is the color of the star left of the circle?"
@@ -135,7 +135,7 @@ def test_generate_reports_stage_timings(bundles, image):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_vision_with_class_embedding_equals_transformers_image_features(arch, checkpoints):
-    from export.bundle import build_modules
+    from export.writer import build_modules
 
     checkpoint = load_checkpoint(checkpoints[arch])
     vision = build_modules(checkpoint, None)["vision"]
@@ -150,8 +150,8 @@ def test_vision_with_class_embedding_equals_transformers_image_features(arch, ch
 
 def test_prompt_vector_from_an_inner_layer(checkpoints, image, tmp_path):
     """prompt_layer=k exports the hidden state after decoder layer k, and matches the reference."""
-    from export.bundle import export_bundle
-    from export.tiny import build_random_prompt_mlp
+    from export.writer import export_bundle
+    from export.synthetic import build_random_prompt_mlp
 
     mlp = build_random_prompt_mlp(checkpoints["llama"], tmp_path / "mlp", seed=2, prompt_layer=0)
     bundle = export_bundle(checkpoints["llama"], tmp_path / "b", prompt_mlp=mlp, budget="half", reducer="pool",

@@ -23,9 +23,10 @@ import onnx
 import pytest
 
 import sdk
-from export import calibration, quantize, scenes
-from export.bundle import export_bundle
-from export.calibration import CalibrationError
+from export.precision import calibration, quantize
+from export.tasks import scenes
+from export.writer import export_bundle
+from export.precision.calibration import CalibrationError
 
 BUNDLE = dict(arch="llama", pipmm=True, budget="half", reducer="pool")
 # variant -> graph -> output -> max relative error (measured on this checkpoint, then about x2; "present" = KV)

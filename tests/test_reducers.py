@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.reducers import PromptTopKReducer, make_reducer, pool_matrix, resolve_budget
+from export.model.reducers import PromptTopKReducer, make_reducer, pool_matrix, resolve_budget
 from sdk.errors import ExportError
 
 

@@ -206,7 +206,7 @@ EXPORT_CASES = {
 
 @pytest.mark.parametrize("case", EXPORT_CASES)
 def test_unsupported_checkpoint_is_refused(checkpoints, served, image, tmp_path, case):
-    from export.bundle import export_bundle
+    from export.writer import export_bundle
 
     damage, words = EXPORT_CASES[case]
     ckpt = tmp_path / "ckpt"

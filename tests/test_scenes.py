@@ -1,4 +1,4 @@
-"""Tests of export/scenes.py: determinism, scene statistics, and answers checked against the drawn scene.
+"""Tests of export/tasks/scenes.py: determinism, scene statistics, and answers checked against the drawn scene.
 
 Answers are re-derived here from the objects and pixels, by parsing the prompts back, so a
 question generator that drifted from the scene would fail.
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from export import scenes as S
+from export.tasks import scenes as S
 from sdk.errors import PipmmError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export import onnx_export  # noqa: E402
-from export.bundle import export_bundle  # noqa: E402
-from export.checkpoint import load_checkpoint  # noqa: E402
-from export.decoder import DecoderGraph, StaticDecoderGraph  # noqa: E402
+from export import onnx_graphs  # noqa: E402
+from export.writer import export_bundle  # noqa: E402
+from export.model.checkpoint import load_checkpoint  # noqa: E402
+from export.model.decoder import DecoderGraph, StaticDecoderGraph  # noqa: E402
 from export.extra_graphs import add_graphs, export_direct  # noqa: E402
-from export.tiny import build_tiny_llava  # noqa: E402
+from export.synthetic import build_tiny_llava  # noqa: E402
 from runtimes.onnxruntime import OnnxRuntimeBackend, StaticKVCache  # noqa: E402
 from sdk.bundle import load_bundle  # noqa: E402
 from sdk.errors import BackendError, ExportError  # noqa: E402
@@ -160,7 +160,7 @@ def test_add_graphs_refuses_another_checkpoint_and_a_second_copy(bundles, tmp_pa
 
 
 def test_decoder_static_shares_the_decoders_external_weights(checkpoints, image, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_BYTES", 0)
     bundle_dir = export_bundle(checkpoints["llama"], tmp_path / "ext", no_prompt_mlp=True, progress=False)
     add_graphs(bundle_dir, checkpoints["llama"])
     files = sorted(p.name for p in bundle_dir.iterdir())

@@ -9,11 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export import scenes  # noqa: E402
-from export.train_data import (IGNORE, SceneBatches, SequenceSpec, build_tokenizer, encode_example,  # noqa: E402
+from export.tasks import scenes  # noqa: E402
+from export.train.data import (IGNORE, SceneBatches, SequenceSpec, build_tokenizer, encode_example,  # noqa: E402
                                named_phrases, relevant_patches)
-from export.train_model import ModelSizes, build_llava, forward_loss, make_vision, special_tokens  # noqa: E402
-from export.train_state import MAX_FILE_BYTES, preprocessor_config  # noqa: E402
+from export.train.model import ModelSizes, build_llava, forward_loss, make_vision, special_tokens  # noqa: E402
+from export.train.state import MAX_FILE_BYTES  # noqa: E402
+from sdk.preprocess import clip_processor_config  # noqa: E402
 from sdk.cli import main  # noqa: E402
 from sdk.preprocess import config_from_processor  # noqa: E402
 
@@ -108,7 +109,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     model = build_llava(sizes, tokenizer).train()
     vision = make_vision(model)
     spec = SequenceSpec(str(tmp_path / "tokenizer.json"), special_tokens(tokenizer), vision.config.num_tokens, 512)
-    batch = SceneBatches(spec, config_from_processor(preprocessor_config(sizes.image_size)), 2, sizes.image_size,
+    batch = SceneBatches(spec, config_from_processor(clip_processor_config(sizes.image_size)), 2, sizes.image_size,
                          sizes.image_size // sizes.patch_size).batch(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -156,8 +157,8 @@ def test_patch_position_loss_attends_across_the_position_jumps(tmp_path):
     see the image although the kept tokens' positions jump."""
     from transformers.cache_utils import DynamicCache
 
-    from export.train_model import embed_sequence, patch_position_ids, visual_tokens
-    from export.prompt import PromptMLP, PromptMLPConfig
+    from export.train.model import embed_sequence, patch_position_ids, visual_tokens
+    from export.model.prompt import PromptMLP, PromptMLPConfig
 
     sizes = ModelSizes.tiny()
     tokenizer = build_tokenizer(60, sizes.vocab_size)
@@ -167,7 +168,7 @@ def test_patch_position_loss_attends_across_the_position_jumps(tmp_path):
     mlp = PromptMLP(PromptMLPConfig(d_llm=sizes.text_hidden, d_vit=sizes.vision_hidden))
     vision = make_vision(model, "half", "prompt-topk", mlp)
     spec = SequenceSpec(str(tmp_path / "tokenizer.json"), special_tokens(tokenizer), vision.config.num_tokens, 512)
-    batch = SceneBatches(spec, config_from_processor(preprocessor_config(sizes.image_size)), 1, sizes.image_size,
+    batch = SceneBatches(spec, config_from_processor(clip_processor_config(sizes.image_size)), 1, sizes.image_size,
                          sizes.image_size // sizes.patch_size).batch(0)
     with torch.no_grad():
         got = forward_loss(model, vision, batch, patch_positions=True)["lm_loss"]

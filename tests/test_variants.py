@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from export.tiny import build_tiny_llava  # noqa: E402
-from export.train_state import WITHOUT_VISION, assemble_variant, split_variant  # noqa: E402
+from export.synthetic import build_tiny_llava  # noqa: E402
+from export.train.state import WITHOUT_VISION, assemble_variant, split_variant  # noqa: E402
 
 
 def test_split_then_assemble_gives_back_the_variant_with_the_base_tower(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdk
-from export.bundle import export_bundle
+from export.writer import export_bundle
 from export.reference import reference_pipeline
 from runtimes.positions import step_positions
 from sdk.errors import BundleError, ExportError
@@ -112,8 +112,8 @@ def test_unknown_positions_in_a_manifest_are_refused(bundles, tmp_path):
 
 
 def test_training_positions_equal_the_sdk_positions(bundles, image):
-    """Stage 2 --patch-positions (export.train_model.patch_position_ids) trains on the SDK's positions."""
-    from export.train_model import patch_position_ids
+    """Stage 2 --patch-positions (export.train.model.patch_position_ids) trains on the SDK's positions."""
+    from export.train.model import patch_position_ids
 
     pipeline = sdk.load(bundles(**PATCH), device="cpu")
     _, attention = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
@@ -126,9 +126,9 @@ def test_training_positions_equal_the_sdk_positions(bundles, image):
 
 
 def test_batched_torch_eval_with_patch_positions_matches_the_pipeline(checkpoints, prompt_mlp):
-    """pipmm eval --checkpoint --batch-size (padded batches, export.train_model.greedy_generate) answers
+    """pipmm eval --checkpoint --batch-size (padded batches, export.train.model.greedy_generate) answers
     as the one-at-a-time reference Pipeline with the same patch positions."""
-    from export import evaluate
+    from export.train import evaluate
 
     examples = evaluate.questions("test", 6)
     records, manifest = evaluate.run_batched(checkpoints["llama"], examples, prompt_mlp, "half", "prompt-topk",

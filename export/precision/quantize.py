@@ -10,7 +10,7 @@ Per precision, a plan says how each graph is made (PLANS); each method is a regi
                       and the logits output stays float32. Inputs/outputs otherwise float16 (KV cache too).
     int8-static       onnxruntime.quantization.quantize_static, QDQ format, int8 weights symmetric per channel,
                       int8 activations symmetric per tensor (zero point 0: what TensorRT accepts), MinMax
-                      calibration on image+prompt pairs run through the FP32 bundle (export.calibration).
+                      calibration on image+prompt pairs run through the FP32 bundle (export.precision.calibration).
                       Only weight-carrying ops are quantized by default (Conv, MatMul with a constant B,
                       Gemm, the embedding Gather); keep_fp32_ops lists what stays float.
     int8-weight-only  MatMulNBitsQuantizer, bits=8, block-wise symmetric: decoder linear layers only.
@@ -40,8 +40,8 @@ import sdk
 from sdk.bundle import load_bundle
 from sdk.errors import ExportError
 
-from . import calibration
-from .onnx_export import EXTERNAL_DATA_BYTES, describe_graph
+from export.precision import calibration
+from export.onnx_graphs import EXTERNAL_DATA_BYTES, describe_graph
 
 from onnxruntime.quantization import CalibrationDataReader  # noqa: E402  (the workstation side has onnxruntime)
 
@@ -465,7 +465,7 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
         manifest["created"] = {**manifest["created"], "by": f"pipmm-edge {sdk.__version__}",
                                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "from_fp32_bundle": str(src)}
-        from .bundle import file_records, publish_bundle
+        from export.writer import file_records, publish_bundle
 
         manifest["files"] = file_records(tmp)
         publish_bundle(tmp, out_dir, manifest)

@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from .decoder import DecoderGraph, EmbedGraph, StaticDecoderGraph, kv_names
-from .vision import PipmmVision
+from export.model.decoder import DecoderGraph, EmbedGraph, StaticDecoderGraph, kv_names
+from export.model.vision import PipmmVision
 
 OPSET = 18  # the TensorRT 10 parser covers opsets 9-20
 EXTERNAL_DATA_BYTES = 1 << 30  # weights go to a side file above 1 GiB (protobuf's hard limit is 2 GiB)
@@ -91,7 +91,7 @@ def export_decoder(decoder: DecoderGraph, path: Path, model: dict) -> None:
 
 
 def export_decoder_static(decoder: StaticDecoderGraph, path: Path, model: dict) -> None:
-    """The decoder over a preallocated cache of S slots (export/decoder.py); S, like batch and T, is a
+    """The decoder over a preallocated cache of S slots (export/model/decoder.py); S, like batch and T, is a
     dynamic axis: a runtime fixes it when it allocates the cache."""
     cfg = decoder.text_config
     n = decoder.num_layers

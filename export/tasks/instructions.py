@@ -19,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from .evaluate import normalize
-from .scenes import FAMILIES, Question
+from export.tasks.answers import normalize
+from export.tasks.scenes import FAMILIES, Question
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve")

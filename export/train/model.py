@@ -5,7 +5,7 @@ export's PipmmVision, and batched greedy decoding for fast evaluation on a GPU.
     input_ids [Q,T] --embed--> [Q,T,D], image slots := visual tokens
     --language_model--> hidden [Q,T,D] --lm_head at answer positions--> cross-entropy
 
-Same modules as the export (export.vision.PipmmVision, the checkpoint's language model and
+Same modules as the export (export.model.vision.PipmmVision, the checkpoint's language model and
 lm_head), so what is trained is what is exported.
 """
 
@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .prompt import PromptMLP
-from .train_data import IGNORE
-from .vision import PipmmVision, vision_config_from
+from export.model.prompt import PromptMLP
+from export.train.data import IGNORE
+from export.model.vision import PipmmVision, vision_config_from
 
 
 @dataclass
@@ -50,8 +50,8 @@ class ModelSizes:
 
 
 def special_tokens(tokenizer) -> dict:
-    """The ids the manifest will carry (export.bundle._special_tokens), from the trained tokenizer."""
-    from .tokenizer import SPECIAL_TOKENS
+    """The ids the manifest will carry (export.writer._special_tokens), from the trained tokenizer."""
+    from export.synthetic import SPECIAL_TOKENS
 
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     return {"bos": ids["<s>"], "eos": [ids["</s>"]], "pad": ids["<pad>"], "image": ids["<image>"],
@@ -149,7 +149,7 @@ def _balanced_ce(logits: torch.Tensor, target: torch.Tensor, background_weight: 
 
 
 def aux_head_outputs(grid: int) -> int:
-    from .train_data import CHAR_CLASSES, CHAR_SLOTS, PATCH_CLASSES
+    from export.train.data import CHAR_CLASSES, CHAR_SLOTS, PATCH_CLASSES
 
     return len(PATCH_CLASSES) + CHAR_SLOTS * len(CHAR_CLASSES) + 2 * grid
 
@@ -157,14 +157,14 @@ def aux_head_outputs(grid: int) -> int:
 def aux_patch_loss(head: torch.nn.Module, scene_tokens: torch.Tensor, objects: torch.Tensor, chars: torch.Tensor,
                    background_weight: float = 0.1) -> torch.Tensor:
     """Stage 0's auxiliary dense loss on the full-budget visual tokens [S,N,D]: classify every token
-    into train_data.PATCH_CLASSES (objects [S,N]: which object, if any, has its centre there) and
+    into data.PATCH_CLASSES (objects [S,N]: which object, if any, has its centre there) and
     its CHAR_SLOTS label-character slots (chars [S,N,3]), and every token into its own grid row and
     column (so a token says where it is, also once a reducer has dropped its neighbours).
 
     Object patches are ~3% of all and character patches fewer: the foreground mean cross-entropy and
     the background's are averaged with weights 1 and background_weight, so the rare ones count.
     """
-    from .train_data import PATCH_CLASSES
+    from export.train.data import PATCH_CLASSES
 
     s, n, _ = scene_tokens.shape
     grid = math.isqrt(n)

@@ -23,18 +23,14 @@ from pathlib import Path
 
 from sdk.errors import PipmmError
 
-from . import scenes
+from export.tasks import scenes
+from export.tasks.answers import normalize
 
 MISTAKES_KEPT = 20
 
 
 class EvalError(PipmmError):
     """An eval argument does not fit (no bundle or checkpoint, bad family...)."""
-
-
-def normalize(text: str) -> str:
-    """Lower case, single spaces, no surrounding spaces or final period."""
-    return " ".join(text.lower().split()).rstrip(".").strip()
 
 
 def questions(split: str = "test", n: int = 2000, families=scenes.FAMILIES, seed_offset: int = 0,
@@ -74,7 +70,7 @@ def _worker_init(bundle: str, device: str):
 
 
 def _worker_run(job):
-    from export.scenes import Example
+    from export.tasks.scenes import Example
     from PIL import Image
 
     items, max_new_tokens, inhibit = job
@@ -109,10 +105,10 @@ def torch_pipeline(checkpoint, prompt_mlp=None, budget="full", reducer="pool", d
     """export.reference's Pipeline, on `device`."""
     from sdk.pipeline import Pipeline
 
-    from .bundle import build_manifest, build_modules
-    from .checkpoint import load_checkpoint
-    from .prompt import PromptMLP
-    from .reference import TorchBackend
+    from export.writer import build_manifest, build_modules
+    from export.model.checkpoint import load_checkpoint
+    from export.model.prompt import PromptMLP
+    from export.reference import TorchBackend
 
     ckpt = load_checkpoint(checkpoint)
     mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp else None
@@ -127,15 +123,15 @@ def torch_pipeline(checkpoint, prompt_mlp=None, budget="full", reducer="pool", d
 def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="pool", device: str = "cpu",
                 visual_positions: str | None = None,
                 batch_size: int = 256, max_new_tokens: int = 64, progress: bool = False) -> tuple[list[dict], dict]:
-    """Batched greedy decoding in torch (export.train_model.greedy_generate): same answers as the
+    """Batched greedy decoding in torch (export.train.model.greedy_generate): same answers as the
     Pipeline up to float rounding, many times faster on a GPU. No per-request latency."""
     import numpy as np
     import torch
 
     from sdk.preprocess import preprocess
 
-    from .train_data import _pad, encode_example
-    from .train_model import greedy_generate, make_vision
+    from export.train.data import _pad, encode_example
+    from export.train.model import greedy_generate, make_vision
 
     pipeline = torch_pipeline(checkpoint, prompt_mlp, budget, reducer, "cpu", visual_positions)  # manifest, tokenizer
     patch = pipeline.visual_positions == "patch"
@@ -146,7 +142,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
                                                           attn_implementation="sdpa").to(device).eval()
     mlp = None
     if prompt_mlp:
-        from .prompt import PromptMLP
+        from export.model.prompt import PromptMLP
 
         mlp = PromptMLP.load(prompt_mlp).to(device).eval()
     vision = make_vision(model, budget, reducer, mlp).to(device)

@@ -25,8 +25,8 @@ import torch
 
 from sdk.preprocess import preprocess
 
-from . import instructions, scenes
-from .bundle import DEFAULT_CHAT_TEMPLATE
+from export.tasks import instructions, scenes
+from export.writer import DEFAULT_CHAT_TEMPLATE
 
 IGNORE = -100
 
@@ -48,7 +48,7 @@ def conversation_texts(n_scenes: int, split: str = "train"):
 
 
 def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512):
-    from .tokenizer import train_tokenizer
+    from export.synthetic import train_tokenizer
 
     return train_tokenizer(conversation_texts(n_scenes), vocab_size=vocab_size)
 
@@ -207,7 +207,7 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
 def scene_items(split: str, first: int, count: int, size: int, families=scenes.FAMILIES,
                 questions_per_family: int = 1, instruction_fraction: float = 0.0) -> list[tuple]:
     """[(scene, [Question])] for scenes first..first+count-1 of `split`; a fraction of the questions
-    gets an answer-form instruction (export/instructions.py) from its own stream, so the scenes and
+    gets an answer-form instruction (export/tasks/instructions.py) from its own stream, so the scenes and
     questions are the same for any fraction."""
     items = []
     for i in range(first, first + count):

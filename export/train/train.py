@@ -9,8 +9,8 @@
     stage 2 --no-prompt-mlp: the fair baseline, plain LLaVA's projector fine-tuned at the same budget
              --init ckpt/stage0                                                   --out ckpt/plain2
 
-Loss: cross-entropy on the answer tokens and EOS only (export.train_model.forward_loss). Every
-choice is written to DIR/train_config.json; see export/train_state.py for the files.
+Loss: cross-entropy on the answer tokens and EOS only (export.train.model.forward_loss). Every
+choice is written to DIR/train_config.json; see export/state.py for the files.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 
 from sdk.errors import PipmmError
+from sdk.preprocess import clip_processor_config
 
-from . import instructions, scenes
-from .train_data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
-from .train_model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
+from export.tasks import instructions, scenes
+from export.tasks.answers import normalize
+from export.train.data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
+from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
                           special_tokens)
-from .train_state import (STATE_JSON, copy_assets, load_trainer_state, preprocessor_config, save_model,
+from export.train.state import (STATE_JSON, copy_assets, load_trainer_state, save_model,
                           save_trainer_state)
 
 # Where each stage's stream of train scenes starts (scene index in the train split), per seed
@@ -85,7 +87,7 @@ def add_arguments(parser) -> None:
                    help="stage 0: weight of the auxiliary patch-classification loss (default 1.0; 0 = LM loss only)")
     p.add_argument("--reduced-fraction", type=float, default=0.0,
                    help="stage 0: fraction of questions trained on a reduced visual-token set (their objects' "
-                        "patches + random others; see train_model.sample_keep)")
+                        "patches + random others; see model.sample_keep)")
     p.add_argument("--reduced-budgets", nargs="+", default=["half", "quarter"],
                    help="stage 0: the budgets those reduced sets are drawn from")
     p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
@@ -96,7 +98,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--no-prompt-mlp", action="store_true", help="stage 2 without the MLP: the plain baseline")
     p.add_argument("--train-llm", action="store_true", help="stage 2: also fine-tune the LLM")
     p.add_argument("--instruction-fraction", type=float, default=0.0, metavar="F",
-                   help="append an answer-form instruction (export/instructions.py) to this fraction of the "
+                   help="append an answer-form instruction (export/tasks/instructions.py) to this fraction of the "
                         "training questions that one fits (0-1; default 0)")
     p.add_argument("--patch-positions", action="store_true",
                    help="stage 2 with prompt-topk: kept visual tokens at their patch positions (export the result "
@@ -141,7 +143,7 @@ def _load_init(init: Path):
 def _new_prompt_mlp(model, args):
     """T-CLS starts as the checkpoint's own class embedding (fc2 = 0, bias = class embedding), so stage 1
     begins exactly at the plain model and only moves away where the prompt helps."""
-    from .prompt import PromptMLP, PromptMLPConfig
+    from export.model.prompt import PromptMLP, PromptMLPConfig
 
     vit = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
     config = PromptMLPConfig(d_llm=model.config.text_config.hidden_size, d_vit=model.config.vision_config.hidden_size,
@@ -171,7 +173,7 @@ def setup(args):
             tokenizer.save(str(out / "tokenizer.json"))
         sizes.vocab_size = tokenizer.get_vocab_size()
         model = build_llava(sizes, tokenizer, seed=args.seed)
-        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(sizes.image_size), indent=2))
+        (out / "preprocessor_config.json").write_text(json.dumps(clip_processor_config(sizes.image_size), indent=2))
         (out / "special_tokens.json").write_text(json.dumps(special_tokens(tokenizer)) + "\n")
         src = out
     else:
@@ -190,7 +192,7 @@ def setup(args):
     if stage == 1:
         mlp = _new_prompt_mlp(model, args)
     elif stage == 2 and not args.no_prompt_mlp:
-        from .prompt import CONFIG_FILE, PromptMLP
+        from export.model.prompt import CONFIG_FILE, PromptMLP
 
         if not (src / CONFIG_FILE).is_file():
             raise TrainError(f"--init {src} has no prompt MLP: start stage 2 from stage 1, or pass --no-prompt-mlp")
@@ -212,7 +214,7 @@ def setup(args):
     aux_head = None
     if stage == 0 and _aux_weight(args) > 0:
         # Training-only: a linear classifier over the visual tokens, kept in the trainer state (resume)
-        # but not in the model files; see train_model.aux_patch_loss.
+        # but not in the model files; see model.aux_patch_loss.
         torch.manual_seed(args.seed + 1)
         aux_head = torch.nn.Linear(model.config.text_config.hidden_size,
                                    aux_head_outputs(sizes.image_size // sizes.patch_size))
@@ -277,7 +279,6 @@ def _to(batch: dict, device) -> dict:
 def validate(model, vision, spec: SequenceSpec, preprocessing: dict, n_scenes: int, device, grid: int,
              image_size: int, batch_scenes: int = 32, max_new_tokens: int = 64) -> dict:
     """Exact match per family on the first n_scenes validation scenes (batched greedy decoding)."""
-    from .evaluate import normalize
 
     prompter = spec.prompter()
     correct, total = {}, {}
@@ -382,7 +383,7 @@ def run(args) -> int:
     if args.reduced_fraction > 0:
         if args.stage != 0 or not 0 < args.reduced_fraction <= 1:
             raise TrainError("--reduced-fraction is a stage-0 setting in (0, 1]")
-        from .reducers import resolve_budget
+        from export.model.reducers import resolve_budget
 
         reduced_budgets = tuple(resolve_budget(b, grid * grid) for b in args.reduced_budgets)
         keep_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + start)

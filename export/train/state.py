@@ -21,18 +21,6 @@ import torch
 
 MAX_FILE_BYTES = 15 * 1024 * 1024  # < 16 MiB
 STATE_JSON = "trainer_state.json"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def preprocessor_config(image_size: int) -> dict:
-    """CLIPImageProcessor's file, as a real llava-1.5 checkpoint has it (export/tiny.py's layout)."""
-    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-            "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD, "do_convert_rgb": True}
-
-
 def save_model(model, out: Path) -> None:
     """HF layout, weights in bf16 (the model is trained in fp32 master weights), shards < 16 MiB."""
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .prompt import PromptMLP
-from .reducers import REDUCERS, make_reducer, reducer_options, resolve_budget
+from export.model.prompt import PromptMLP
+from export.model.reducers import REDUCERS, make_reducer, reducer_options, resolve_budget
 
 
 @dataclass

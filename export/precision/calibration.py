@@ -2,7 +2,7 @@
 
 A calibration set is one of
 
-    (nothing)        generated scenes, val split (export.scenes.iter_examples('val', n, questions_per_scene=1):
+    (nothing)        generated scenes, val split (export.tasks.scenes.iter_examples('val', n, questions_per_scene=1):
                      n different scenes, families round-robin), never the test split that eval scores
     FILE.json        a list of {"image": path, "prompt": text}, or LLaVA-style records
                      {"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, ...]}
@@ -119,7 +119,7 @@ def load_pairs(source: str | Path | None = None, size: int = DEFAULT_SIZE) -> tu
     if size < 1:
         raise CalibrationError(f"--calibration-size must be at least 1, got {size}")
     if source is None:
-        from . import scenes
+        from export.tasks import scenes
 
         pairs = [Pair(ex.image.convert("RGB"), ex.prompt, f"scene {ex.scene_seed}")
                  for ex in scenes.iter_examples("val", size, questions_per_scene=1)]

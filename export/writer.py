@@ -18,11 +18,11 @@ import sdk
 from sdk.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from sdk.errors import ExportError
 
-from . import onnx_export
-from .checkpoint import Checkpoint, load_checkpoint
-from .decoder import DecoderGraph, EmbedGraph, cmai_settings
-from .prompt import PromptMLP
-from .vision import PipmmVision, vision_config_from
+from export import onnx_graphs
+from export.model.checkpoint import Checkpoint, load_checkpoint
+from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
+from export.model.prompt import PromptMLP
+from export.model.vision import PipmmVision, vision_config_from
 
 # LLaVA-1.5's conversation format. The prompt encoder sees the same turn without the image.
 DEFAULT_CHAT_TEMPLATE = {
@@ -69,7 +69,7 @@ def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="
                   reducer_options: dict | None = None, cmai: dict | None = None) -> dict:
     """The torch modules that become the graphs (also the PyTorch reference backend's modules).
 
-    cmai: CMAI settings (export.decoder.cmai_settings; None = defaults, {"layers": "none"} = without)."""
+    cmai: CMAI settings (export.model.decoder.cmai_settings; None = defaults, {"layers": "none"} = without)."""
     model, config = checkpoint.model, checkpoint.config
     vision_cfg = vision_config_from(config, budget=budget, reducer=reducer, options=reducer_options)
     prompt_layer = prompt_mlp.config.prompt_layer if prompt_mlp is not None else -1
@@ -179,7 +179,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
                   precision: str = "fp32", visual_positions: str | None = None, reducer_options: dict | None = None,
                   cmai: dict | None = None, **quantize_options) -> Path:
     """quantize_options (precision other than fp32): calibration_set, calibration_size, block_size,
-    int8_decoder, keep_fp32_ops; see export.quantize.quantize_bundle."""
+    int8_decoder, keep_fp32_ops; see export.precision.quantize.quantize_bundle."""
     out_dir = Path(out_dir)
     if precision != "fp32":
         return _export_quantized(checkpoint_dir, out_dir, precision, quantize_options, overwrite, progress,
@@ -208,12 +208,12 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        steps, note = _progress(list(onnx_export.EXPORTERS), progress)
+        steps, note = _progress(list(onnx_graphs.EXPORTERS), progress)
         for name in steps:
             note(name)
             path = tmp / f"{name}.onnx"
-            onnx_export.EXPORTERS[name](modules[name], path, manifest["model"])
-            manifest.setdefault("graphs", {})[name] = {"file": path.name, **onnx_export.describe_graph(path)}
+            onnx_graphs.EXPORTERS[name](modules[name], path, manifest["model"])
+            manifest.setdefault("graphs", {})[name] = {"file": path.name, **onnx_graphs.describe_graph(path)}
         shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
         manifest["files"] = file_records(tmp)
         publish_bundle(tmp, out_dir, manifest)
@@ -227,7 +227,7 @@ def _export_quantized(checkpoint_dir, out_dir: Path, precision: str, options: di
                       **export_args) -> Path:
     """Check the precision options and read the calibration set first (errors before any work or write), export
     FP32 into a hidden sibling, derive `precision` from it into out_dir, drop the FP32 copy."""
-    from . import calibration, quantize
+    from export.precision import calibration, quantize
 
     options = dict(options)
     if out_dir.exists() and not overwrite:
