@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         from export.synthetic import build_random_checkpoint, build_random_prompt_mlp
 
         out = build_random_checkpoint(args.out, args.preset, dtype=torch.float16, device=args.device)
-        build_random_prompt_mlp(out, f"{args.out}-mlp")
+        build_random_prompt_mlp(out, f"{args.out}-mlp", seed=1, std=None)  # timing only: default init
         written = _size(out)
     elif args.step == "bundle":
         from export.extra_graphs import export_direct
