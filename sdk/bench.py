@@ -65,8 +65,8 @@ def one_run(pipeline, image, prompt: str, new_tokens: int, inhibit: float = 0.0)
     result = pipeline.generate(image, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0,
                                inhibit=inhibit)
     if len(result.token_ids) != new_tokens:  # only a full context stops before min_new_tokens
-        raise ContextOverflowError(f"the context filled after {len(result.token_ids)} of {new_tokens} tokens: use a smaller "
-                         "--new-tokens or a shorter --prompt")
+        raise ContextOverflowError(f"the context filled after {len(result.token_ids)} of {new_tokens} tokens: "
+                                   "use a smaller --new-tokens or a shorter --prompt")
     timings = {name: result.timings[key] for name, key in STAGE_TIMINGS.items()}
     if new_tokens == 1:  # no decoder step ran: no decode rate
         timings["decode_ms_per_token"] = timings["decode_tokens_per_s"] = None
