@@ -16,8 +16,9 @@ visual-token budget; on a GPU the device-to-device copy bandwidth and the decode
 (decoder weight bytes read once per token).
 
 `--compare-hf` runs transformers' own `generate` on the checkpoint (export/compare_hf.py: the CLI layer imports
-it, only then, since it needs torch, and passes its run_hf to bench() as `peer`; sdk/ never imports export/), with the same image and prompt at the checkpoint's full budget, in the same
-process after this runtime's runs, and reports ratios.
+it, only then, since it needs torch, and passes its run_hf to bench() as `peer`; sdk/ never imports export/),
+with the same image and prompt at the checkpoint's full budget, in the same process after this runtime's runs,
+and reports ratios.
 """
 
 from __future__ import annotations
