@@ -1,11 +1,13 @@
 """transformers' own LlavaForConditionalGeneration.generate, timed like `pipmm bench` times a bundle.
 
-Used by `pipmm bench --compare-hf CHECKPOINT_DIR` (sdk/bench.py imports this module only then: it needs torch).
-The same pixel values (our CLIP preprocessing equals transformers' processor, tests/test_preprocess.py) and the
-same chat turn with the checkpoint's full visual-token count; greedy, exactly N new tokens (min_new_tokens).
+Used by `pipmm bench --compare-hf CHECKPOINT_DIR`: sdk/cli.py PEERS imports this module only then (it needs torch)
+and passes run_hf to sdk.bench.bench as its `peer`; sdk/ never imports export/. The same pixel values (our CLIP
+preprocessing equals transformers' processor, tests/test_preprocess.py) and the same chat turn with the
+checkpoint's full visual-token count (sdk.bench.full_budget_tokens); greedy, exactly N new tokens (min_new_tokens).
 Time to first token is measured from the call of generate() to the first new token the streamer receives
 (so it excludes image preprocessing, which the bundle's figure includes); decode rate = (N - 1) tokens over the
-time from the first to the last new token. The streamer synchronises the device at each token.
+time from the first to the last new token, the definition of the Pipeline's tokens/s (sdk/pipeline.py Result).
+The streamer synchronises the device at each token.
 """
 
 from __future__ import annotations
@@ -15,13 +17,9 @@ import time
 import numpy as np
 import torch
 
+from sdk.bench import summary
+
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def full_budget_tokens(manifest: dict) -> int:
-    """The number of image slots transformers' LLaVA expects: every patch (+ the class token for 'full')."""
-    vision = manifest["vision"]
-    return int(vision["num_patches"]) + int(vision.get("select_strategy") == "full")
 
 
 def _sync(device: str) -> None:
@@ -83,8 +81,6 @@ def run_hf(checkpoint_dir, pixel_values: np.ndarray, input_ids: np.ndarray, new_
         stages["decode_tokens_per_s"].append(steps / decode_s if steps and decode_s > 0 else None)
         stages["total_ms"].append((end - start) * 1000.0)
         tokens = tokens or out[0, ids.shape[1]:].tolist()
-    from sdk.bench import summary
-
     memory = {}
     if device.startswith("cuda"):
         memory["torch_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -95,7 +95,9 @@ def markdown(doc: dict) -> str:
              f"Stage times in ms (median over {first.get('config', {}).get('runs')} runs after "
              f"{first.get('config', {}).get('warmup')} warm-ups), batch 1, {first.get('config', {}).get('new_tokens')} new "
              f"tokens, prompt {first.get('config', {}).get('prompt_tokens')} tokens at full budget; FP16 bundles traced "
-             "directly (export/extra_graphs.py); random weights (export/synthetic.py).", "", *rows, ""]
+             "directly (export/extra_graphs.py); random weights (export/synthetic.py). Decode tok/s = (N - 1) new tokens "
+             "over the time from the first to the last (Pipeline.generate's tokens/s, sdk/pipeline.py Result; "
+             "transformers' from its streamer's timestamps).", "", *rows, ""]
     if bw:
         lines.append(f"Bandwidth bound: {bw['decoder_weight_gb']:.2f} GB of decoder weights read per token / "
                      f"{bw['copy_gb_per_s']:.0f} GB/s device-to-device copy ({bw['method']}) = "

@@ -1,39 +1,43 @@
 """`pipmm bench BUNDLE`: latency and memory of a bundle on this machine, per stage, as a table, JSON and a chart.
 
-    pipmm bench BUNDLE [--backend auto] [--device auto] [--new-tokens 64] [--runs 5] [--json FILE]
+    pipmm bench BUNDLE [--backend auto] [--device auto] [--new-tokens 64] [--runs 5] [--inhibit F] [--json FILE]
                        [--plot FILE.png] [--compare-hf CHECKPOINT_DIR]
 
-Each run is one request, timed stage by stage with the host clock (every backend call returns host arrays,
+Each run is one request through the path users run, `Pipeline.generate(image, prompt, max_new_tokens=N,
+min_new_tokens=N, temperature=0, inhibit=F)` (end-of-sequence suppressed, so every run decodes N tokens),
+and its stages are the Result's timings, taken with the host clock (every backend call returns host arrays,
 so the device has finished when it returns): preprocess, prompt (tokenize + PIP-MM's prompt encoding),
-vision, prefill (embed + splice + decoder over the turn), time to first token (from the start of the run),
-decode (exactly N-1 further greedy tokens; end-of-sequence is suppressed so every run decodes as many),
-end to end. Warm-up runs come first and are not counted (they also capture the CUDA graph). Reported:
+vision, prefill (embed + splice + decoder over the turn, CMAI's split prefill with --inhibit), time to first
+token (from the start of the run), decode (the N-1 decoder steps after the first token: decode_ms_per_token
+and decode_tokens_per_s = (N-1) / decode time, sdk/pipeline.py Result), end to end. Warm-up runs come first and are not counted (they also capture the CUDA graph). Reported:
 median and p90 over the runs; peak host RSS and peak device memory (NVML on a desktop GPU, unified memory
 from /proc/meminfo on a Jetson) with the device's memory before the bundle was loaded; the device; the
 visual-token budget; on a GPU the device-to-device copy bandwidth and the decode bound it implies
 (decoder weight bytes read once per token).
 
-`--compare-hf` runs transformers' own `generate` (export/compare_hf.py, imported only then, since it needs
-torch) on the checkpoint, with the same image and prompt at the checkpoint's full budget, in the same
-process after this runtime's runs, and reports ratios.
+`--compare-hf` runs transformers' own `generate` on the checkpoint (export/compare_hf.py: the CLI layer imports
+it, only then, since it needs torch, and passes its run_hf to bench() as `peer`; sdk/ never imports export/),
+with the same image and prompt at the checkpoint's full budget, in the same process after this runtime's runs,
+and reports ratios.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import PipmmError
+from .errors import ContextOverflowError, PipmmError
 
 SCHEMA = "pipmm-bench/1"
 # stage -> unit; every stage gets median and p90 over the counted runs
 STAGES = {"preprocess_ms": "ms", "prompt_ms": "ms", "vision_ms": "ms", "prefill_ms": "ms", "ttft_ms": "ms",
           "decode_ms_per_token": "ms", "decode_tokens_per_s": "tokens/s", "total_ms": "ms"}
+# stage -> the key of Pipeline.generate's Result.timings it reads (sdk/pipeline.py Result defines them)
+STAGE_TIMINGS = {name: name for name in STAGES} | {"decode_tokens_per_s": "tokens_per_s"}
 DEFAULT_PROMPT = "Describe the image in detail: every object, its color, its size and where it is."
 CACHE_ROUND = 256  # --max-cache auto: prompt + new tokens, rounded up to this
 
@@ -57,50 +61,23 @@ def summary(values: list[float]) -> dict:
     return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)), "runs": [float(v) for v in arr]}
 
 
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
+def one_run(pipeline, image, prompt: str, new_tokens: int, inhibit: float = 0.0) -> tuple[dict, list[int]]:
+    """One request through Pipeline.generate, greedy, exactly `new_tokens` tokens -> (stage timings, token ids)."""
+    result = pipeline.generate(image, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0,
+                               inhibit=inhibit)
+    if len(result.token_ids) != new_tokens:  # only a full context stops before min_new_tokens
+        raise ContextOverflowError(f"the context filled after {len(result.token_ids)} of {new_tokens} tokens: "
+                                   "use a smaller --new-tokens or a shorter --prompt")
+    timings = {name: result.timings[key] for name, key in STAGE_TIMINGS.items()}
+    if new_tokens == 1:  # no decoder step ran: no decode rate
+        timings["decode_ms_per_token"] = timings["decode_tokens_per_s"] = None
+    return timings, result.token_ids
 
 
-def one_run(pipeline, image, prompt: str, new_tokens: int) -> tuple[dict, list[int]]:
-    """One request through the Pipeline's stages, greedy, exactly `new_tokens` tokens."""
-    from .preprocess import preprocess
-
-    backend = pipeline.backend
-    eos = sorted(pipeline.prompter.eos_ids)
-    t = {}
-    start = time.perf_counter()
-    pixel_values = preprocess(image, pipeline.preprocessing)
-    t["preprocess_ms"] = _ms(start)
-    stage = time.perf_counter()
-    ids, slots = pipeline.prompter.prompt_ids(prompt)
-    prompt_vector = pipeline.encode_prompt(prompt) if pipeline.prompt_vector_spec is not None else None
-    t["prompt_ms"] = _ms(stage)
-    stage = time.perf_counter()
-    visual, _ = backend.vision(pixel_values, prompt_vector)
-    t["vision_ms"] = _ms(stage)
-    stage = time.perf_counter()
-    embeds = backend.embed(ids[None]).copy()
-    embeds[0, slots] = visual[0].astype(embeds.dtype)
-    logits, cache = pipeline.prefill(embeds)
-    t["prefill_ms"] = _ms(stage)
-
-    def pick(row: np.ndarray) -> int:
-        row = row.astype(np.float32, copy=True)
-        row[eos] = -np.inf  # as transformers' min_new_tokens: every run decodes the same number of tokens
-        return int(np.argmax(row))
-
-    tokens = [pick(logits[0])]
-    t["ttft_ms"] = _ms(start)
-    stage = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        logits, cache = pipeline.decode(tokens[-1], cache)
-        tokens.append(pick(logits[0]))
-    decode_ms = _ms(stage)
-    steps = new_tokens - 1
-    t["decode_ms_per_token"] = decode_ms / steps if steps else None
-    t["decode_tokens_per_s"] = steps / (decode_ms / 1000.0) if steps and decode_ms > 0 else None
-    t["total_ms"] = _ms(start)
-    return t, tokens
+def full_budget_tokens(manifest: dict) -> int:
+    """The number of image slots transformers' LLaVA expects: every patch (+ the class token for 'full')."""
+    vision = manifest["vision"]
+    return int(vision["num_patches"]) + int(vision.get("select_strategy") == "full")
 
 
 def _graph_bytes(bundle, graph: str) -> int:
@@ -110,7 +87,8 @@ def _graph_bytes(bundle, graph: str) -> int:
     return sum(info["bytes"] for f, info in files.items() if f == name or f.startswith(name + "."))
 
 
-def _timed_runs(cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup):
+def _timed_runs(cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup,
+                inhibit):
     from .bundle import load_bundle
     from .pipeline import Pipeline
 
@@ -132,7 +110,7 @@ def _timed_runs(cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_
     per_stage = {name: [] for name in STAGES}
     tokens = None
     for index in range(warmup + runs):
-        timings, got = one_run(pipeline, image, prompt, new_tokens)
+        timings, got = one_run(pipeline, image, prompt, new_tokens, inhibit)
         if index >= warmup:
             for name in STAGES:
                 per_stage[name].append(timings.get(name))
@@ -142,9 +120,11 @@ def _timed_runs(cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_
 
 def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: int = 64, runs: int = 5,
           warmup: int = 1, image=None, prompt: str = DEFAULT_PROMPT, kv_cache: str = "auto",
-          cuda_graph: bool | None = None, max_cache="auto", compare_hf=None, hf_dtype: str | None = None,
+          cuda_graph: bool | None = None, max_cache="auto", compare_hf=None, peer=None, hf_dtype: str | None = None,
           hf_attn: str = "eager", verify: bool = True, bandwidth: bool = True, label: str | None = None,
-          log=print) -> dict:
+          inhibit: float = 0.0, log=print) -> dict:
+    """compare_hf: a transformers checkpoint directory, timed by `peer` (a function with
+    export.compare_hf.run_hf's signature; `pipmm bench --compare-hf` passes that one, sdk/cli.py PEERS)."""
     from runtimes import backend_class
     from runtimes.device_info import MemorySampler, copy_bandwidth, describe
 
@@ -153,6 +133,8 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
 
     if new_tokens < 1 or runs < 1 or warmup < 0:
         raise PipmmError("--new-tokens and --runs must be >= 1 and --warmup >= 0")
+    if compare_hf is not None and peer is None:
+        raise PipmmError("compare_hf needs peer=export.compare_hf.run_hf (pipmm bench --compare-hf passes it)")
     path = default_bundle_path() if bundle is None else Path(bundle)
     image = bench_image() if image is None else image
     cls = backend_class(backend)
@@ -160,7 +142,8 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
     sampler = MemorySampler("cpu" if resolved == "cpu" else "cuda")  # baseline before anything is loaded
     with sampler:
         loaded, runner, pipeline, per_stage, tokens, load_s = _timed_runs(
-            cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup)
+            cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup,
+            inhibit)
     info = runner.info() if hasattr(runner, "info") else {"backend": cls.name, "device": resolved}
     manifest = loaded.manifest
     result = {
@@ -175,7 +158,7 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
         "backend": info,
         "device": describe(resolved),
         "config": {"new_tokens": new_tokens, "runs": runs, "warmup": warmup, "prompt": prompt,
-                   "prompt_tokens": int(len(pipeline.prompter.prompt_ids(prompt)[0])),
+                   "prompt_tokens": int(len(pipeline.prompter.prompt_ids(prompt)[0])), "inhibit": inhibit,
                    "image_shape": list(np.asarray(image).shape) if not isinstance(image, (str, Path)) else str(image),
                    "load_s": round(load_s, 2)},
         "stages": {name: summary(values) for name, values in per_stage.items()},
@@ -197,16 +180,16 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
     if compare_hf is not None:
         del pipeline, runner
         gc.collect()
-        hf = importlib.import_module("export.compare_hf")
-        full = dict(manifest, visual_tokens=dict(manifest["visual_tokens"], count=hf.full_budget_tokens(manifest)))
+        full = dict(manifest, visual_tokens=dict(manifest["visual_tokens"], count=full_budget_tokens(manifest)))
         from .prompting import Prompter
 
         ids, _ = Prompter(loaded.tokenizer_path, full).prompt_ids(prompt)
         hf_sampler = MemorySampler("cpu" if resolved == "cpu" else "cuda")
         with hf_sampler:
-            result["compare_hf"] = hf.run_hf(compare_hf, preprocess(image, manifest["image_preprocessing"]), ids,
-                                             new_tokens, runs, warmup, hf_dtype or result["bundle"]["precision"],
-                                             "cpu" if resolved == "cpu" else "cuda", hf_attn, sorted(set(manifest["special_tokens"]["eos"])))
+            result["compare_hf"] = peer(compare_hf, preprocess(image, manifest["image_preprocessing"]), ids,
+                                        new_tokens, runs, warmup, hf_dtype or result["bundle"]["precision"],
+                                        "cpu" if resolved == "cpu" else "cuda", hf_attn,
+                                        sorted(set(manifest["special_tokens"]["eos"])))
         result["compare_hf"]["memory"].update(hf_sampler.peaks())
         result["ratios"] = ratios(result)
     return result
@@ -378,6 +361,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="write a chart (needs matplotlib)")
     parser.add_argument("--compare-hf", default=None, metavar="CHECKPOINT_DIR",
                         help="also time transformers' generate on this checkpoint (needs torch + transformers)")
+    parser.add_argument("--inhibit", type=float, default=0.0, metavar="F",
+                        help="CMAI: the fraction of visual tokens masked from the text's attention (as describe)")
     parser.add_argument("--hf-dtype", default=None, choices=["fp32", "fp16", "bf16"],
                         help="transformers' dtype (default: the bundle's precision)")
     parser.add_argument("--hf-attn", default="eager", help="transformers' attn_implementation (default eager)")
@@ -395,7 +380,7 @@ def run(args) -> int:
     result = bench(args.bundle, backend=args.backend, device=args.device, new_tokens=args.new_tokens, runs=args.runs,
                    warmup=args.warmup, image=image, prompt=args.prompt, kv_cache=args.kv_cache,
                    cuda_graph=args.cuda_graph, max_cache=args.max_cache, compare_hf=args.compare_hf,
-                   hf_dtype=args.hf_dtype, hf_attn=args.hf_attn, verify=not args.no_verify,
+                   peer=getattr(args, "peers", {}).get("compare_hf"), inhibit=args.inhibit, hf_dtype=args.hf_dtype, hf_attn=args.hf_attn, verify=not args.no_verify,
                    bandwidth=not args.no_bandwidth, label=args.label)
     validate(result)
     print(table(result))

@@ -3,6 +3,10 @@
 Verbs are registered as "module:prefix"; a verb module provides `add_arguments(parser)`
 and `run(args) -> int`. Modules are imported only when their verb is used, so
 `pipmm describe` never imports torch even though `pipmm export` does.
+
+Peers (a workstation-side function a device-side verb runs beside itself, e.g. transformers' generate
+for `pipmm bench --compare-hf`) are registered the same way, by module string, and resolved here only when
+their option is given: the verb gets them as `args.peers` and sdk/ itself never imports export/.
 """
 
 from __future__ import annotations
@@ -26,6 +30,26 @@ VERBS: dict[str, tuple[str, str]] = {
     "add-graphs": ("export.cli_add_graphs", "add optional graphs to a bundle (decoder_static: static KV cache for "
                    "CUDA graphs)"),
 }
+
+# option dest -> (module, function); set on args.peers[dest] when the option is given
+PEERS: dict[str, tuple[str, str]] = {
+    "compare_hf": ("export.compare_hf", "run_hf"),
+}
+
+
+def resolve_peers(args, peers: dict[str, tuple[str, str]] = PEERS) -> str | None:
+    """Fill args.peers with the functions of the options given -> None, or the message when one is not installed."""
+    args.peers = {}
+    for dest, (module_name, function) in peers.items():
+        if getattr(args, dest, None) is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            option = "--" + dest.replace("_", "-")
+            return f"'pipmm {args.verb} {option}' needs {err.name or module_name}: pip install 'pipmm-edge[export]'"
+        args.peers[dest] = getattr(module, function)
+    return None
 
 
 def build_parser(verbs: dict[str, tuple[str, str]] = VERBS) -> tuple[argparse.ArgumentParser, dict]:
@@ -61,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 2
-    if getattr(args, "_missing", None):
-        print(f"error: {args._missing}", file=sys.stderr)
+    missing = getattr(args, "_missing", None) or resolve_peers(args)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     try:
         return int(modules[args.verb].run(args) or 0)

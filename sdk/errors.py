@@ -28,7 +28,7 @@ class PromptError(PipmmError, ValueError):
 
 
 class GenerationArgumentError(PipmmError, ValueError):
-    """A generation argument (max_new_tokens, temperature, top_p, seed) is out of range."""
+    """A generation argument (max_new_tokens, min_new_tokens, temperature, top_p, seed) is out of range."""
 
 
 class BundleError(PipmmError):

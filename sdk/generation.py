@@ -1,4 +1,4 @@
-"""Generation arguments and token sampling (numpy): greedy, temperature, nucleus (top-p)."""
+"""Generation arguments and token sampling (numpy): greedy, temperature, nucleus (top-p), min_new_tokens."""
 
 from __future__ import annotations
 
@@ -17,14 +17,21 @@ class GenerationArgs:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0  # end-of-sequence is suppressed until this many tokens were generated
 
     @classmethod
-    def checked(cls, max_new_tokens, temperature, top_p, seed, max_context: int) -> "GenerationArgs":
+    def checked(cls, max_new_tokens, temperature, top_p, seed, max_context: int,
+                min_new_tokens=0) -> "GenerationArgs":
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
             raise GenerationArgumentError(f"max_new_tokens must be an integer, not {max_new_tokens!r}")
         if not 1 <= max_new_tokens <= max_context:
             raise GenerationArgumentError(f"max_new_tokens={max_new_tokens} is outside 1..{max_context} "
                                           "(the model's context)")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, numbers.Integral):
+            raise GenerationArgumentError(f"min_new_tokens must be an integer, not {min_new_tokens!r}")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise GenerationArgumentError(f"min_new_tokens={min_new_tokens} is outside 0..{max_new_tokens} "
+                                          "(max_new_tokens)")
         if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0
                 or not math.isfinite(temperature)):
             raise GenerationArgumentError(f"temperature must be a finite number >= 0 (0 = greedy), not {temperature!r}")
@@ -32,7 +39,15 @@ class GenerationArgs:
             raise GenerationArgumentError(f"top_p must be in (0, 1], not {top_p!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
             raise GenerationArgumentError(f"seed must be a non-negative integer or None, not {seed!r}")
-        return cls(int(max_new_tokens), float(temperature), float(top_p), None if seed is None else int(seed))
+        return cls(int(max_new_tokens), float(temperature), float(top_p), None if seed is None else int(seed),
+                   int(min_new_tokens))
+
+
+def suppress(logits: np.ndarray, token_ids: list[int]) -> np.ndarray:
+    """logits [V] with token_ids made impossible, as transformers' MinNewTokensLengthLogitsProcessor does."""
+    logits = logits.copy()
+    logits[token_ids] = -np.inf
+    return logits
 
 
 def sample(logits: np.ndarray, args: GenerationArgs, rng: np.random.Generator) -> int:

@@ -24,18 +24,26 @@ import numpy as np
 from . import cmai
 from .bundle import default_bundle_path, load_bundle
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
-from .generation import GenerationArgs, sample
+from .generation import GenerationArgs, sample, suppress
 from .preprocess import preprocess
 from .prompting import Prompter
 
 
 @dataclass
 class Result:
+    """timings, ms unless named otherwise: preprocess_ms, prompt_ms, vision_ms, prefill_ms; ttft_ms (from the
+    start of the request to the first generated token); decode_ms (the decoder steps after the first token,
+    each giving one token, end-of-sequence included; time a stream()'s caller spends between tokens is not
+    counted); decode_ms_per_token = decode_ms / steps and tokens_per_s = steps / decode_ms, steps being
+    len(token_ids) - 1 (+ 1 when generation ended at end-of-sequence), 0 when no step ran; total_ms.
+    With min_new_tokens = max_new_tokens = N that is (N - 1) / decode_ms, the convention of llama.cpp and of
+    transformers' streamer timings (export/compare_hf.py)."""
+
     text: str
     token_ids: list[int]
     visual_tokens: int
     finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (the context window is full)
-    timings: dict[str, float] = field(default_factory=dict)  # ms, plus tokens_per_s
+    timings: dict[str, float] = field(default_factory=dict)
     inhibited: int = 0  # CMAI: visual tokens masked from the text's attention (per CMAI layer)
 
     def to_dict(self) -> dict:
@@ -202,13 +210,17 @@ class Pipeline:
         t["prefill_ms"] = _ms(stage)
 
         rng = np.random.default_rng(args.seed)
-        decode_start = time.perf_counter()
-        generated = 0
+        eos = sorted(self.prompter.eos_ids)
+        generated = steps = 0
+        decode_ms, step_start = 0.0, None
         result.finish_reason = "length"
         while True:
-            token = sample(logits[0], args, rng)
-            if generated == 0:
+            row = logits[0] if generated >= args.min_new_tokens else suppress(logits[0], eos)
+            token = sample(row, args, rng)
+            if step_start is None:
                 t["ttft_ms"] = _ms(start)
+            else:
+                decode_ms += _ms(step_start)
             if token in self.prompter.eos_ids:
                 result.finish_reason = "eos"
                 break
@@ -219,18 +231,22 @@ class Pipeline:
             if cache.next_position + 1 > self.max_context:  # the next token would have no position left
                 result.finish_reason = "context"
                 break
+            step_start = time.perf_counter()
             bias = cmai.grow(bias)  # the new token's own position is never inhibited
             logits, cache = self.decode(token, cache, bias)
-        t["decode_ms"] = _ms(decode_start)
-        t["tokens_per_s"] = generated / (t["decode_ms"] / 1000.0) if generated and t["decode_ms"] > 0 else 0.0
+            steps += 1
+        t["decode_ms"] = decode_ms
+        t["decode_ms_per_token"] = decode_ms / steps if steps else 0.0
+        t["tokens_per_s"] = steps / (decode_ms / 1000.0) if steps and decode_ms > 0 else 0.0
         t["total_ms"] = _ms(start)
 
-    def _args(self, max_new_tokens, temperature, top_p, seed) -> GenerationArgs:
+    def _args(self, max_new_tokens, temperature, top_p, seed, min_new_tokens=None) -> GenerationArgs:
         d = self.defaults
         return GenerationArgs.checked(
             d["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
             d["temperature"] if temperature is None else temperature,
-            d["top_p"] if top_p is None else top_p, seed, self.max_context)
+            d["top_p"] if top_p is None else top_p, seed, self.max_context,
+            0 if min_new_tokens is None else min_new_tokens)
 
     def _inhibit(self, inhibit) -> float:
         """inhibit as a fraction in [0, 1) (sdk/cmai.py); > 0 needs a bundle with CMAI inputs."""
@@ -241,9 +257,11 @@ class Pipeline:
         return fraction
 
     def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None, inhibit: float | None = None) -> Result:
-        """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off)."""
-        args = self._args(max_new_tokens, temperature, top_p, seed)
+                 top_p: float | None = None, seed: int | None = None, inhibit: float | None = None,
+                 min_new_tokens: int | None = None) -> Result:
+        """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off).
+        min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0)."""
+        args = self._args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
         with self._request():
@@ -256,9 +274,9 @@ class Pipeline:
 
     def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-               inhibit: float | None = None) -> Iterator[str]:
+               inhibit: float | None = None, min_new_tokens: int | None = None) -> Iterator[str]:
         """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text)."""
-        args = self._args(max_new_tokens, temperature, top_p, seed)
+        args = self._args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
         with self._request():

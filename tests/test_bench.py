@@ -1,18 +1,33 @@
-"""`pipmm bench` on a CPU (tiny bundles): the JSON schema, transformers side by side, the chart; device info."""
+"""`pipmm bench` on a CPU (tiny bundles): the JSON schema, the same tokens as generate(), the tokens/s
+definition, transformers side by side, the chart; device info."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 pytest.importorskip("torch")
 
+import sdk  # noqa: E402
 from export.extra_graphs import add_graphs  # noqa: E402
 from runtimes import device_info  # noqa: E402
 from sdk import bench  # noqa: E402
 from sdk.cli import main  # noqa: E402
+from sdk.errors import PipmmError  # noqa: E402
+
+PATCH = dict(arch="llama", pipmm=True, budget="half", reducer="prompt-topk", positions="patch")
+CMAI = dict(arch="llama", pipmm=True, budget="half", reducer="merge")
+
+
+def generated(bundle, new_tokens: int, inhibit: float = 0.0) -> list[int]:
+    """What a user's greedy generate() of bench's request returns."""
+    return sdk.load(bundle, device="cpu").generate(bench.bench_image(), bench.DEFAULT_PROMPT,
+                                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                   temperature=0, inhibit=inhibit).token_ids
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +61,44 @@ def test_bench_cli_writes_json_that_matches_the_schema(bundles, tmp_path, capsys
     assert result["bandwidth"] is None and result["compare_hf"] is None
 
 
-def test_bench_beside_transformers_generates_the_same_tokens(plain_static, checkpoints):
-    result = bench.bench(plain_static, device="cpu", new_tokens=8, runs=2, warmup=1, kv_cache="static",
-                         compare_hf=checkpoints["llama"], log=lambda *_: None)
+def test_bench_decodes_the_tokens_generate_decodes_with_patch_positions(bundles):
+    bundle = bundles(**PATCH)
+    result = bench.bench(bundle, device="cpu", new_tokens=8, runs=2, warmup=0)
+    assert result["bundle"]["visual_tokens"]["positions"] == "patch"
+    assert result["tokens"] == generated(bundle, 8)
+
+
+def test_bench_inhibit_decodes_the_tokens_generate_decodes_with_cmai(bundles, tmp_path):
+    bundle = bundles(**CMAI)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(bundle), "--device", "cpu", "--new-tokens", "10", "--runs", "1", "--warmup", "0",
+                 "--inhibit", "0.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["inhibit"] == 0.5
+    assert result["tokens"] == generated(bundle, 10, inhibit=0.5)
+    assert result["tokens"] != generated(bundle, 10), "inhibition should change this answer; pick another setting"
+
+
+def test_tokens_per_s_is_decoder_steps_after_the_first_token_over_their_time(bundles):
+    n = 7
+    timings = sdk.load(bundles("llama"), device="cpu").generate(
+        bench.bench_image(), bench.DEFAULT_PROMPT, max_new_tokens=n, min_new_tokens=n).timings
+    assert timings["tokens_per_s"] * timings["decode_ms"] / 1000 == pytest.approx(n - 1)
+    assert timings["decode_ms_per_token"] * (n - 1) == pytest.approx(timings["decode_ms"])
+    assert timings["ttft_ms"] + timings["decode_ms"] <= timings["total_ms"]
+    stages = bench.bench(bundles("llama"), device="cpu", new_tokens=n, runs=2, warmup=0)["stages"]
+    for rate, per_token in zip(stages["decode_tokens_per_s"]["runs"], stages["decode_ms_per_token"]["runs"]):
+        assert rate * per_token / 1000 == pytest.approx(1.0)
+    one = bench.bench(bundles("llama"), device="cpu", new_tokens=1, runs=1, warmup=0)["stages"]
+    assert one["decode_tokens_per_s"]["median"] is None and one["ttft_ms"]["median"] > 0
+
+
+def test_bench_beside_transformers_generates_the_same_tokens(plain_static, checkpoints, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(plain_static), "--device", "cpu", "--new-tokens", "8", "--runs", "2", "--warmup", "1",
+                 "--kv-cache", "static", "--compare-hf", str(checkpoints["llama"]), "--json", str(out)]) == 0
+    assert "transformers" in capsys.readouterr().out
+    result = json.loads(out.read_text())
     bench.validate(result)
     hf = result["compare_hf"]
     assert hf["visual_tokens"] == 49 and hf["dtype"] == "fp32" and hf["attn"] == "eager"
@@ -58,6 +108,18 @@ def test_bench_beside_transformers_generates_the_same_tokens(plain_static, check
     assert result["ratios"]["ttft_ms"] > 0
     assert result["backend"]["kv_cache"] == "static" and result["backend"]["static_cache_slots"] == 256
     assert "transformers" in bench.table(result)
+
+
+def test_compare_hf_needs_its_peer_and_the_export_extra(bundles, checkpoints):
+    with pytest.raises(PipmmError, match="peer=export.compare_hf.run_hf"):
+        bench.bench(bundles("llama"), device="cpu", new_tokens=2, runs=1, compare_hf=checkpoints["llama"])
+    # a runtime-only install: torch cannot be imported, so the peer cannot be either
+    code = ("import sys; sys.modules['torch'] = None; from sdk.cli import main; "
+            f"sys.exit(main(['bench', {str(bundles('llama'))!r}, '--device', 'cpu', '--compare-hf', "
+            f"{str(checkpoints['llama'])!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "error: 'pipmm bench --compare-hf' needs torch: pip install 'pipmm-edge[export]'"
 
 
 def test_bench_plot_draws_variants(bundles, tmp_path):
