@@ -15,13 +15,15 @@ import time
 import numpy as np
 import torch
 
+from sdk.manifest import Manifest
+
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def full_budget_tokens(manifest: dict) -> int:
+def full_budget_tokens(manifest: Manifest) -> int:
     """The number of image slots transformers' LLaVA expects: every patch (+ the class token for 'full')."""
-    vision = manifest["vision"]
-    return int(vision["num_patches"]) + int(vision.get("select_strategy") == "full")
+    vision = manifest.vision
+    return vision.num_patches + int(vision.select_strategy == "full")
 
 
 def _sync(device: str) -> None:
