@@ -80,11 +80,11 @@ def test_static_decoder_module_equals_the_decoder(checkpoints, arch, prompt_laye
 def test_add_graphs_records_decoder_static_in_the_manifest(static_bundles):
     bundle = load_bundle(static_bundles("llama"), verify=True)  # every file hashed, the new ones included
     spec = bundle.graphs["decoder_static"]
-    assert spec["kv_cache"] == "static"
-    names = {i["name"]: i["shape"] for i in spec["inputs"]}
+    assert spec.kv_cache == "static"
+    names = {i.name: i.shape for i in spec.inputs}
     assert names["attention_mask"] == ["batch", "cache"]
     assert names["past_key_values.0.key"][2] == "cache"
-    assert {o["name"]: o["shape"] for o in spec["outputs"]}["present.0.key"][2] == "cache"
+    assert {o.name: o.shape for o in spec.outputs}["present.0.key"][2] == "cache"
     assert bundle.manifest.precision.graphs["decoder_static"] == "fp32"
     # present is written by a scatter straight into the output: what lets a runtime bind it onto past
     model = onnx.load(str(bundle.graph_path("decoder_static")))
@@ -169,7 +169,7 @@ def test_decoder_static_shares_the_decoders_external_weights(checkpoints, image,
     locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"decoder.onnx.data"}
     spec = load_bundle(bundle_dir).graphs["decoder_static"]
-    assert spec["shares_weights_with"] == "decoder" and spec["sharing"]["shared_initializers"] > 0
+    assert spec.shares_weights_with == "decoder" and spec.sharing["shared_initializers"] > 0
     plain = _pipeline(bundle_dir).generate(image, "describe", max_new_tokens=12).token_ids
     assert _pipeline(bundle_dir, kv_cache="static").generate(image, "describe", max_new_tokens=12).token_ids == plain
 
