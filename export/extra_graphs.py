@@ -19,21 +19,22 @@ budget of a 7B model costs one vision export.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 import torch
 
-from sdk.bundle import MANIFEST, load_bundle, sha256_file
+from sdk.bundle import file_records, load_bundle, staged_bundle, write_manifest
 from sdk.errors import ExportError
+from sdk.manifest import ChatTemplate, Graph, Manifest, Precision, PromptVector
 
 from export import onnx_graphs
-from export.writer import build_manifest, build_modules, publish_bundle
+from export.writer import build_manifest, build_modules, graph_entry
 from export.model.checkpoint import load_checkpoint
 from export.model.decoder import StaticDecoderGraph
 from export.model.prompt import PromptMLP
@@ -128,57 +129,33 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
 
 # -- manifest and files ---------------------------------------------------------------------------
 
-def _graph_entry(path: Path, name: str, extra: dict | None = None) -> dict:
-    return {"file": path.name, **onnx_graphs.describe_graph(path), **(extra or {})}
-
-
-def _files(directory: Path, known: dict | None = None) -> dict:
-    """sha256 and size of every file; files listed in `known` with the same size keep their recorded hash
-    (they were checked when that manifest was loaded, or hard-linked from a checked bundle)."""
-    known = known or {}
-    out = {}
-    for p in sorted(directory.iterdir()):
-        if not p.is_file() or p.name == MANIFEST or p.name.startswith("."):
-            continue
-        size = p.stat().st_size
-        entry = known.get(p.name)
-        out[p.name] = dict(entry) if entry and entry.get("bytes") == size else {"sha256": sha256_file(p), "bytes": size}
-    return out
-
-
-def _write_manifest(directory: Path, manifest: dict) -> None:
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, directory / MANIFEST)  # atomic: a reader sees the old manifest or the new one
-
-
-def _entry_of_optional(name: str, out: Path, source: Path | None) -> dict:
+def _entry_of_optional(out: Path, source: Path | None) -> Graph:
     extra = {"kv_cache": "static", "for": "GPU runtimes: CUDA graphs (docs/gpu.md)"}
     if source is not None and source.exists():
         extra["shares_weights_with"] = source.stem
         extra["sharing"] = share_weights(out, source)
-    return _graph_entry(out, name, extra)
+    return graph_entry(out, **extra)
 
 
-def _export_optional(name: str, module, out: Path, model_info: dict, source: Path | None) -> dict:
+def _export_optional(name: str, module, out: Path, model_info: dict, source: Path | None) -> Graph:
     onnx_graphs.OPTIONAL_EXPORTERS[name](module, out, model_info)
-    return _entry_of_optional(name, out, source)
+    return _entry_of_optional(out, source)
 
 
-def _bundle_precision(manifest: dict) -> str:
-    precision = manifest["precision"]["graphs"].get("decoder", manifest["precision"]["default"])
+def _bundle_precision(manifest: Manifest) -> str:
+    precision = manifest.precision.graphs.get("decoder", manifest.precision.default)
     if precision not in TORCH_DTYPES:
         raise ExportError(f"the bundle's decoder is {precision}: optional graphs are traced in fp32, fp16 or bf16; "
                           "add them to the fp32 or fp16 bundle")
     return precision
 
 
-def _checked_checkpoint(checkpoint_dir, manifest: dict, dtype: torch.dtype):
+def _checked_checkpoint(checkpoint_dir, manifest: Manifest, dtype: torch.dtype):
     checkpoint = load_checkpoint(checkpoint_dir, dtype=dtype)
-    model = manifest["model"]
+    model = manifest.model
     text = checkpoint.config.text_config
     got = (text.num_hidden_layers, text.num_key_value_heads, text.hidden_size, text.vocab_size)
-    want = (model["num_layers"], model["num_kv_heads"], model["hidden_size"], model["vocab_size"])
+    want = (model.num_layers, model.num_kv_heads, model.hidden_size, model.vocab_size)
     if got != want:
         raise ExportError(f"checkpoint {checkpoint_dir} has layers/KV heads/width/vocabulary {got} but the bundle "
                           f"was exported from one with {want}: pass the bundle's own checkpoint")
@@ -207,10 +184,10 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
     with the decoder's external data where equal, then the manifest (hashing only the new files)."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=verify)
-    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest = bundle.manifest
     precision = _bundle_precision(manifest)
-    decoder_file = bundle_dir / manifest["graphs"]["decoder"]["file"]
-    moved = []
+    decoder_file = bundle.graph_path("decoder")
+    graphs, graph_precision, moved = dict(manifest.graphs), dict(manifest.precision.graphs), []
     try:
         for name, path in exported.items():
             path, out = Path(path), bundle_dir / f"{name}.onnx"
@@ -221,15 +198,16 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
                 if src.exists():
                     shutil.move(str(src), str(dst))
                     moved.append(dst)
-            manifest["graphs"][name] = _entry_of_optional(name, out, decoder_file)
-            manifest["precision"]["graphs"][name] = precision
+            graphs[name] = _entry_of_optional(out, decoder_file)
+            graph_precision[name] = precision
     except BaseException:
         for path in moved:  # the manifest was not touched: leave no stray file either
             path.unlink(missing_ok=True)
         raise
     fresh = {p.name for p in moved}
-    manifest["files"] = _files(bundle_dir, known={k: v for k, v in manifest["files"].items() if k not in fresh})
-    _write_manifest(bundle_dir, manifest)
+    known = {k: v for k, v in manifest.files.items() if k not in fresh}
+    write_manifest(bundle_dir, replace(manifest, graphs=graphs, files=file_records(bundle_dir, known),
+                                       precision=replace(manifest.precision, graphs=graph_precision)))
     return bundle_dir
 
 
@@ -244,21 +222,19 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
     for name in graphs:
         if name not in onnx_graphs.OPTIONAL_EXPORTERS:
             raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
-        if name in manifest["graphs"] and not overwrite:
+        if name in manifest.graphs and not overwrite:
             raise ExportError(f"bundle {bundle_dir} already has {name}: pass --overwrite to trace it again")
     checkpoint = _checked_checkpoint(checkpoint_dir, manifest, TORCH_DTYPES[precision])
     checkpoint.model.to(device)
-    prompt_layer = (manifest["prompt_vector"] or {}).get("layer", -1)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.graphs-", dir=bundle_dir.parent))
-    try:
+    prompt_layer = manifest.prompt_vector.layer if manifest.prompt_vector is not None else -1
+    with tempfile.TemporaryDirectory(prefix=f".{bundle_dir.name}.graphs-", dir=bundle_dir.parent) as scratch:
         exported = {}
         for name in graphs:
-            out = scratch / f"{name}.onnx"
-            onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out, manifest["model"])
+            out = Path(scratch) / f"{name}.onnx"
+            onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out,
+                                                 manifest.model.to_dict())
             exported[name] = out
         return attach_graphs(bundle_dir, exported, verify=False)  # verified above
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # -- a whole bundle traced in half precision ------------------------------------------------------
@@ -273,7 +249,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool = False, budget="full",
                   reducer: str = "pool", dtype: str = "fp16", device: str = "cpu",
                   graphs=("vision", "embed", "decoder", "decoder_static"), reuse=None, overwrite: bool = False,
-                  chat_template: dict | None = None, log=print) -> Path:
+                  chat_template: ChatTemplate | None = None, log=print) -> Path:
     """Write a bundle whose graphs are traced in `dtype` on `device`; `reuse` is a bundle of the same
     checkpoint (and prompt layer) whose budget-free graphs are hard-linked instead of traced again."""
     out_dir = Path(out_dir)
@@ -281,54 +257,46 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
         raise ExportError(f"dtype {dtype!r}: choose {', '.join(TORCH_DTYPES)}")
     if (prompt_mlp is None) == (not no_prompt_mlp):
         raise ExportError("pass the prompt MLP (PIP-MM) or no_prompt_mlp=True (plain LLaVA), one of the two")
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists: pass overwrite=True or choose another directory")
     torch_dtype = TORCH_DTYPES[dtype]
     start = time.perf_counter()
-    checkpoint = load_checkpoint(checkpoint_dir, dtype=torch_dtype)
-    checkpoint.model.to(device)
-    mlp = PromptMLP.load(prompt_mlp).eval().to(device=device, dtype=torch_dtype) if prompt_mlp is not None else None
-    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
-    manifest = build_manifest(checkpoint, modules, mlp, chat_template, precision=dtype)
-    prompt_layer = mlp.config.prompt_layer if mlp is not None else -1
-    log(f"loaded {checkpoint_dir} in {dtype} on {device} ({time.perf_counter() - start:.1f} s)")
-    reused = load_bundle(reuse, verify=False) if reuse is not None else None
-    same_model = (lambda a, b: {k: v for k, v in a.items() if k != "pipmm"} == {k: v for k, v in b.items() if k != "pipmm"})
-    if reused is not None and (not same_model(reused.manifest["model"], manifest["model"]) or
-                               (reused.manifest["prompt_vector"] or {}).get("layer", -1) != prompt_layer):
-        raise ExportError(f"bundle {reuse} is of another checkpoint or prompt layer: it cannot lend its graphs")
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        manifest["graphs"] = {}
+    with staged_bundle(out_dir, overwrite) as stage:
+        checkpoint = load_checkpoint(checkpoint_dir, dtype=torch_dtype)
+        checkpoint.model.to(device)
+        mlp = PromptMLP.load(prompt_mlp).eval().to(device=device, dtype=torch_dtype) if prompt_mlp is not None else None
+        modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer)
+        manifest = build_manifest(checkpoint, modules, mlp, chat_template, precision=dtype)
+        prompt_layer = mlp.config.prompt_layer if mlp is not None else -1
+        log(f"loaded {checkpoint_dir} in {dtype} on {device} ({time.perf_counter() - start:.1f} s)")
+        reused = load_bundle(reuse, verify=False) if reuse is not None else None
+        if reused is not None and (replace(reused.manifest.model, pipmm=False) != replace(manifest.model, pipmm=False)
+                                   or (reused.manifest.prompt_vector or PromptVector()).layer != prompt_layer):
+            raise ExportError(f"bundle {reuse} is of another checkpoint or prompt layer: it cannot lend its graphs")
+        entries, model_info = {}, manifest.model.to_dict()
         for name in graphs:
             step = time.perf_counter()
-            path = tmp / f"{name}.onnx"
+            path = stage.directory / f"{name}.onnx"
             if reused is not None and name in BUDGET_FREE and name in reused.graphs:
                 entry = reused.graphs[name]
-                for file in [entry["file"]] + [f for f in reused.manifest["files"] if f.startswith(entry["file"] + ".")]:
-                    _link_or_copy(reused.path / file, tmp / file)
-                manifest["graphs"][name] = dict(entry)
+                for file in [entry.file] + [f for f in reused.manifest.files if f.startswith(entry.file + ".")]:
+                    _link_or_copy(reused.path / file, stage.directory / file)
+                entries[name] = entry
                 log(f"  {name}: linked from {reuse}")
                 continue
             if name in onnx_graphs.EXPORTERS:
-                onnx_graphs.EXPORTERS[name](modules[name], path, manifest["model"])
-                manifest["graphs"][name] = _graph_entry(path, name)
+                onnx_graphs.EXPORTERS[name](modules[name], path, model_info)
+                entries[name] = graph_entry(path)
             else:
                 module = optional_module(name, checkpoint, prompt_layer)
-                manifest["graphs"][name] = _export_optional(name, module, path, manifest["model"], tmp / "decoder.onnx")
+                entries[name] = _export_optional(name, module, path, model_info, stage.directory / "decoder.onnx")
             log(f"  {name}: traced in {time.perf_counter() - step:.1f} s")
-        manifest["precision"] = {"default": dtype, "graphs": {name: dtype for name in graphs}, "tensorrt": True,
-                                 "method": f"traced in {dtype} (export/extra_graphs.py export_direct)"}
-        shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
+        method = f"traced in {dtype} (export/extra_graphs.py export_direct)"
+        precision = Precision.uniform(dtype, graphs, tensorrt=True,
+                                      details={name: {"precision": dtype, "method": method} for name in graphs})
+        shutil.copyfile(checkpoint.tokenizer_file, stage.directory / manifest.tokenizer)
         step = time.perf_counter()
-        manifest["files"] = _files(tmp, known=reused.manifest["files"] if reused is not None else None)
-        log(f"  hashed {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB in "
+        published = stage.publish(replace(manifest, graphs=entries, precision=precision),
+                                  known=reused.manifest.files if reused is not None else None)
+        log(f"  hashed {sum(f.bytes for f in published.files.values()) / 1e9:.2f} GB in "
             f"{time.perf_counter() - step:.1f} s")
-        publish_bundle(tmp, out_dir, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s")
     return out_dir

@@ -15,6 +15,7 @@ import torch
 
 from runtimes.positions import following, step_positions
 from sdk.errors import BundleError
+from sdk.manifest import ChatTemplate, Model
 from sdk.pipeline import Pipeline
 
 from export.writer import build_manifest, build_modules
@@ -32,11 +33,10 @@ class TorchCache:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, modules: dict, model_info: dict, device: str = "cpu"):
+    def __init__(self, modules: dict, model: Model, device: str = "cpu"):
         self.modules = modules
         self.device = device
-        self.num_layers, self.num_kv_heads, self.head_dim = (model_info["num_layers"], model_info["num_kv_heads"],
-                                                             model_info["head_dim"])
+        self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
         self.dtype = next(modules["decoder"].parameters()).dtype
 
     @staticmethod
@@ -95,12 +95,12 @@ class TorchBackend:
 
 
 def reference_pipeline(checkpoint_dir, prompt_mlp=None, budget="full", reducer="pool",
-                       chat_template: dict | None = None, visual_positions: str | None = None,
+                       chat_template: ChatTemplate | None = None, visual_positions: str | None = None,
                        reducer_options: dict | None = None, cmai: dict | None = None) -> Pipeline:
     checkpoint = load_checkpoint(checkpoint_dir)
     mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
     modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options,
                             cmai=cmai)
     manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
-    return Pipeline(manifest, checkpoint.tokenizer_file, TorchBackend(modules, manifest["model"]),
+    return Pipeline(manifest, checkpoint.tokenizer_file, TorchBackend(modules, manifest.model),
                     source=f"torch:{checkpoint_dir}")

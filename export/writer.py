@@ -1,7 +1,7 @@
-"""Write a bundle: trace the graphs, copy the tokenizer, write the manifest with every file's sha256.
+"""Write a bundle: trace the graphs, copy the tokenizer, publish the manifest with every file's sha256.
 
-Everything is written into a temporary sibling directory and renamed into place at the end,
-so an interrupted export never leaves a half-written bundle that loads.
+Everything is written through sdk.bundle.staged_bundle (a temporary sibling directory renamed into
+place at the end), so an interrupted export never leaves a half-written bundle that loads.
 """
 
 from __future__ import annotations
@@ -10,28 +10,23 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import sdk
-from sdk.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from sdk.bundle import refuse_existing, staged_bundle
 from sdk.errors import ExportError
+from sdk.manifest import (ChatTemplate, Cmai, Created, Graph, Manifest, Model, Precision, PromptMlp, PromptVector,
+                          SpecialTokens, Vision, VisualTokens)
 
 from export import onnx_graphs
 from export.model.checkpoint import Checkpoint, load_checkpoint
 from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
 from export.model.prompt import PromptMLP
 from export.model.vision import PipmmVision, vision_config_from
-
-# LLaVA-1.5's conversation format. The prompt encoder sees the same turn without the image.
-DEFAULT_CHAT_TEMPLATE = {
-    "prompt": "USER: <image>\n{prompt} ASSISTANT:",
-    "prompt_encoder": "USER: {prompt}",
-    "image_placeholder": "<image>",
-    "add_bos": True,
-}
-DEFAULT_GENERATION = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+from export.precision import calibration, quantize
 
 
 def _progress(steps: list[str], enabled: bool):
@@ -45,24 +40,14 @@ def _progress(steps: list[str], enabled: bool):
     return iter(bar), bar.set_postfix_str
 
 
-def file_records(directory: Path) -> dict:
-    """The manifest's `files`: sha256 and size of every file in a bundle directory being written."""
-    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(directory.iterdir()) if p.is_file()}
+def graph_entry(path: Path, **optional) -> Graph:
+    """The manifest's entry of a graph file just written (names, dtypes, shapes, opset read back from it)."""
+    return Graph.from_dict({"file": path.name, **onnx_graphs.describe_graph(path), **optional}, path.stem, str(path))
 
 
-def publish_bundle(tmp: Path, out_dir: Path, manifest: dict) -> Path:
-    """Write the manifest last, then rename the finished temporary directory into place.
-
-    Every bundle writer goes through here, so a bundle that loads is always complete; the caller
-    removes `tmp` if anything before this fails.
-    """
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+def created() -> Created:
+    return Created(by=f"pipmm-edge {sdk.__version__}", torch=torch.__version__,
+                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="full", reducer="pool",
@@ -91,18 +76,18 @@ def _preprocessing(checkpoint: Checkpoint, image_size: int) -> dict:
     return config_from_processor(raw)
 
 
-def _special_tokens(checkpoint: Checkpoint, tokenizer_json: dict) -> dict:
+def _special_tokens(checkpoint: Checkpoint, tokenizer_json: dict) -> SpecialTokens:
     text = checkpoint.config.text_config
     bos = checkpoint.model.generation_config.bos_token_id
     pad = checkpoint.model.generation_config.pad_token_id
-    return {
-        "bos": bos if bos is not None else text.bos_token_id,
-        "eos": checkpoint.eos_token_ids,
-        "pad": pad if pad is not None else text.pad_token_id,
-        "image": checkpoint.config.image_token_index,
+    return SpecialTokens(
+        bos=bos if bos is not None else text.bos_token_id,
+        eos=list(checkpoint.eos_token_ids),
+        pad=pad if pad is not None else text.pad_token_id,
+        image=checkpoint.config.image_token_index,
         # Every added special token's text: user prompts are stripped of these (no injected turns or image slots).
-        "texts": sorted(t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")),
-    }
+        texts=sorted(t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")),
+    )
 
 
 # Decoder positions of the visual tokens, per reducer (runtimes/positions.py); the first is the
@@ -125,8 +110,9 @@ def visual_positions_for(reducer: str, asked: str | None) -> str:
 
 
 def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP | None,
-                   chat_template: dict | None = None, precision: str = "fp32", visual_positions: str | None = None) -> dict:
-    """Everything but `graphs` and `files`, which the writer fills in (the torch reference uses it as is)."""
+                   chat_template: ChatTemplate | None = None, precision: str = "fp32",
+                   visual_positions: str | None = None) -> Manifest:
+    """Everything but `graphs` and `files`, which the staged writer fills in (the torch reference uses it as is)."""
     text = checkpoint.config.text_config
     vision = modules["vision"].config
     reducer = vision.reducer if vision.num_tokens < vision.grid ** 2 else "full"
@@ -136,46 +122,32 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
         reducer_positions = visual_positions_for(reducer, visual_positions)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     tokenizer_json = json.loads(checkpoint.tokenizer_file.read_text())
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "min_sdk_version": "0.1.0",
-        "created": {"by": f"pipmm-edge {sdk.__version__}", "torch": torch.__version__,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        "model": {
-            "source": checkpoint.path.name,
-            "text_architecture": text.model_type,
-            "num_layers": text.num_hidden_layers,
-            "num_kv_heads": text.num_key_value_heads,
-            "head_dim": head_dim,
-            "hidden_size": text.hidden_size,
-            "vocab_size": text.vocab_size,
-            "max_context": checkpoint.max_context,
-            "vision_hidden_size": checkpoint.config.vision_config.hidden_size,
-            "pipmm": prompt_mlp is not None,
-        },
-        "precision": {"default": precision, "graphs": {"vision": precision, "embed": precision, "decoder": precision}},
-        "vision": vision.to_dict(),
-        "visual_tokens": {"budget": vision.budget, "count": vision.num_tokens + (vision.select_strategy == "full"),
-                          "reducer": reducer, "positions": reducer_positions},
-        "prompt_vector": None if prompt_mlp is None else {
-            "layer": prompt_mlp.config.prompt_layer, "pooling": prompt_mlp.config.pooling,
-            "source": "decoder graph output 'hidden' over the prompt_encoder template (no image)"},
-        "prompt_mlp": None if prompt_mlp is None else vars(prompt_mlp.config).copy(),
-        "image_preprocessing": _preprocessing(checkpoint, vision.image_size),
-        "chat_template": dict(chat_template or DEFAULT_CHAT_TEMPLATE),
-        "special_tokens": _special_tokens(checkpoint, tokenizer_json),
-        "generation": dict(DEFAULT_GENERATION),
+    source = str(checkpoint.path)
+    return Manifest(
+        created=created(),
+        model=Model(source=checkpoint.path.name, text_architecture=text.model_type,
+                    num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads, head_dim=head_dim,
+                    hidden_size=text.hidden_size, vocab_size=text.vocab_size, max_context=checkpoint.max_context,
+                    vision_hidden_size=checkpoint.config.vision_config.hidden_size, pipmm=prompt_mlp is not None),
+        precision=Precision.uniform(precision, onnx_graphs.EXPORTERS),
+        vision=Vision.from_dict(vision.to_dict(), source),
+        visual_tokens=VisualTokens(budget=vision.budget, count=vision.num_tokens + (vision.select_strategy == "full"),
+                                   reducer=reducer, positions=reducer_positions),
+        prompt_vector=None if prompt_mlp is None else PromptVector(layer=prompt_mlp.config.prompt_layer,
+                                                                   pooling=prompt_mlp.config.pooling),
+        prompt_mlp=None if prompt_mlp is None else PromptMlp.from_dict(vars(prompt_mlp.config).copy(), source),
+        image_preprocessing=_preprocessing(checkpoint, vision.image_size),
+        chat_template=chat_template or ChatTemplate(),
+        special_tokens=_special_tokens(checkpoint, tokenizer_json),
         # CMAI (docs/vmtc-cmai.md): the decoder's image_bias input and attention output, the layers they act at
-        # and the runtime's settings; absent (bundles before it) or null: the decoder has neither.
-        "cmai": modules["decoder"].cmai,
-        "tokenizer": "tokenizer.json",
-    }
+        # and the runtime's settings; None: the decoder has neither.
+        cmai=None if modules["decoder"].cmai is None else Cmai.from_dict(modules["decoder"].cmai, source),
+    )
 
 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: str | Path | None = None,
                   no_prompt_mlp: bool = False, budget: str | int = "full", reducer: str = "pool",
-                  chat_template: dict | None = None, overwrite: bool = False, progress: bool = True,
+                  chat_template: ChatTemplate | None = None, overwrite: bool = False, progress: bool = True,
                   precision: str = "fp32", visual_positions: str | None = None, reducer_options: dict | None = None,
                   cmai: dict | None = None, **quantize_options) -> Path:
     """quantize_options (precision other than fp32): calibration_set, calibration_size, block_size,
@@ -193,33 +165,26 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
                           "(or --no-prompt-mlp for a plain LLaVA bundle)")
     if prompt_mlp is not None and no_prompt_mlp:
         raise ExportError("--prompt-mlp and --no-prompt-mlp contradict each other: pass one")
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists: pass --overwrite or choose another --out")
-    checkpoint = load_checkpoint(checkpoint_dir)
-    mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
-    if mlp is not None:
-        want = (checkpoint.config.text_config.hidden_size, checkpoint.config.vision_config.hidden_size)
-        if (mlp.config.d_llm, mlp.config.d_vit) != want:
-            raise ExportError(f"prompt MLP maps {mlp.config.d_llm}->{mlp.config.d_vit} but the checkpoint needs "
-                              f"{want[0]}->{want[1]}: it was trained for another checkpoint")
-    modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options, cmai=cmai)
-    manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_bundle(out_dir, overwrite) as stage:
+        checkpoint = load_checkpoint(checkpoint_dir)
+        mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
+        if mlp is not None:
+            want = (checkpoint.config.text_config.hidden_size, checkpoint.config.vision_config.hidden_size)
+            if (mlp.config.d_llm, mlp.config.d_vit) != want:
+                raise ExportError(f"prompt MLP maps {mlp.config.d_llm}->{mlp.config.d_vit} but the checkpoint needs "
+                                  f"{want[0]}->{want[1]}: it was trained for another checkpoint")
+        modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options,
+                                cmai=cmai)
+        manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
+        graphs = {}
         steps, note = _progress(list(onnx_graphs.EXPORTERS), progress)
         for name in steps:
             note(name)
-            path = tmp / f"{name}.onnx"
-            onnx_graphs.EXPORTERS[name](modules[name], path, manifest["model"])
-            manifest.setdefault("graphs", {})[name] = {"file": path.name, **onnx_graphs.describe_graph(path)}
-        shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
-        manifest["files"] = file_records(tmp)
-        publish_bundle(tmp, out_dir, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            path = stage.directory / f"{name}.onnx"
+            onnx_graphs.EXPORTERS[name](modules[name], path, manifest.model.to_dict())
+            graphs[name] = graph_entry(path)
+        shutil.copyfile(checkpoint.tokenizer_file, stage.directory / manifest.tokenizer)
+        stage.publish(replace(manifest, graphs=graphs))
     return out_dir
 
 
@@ -227,11 +192,8 @@ def _export_quantized(checkpoint_dir, out_dir: Path, precision: str, options: di
                       **export_args) -> Path:
     """Check the precision options and read the calibration set first (errors before any work or write), export
     FP32 into a hidden sibling, derive `precision` from it into out_dir, drop the FP32 copy."""
-    from export.precision import calibration, quantize
-
     options = dict(options)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists: pass --overwrite or choose another --out")
+    refuse_existing(out_dir, overwrite)
     quantize.check_options(precision, options.get("block_size", quantize.DEFAULT_BLOCK_SIZE),
                            options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER), options.get("keep_fp32_ops"),
                            options.get("calibration_set"))
@@ -239,9 +201,6 @@ def _export_quantized(checkpoint_dir, out_dir: Path, precision: str, options: di
         options["pairs"] = calibration.load_pairs(options.pop("calibration_set", None),
                                                   options.pop("calibration_size", calibration.DEFAULT_SIZE))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fp32-", dir=out_dir.parent))
-    try:
-        fp32 = export_bundle(checkpoint_dir, scratch / "fp32", overwrite=True, progress=progress, **export_args)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.fp32-", dir=out_dir.parent) as scratch:
+        fp32 = export_bundle(checkpoint_dir, Path(scratch) / "fp32", overwrite=True, progress=progress, **export_args)
         return quantize.quantize_bundle(fp32, out_dir, precision, overwrite=overwrite, progress=progress, **options)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

@@ -31,6 +31,7 @@ import numpy as np
 from .positions import following, step_positions
 
 from sdk.bundle import Bundle
+from sdk.manifest import Graph
 from sdk.errors import BackendError, BundleError, one_line
 
 # device -> execution providers, most preferred first
@@ -118,9 +119,9 @@ class OnnxRuntimeBackend:
         self.device = self.resolve_device(device)
         self.device_id = int(device_id)
         self.ort_device = ORT_DEVICE[self.device]
-        model = bundle.manifest["model"]
-        self.num_layers, self.num_kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
-        self.max_context = int(model["max_context"])
+        model = bundle.manifest.model
+        self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
+        self.max_context = model.max_context
         has_static = STATIC_DECODER in bundle.graphs
         if kv_cache == "auto":
             # TensorRT reads input and output as separate buffers: the in-place static cache is for CUDA.
@@ -159,23 +160,23 @@ class OnnxRuntimeBackend:
         self.sessions = {}
         for name in ("vision", "embed", self.decoder_graph):
             self.sessions[name] = self._open(name)
-        decoder_inputs = {i["name"]: i for i in bundle.graphs[self.decoder_graph]["inputs"]}
-        self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"]["dtype"]]
-        self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"]["dtype"]]
-        vision_inputs = {i["name"]: i for i in bundle.graphs["vision"]["inputs"]}
-        self.pixel_dtype = _NUMPY_DTYPES[vision_inputs["pixel_values"]["dtype"]]
-        decoder_outputs = {o["name"]: o for o in bundle.graphs[self.decoder_graph]["outputs"]}
-        self.logits_dtype = _NUMPY_DTYPES[decoder_outputs["logits"]["dtype"]]
-        self.hidden_dtype = _NUMPY_DTYPES[decoder_outputs["hidden"]["dtype"]]
-        self.hidden_size = int(model.get("hidden_size") or decoder_inputs["inputs_embeds"]["shape"][-1])
+        decoder_inputs = {i.name: i for i in bundle.graphs[self.decoder_graph].inputs}
+        self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"].dtype]
+        self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"].dtype]
+        vision_inputs = {i.name: i for i in bundle.graphs["vision"].inputs}
+        self.pixel_dtype = _NUMPY_DTYPES[vision_inputs["pixel_values"].dtype]
+        decoder_outputs = {o.name: o for o in bundle.graphs[self.decoder_graph].outputs}
+        self.logits_dtype = _NUMPY_DTYPES[decoder_outputs["logits"].dtype]
+        self.hidden_dtype = _NUMPY_DTYPES[decoder_outputs["hidden"].dtype]
+        self.hidden_size = model.hidden_size
         # CMAI (sdk/cmai.py): image_bias [B,L_c,P+T] in, attention [B,L_c,T,P+T] out; bundles before it (and
         # decoder_static) have neither: nothing is fed, and inhibition is refused in one line.
         bias = decoder_inputs.get("image_bias")
-        self.bias_layers = int(bias["shape"][1]) if bias else 0
-        self.bias_dtype = _NUMPY_DTYPES[bias["dtype"]] if bias else None
+        self.bias_layers = int(bias.shape[1]) if bias else 0
+        self.bias_dtype = _NUMPY_DTYPES[bias.dtype] if bias else None
         self.has_attention = "attention" in decoder_outputs
         self.step_outputs = ["logits", "hidden", *self._kv_names("present")]  # what a generation step reads
-        self.vocab_size = int(model.get("vocab_size") or decoder_outputs["logits"]["shape"][-1])
+        self.vocab_size = model.vocab_size
         if self.static_cache:
             self._init_static()
 
@@ -214,7 +215,7 @@ class OnnxRuntimeBackend:
                 session = ort.InferenceSession(path, sess_options=self.options,
                                                providers=self._provider_options(name, False))
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BundleError(f"graph {name} ({spec['file']}) cannot be loaded by onnxruntime: "
+            raise BundleError(f"graph {name} ({spec.file}) cannot be loaded by onnxruntime: "
                               f"{str(err).splitlines()[0][:200]}; copy or re-export the bundle") from err
         self._check_signature(name, spec, session)
         wanted = PROVIDERS[self.device][0]
@@ -225,12 +226,12 @@ class OnnxRuntimeBackend:
         return session
 
     @staticmethod
-    def _check_signature(name: str, spec: dict, session) -> None:
+    def _check_signature(name: str, spec: Graph, session) -> None:
         """The graph file must have exactly the inputs and outputs the manifest promises."""
         got_in = [i.name for i in session.get_inputs()]
         got_out = [o.name for o in session.get_outputs()]
-        want_in = [i["name"] for i in spec["inputs"]]
-        want_out = [o["name"] for o in spec["outputs"]]
+        want_in = [i.name for i in spec.inputs]
+        want_out = [o.name for o in spec.outputs]
         if got_in != want_in or got_out != want_out:
             raise BundleError(f"graph {name} has inputs {got_in} / outputs {got_out} but the manifest says "
                               f"{want_in} / {want_out}: the bundle is inconsistent; re-export it")

@@ -37,6 +37,7 @@ from .positions import following, step_positions
 
 from sdk.bundle import Bundle, load_bundle
 from sdk.errors import BackendError
+from sdk.manifest import Manifest
 
 ENGINE_FORMAT = "pipmm-trt-engines/1"
 PRECISIONS = ("fp16", "int8", "fp32")
@@ -184,9 +185,9 @@ class Limits:
     opt_past: int = 700
 
 
-def limits_for(manifest: dict, max_batch: int = 1, max_context: int | None = None) -> Limits:
-    context = min(int(max_context or manifest["model"]["max_context"]), int(manifest["model"]["max_context"]))
-    turn = min(int(manifest["visual_tokens"]["count"]) + 64, context - 1)
+def limits_for(manifest: Manifest, max_batch: int = 1, max_context: int | None = None) -> Limits:
+    context = min(int(max_context or manifest.model.max_context), manifest.model.max_context)
+    turn = min(manifest.visual_tokens.count + 64, context - 1)
     return Limits(max_batch=max_batch, max_context=context, opt_sequence=max(turn, 1),
                   opt_past=max(1, min(turn + 32, context - 1)))
 
@@ -207,24 +208,24 @@ def _ranges(limits: Limits, profile: str) -> dict[str, tuple[int, int, int]]:
 PROFILES = {"vision": ("all",), "embed": ("all",), "decoder": ("prefill", "decode")}
 
 
-def derive_profiles(manifest: dict, graph: str, limits: Limits) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
+def derive_profiles(manifest: Manifest, graph: str, limits: Limits) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
     """Per optimization profile: input name -> (min, opt, max) shapes, from the manifest's axis names."""
     profiles = []
     for profile in PROFILES.get(graph, ("all",)):
         ranges = _ranges(limits, profile)
         shapes = {}
-        for spec in manifest["graphs"][graph]["inputs"]:
+        for spec in manifest.graphs[graph].inputs:
             lo, opt, hi = [], [], []
-            for axis in spec["shape"]:
+            for axis in spec.shape:
                 if isinstance(axis, int):
                     lo.append(axis), opt.append(axis), hi.append(axis)
                 elif axis in ranges:
                     a, o, z = ranges[axis]
                     lo.append(a), opt.append(o), hi.append(z)
                 else:
-                    raise BackendError(f"graph {graph} input {spec['name']} has a dynamic axis {axis!r} with no "
+                    raise BackendError(f"graph {graph} input {spec.name} has a dynamic axis {axis!r} with no "
                                        "TensorRT range: re-export the bundle with this pipmm-edge")
-            shapes[spec["name"]] = (tuple(lo), tuple(opt), tuple(hi))
+            shapes[spec.name] = (tuple(lo), tuple(opt), tuple(hi))
         profiles.append(shapes)
     return profiles
 
@@ -237,7 +238,7 @@ def ort_tensorrt_options(bundle: Bundle, graph: str, device_id: int = 0, root=No
                          max_batch: int = 1, max_context: int | None = None) -> dict:
     """Provider options of ONNX Runtime's TensorRT execution provider for one graph: FP16 (and INT8 for a
     QDQ bundle), engine and timing caches under the same key as native engines, explicit profiles."""
-    precision = bundle.manifest["precision"]["default"]
+    precision = bundle.manifest.precision.default
     trt_precision = "int8" if precision in ("int8", "int4") else "fp16"
     try:
         version = import_tensorrt().__version__
@@ -283,10 +284,10 @@ def build_engines(bundle_path, precision: str = "fp16", root=None, rebuild: bool
     """Build (or find up to date) the engines of a bundle for this GPU and TensorRT version."""
     trt = import_tensorrt()
     bundle = load_bundle(bundle_path, verify=True)
-    if precision == "int8" and bundle.manifest["precision"]["default"] != "int8":
+    if precision == "int8" and bundle.manifest.precision.default != "int8":
         raise BackendError("--precision int8 needs an int8 (QDQ) bundle: pipmm export --precision int8 "
                            "--int8-decoder static; or build fp16 engines")
-    if bundle.manifest["precision"].get("tensorrt") is False:
+    if not bundle.manifest.precision.tensorrt:
         raise BackendError(f"bundle {bundle_path} uses ONNX Runtime-only operators (MatMulNBits): export it for "
                            "TensorRT (docs/precision.md) or run it with --backend onnxruntime")
     key = current_key(bundle, precision, device_id, trt.__version__)
@@ -437,8 +438,8 @@ class TensorRTBackend:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {g: _Engine(trt, runtime, self.directory / f"{g}.engine", len(PROFILES[g]), self.stream)
                         for g in GRAPHS}
-        model = bundle.manifest["model"]
-        self.num_layers, self.num_kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
+        model = bundle.manifest.model
+        self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
         decoder = self.engines["decoder"]
         self.kv_dtype = decoder.dtype("past_key_values.0.key")
         # CMAI bundles (sdk/cmai.py): image_bias [B,L_c,P+T]; 0 layers = a decoder without it

@@ -127,15 +127,15 @@ def check(pipeline, image, prompt, max_new_tokens: int = 2) -> str:
         message = str(err)
         assert message and "\n" not in message and len(message) <= 600, repr(message)
         return type(err).__name__
-    vocab = pipeline.manifest["model"]["vocab_size"]
+    vocab = pipeline.manifest.model.vocab_size
     assert isinstance(result.text, str) and len(result.token_ids) <= max_new_tokens
     assert all(isinstance(t, int) and 0 <= t < vocab for t in result.token_ids)
     assert result.finish_reason in ("eos", "length", "context")
     if isinstance(prompt, str):  # the turn kept its shape: K image slots, no end of turn inside
         ids = pipeline.prompter.prompt_ids(prompt)[0].tolist()
-        special = pipeline.manifest["special_tokens"]
-        assert ids.count(special["image"]) == pipeline.num_visual_tokens
-        assert not set(ids) & set(special["eos"])
+        special = pipeline.manifest.special_tokens
+        assert ids.count(special.image) == pipeline.num_visual_tokens
+        assert not set(ids) & set(special.eos)
     return "ok"
 
 

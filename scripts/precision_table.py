@@ -321,7 +321,7 @@ def main(argv=None) -> int:
                                      {"source": {"kind": "bundle", "path": str(bundle), "device": device},
                                       "seconds": round(seconds, 1),
                                       "data": {"split": args.split, "n": len(examples)}})
-        graphs = manifest["precision"]["graphs"]
+        graphs = manifest.precision.graphs
         rows.append({
             "variant": label, "name": name, "device": device, "bundle": str(bundle),
             "graphs": "/".join(graphs[g] for g in ("vision", "embed", "decoder")),
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     table = markdown(rows, families)
     verdicts = check_targets(rows)
     source = args.checkpoint or str(fp32)
-    header = (f"Model: {source} ({load_bundle(fp32, verify=False).manifest['visual_tokens']}); "
+    header = (f"Model: {source} ({load_bundle(fp32, verify=False).manifest.visual_tokens.to_dict()}); "
               f"device {args.device} unless the variant says @device, "
               f"onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores, "
               f"eval in {args.jobs} processes x 1 thread, "

@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.train import evaluate
+from sdk.bundle import load_bundle  # noqa: E402
+
+from export.train import evaluate  # noqa: E402
 from export.tasks import instructions, scenes  # noqa: E402
 
 
@@ -91,7 +93,7 @@ def latency(bundle: Path, examples: list, inhibit: float, runs: int) -> dict:
 
 def run_row(label: str, bundle: Path, inhibit: float, examples, probes, args) -> dict:
     start = time.perf_counter()
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = load_bundle(bundle, verify=False).manifest
     records = answer_all(bundle, examples, inhibit, args.jobs, args.max_new_tokens)
     meta = {"source": {"kind": "bundle", "path": str(bundle), "inhibit": inhibit},
             "data": {"split": "test", "n": len(examples)}}
@@ -100,9 +102,9 @@ def run_row(label: str, bundle: Path, inhibit: float, examples, probes, args) ->
     probe_records = [{"probe": name, "prompt": r["prompt"], "answer": r["answer"], "output": r["output"]}
                      for (name, _), r in zip(probes, answered)]
     row = {"label": label, "bundle": str(bundle), "inhibit": inhibit,
-           "reducer": manifest["visual_tokens"]["reducer"], "budget": manifest["visual_tokens"]["budget"],
-           "visual_tokens": manifest["visual_tokens"]["count"], "reducer_options": manifest["vision"].get("reducer_options"),
-           "cmai": manifest.get("cmai"), "accuracy": accuracy, "probe": score_probe(probe_records),
+           "reducer": manifest.visual_tokens.reducer, "budget": manifest.visual_tokens.budget,
+           "visual_tokens": manifest.visual_tokens.count, "reducer_options": manifest.vision.reducer_options,
+           "cmai": manifest.cmai and manifest.cmai.to_dict(), "accuracy": accuracy, "probe": score_probe(probe_records),
            "probe_records": probe_records, "latency_ms": latency(bundle, examples, inhibit, args.latency_runs)}
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(f"  {label}: {100 * accuracy['overall']['accuracy']:.1f}% exact, probe "
@@ -156,7 +158,7 @@ def cmai_cost(args, examples, with_cmai: Path) -> list[dict]:
     from export.writer import export_bundle
 
     plain = with_cmai.parent / f"{with_cmai.name}-no-cmai"
-    positions = json.loads((with_cmai / "manifest.json").read_text())["visual_tokens"].get("positions")
+    positions = load_bundle(with_cmai, verify=False).manifest.visual_tokens.positions
     if not (plain / "manifest.json").is_file():
         export_bundle(args.checkpoint, plain, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.prompt_mlp is None,
                       budget="half", reducer="prompt-topk", visual_positions=positions, progress=False,
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
     probes = probe_examples(args.probe_n or max(1, args.n // 5))
     rows = []
     for label, path in bundles:
-        cmai = json.loads((path / "manifest.json").read_text()).get("cmai")
+        cmai = load_bundle(path, verify=False).manifest.cmai
         for inhibit in (0.0, args.inhibit):
             if inhibit and not cmai:
                 print(f"  {label}: no CMAI inputs in this bundle, CMAI row skipped", flush=True)

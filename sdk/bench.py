@@ -74,17 +74,17 @@ def one_run(pipeline, image, prompt: str, new_tokens: int, inhibit: float = 0.0)
     return timings, result.token_ids
 
 
-def full_budget_tokens(manifest: dict) -> int:
+def full_budget_tokens(manifest) -> int:
     """The number of image slots transformers' LLaVA expects: every patch (+ the class token for 'full')."""
-    vision = manifest["vision"]
-    return int(vision["num_patches"]) + int(vision.get("select_strategy") == "full")
+    vision = manifest.vision
+    return vision.num_patches + int(vision.select_strategy == "full")
 
 
 def _graph_bytes(bundle, graph: str) -> int:
     """Bytes of a graph's files (the .onnx and its external data): what a decode step reads, once."""
-    files = bundle.manifest["files"]
-    name = bundle.graphs[graph]["file"]
-    return sum(info["bytes"] for f, info in files.items() if f == name or f.startswith(name + "."))
+    files = bundle.manifest.files
+    name = bundle.graphs[graph].file
+    return sum(record.bytes for f, record in files.items() if f == name or f.startswith(name + "."))
 
 
 def _timed_runs(cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_graph, max_cache, image, runs, warmup,
@@ -101,8 +101,9 @@ def _timed_runs(cls, path, resolved, verify, prompt, new_tokens, kv_cache, cuda_
         if max_cache in (None, "auto"):
             from .prompting import Prompter
 
-            needed = len(Prompter(loaded.tokenizer_path, loaded.manifest).prompt_ids(prompt)[0]) + new_tokens + 1
-            slots = min(-(-needed // CACHE_ROUND) * CACHE_ROUND, int(loaded.manifest["model"]["max_context"]))
+            needed = len(Prompter.for_manifest(loaded.tokenizer_path, loaded.manifest).prompt_ids(prompt)[0]) + \
+                new_tokens + 1
+            slots = min(-(-needed // CACHE_ROUND) * CACHE_ROUND, loaded.manifest.model.max_context)
         options = {"kv_cache": kv_cache, "cuda_graph": cuda_graph, "max_cache": int(slots)}
     runner = cls(loaded, device=resolved, **options)
     pipeline = Pipeline(loaded.manifest, loaded.tokenizer_path, runner, source=str(path))
@@ -150,9 +151,9 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
         "schema": SCHEMA,
         "label": label,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bundle": {"path": str(path), "hash": loaded.content_hash[:16], "precision": manifest["precision"]["default"],
-                   "visual_tokens": manifest["visual_tokens"], "pipmm": manifest["prompt_vector"] is not None,
-                   "model": manifest["model"],
+        "bundle": {"path": str(path), "hash": loaded.content_hash[:16], "precision": manifest.precision.default,
+                   "visual_tokens": manifest.visual_tokens.to_dict(), "pipmm": manifest.pipmm,
+                   "model": manifest.model.to_dict(),
                    # what a decode step reads: the decoder's weights (decoder_static shares them)
                    "decoder_weight_bytes": _graph_bytes(loaded, "decoder")},
         "backend": info,
@@ -180,16 +181,16 @@ def bench(bundle=None, backend: str = "auto", device: str = "auto", new_tokens: 
     if compare_hf is not None:
         del pipeline, runner
         gc.collect()
-        full = dict(manifest, visual_tokens=dict(manifest["visual_tokens"], count=full_budget_tokens(manifest)))
         from .prompting import Prompter
 
-        ids, _ = Prompter(loaded.tokenizer_path, full).prompt_ids(prompt)
+        ids, _ = Prompter(loaded.tokenizer_path, manifest.chat_template, manifest.special_tokens,
+                          full_budget_tokens(manifest), manifest.model.max_context).prompt_ids(prompt)
         hf_sampler = MemorySampler("cpu" if resolved == "cpu" else "cuda")
         with hf_sampler:
-            result["compare_hf"] = peer(compare_hf, preprocess(image, manifest["image_preprocessing"]), ids,
+            result["compare_hf"] = peer(compare_hf, preprocess(image, manifest.image_preprocessing), ids,
                                         new_tokens, runs, warmup, hf_dtype or result["bundle"]["precision"],
                                         "cpu" if resolved == "cpu" else "cuda", hf_attn,
-                                        sorted(set(manifest["special_tokens"]["eos"])))
+                                        sorted(set(manifest.special_tokens.eos)))
         result["compare_hf"]["memory"].update(hf_sampler.peaks())
         result["ratios"] = ratios(result)
     return result

@@ -25,6 +25,7 @@ from . import cmai
 from .bundle import default_bundle_path, load_bundle
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .generation import GenerationArgs, sample, suppress
+from .manifest import Manifest
 from .preprocess import preprocess
 from .prompting import Prompter
 
@@ -57,21 +58,17 @@ def _ms(start: float) -> float:
 
 
 class Pipeline:
-    def __init__(self, manifest: dict, tokenizer_path, backend, source: str = ""):
+    def __init__(self, manifest: Manifest, tokenizer_path, backend, source: str = ""):
         self.manifest = manifest
         self.backend = backend
         self.source = source
-        self.prompter = Prompter(tokenizer_path, manifest)
-        self.preprocessing = manifest["image_preprocessing"]
-        self.prompt_vector_spec = manifest["prompt_vector"]
-        self.max_context = int(manifest["model"]["max_context"])
-        self.defaults = manifest["generation"]
-        self.visual_positions = manifest["visual_tokens"].get("positions", "sequence")  # older bundles: sequence
-        if self.visual_positions not in ("sequence", "patch"):
-            raise BundleError(f"manifest visual_tokens.positions is {self.visual_positions!r}, not 'sequence' or "
-                              "'patch': this SDK is older than the bundle, or the manifest was edited")
-        spec = manifest.get("cmai")  # absent (bundles before CMAI) or null: the decoder has no image_bias input
-        self.cmai = None if spec is None else cmai.check_settings(spec)
+        self.prompter = Prompter.for_manifest(tokenizer_path, manifest)
+        self.preprocessing = manifest.image_preprocessing
+        self.prompt_vector_spec = manifest.prompt_vector
+        self.max_context = manifest.model.max_context
+        self.defaults = manifest.generation
+        self.visual_positions = manifest.visual_tokens.positions
+        self.cmai = manifest.cmai  # None: the decoder has no image_bias input
         # One request at a time per Pipeline: the backends' sessions are shared state. Callers from
         # several threads are serialised here; use one Pipeline per thread for parallelism.
         self._lock = threading.Lock()
@@ -93,7 +90,7 @@ class Pipeline:
 
     @property
     def num_visual_tokens(self) -> int:
-        return int(self.manifest["visual_tokens"]["count"])
+        return self.manifest.visual_tokens.count
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -101,7 +98,7 @@ class Pipeline:
         """PIP-MM's prompt vector [1, D_llm]: the decoder's hidden state over the prompt, no image."""
         ids = self.prompter.encoder_ids(prompt)
         _, hidden, _ = self.backend.decoder(self.backend.embed(ids[None]), self.backend.new_cache(1))
-        if self.prompt_vector_spec.get("pooling", "last") == "mean":
+        if self.prompt_vector_spec.pooling == "mean":
             return hidden.mean(axis=1)
         return hidden[:, -1]
 
@@ -155,7 +152,8 @@ class Pipeline:
         attention = self.backend.attention(text, before, tail)  # [1, L_c, T_b, split + T_b]
         text_slots = np.arange(split, input_embeds.shape[1])
         focus = cmai.focus_scores(attention[0].astype(np.float32), image_slots, text_slots)  # [L_c, K]
-        bias, count = cmai.inhibition_bias(focus, fraction, image_slots, input_embeds.shape[1], self.cmai)
+        bias, count = cmai.inhibition_bias(focus, fraction, image_slots, input_embeds.shape[1],
+                                             self.cmai.to_dict())
         logits, _, cache = self.backend.decoder(text, before, tail, image_bias=bias)
         return logits, cache, bias, count
 
@@ -243,9 +241,9 @@ class Pipeline:
     def _args(self, max_new_tokens, temperature, top_p, seed, min_new_tokens=None) -> GenerationArgs:
         d = self.defaults
         return GenerationArgs.checked(
-            d["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
-            d["temperature"] if temperature is None else temperature,
-            d["top_p"] if top_p is None else top_p, seed, self.max_context,
+            d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            d.temperature if temperature is None else temperature,
+            d.top_p if top_p is None else top_p, seed, self.max_context,
             0 if min_new_tokens is None else min_new_tokens)
 
     def _inhibit(self, inhibit) -> float:

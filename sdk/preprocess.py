@@ -63,10 +63,11 @@ _WARNINGS_LOCK = threading.Lock()
 def config_from_processor(d: dict) -> dict:
     """A CLIPImageProcessor config (preprocessor_config.json or processor.to_dict()) -> our
     manifest's "image_preprocessing" dict, every key explicit. Idempotent."""
-    return _normalize(d, ExportError)
+    return normalize_config(d, ExportError)
 
 
-def _normalize(d: dict, error) -> dict:
+def normalize_config(d: dict, error) -> dict:
+    """An image_preprocessing dict with every key explicit, or `error` (the type raised) naming the bad key."""
     if not isinstance(d, dict):
         raise error(f"image preprocessing config must be a dict, got {type(d).__name__}")
     # transformers treats a key set to None like a missing key: the class default applies.
@@ -237,7 +238,7 @@ def _short(err: Exception) -> str:
 
 def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
     """Any image load_image accepts -> float32 pixel_values [1, 3, H, W]."""
-    cfg = _normalize(config, _BadManifest)
+    cfg = normalize_config(config, BadPreprocessing)
     # Always RGB: the vision graph takes 3 channels. (With do_convert_rgb=False transformers keeps
     # the PIL mode, which only differs for non-RGB images, and then its 3-value normalize fails.)
     img = load_image(image, max_pixels)
@@ -268,7 +269,7 @@ def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray
     return np.ascontiguousarray(out.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
-class _BadManifest(BundleError):
+class BadPreprocessing(BundleError):
     """An image_preprocessing dict in a bundle manifest that we cannot use."""
 
     def __init__(self, message: str):

@@ -12,7 +12,8 @@ import unicodedata
 
 import numpy as np
 
-from .errors import ContextOverflowError, PromptError
+from .errors import BundleError, ContextOverflowError, PromptError
+from .manifest import ChatTemplate, Manifest, SpecialTokens
 
 # A token never covers more characters than its vocabulary entry has (byte-level entries have one
 # character per byte); the factor 4 leaves room for normalizers that shrink text (NFKC).
@@ -22,8 +23,6 @@ _CHARS_PER_TOKEN_SLACK = 4
 def _load_tokenizer(path):
     from tokenizers import Tokenizer
 
-    from .errors import BundleError
-
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
@@ -31,20 +30,21 @@ def _load_tokenizer(path):
 
 
 class Prompter:
-    def __init__(self, tokenizer_path, manifest: dict):
+    def __init__(self, tokenizer_path, template: ChatTemplate, special: SpecialTokens, num_visual_tokens: int,
+                 max_context: int):
         self.tokenizer = _load_tokenizer(tokenizer_path)
-        self.template = manifest["chat_template"]
-        self.special = manifest["special_tokens"]
-        self.num_visual_tokens = int(manifest["visual_tokens"]["count"])
-        self.max_context = int(manifest["model"]["max_context"])
-        self.eos_ids = set(self.special["eos"])
+        self.template = template
+        self.special = special
+        self.num_visual_tokens = int(num_visual_tokens)
+        self.max_context = int(max_context)
+        self.eos_ids = set(special.eos)
         # Every special token, from the manifest and from the tokenizer itself (defence in depth: a
         # tokenizer may know special tokens an older manifest does not list).
         added = self.tokenizer.get_added_tokens_decoder()
-        self.special_texts = sorted({*self.special.get("texts", []), *(t.content for t in added.values() if t.special)},
+        self.special_texts = sorted({*special.texts, *(t.content for t in added.values() if t.special)},
                                     key=len, reverse=True)
         self.special_ids = {int(i) for i, t in added.items() if t.special} | self.eos_ids | {
-            int(self.special[k]) for k in ("bos", "pad", "image") if self.special.get(k) is not None}
+            int(i) for i in (special.bos, special.pad, special.image) if i is not None}
         # <unk> is what a tokenizer without byte fallback gives for text it has no piece for: ordinary.
         unk = getattr(self.tokenizer.model, "unk_token", None)
         self.special_ids -= {self.tokenizer.token_to_id(unk)} if isinstance(unk, str) else set()
@@ -53,13 +53,16 @@ class Prompter:
         longest = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = _CHARS_PER_TOKEN_SLACK * max(longest, 1) * self.max_context
         # The special tokens of the turn itself; a prompt must add none.
-        template_ids = self._encode(self.template["prompt"].replace("{prompt}", "x"))
+        template_ids = self._encode(template.prompt.replace("{prompt}", "x"))
         self.template_specials = sorted(t for t in template_ids if t in self.special_ids)
-        if "{prompt}" not in self.template["prompt"] or template_ids.count(int(self.special["image"])) != 1:
-            from .errors import BundleError
-
+        if "{prompt}" not in template.prompt or template_ids.count(special.image) != 1:
             raise BundleError("the bundle's chat_template must hold '{prompt}' and exactly one image placeholder: "
                               "re-export the bundle")
+
+    @classmethod
+    def for_manifest(cls, tokenizer_path, manifest: Manifest) -> "Prompter":
+        return cls(tokenizer_path, manifest.chat_template, manifest.special_tokens, manifest.visual_tokens.count,
+                   manifest.model.max_context)
 
     def clean(self, prompt) -> str:
         """Refuse what cannot be a prompt; remove what could hijack the template.
@@ -85,16 +88,16 @@ class Prompter:
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if self.template.get("add_bos", True) and self.special.get("bos") is not None:
-            ids = [int(self.special["bos"])] + ids
+        if self.template.add_bos and self.special.bos is not None:
+            ids = [self.special.bos] + ids
         return ids
 
     def prompt_ids(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """-> (ids [T] int64 with K image slots, positions of the image slots [K])."""
-        text = self.template["prompt"].replace("{prompt}", self.clean(prompt))
+        text = self.template.prompt.replace("{prompt}", self.clean(prompt))
         ids = self._encode(text)
         self._check_no_injected_specials(ids)
-        image_id = int(self.special["image"])
+        image_id = self.special.image
         at = ids.index(image_id)  # exactly one: the template's (checked at load), none from the prompt
         ids = ids[:at] + [image_id] * self.num_visual_tokens + ids[at + 1:]
         if len(ids) >= self.max_context:  # prefill plus at least one new token must fit
@@ -112,7 +115,7 @@ class Prompter:
 
     def encoder_ids(self, prompt: str) -> np.ndarray:
         """The prompt encoder's ids: the user turn without the image. [T] int64."""
-        text = self.template["prompt_encoder"].replace("{prompt}", self.clean(prompt))
+        text = self.template.prompt_encoder.replace("{prompt}", self.clean(prompt))
         ids = self._encode(text)
         if len(ids) >= self.max_context:  # only reachable with a template longer than the chat turn
             raise ContextOverflowError(f"prompt needs {len(ids)} tokens but the context holds {self.max_context}: "

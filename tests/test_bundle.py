@@ -9,8 +9,9 @@ import pytest
 
 import sdk
 from export.writer import export_bundle
-from sdk.bundle import FORMAT_VERSION, load_bundle
+from sdk.bundle import load_bundle
 from sdk.errors import BundleError, ExportError
+from sdk.manifest import FORMAT_VERSION
 
 
 @pytest.fixture
@@ -36,14 +37,15 @@ def test_manifest_lists_every_file_and_the_contract(bundles):
     path = bundles("llama", pipmm=True, budget="half", reducer="prompt-topk")
     manifest = load_bundle(path).manifest
     on_disk = {p.name for p in path.iterdir()} - {"manifest.json"}
-    assert set(manifest["files"]) == on_disk == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
-    assert manifest["visual_tokens"] == {"budget": "half", "count": 25, "reducer": "prompt-topk", "positions": "sequence"}
-    assert manifest["prompt_vector"]["layer"] == -1
-    assert manifest["precision"]["default"] == "fp32"
-    assert {"bos", "eos", "pad", "image"} <= set(manifest["special_tokens"])
-    decoder = manifest["graphs"]["decoder"]
-    assert decoder["inputs"][0] == {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}
-    assert [o["name"] for o in decoder["outputs"]][:2] == ["logits", "hidden"]
+    assert set(manifest.files) == on_disk == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
+    assert manifest.visual_tokens.to_dict() == {"budget": "half", "count": 25, "reducer": "prompt-topk",
+                                                "positions": "sequence"}
+    assert manifest.prompt_vector.layer == -1
+    assert manifest.precision.default == "fp32"
+    assert {"bos", "eos", "pad", "image"} <= set(manifest.special_tokens.to_dict())
+    decoder = manifest.graphs["decoder"]
+    assert decoder.inputs[0].to_dict() == {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}
+    assert [o.name for o in decoder.outputs][:2] == ["logits", "hidden"]
 
 
 def test_missing_directory(tmp_path):
@@ -129,7 +131,7 @@ def test_external_data_bundle_loads_and_checks_its_weights(checkpoints, tmp_path
     monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_BYTES", 0)
     out = export_bundle(checkpoints["llama"], tmp_path / "b", no_prompt_mlp=True, progress=False)
     manifest = load_bundle(out).manifest
-    side_files = [name for name in manifest["files"] if name.endswith(".data")]
+    side_files = [name for name in manifest.files if name.endswith(".data")]
     assert len(side_files) == 3
     assert sdk.load(out, device="cpu").generate(image, "what is here?", max_new_tokens=4).token_ids
     data = bytearray((out / side_files[0]).read_bytes())

@@ -88,9 +88,9 @@ def without_cmai(checkpoints, tmp_path_factory):
 def test_zero_bias_gives_the_decoder_without_cmai(bundles, without_cmai, image):
     with_cmai = sdk.load(bundles("llama"), device="cpu")
     old = sdk.load(without_cmai, device="cpu")
-    assert with_cmai.cmai["layers"] == [1] and old.cmai is None
-    names = [i["name"] for i in old.backend.bundle.graphs["decoder"]["inputs"]]
-    assert "image_bias" not in names and "image_bias" in [i["name"] for i in with_cmai.backend.bundle.graphs["decoder"]["inputs"]]
+    assert with_cmai.cmai.layers == [1] and old.cmai is None
+    names = [i.name for i in old.backend.bundle.graphs["decoder"].inputs]
+    assert "image_bias" not in names and "image_bias" in [i.name for i in with_cmai.backend.bundle.graphs["decoder"].inputs]
     ids, _ = with_cmai.prompter.prompt_ids(PROMPT)
     embeds = with_cmai.backend.embed(ids[None])
     got = with_cmai.backend.decoder(embeds, with_cmai.backend.new_cache(1))  # image_bias: zeros

@@ -83,8 +83,8 @@ def test_prompt_changes_the_visual_tokens(bundles, image):
     b = pipmm.backend.vision(pixels, pipmm.encode_prompt("how many circles are there?"))[0]
     assert np.abs(a - b).max() > 1e-3
     plain = sdk.load(bundles("llama"), device="cpu")
-    assert plain.manifest["prompt_vector"] is None
-    assert [i["name"] for i in plain.manifest["graphs"]["vision"]["inputs"]] == ["pixel_values"]
+    assert plain.manifest.prompt_vector is None
+    assert [i.name for i in plain.manifest.graphs["vision"].inputs] == ["pixel_values"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -158,7 +158,7 @@ def test_prompt_vector_from_an_inner_layer(checkpoints, image, tmp_path):
                            progress=False)
     onnx_pipe = sdk.load(bundle, device="cpu")
     ref_pipe = reference_pipeline(checkpoints["llama"], prompt_mlp=mlp, budget="half", reducer="pool")
-    assert onnx_pipe.manifest["prompt_vector"]["layer"] == 0
+    assert onnx_pipe.manifest.prompt_vector.layer == 0
     vector = onnx_pipe.encode_prompt(PROMPT)
     np.testing.assert_allclose(vector, ref_pipe.encode_prompt(PROMPT), atol=ATOL["hidden"], rtol=0)
     # ...and is not the final normed state that the default (layer -1) gives

@@ -110,7 +110,7 @@ def test_graphs_load_run_and_stay_within_tolerance_of_fp32(variant, variants, fp
         for output, limit in limits.items():
             assert errors[output] <= limit, f"{variant} {graph}.{output}: relative error {errors[output]:.4f} > {limit}"
     # logits leave every variant as float32: sampling and argmax see full-precision scores
-    logits = pipeline.manifest["graphs"]["decoder"]["outputs"][0]
+    logits = pipeline.manifest.graphs["decoder"].outputs[0].to_dict()
     assert (logits["name"], logits["dtype"]) == ("logits", "float32")
 
     ours, theirs = pipeline.backend.sessions["decoder"], reference.backend.sessions["decoder"]

@@ -52,7 +52,7 @@ def assert_recovers(pipe, image, reference) -> None:
 def assert_valid(result, pipe) -> None:
     assert isinstance(result.text, str)
     assert 0 < len(result.token_ids) <= NEW
-    assert all(0 <= t < pipe.manifest["model"]["vocab_size"] for t in result.token_ids)
+    assert all(0 <= t < pipe.manifest.model.vocab_size for t in result.token_ids)
     assert result.finish_reason in ("eos", "length", "context")
 
 
@@ -342,7 +342,7 @@ INJECTIONS = {
 @pytest.mark.parametrize("case", INJECTIONS)
 def test_special_tokens_in_a_prompt_add_no_image_slot_and_end_no_turn(pipe, reference, image, case):
     prompt = INJECTIONS[case]
-    special = pipe.manifest["special_tokens"]
+    special = pipe.manifest.special_tokens.to_dict()
     ids, slots = pipe.prompter.prompt_ids(prompt)
     ids = ids.tolist()
     k = pipe.num_visual_tokens

@@ -80,17 +80,17 @@ def test_static_decoder_module_equals_the_decoder(checkpoints, arch, prompt_laye
 def test_add_graphs_records_decoder_static_in_the_manifest(static_bundles):
     bundle = load_bundle(static_bundles("llama"), verify=True)  # every file hashed, the new ones included
     spec = bundle.graphs["decoder_static"]
-    assert spec["kv_cache"] == "static"
-    names = {i["name"]: i["shape"] for i in spec["inputs"]}
+    assert spec.kv_cache == "static"
+    names = {i.name: i.shape for i in spec.inputs}
     assert names["attention_mask"] == ["batch", "cache"]
     assert names["past_key_values.0.key"][2] == "cache"
-    assert {o["name"]: o["shape"] for o in spec["outputs"]}["present.0.key"][2] == "cache"
-    assert bundle.manifest["precision"]["graphs"]["decoder_static"] == "fp32"
+    assert {o.name: o.shape for o in spec.outputs}["present.0.key"][2] == "cache"
+    assert bundle.manifest.precision.graphs["decoder_static"] == "fp32"
     # present is written by a scatter straight into the output: what lets a runtime bind it onto past
     model = onnx.load(str(bundle.graph_path("decoder_static")))
     outputs = {o.name for o in model.graph.output}
     scatters = [n for n in model.graph.node if n.op_type == "ScatterElements" and n.output[0] in outputs]
-    assert len(scatters) == 2 * bundle.manifest["model"]["num_layers"]
+    assert len(scatters) == 2 * bundle.manifest.model.num_layers
 
 
 def test_decoder_static_operators_are_in_tensorrt_10(static_bundles):
@@ -118,7 +118,7 @@ def test_static_cache_logits_match_and_prefixes_stay_usable(static_bundles):
     numpy_backend = OnnxRuntimeBackend(bundle, device="cpu")
     static = OnnxRuntimeBackend(bundle, device="cpu", kv_cache="static", max_cache=40)
     rng = np.random.default_rng(0)
-    embeds = rng.standard_normal((1, 9, bundle.manifest["model"]["hidden_size"])).astype(np.float32)
+    embeds = rng.standard_normal((1, 9, bundle.manifest.model.hidden_size)).astype(np.float32)
     step = rng.standard_normal((1, 1, embeds.shape[-1])).astype(np.float32)
     l1, h1, c1 = numpy_backend.decoder(embeds, numpy_backend.new_cache())
     l2, h2, c2 = static.decoder(embeds, static.new_cache())
@@ -138,7 +138,7 @@ def test_static_cache_logits_match_and_prefixes_stay_usable(static_bundles):
 def test_static_cache_limits_are_one_line_errors(static_bundles, bundles):
     bundle = load_bundle(static_bundles("llama"))
     small = OnnxRuntimeBackend(bundle, device="cpu", kv_cache="static", max_cache=4)
-    embeds = np.zeros((1, 5, bundle.manifest["model"]["hidden_size"]), np.float32)
+    embeds = np.zeros((1, 5, bundle.manifest.model.hidden_size), np.float32)
     with pytest.raises(BackendError, match="holds 4 tokens"):
         small.decoder(embeds, small.new_cache())
     with pytest.raises(BackendError, match="batch 1"):
@@ -169,7 +169,7 @@ def test_decoder_static_shares_the_decoders_external_weights(checkpoints, image,
     locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"decoder.onnx.data"}
     spec = load_bundle(bundle_dir).graphs["decoder_static"]
-    assert spec["shares_weights_with"] == "decoder" and spec["sharing"]["shared_initializers"] > 0
+    assert spec.shares_weights_with == "decoder" and spec.sharing["shared_initializers"] > 0
     plain = _pipeline(bundle_dir).generate(image, "describe", max_new_tokens=12).token_ids
     assert _pipeline(bundle_dir, kv_cache="static").generate(image, "describe", max_new_tokens=12).token_ids == plain
 
@@ -182,6 +182,6 @@ def test_export_direct_bundle_with_reused_graphs(checkpoints, prompt_mlp, image,
     for name in ("decoder", "decoder_static", "embed"):  # hard links of the same files
         assert (half / f"{name}.onnx").stat().st_ino == (full / f"{name}.onnx").stat().st_ino
     manifest = load_bundle(half, verify=True).manifest
-    assert manifest["visual_tokens"]["count"] < load_bundle(full).manifest["visual_tokens"]["count"]
+    assert manifest.visual_tokens.count < load_bundle(full).manifest.visual_tokens.count
     tokens = _pipeline(half).generate(image, "what is here?", max_new_tokens=10).token_ids
     assert _pipeline(half, kv_cache="static").generate(image, "what is here?", max_new_tokens=10).token_ids == tokens

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 
@@ -34,7 +35,7 @@ def test_decoder_profiles_from_the_manifest(bundle):
     limits = trt_runtime.limits_for(bundle.manifest, max_batch=2)
     assert limits.max_context == 512 and limits.opt_sequence == 25 + 64
     prefill, decode = trt_runtime.derive_profiles(bundle.manifest, "decoder", limits)
-    n = bundle.manifest["model"]["num_layers"]
+    n = bundle.manifest.model.num_layers
     assert set(prefill) == {"inputs_embeds", "attention_mask", "position_ids", "image_bias",
                             *[f"past_key_values.{i}.{p}" for i in range(n) for p in ("key", "value")]}
     assert decode["image_bias"] == ((1, 1, 2), (1, 1, limits.opt_past + 1), (2, 1, 512))  # CMAI: [B,L_c,P+T]
@@ -55,8 +56,9 @@ def test_vision_and_embed_profiles_and_unknown_axes(bundle):
     assert vision["prompt_vector"] == ((1, 64), (1, 64), (4, 64))
     (embed,) = trt_runtime.derive_profiles(bundle.manifest, "embed", limits)
     assert embed["input_ids"] == ((1, 1), (1, 40), (4, 128))
-    manifest = json.loads(json.dumps(bundle.manifest))
-    manifest["graphs"]["embed"]["inputs"][0]["shape"] = ["batch", "tokens_of_some_kind"]
+    embed = bundle.graphs["embed"]
+    odd = replace(embed, inputs=[replace(embed.inputs[0], shape=["batch", "tokens_of_some_kind"])])
+    manifest = replace(bundle.manifest, graphs={**bundle.graphs, "embed": odd})
     with pytest.raises(BackendError, match="tokens_of_some_kind"):
         trt_runtime.derive_profiles(manifest, "embed", limits)
 

@@ -33,9 +33,9 @@ def test_step_positions_default_and_given():
 
 
 def test_manifest_records_the_positions(bundles):
-    assert sdk.load(bundles(**PATCH), device="cpu").manifest["visual_tokens"]["positions"] == "patch"
+    assert sdk.load(bundles(**PATCH), device="cpu").manifest.visual_tokens.positions == "patch"
     default = sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
-    assert default.manifest["visual_tokens"]["positions"] == "sequence"
+    assert default.manifest.visual_tokens.positions == "sequence"
 
 
 def test_prefill_positions_put_kept_tokens_at_their_patches(bundles, image):
@@ -120,7 +120,7 @@ def test_training_positions_equal_the_sdk_positions(bundles, image):
     ids, slots = pipeline.prompter.prompt_ids(PROMPT)
     want = pipeline.prefill_positions(len(ids), slots, attention)
     padded = torch.from_numpy(np.concatenate([ids, [0, 0]]))[None]  # a right-padded training row
-    got = patch_position_ids(padded, int(pipeline.manifest["special_tokens"]["image"]), torch.from_numpy(attention),
+    got = patch_position_ids(padded, pipeline.manifest.special_tokens.image, torch.from_numpy(attention),
                              len(slots))
     np.testing.assert_array_equal(got[:, : len(ids)].numpy(), want)
 
@@ -133,7 +133,7 @@ def test_batched_torch_eval_with_patch_positions_matches_the_pipeline(checkpoint
     examples = evaluate.questions("test", 6)
     records, manifest = evaluate.run_batched(checkpoints["llama"], examples, prompt_mlp, "half", "prompt-topk",
                                              "cpu", "patch", batch_size=3, max_new_tokens=8)
-    assert manifest["visual_tokens"]["positions"] == "patch"
+    assert manifest.visual_tokens.positions == "patch"
     assert sum(len(r["output"]) for r in records) > 6  # random weights, but real text to compare
     reference = evaluate.torch_pipeline(checkpoints["llama"], prompt_mlp, "half", "prompt-topk", "cpu", "patch")
     for example, record in zip(examples, records):

@@ -21,24 +21,25 @@ ONNX Runtime only. TensorRT reads weight-only INT4 as DequantizeLinear (opset 21
 attribute) feeding a MatMul instead; see docs/precision.md. The manifest records, per graph, the
 encoding and the runtimes it serves, and `precision.tensorrt` says whether the whole bundle does.
 
-The output is written into a temporary sibling directory and renamed into place at the end.
+The output is written through sdk.bundle.staged_bundle: a temporary sibling directory renamed into place at
+the end, with the manifest derived from the source's (dataclasses.replace).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 import sdk
-from sdk.bundle import load_bundle
+from sdk.bundle import load_bundle, refuse_existing, staged_bundle
 from sdk.errors import ExportError
+from sdk.manifest import Created, Graph, Precision
 
 from export.precision import calibration
 from export.onnx_graphs import EXTERNAL_DATA_BYTES, describe_graph
@@ -414,11 +415,10 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
     methods, keep = check_options(precision, block_size, int8_decoder, keep_fp32_ops, calibration_set)
     if precision == "fp32":
         raise PrecisionError("quantize_bundle makes fp16, int8 or int4 bundles; an fp32 bundle is `pipmm export`'s")
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists: pass --overwrite or choose another --out")
+    refuse_existing(out_dir, overwrite)
     source = load_bundle(src, verify=True)
-    if source.manifest["precision"]["default"] != "fp32":
-        raise PrecisionError(f"{src} is a {source.manifest['precision']['default']} bundle: quantize from fp32")
+    if source.manifest.precision.default != "fp32":
+        raise PrecisionError(f"{src} is a {source.manifest.precision.default} bundle: quantize from fp32")
     calib_info = None
     if "int8-static" in methods.values() and pairs is None:
         pairs, calib_info = calibration.load_pairs(calibration_set, calibration_size)  # errors before any write
@@ -432,46 +432,32 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
         return recorded
 
     ctx = {"keep": keep, "block_size": block_size, "feeds": feeds, "calibration": calib_info}
-    manifest = json.loads(json.dumps(source.manifest))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        details, dropped = {}, {}
+    with staged_bundle(out_dir, overwrite) as stage:
+        details, dropped, graphs = {}, {}, {}
         for name, spec in source.graphs.items():
             method = methods.get(name)
             if method is None:  # an optional graph (pipmm add-graphs): traced per precision, not converted here
                 dropped[name] = ("not carried over: add it to this bundle with `pipmm add-graphs` where that "
                                  "supports the precision (fp32, fp16, bf16)")
-                del manifest["graphs"][name]
                 continue
-            src_path, dst_path = source.graph_path(name), tmp / spec["file"]
+            src_path, dst_path = source.graph_path(name), stage.directory / spec.file
             start = time.perf_counter()
             info = METHODS[method](name, src_path, dst_path, ctx)
             model = onnx.load(str(dst_path), load_external_data=False)
             details[name] = {"precision": info.pop("precision", METHOD_PRECISION[method]), "method_name": method,
                              **info, "runtimes": _encoding_runtimes(model),
-                             "from_fp32_sha256": source.manifest["files"][spec["file"]]["sha256"],
+                             "from_fp32_sha256": source.manifest.files[spec.file].sha256,
                              "seconds": round(time.perf_counter() - start, 2)}
-            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), spec["opset"])
-            manifest["graphs"][name] = {"file": spec["file"], **describe_graph(dst_path), "opset": opset}
-        shutil.copyfile(source.tokenizer_path, tmp / manifest["tokenizer"])
-        manifest["precision"] = {
-            "default": precision,
-            "graphs": {name: d["precision"] for name, d in details.items()},
-            "tensorrt": all("tensorrt" in d["runtimes"] for d in details.values()),
-            "details": details,
-            **({"dropped_graphs": dropped} if dropped else {}),
-        }
-        manifest["created"] = {**manifest["created"], "by": f"pipmm-edge {sdk.__version__}",
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "from_fp32_bundle": str(src)}
-        from export.writer import file_records, publish_bundle
-
-        manifest["files"] = file_records(tmp)
-        publish_bundle(tmp, out_dir, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), spec.opset)
+            graphs[name] = Graph.from_dict({"file": spec.file, **describe_graph(dst_path), "opset": opset}, name,
+                                           str(dst_path))
+        shutil.copyfile(source.tokenizer_path, stage.directory / source.manifest.tokenizer)
+        precision_record = Precision(default=precision, graphs={name: d["precision"] for name, d in details.items()},
+                                     tensorrt=all("tensorrt" in d["runtimes"] for d in details.values()),
+                                     details=details, dropped_graphs=dropped)
+        made = replace(source.manifest.created or Created(), by=f"pipmm-edge {sdk.__version__}",
+                       time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), from_fp32_bundle=str(src))
+        stage.publish(replace(source.manifest, graphs=graphs, precision=precision_record, created=made))
     return out_dir
 
 

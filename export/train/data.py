@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sdk.manifest import ChatTemplate, SpecialTokens
 from sdk.preprocess import preprocess
 
 from export.tasks import instructions, scenes
-from export.writer import DEFAULT_CHAT_TEMPLATE
 
 IGNORE = -100
 
@@ -42,8 +42,8 @@ def conversation_texts(n_scenes: int, split: str = "train"):
         if prompt is None:
             prompt = text
             continue
-        yield DEFAULT_CHAT_TEMPLATE["prompt"].replace("{prompt}", prompt) + " " + text
-        yield DEFAULT_CHAT_TEMPLATE["prompt_encoder"].replace("{prompt}", prompt)
+        yield ChatTemplate().prompt.replace("{prompt}", prompt) + " " + text
+        yield ChatTemplate().prompt_encoder.replace("{prompt}", prompt)
         prompt = None
 
 
@@ -51,12 +51,6 @@ def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512):
     from export.synthetic import train_tokenizer
 
     return train_tokenizer(conversation_texts(n_scenes), vocab_size=vocab_size)
-
-
-def prompter_manifest(special: dict, num_visual_tokens: int, max_context: int) -> dict:
-    """The few manifest keys sdk.prompting.Prompter reads, as export_bundle will write them."""
-    return {"chat_template": dict(DEFAULT_CHAT_TEMPLATE), "special_tokens": special,
-            "visual_tokens": {"count": num_visual_tokens}, "model": {"max_context": max_context}}
 
 
 @dataclass
@@ -70,8 +64,8 @@ class SequenceSpec:
     def prompter(self):
         from sdk.prompting import Prompter
 
-        return Prompter(self.tokenizer_file, prompter_manifest(self.special, self.num_visual_tokens,
-                                                               self.max_context))
+        return Prompter(self.tokenizer_file, ChatTemplate(), SpecialTokens.from_dict(self.special, "special tokens"),
+                        self.num_visual_tokens, self.max_context)
 
 
 def encode_example(prompter, prompt: str, answer: str) -> tuple[list[int], list[int], list[int]]:

@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from sdk.bundle import load_bundle
 from sdk.errors import PipmmError
+from sdk.manifest import Manifest
 
 from export.tasks import scenes
 from export.tasks.answers import normalize
@@ -79,7 +81,7 @@ def _worker_run(job):
 
 
 def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_new_tokens: int = 64,
-               progress: bool = False, inhibit: float | None = None) -> tuple[list[dict], dict]:
+               progress: bool = False, inhibit: float | None = None) -> tuple[list[dict], Manifest]:
     import numpy as np
 
     import sdk
@@ -89,7 +91,7 @@ def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_n
         return run_pipeline(pipeline, examples, max_new_tokens, progress, inhibit), pipeline.manifest
     import multiprocessing as mp
 
-    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    manifest = load_bundle(bundle, verify=False).manifest
     chunk = max(1, min(32, len(examples) // (4 * jobs) or 1))
     work = [([(np.asarray(e.image), e.prompt, e.answer, e.family, e.scene_seed) for e in examples[i:i + chunk]],
              max_new_tokens, inhibit) for i in range(0, len(examples), chunk)]
@@ -116,13 +118,13 @@ def torch_pipeline(checkpoint, prompt_mlp=None, budget="full", reducer="pool", d
     for module in modules.values():
         module.to(device)
     manifest = build_manifest(ckpt, modules, mlp, visual_positions=visual_positions)
-    return Pipeline(manifest, ckpt.tokenizer_file, TorchBackend(modules, manifest["model"], device=device),
+    return Pipeline(manifest, ckpt.tokenizer_file, TorchBackend(modules, manifest.model, device=device),
                     source=f"torch:{checkpoint}")
 
 
 def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="pool", device: str = "cpu",
                 visual_positions: str | None = None,
-                batch_size: int = 256, max_new_tokens: int = 64, progress: bool = False) -> tuple[list[dict], dict]:
+                batch_size: int = 256, max_new_tokens: int = 64, progress: bool = False) -> tuple[list[dict], Manifest]:
     """Batched greedy decoding in torch (export.train.model.greedy_generate): same answers as the
     Pipeline up to float rounding, many times faster on a GPU. No per-request latency."""
     import numpy as np
@@ -147,7 +149,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
         mlp = PromptMLP.load(prompt_mlp).to(device).eval()
     vision = make_vision(model, budget, reducer, mlp).to(device)
     prompter = pipeline.prompter  # K image slots of this budget, the SDK's own tokenization
-    pad = int(manifest["special_tokens"]["pad"])
+    pad = manifest.special_tokens.pad
     records = []
     for first in _progress(range(0, len(examples), batch_size), progress):
         chunk = examples[first:first + batch_size]
@@ -169,7 +171,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
 
 # ----------------------------------------------------------------------------- scoring
 
-def summarize(records: list[dict], manifest: dict, meta: dict) -> dict:
+def summarize(records: list[dict], manifest: Manifest, meta: dict) -> dict:
     per_family = {}
     for r in records:
         r["correct"] = normalize(r["output"]) == normalize(r["answer"])
@@ -181,11 +183,10 @@ def summarize(records: list[dict], manifest: dict, meta: dict) -> dict:
     order = [f for f in scenes.FAMILIES if f in per_family]
     n, correct = len(records), sum(r["correct"] for r in records)
     times = [r["ms"] for r in records if r["ms"] is not None]
-    visual = manifest.get("visual_tokens", {})
+    visual = manifest.visual_tokens
     return {
-        "source": {**meta.get("source", {}), "pipmm": bool(manifest.get("model", {}).get("pipmm")),
-                   "budget": visual.get("budget"), "reducer": visual.get("reducer"),
-                   "visual_tokens": visual.get("count")},
+        "source": {**meta.get("source", {}), "pipmm": manifest.model.pipmm,
+                   "budget": visual.budget, "reducer": visual.reducer, "visual_tokens": visual.count},
         "data": meta.get("data", {}),
         "per_family": {f: per_family[f] for f in order},
         "overall": {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0},
