@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError, PipmmError
+from .version import __version__
 
 FORMAT = "pipmm-bundle"
 FORMAT_VERSION = 1
@@ -145,8 +146,6 @@ def _check_shapes(manifest: dict, manifest_path: Path) -> None:
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and check a bundle directory. `verify` checks every file's sha256 (recommended after a copy)."""
-    from . import __version__
-
     root = Path(path)
     if not root.exists():
         raise BundleError(f"bundle directory {root} does not exist: pass the folder 'pipmm export' wrote")
