@@ -30,6 +30,8 @@ def test_no_import_cycle_between_files():
 
 
 def test_no_private_name_is_imported_from_another_module():
+    # sdk/bundle.py's `from .preprocess import _BadManifest, _normalize` goes with the typed manifest
+    # (another branch of issue 12) and fails here until it lands.
     files = source_files(ROOT, ("sdk", "runtimes", "export", "scripts", "tests"))
     offenders = [f"{i.where()} from {i.module} import {', '.join(i.names)}" for i in private_imports(files)]
     assert offenders == []
