@@ -33,6 +33,8 @@ def device_side_violations(root: Path = ROOT) -> list[str]:
 
 
 def test_no_torch_or_transformers_imports_in_device_code():
+    # sdk/bench.py's import_module("export.compare_hf") goes on another branch of issue 12 (bench runs
+    # Pipeline.generate; the transformers side-by-side joins through the CLI) and fails here until it lands.
     assert device_side_violations() == []
 
 
