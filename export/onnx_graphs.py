@@ -61,29 +61,40 @@ def export_embed(embed: EmbedGraph, path: Path, model: dict) -> None:
     _export(embed, (ids,), path, ["input_ids"], ["inputs_embeds"], ({0: batch, 1: seq},))
 
 
+def decoder_example(decoder: DecoderGraph | StaticDecoderGraph, model: dict, slots: int | None = None) -> tuple:
+    """Tracing inputs: B=2 sequences of T=5 new tokens at positions 3..7, after P=3 cached ones.
+
+    slots None: the dynamic decoder, past [B,H_kv,P,hd] and mask [B,P+T] of ones; slots S: the static
+    decoder, past and mask over S slots, the first P+T in use."""
+    b, t, p = 2, 5, 3
+    param = next(decoder.parameters())
+    dtype, device = param.dtype, param.device
+    cached = p if slots is None else slots
+    mask = torch.zeros(b, p + t if slots is None else slots, dtype=torch.int64, device=device)
+    mask[:, : p + t] = 1
+    return (
+        torch.randn(b, t, decoder.text_config.hidden_size, dtype=dtype, device=device),
+        mask,
+        torch.arange(p, p + t, device=device).expand(b, t).contiguous(),
+        tuple(torch.randn(b, model["num_kv_heads"], cached, model["head_dim"], dtype=dtype, device=device)
+              for _ in range(2 * decoder.num_layers)),
+    )
+
+
 def export_decoder(decoder: DecoderGraph, path: Path, model: dict) -> None:
-    cfg = decoder.text_config
-    num_kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
     n = decoder.num_layers
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("sequence", min=1, max=1 << 16)
     past = torch.export.Dim("past_sequence", min=0, max=1 << 16)
-    b, t, p = 2, 5, 3
-    param = next(decoder.parameters())
-    dtype, device = param.dtype, param.device
-    args = (
-        torch.randn(b, t, cfg.hidden_size, dtype=dtype, device=device),
-        torch.ones(b, p + t, dtype=torch.int64, device=device),
-        torch.arange(p, p + t, device=device).expand(b, t).contiguous(),
-        tuple(torch.randn(b, num_kv_heads, p, head_dim, dtype=dtype, device=device) for _ in range(2 * n)),
-    )
+    args = decoder_example(decoder, model)
     total = torch.export.Dim("total_sequence", min=1, max=1 << 17)  # = past + sequence; torch.export can't say so
     shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
               tuple({0: batch, 2: past} for _ in range(2 * n)))
     inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past_key_values")]
     outputs = ["logits", "hidden", *kv_names(n, "present")]
     if decoder.cmai_layers:  # CMAI (docs/vmtc-cmai.md): image_bias [B,L_c,P+T] in, attention [B,L_c,T,P+T] out
-        args += (torch.randn(b, len(decoder.cmai_layers), p + t, dtype=dtype, device=device),)
+        b, width = args[1].shape  # attention_mask [B,P+T]
+        args += (torch.randn(b, len(decoder.cmai_layers), width, dtype=args[0].dtype, device=args[0].device),)
         shapes += ({0: batch, 2: total},)
         inputs.append("image_bias")
         outputs.append("attention")
@@ -93,23 +104,11 @@ def export_decoder(decoder: DecoderGraph, path: Path, model: dict) -> None:
 def export_decoder_static(decoder: StaticDecoderGraph, path: Path, model: dict) -> None:
     """The decoder over a preallocated cache of S slots (export/model/decoder.py); S, like batch and T, is a
     dynamic axis: a runtime fixes it when it allocates the cache."""
-    cfg = decoder.text_config
     n = decoder.num_layers
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("sequence", min=1, max=1 << 16)
     slots = torch.export.Dim("cache", min=2, max=1 << 17)
-    b, t, s = 2, 5, 9
-    param = next(decoder.parameters())
-    dtype, device = param.dtype, param.device
-    mask = torch.zeros(b, s, dtype=torch.int64, device=device)
-    mask[:, : 3 + t] = 1
-    args = (
-        torch.randn(b, t, cfg.hidden_size, dtype=dtype, device=device),
-        mask,
-        torch.arange(3, 3 + t, device=device).expand(b, t).contiguous(),
-        tuple(torch.randn(b, model["num_kv_heads"], s, model["head_dim"], dtype=dtype, device=device)
-              for _ in range(2 * n)),
-    )
+    args = decoder_example(decoder, model, slots=9)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: slots}, {0: batch, 1: seq},
               tuple({0: batch, 2: slots} for _ in range(2 * n)))
     inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past_key_values")]

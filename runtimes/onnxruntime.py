@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -177,6 +178,12 @@ class OnnxRuntimeBackend:
         self.has_attention = "attention" in decoder_outputs
         self.step_outputs = ["logits", "hidden", *self._kv_names("present")]  # what a generation step reads
         self.vocab_size = model.vocab_size
+        # The cache kind's constructor and decode step, chosen once here rather than per call by the cache's type.
+        self._new_cache, self._decode_step = {
+            "numpy": (self._new_dynamic_cache, self._decode_numpy),
+            "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device),
+            "static": (self._new_static_cache, self._decode_static),
+        }[kv_cache]
         if self.static_cache:
             self._init_static()
 
@@ -264,16 +271,11 @@ class OnnxRuntimeBackend:
         return tokens, cls_attention
 
     def new_cache(self, batch: int = 1):
-        if self.static_cache:
-            if batch != 1:
-                raise BackendError(f"the static KV cache serves batch 1, not {batch}: load the backend with "
-                                   "kv_cache='device' for batches")
-            self._generation += 1
-            return StaticKVCache(length=0, mask=np.zeros((1, self.cache_slots), np.int64), generation=self._generation)
+        return self._new_cache(batch)
+
+    def _new_dynamic_cache(self, batch: int, kind: type = KVCache):
         empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
-        if self.kv_cache == "numpy":
-            return KVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
-        return DeviceKVCache(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
+        return kind(past=[empty] * (2 * self.num_layers), length=0, mask=np.zeros((batch, 0), np.int64))
 
     def _image_bias(self, batch: int, total: int, image_bias: np.ndarray | None) -> np.ndarray | None:
         """The decoder's image_bias feed [B,L_c,P+T]: zeros unless given; None when the graph has no such input."""
@@ -306,15 +308,18 @@ class OnnxRuntimeBackend:
         return self._decoder(inputs_embeds, cache, position_ids, None, attention=True)[3]
 
     def _decoder(self, inputs_embeds: np.ndarray, cache, position_ids, image_bias, attention: bool):
+        """-> (logits, hidden, grown cache, attention or None) from the decode step of this backend's cache kind."""
         b, t, _ = inputs_embeds.shape
-        start = cache.length if isinstance(cache, StaticKVCache) else cache.next_position
-        positions = step_positions(start, b, t, position_ids)
-        if isinstance(cache, StaticKVCache):
-            self._image_bias(b, 0, image_bias)  # refuses a bias: decoder_static has no CMAI input
-            return (*self._decoder_static(inputs_embeds, cache, positions), None)
+        positions = step_positions(cache.next_position, b, t, position_ids)
+        # decoder_static has no image_bias input: a bias is refused here, and attention() refuses before this.
         bias = self._image_bias(b, cache.length + t, image_bias)
-        if isinstance(cache, DeviceKVCache):
-            return self._decoder_device(inputs_embeds, cache, positions, bias)
+        return self._decode_step(inputs_embeds, cache, positions, bias, attention)
+
+    # -- numpy cache (CPU) ------------------------------------------------------------------------
+
+    def _decode_numpy(self, inputs_embeds: np.ndarray, cache: KVCache, positions: np.ndarray,
+                      bias: np.ndarray | None, attention: bool):
+        b, t, _ = inputs_embeds.shape
         mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
         feeds = {
             "inputs_embeds": inputs_embeds.astype(self.embed_dtype),
@@ -337,8 +342,9 @@ class OnnxRuntimeBackend:
     def _kv_names(self, prefix: str) -> list[str]:
         return [f"{prefix}.{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]
 
-    def _decoder_device(self, inputs_embeds: np.ndarray, cache: DeviceKVCache, positions: np.ndarray,
-                        bias: np.ndarray | None):
+    def _decode_device(self, inputs_embeds: np.ndarray, cache: DeviceKVCache, positions: np.ndarray,
+                       bias: np.ndarray | None, attention: bool):
+        # `attention` is not looked at: the output is bound (and returned) whenever the graph has it.
         b, t, _ = inputs_embeds.shape
         mask = np.concatenate([cache.mask, np.ones((b, t), np.int64)], axis=1)
         session = self.sessions["decoder"]
@@ -404,7 +410,16 @@ class OnnxRuntimeBackend:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # the same buffer: the graph writes its slots in place
 
-    def _decoder_static(self, inputs_embeds: np.ndarray, cache: StaticKVCache, positions: np.ndarray):
+    def _new_static_cache(self, batch: int) -> StaticKVCache:
+        if batch != 1:
+            raise BackendError(f"the static KV cache serves batch 1, not {batch}: load the backend with "
+                               "kv_cache='device' for batches")
+        self._generation += 1
+        return StaticKVCache(length=0, mask=np.zeros((1, self.cache_slots), np.int64), generation=self._generation)
+
+    def _decode_static(self, inputs_embeds: np.ndarray, cache: StaticKVCache, positions: np.ndarray,
+                       bias: np.ndarray | None, attention: bool):
+        # bias is None and attention False by construction: decoder_static has neither (see _decoder, attention).
         if cache.generation != self._generation:
             raise BackendError("this KV cache was replaced by a newer new_cache() of the same backend (one static "
                                "cache per backend): use the newest one, or one backend per concurrent sequence")
@@ -424,7 +439,7 @@ class OnnxRuntimeBackend:
             try:
                 session.run_with_iobinding(self._graph_binding, self._graph_options)
                 logits, hidden = self._step_out["logits"].numpy(), self._step_out["hidden"].numpy()
-                return logits, hidden, StaticKVCache(length=end, mask=mask, generation=cache.generation)
+                return logits, hidden, StaticKVCache(length=end, mask=mask, generation=cache.generation), None
             except Exception as err:  # capture failed at run time: keep going without the graph
                 self._graph_binding = None
                 self.cuda_graph = False
@@ -438,4 +453,4 @@ class OnnxRuntimeBackend:
         self._bind_cache(binding)
         session.run_with_iobinding(binding, self._eager_options)
         logits, hidden = binding.get_outputs()[:2]  # bound to the host; the cache outputs stay where they are
-        return logits.numpy(), hidden.numpy(), StaticKVCache(length=end, mask=mask, generation=cache.generation)
+        return logits.numpy(), hidden.numpy(), StaticKVCache(length=end, mask=mask, generation=cache.generation), None

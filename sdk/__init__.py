@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from .errors import PipmmError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _default_pipeline = None
 

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import __version__
 from .errors import BundleError, ExportError
 from .manifest import MANIFEST_FILE, REQUIRED_GRAPHS, FileRecord, Graph, Manifest
+from .version import __version__
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

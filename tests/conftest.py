@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")  # the workstation side; CI installs the [e
 
 from export.writer import export_bundle  # noqa: E402
 from export.synthetic import TEXT_ARCHS, build_random_prompt_mlp, build_tiny_llava  # noqa: E402
+import sdk  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,13 @@ class BundleFactory:
 @pytest.fixture(scope="session")
 def bundles(checkpoints, prompt_mlp, tmp_path_factory):
     return BundleFactory(checkpoints, prompt_mlp, tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="module")
+def pipe(bundles):
+    """PIP-MM at half budget: the prompt encoder, the prompt-aware reducer and the decoder all run.
+    One per test module, so a module's stress (threads, fuzzing, bad requests) stays its own."""
+    return sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import sdk
+from helpers import edit_manifest
 from export.writer import export_bundle
 from sdk.bundle import load_bundle
 from sdk.errors import BundleError, ExportError
@@ -19,12 +20,6 @@ def bundle_copy(bundles, tmp_path):
     dst = tmp_path / "bundle"
     shutil.copytree(bundles("llama"), dst)
     return dst
-
-
-def _edit_manifest(path, change):
-    manifest = json.loads((path / "manifest.json").read_text())
-    change(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _assert_refused(path, match):
@@ -71,24 +66,24 @@ def test_truncated_file(bundle_copy):
 
 
 def test_unknown_format_version(bundle_copy):
-    _edit_manifest(bundle_copy, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    edit_manifest(bundle_copy, lambda m: m.update(format_version=FORMAT_VERSION + 1))
     _assert_refused(bundle_copy, "format version")
 
 
 def test_bundle_from_newer_sdk(bundle_copy):
-    _edit_manifest(bundle_copy, lambda m: m.update(min_sdk_version="99.0.0"))
+    edit_manifest(bundle_copy, lambda m: m.update(min_sdk_version="99.0.0"))
     _assert_refused(bundle_copy, "upgrade")
 
 
 def test_path_escaping_the_bundle(bundle_copy):
     def escape(m):
         m["files"]["../secret"] = {"sha256": "0", "bytes": 1}
-    _edit_manifest(bundle_copy, escape)
+    edit_manifest(bundle_copy, escape)
     _assert_refused(bundle_copy, "outside the bundle")
 
 
 def test_graph_inputs_differ_from_manifest(bundle_copy):
-    _edit_manifest(bundle_copy, lambda m: m["graphs"]["embed"]["inputs"][0].update(name="token_ids"))
+    edit_manifest(bundle_copy, lambda m: m["graphs"]["embed"]["inputs"][0].update(name="token_ids"))
     _assert_refused(bundle_copy, "inputs")
 
 

@@ -1,17 +1,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
 
+from helpers import run_pipmm as pipmm
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def pipmm(*args):
-    return subprocess.run([sys.executable, "-m", "sdk.cli", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_describe_json(bundles, image, tmp_path):

@@ -6,14 +6,13 @@ Tolerances as tests/test_parity.py (FP32, CPU): logits 1e-3, attention probabili
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import sdk
+from helpers import edit_manifest, run_pipmm as pipmm
 from export.writer import export_bundle
 from export.model.checkpoint import load_checkpoint
 from export.model.decoder import DecoderGraph, cmai_settings
@@ -103,9 +102,7 @@ def test_zero_bias_gives_the_decoder_without_cmai(bundles, without_cmai, image):
 
 def test_bundles_before_cmai_load_run_and_refuse_inhibit(without_cmai, image, tmp_path):
     older = shutil.copytree(without_cmai, tmp_path / "older")
-    manifest = json.loads((older / "manifest.json").read_text())
-    del manifest["cmai"]  # what a bundle exported before this change holds
-    (older / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(older, lambda manifest: manifest.pop("cmai"))  # what a bundle exported before this change holds
     pipeline = sdk.load(older, device="cpu")
     assert len(pipeline.generate(image, PROMPT, max_new_tokens=4).token_ids) > 0
     with pytest.raises(BundleError, match="has no CMAI inputs"):
@@ -179,9 +176,6 @@ def test_stream_and_describe_take_inhibit(bundles, image):
 
 def test_cli_inhibit_and_export_settings_errors_are_one_line(bundles, checkpoints, prompt_mlp, image, tmp_path):
     from PIL import Image
-
-    def pipmm(*args):
-        return subprocess.run([sys.executable, "-m", "sdk.cli", *map(str, args)], capture_output=True, text=True)
 
     path = tmp_path / "frame.png"
     Image.fromarray(image).save(path)

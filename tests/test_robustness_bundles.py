@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import sdk
+from helpers import edit_manifest
 from sdk.bundle import sha256_file
 from sdk.errors import BundleError, ExportError
 from sdk.pipeline import Pipeline
@@ -53,15 +54,9 @@ def external(intact, tmp_path_factory):
     return root
 
 
-def _manifest(path: Path, change) -> None:
-    manifest = json.loads((path / "manifest.json").read_text())
-    change(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
-
-
 def _rehash(path: Path, name: str) -> None:
     """Make the manifest agree with a file we changed, as a careless re-packer would."""
-    _manifest(path, lambda m: m["files"].__setitem__(name, {"sha256": sha256_file(path / name),
+    edit_manifest(path, lambda m: m["files"].__setitem__(name, {"sha256": sha256_file(path / name),
                                                           "bytes": (path / name).stat().st_size}))
 
 
@@ -71,7 +66,7 @@ def _set(keys: str, value):
         for key in parents:
             m = m[key]
         m[last] = value
-    return lambda path: _manifest(path, change)
+    return lambda path: edit_manifest(path, change)
 
 
 def _truncate(name: str, keep: float = 0.5, rehash: bool = False):
@@ -107,7 +102,7 @@ def _not_a_dir(path: Path):
 
 
 def _unlisted_graph(path: Path):
-    _manifest(path, lambda m: m["graphs"]["embed"].update(file="embed2.onnx"))
+    edit_manifest(path, lambda m: m["graphs"]["embed"].update(file="embed2.onnx"))
 
 
 # case: (source "intact"/"external", damage(path), verify, words in the message)
@@ -119,7 +114,7 @@ CASES = {
     "another format": ("intact", _set("format", "onnx-bundle"), True, ("pipmm-bundle",)),
     "format version 0": ("intact", _set("format_version", 0), True, ("format version",)),
     "format version as a string": ("intact", _set("format_version", "1"), True, ("format version",)),
-    "manifest lacks model": ("intact", lambda p: _manifest(p, lambda m: m.pop("model")), True, ("lacks 'model'",)),
+    "manifest lacks model": ("intact", lambda p: edit_manifest(p, lambda m: m.pop("model")), True, ("lacks 'model'",)),
     "tokenizer missing": ("intact", lambda p: (p / "tokenizer.json").unlink(), True, ("tokenizer.json", "missing")),
     "tokenizer garbage, verify off": ("intact", _garbage("tokenizer.json"), False, ("tokenizer",)),
     "graph garbage, verify off": ("intact", _garbage("decoder.onnx"), False, ("decoder", "cannot be loaded")),
@@ -129,7 +124,7 @@ CASES = {
     "absolute path": ("intact", _set("files./etc/passwd", {"sha256": "0", "bytes": 1}), True, ("outside the bundle",)),
     "symlink out of the bundle": ("intact", _symlink_out, True, ("outside the bundle",)),
     "files is a list": ("intact", _set("files", ["vision.onnx"]), True, ("'files'",)),
-    "graph without a file": ("intact", lambda p: _manifest(p, lambda m: m["graphs"]["vision"].pop("file")), True, ("graph 'vision'",)),
+    "graph without a file": ("intact", lambda p: edit_manifest(p, lambda m: m["graphs"]["vision"].pop("file")), True, ("graph 'vision'",)),
     "max_context a string": ("intact", _set("model.max_context", "512"), True, ("max_context",)),
     "eos not a list": ("intact", _set("special_tokens.eos", 2), True, ("eos",)),
     "template without {prompt}": ("intact", _set("chat_template.prompt", "USER: <image> ASSISTANT:"), True, ("{prompt}",)),

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sdk
 from sdk.errors import ImageError, PipelineBusyError, PromptError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +21,6 @@ THREADS, PER_THREAD, NEW = 8, 50, 4
 PROMPTS = ["What is on the table?", "Describe the image.", "How many objects are there?", "Where is the red block?",
            "Is the gripper open?", "What color is the large cross?", "Count the balls.", "Anything unusual?",
            "What is left of the cup?", "Name the shapes."]
-
-
-@pytest.fixture(scope="module")
-def pipe(bundles):
-    return sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import sdk
-
 pytest.importorskip("hypothesis")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,11 +27,6 @@ def _fuzz_module():
 @pytest.fixture(scope="module")
 def fuzz():
     return _fuzz_module()
-
-
-@pytest.fixture(scope="module")
-def pipe(bundles):
-    return sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
 
 
 @pytest.mark.parametrize("name", ["image bytes", "arrays", "prompts"])

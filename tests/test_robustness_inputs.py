@@ -5,8 +5,6 @@ tokens as before. Images, prompts, generation arguments, and the CLI's one-line 
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -17,17 +15,12 @@ from PIL import Image, ImageOps
 
 import sdk
 import sdk.preprocess
+from helpers import run_pipmm
 from sdk.errors import ContextOverflowError, GenerationArgumentError, ImageError, PipmmError, PromptError
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PROMPT = "What is on the table?"
 NEW = 6  # max_new_tokens of every request here: the tiny model never stops early, so 6 tokens are compared
-
-
-@pytest.fixture(scope="module")
-def pipe(bundles):
-    # PIP-MM at half budget: the prompt encoder, the prompt-aware reducer and the decoder all run.
-    return sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -454,8 +447,7 @@ def test_unexpected_backend_failure_is_a_backend_error(pipe, reference, image, m
 
 
 def pipmm(*args):
-    return subprocess.run([sys.executable, "-m", "sdk.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return run_pipmm(*args, timeout=120)
 
 
 def test_cli_prints_one_line_and_exits_1(bundles, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from export.model.prompt import PromptMLP, PromptMLPConfig  # noqa: E402
 from export.tasks import scenes  # noqa: E402
 from export.train.data import (IGNORE, SceneBatches, SequenceSpec, build_tokenizer, encode_example,  # noqa: E402
                                named_phrases, relevant_patches)
@@ -101,16 +102,24 @@ def test_resume_continues_exactly(tmp_path, runs):
     assert main(["train", "--stage", "1", "--init", str(runs / "s0"), "--out", str(tmp_path / "a"), *FAST]) == 1
 
 
-def test_loss_goes_down_on_a_fixed_batch(tmp_path):
+def tiny_model_and_batch(folder, scenes_per_batch: int, budget="full", reducer="pool", prompt_mlp: bool = False):
+    """A seeded tiny model (tokenizer written to folder), its vision part and the first batch of scenes."""
     sizes = ModelSizes.tiny()
     tokenizer = build_tokenizer(60, sizes.vocab_size)
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tokenizer.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
-    model = build_llava(sizes, tokenizer).train()
-    vision = make_vision(model)
-    spec = SequenceSpec(str(tmp_path / "tokenizer.json"), special_tokens(tokenizer), vision.config.num_tokens, 512)
-    batch = SceneBatches(spec, config_from_processor(clip_processor_config(sizes.image_size)), 2, sizes.image_size,
-                         sizes.image_size // sizes.patch_size).batch(0)
+    model = build_llava(sizes, tokenizer)
+    mlp = PromptMLP(PromptMLPConfig(d_llm=sizes.text_hidden, d_vit=sizes.vision_hidden)) if prompt_mlp else None
+    vision = make_vision(model, budget, reducer, mlp)
+    spec = SequenceSpec(str(folder / "tokenizer.json"), special_tokens(tokenizer), vision.config.num_tokens, 512)
+    batch = SceneBatches(spec, config_from_processor(clip_processor_config(sizes.image_size)), scenes_per_batch,
+                         sizes.image_size, sizes.image_size // sizes.patch_size).batch(0)
+    return model, vision, batch
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path):
+    model, vision, batch = tiny_model_and_batch(tmp_path, 2)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
@@ -158,18 +167,9 @@ def test_patch_position_loss_attends_across_the_position_jumps(tmp_path):
     from transformers.cache_utils import DynamicCache
 
     from export.train.model import embed_sequence, patch_position_ids, visual_tokens
-    from export.model.prompt import PromptMLP, PromptMLPConfig
 
-    sizes = ModelSizes.tiny()
-    tokenizer = build_tokenizer(60, sizes.vocab_size)
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    torch.manual_seed(0)
-    model = build_llava(sizes, tokenizer).eval()
-    mlp = PromptMLP(PromptMLPConfig(d_llm=sizes.text_hidden, d_vit=sizes.vision_hidden))
-    vision = make_vision(model, "half", "prompt-topk", mlp)
-    spec = SequenceSpec(str(tmp_path / "tokenizer.json"), special_tokens(tokenizer), vision.config.num_tokens, 512)
-    batch = SceneBatches(spec, config_from_processor(clip_processor_config(sizes.image_size)), 1, sizes.image_size,
-                         sizes.image_size // sizes.patch_size).batch(0)
+    model, vision, batch = tiny_model_and_batch(tmp_path, 1, "half", "prompt-topk", prompt_mlp=True)
+    model.eval()
     with torch.no_grad():
         got = forward_loss(model, vision, batch, patch_positions=True)["lm_loss"]
         tokens, attention = visual_tokens(model, vision, batch)

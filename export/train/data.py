@@ -162,34 +162,39 @@ def patch_targets(scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
     return objects, chars
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.int64)
+
+
+def text_tensors(encoded: list[tuple[list[int], list[int], list[int]]], pad: int) -> dict:
+    """[encode_example(...)] -> the padded text tensors of a batch."""
+    ids, labels, enc = (list(column) for column in zip(*encoded))
+    return {
+        "input_ids": pad_rows(ids, pad),                                            # [Q,T]
+        "labels": pad_rows(labels, IGNORE),                                         # [Q,T]
+        "encoder_ids": pad_rows(enc, pad),                                          # [Q,Te]
+        "encoder_lengths": torch.tensor([len(e) for e in enc], dtype=torch.int64),  # [Q]
+    }
 
 
 def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessing: dict, grid: int,
                    families=scenes.FAMILIES) -> dict:
     """[(scene, [Question])] -> one batch dict of tensors (see SceneBatches)."""
-    pixels, ids, labels, enc, scene_index, grounding, family = [], [], [], [], [], [], []
+    pixels, encoded, scene_index, grounding, family = [], [], [], [], []
     classes = []
     for s, (scene, questions) in enumerate(items):
         pixels.append(preprocess(scene.image, preprocessing)[0])
         classes.append(patch_targets(scene, grid))
         for q in questions:
-            i, lab, e = encode_example(prompter, q.prompt, q.answer)
-            ids.append(i)
-            labels.append(lab)
-            enc.append(e)
+            encoded.append(encode_example(prompter, q.prompt, q.answer))
             scene_index.append(s)
             grounding.append(relevant_patches(scene, q, grid))
             family.append(families.index(q.family) if q.family in families else -1)
     pad = int(spec.special["pad"])
     return {
         "pixel_values": torch.from_numpy(np.stack(pixels)),                       # [S,3,H,W] float32
-        "input_ids": _pad(ids, pad),                                              # [Q,T]
-        "labels": _pad(labels, IGNORE),                                           # [Q,T]
-        "encoder_ids": _pad(enc, pad),                                            # [Q,Te]
-        "encoder_lengths": torch.tensor([len(e) for e in enc], dtype=torch.int64),  # [Q]
+        **text_tensors(encoded, pad),  # input_ids, labels [Q,T], encoder_ids [Q,Te], encoder_lengths [Q]
         "scene_index": torch.tensor(scene_index, dtype=torch.int64),              # [Q] -> row of pixel_values
         "grounding": torch.from_numpy(np.stack(grounding)),                       # [Q,N] bool
         "family": torch.tensor(family, dtype=torch.int64),                        # [Q] index into FAMILIES

@@ -132,7 +132,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
 
     from sdk.preprocess import preprocess
 
-    from export.train.data import _pad, encode_example
+    from export.train.data import encode_example, text_tensors
     from export.train.model import greedy_generate, make_vision
 
     pipeline = torch_pipeline(checkpoint, prompt_mlp, budget, reducer, "cpu", visual_positions)  # manifest, tokenizer
@@ -157,10 +157,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
         batch = {
             "pixel_values": torch.from_numpy(np.concatenate([preprocess(e.image, pipeline.preprocessing)
                                                              for e in chunk])).to(device),
-            "input_ids": _pad([s[0] for s in seqs], pad).to(device),
-            "labels": _pad([s[1] for s in seqs], -100).to(device),
-            "encoder_ids": _pad([s[2] for s in seqs], pad).to(device),
-            "encoder_lengths": torch.tensor([len(s[2]) for s in seqs], device=device),
+            **{name: tensor.to(device) for name, tensor in text_tensors(seqs, pad).items()},
             "scene_index": torch.arange(len(chunk), device=device),
         }
         outputs = greedy_generate(model, vision, batch, max_new_tokens, patch_positions=patch)

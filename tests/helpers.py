@@ -1,0 +1,24 @@
+"""Helpers that several test files use (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_pipmm(*args, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`pipmm ARGS` in a subprocess from the repository root, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "sdk.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def edit_manifest(bundle_dir: Path, change) -> None:
+    """change(manifest) on bundle_dir/manifest.json, written back; the file records are not updated."""
+    path = Path(bundle_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
