@@ -22,6 +22,7 @@ from export import onnx_graphs
 from export.model.checkpoint import Checkpoint, load_checkpoint
 from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
 from export.model.prompt import PromptMLP
+from export.model.reducers import FullReducer, visual_positions_for
 from export.model.vision import PipmmVision, vision_config_from
 
 # LLaVA-1.5's conversation format. The prompt encoder sees the same turn without the image.
@@ -105,35 +106,15 @@ def _special_tokens(checkpoint: Checkpoint, tokenizer_json: dict) -> dict:
     }
 
 
-# Decoder positions of the visual tokens, per reducer (runtimes/positions.py); the first is the
-# default. "sequence" numbers the K tokens one after another, as transformers' LLaVA does (and as
-# our training does); "patch" puts each kept token at the position of its patch (prompt-topk keeps
-# whole patches, in raster order), which a decoder trained at full budget can read places from.
-VISUAL_POSITIONS = {"prompt-topk": ("sequence", "patch"), "pool": ("sequence",), "merge": ("sequence",),
-                    "full": ("sequence",)}
-
-
-def visual_positions_for(reducer: str, asked: str | None) -> str:
-    """The reducer's default (first) or the asked mode, if that reducer supports it."""
-    allowed = VISUAL_POSITIONS.get(reducer, ("sequence",))
-    if asked is None:
-        return allowed[0]
-    if asked not in allowed:
-        raise ExportError(f"visual positions {asked!r} do not apply to reducer {reducer!r}: choose "
-                          f"{' or '.join(allowed)}")
-    return asked
-
-
 def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP | None,
                    chat_template: dict | None = None, precision: str = "fp32", visual_positions: str | None = None) -> dict:
     """Everything but `graphs` and `files`, which the writer fills in (the torch reference uses it as is)."""
     text = checkpoint.config.text_config
     vision = modules["vision"].config
-    reducer = vision.reducer if vision.num_tokens < vision.grid ** 2 else "full"
-    if vision.select_strategy == "full":  # the class token leads the visual tokens: it has no patch
-        reducer_positions = visual_positions_for("full", visual_positions)
-    else:
-        reducer_positions = visual_positions_for(reducer, visual_positions)
+    reducer = type(modules["vision"].reducer)  # FullReducer at full budget
+    # With the class token leading the visual tokens (select strategy "full") it has no patch to sit at.
+    reducer_positions = visual_positions_for(FullReducer if vision.select_strategy == "full" else reducer,
+                                             visual_positions)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     tokenizer_json = json.loads(checkpoint.tokenizer_file.read_text())
     return {
@@ -157,7 +138,7 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
         "precision": {"default": precision, "graphs": {"vision": precision, "embed": precision, "decoder": precision}},
         "vision": vision.to_dict(),
         "visual_tokens": {"budget": vision.budget, "count": vision.num_tokens + (vision.select_strategy == "full"),
-                          "reducer": reducer, "positions": reducer_positions},
+                          "reducer": reducer.name, "positions": reducer_positions},
         "prompt_vector": None if prompt_mlp is None else {
             "layer": prompt_mlp.config.prompt_layer, "pooling": prompt_mlp.config.pooling,
             "source": "decoder graph output 'hidden' over the prompt_encoder template (no image)"},

@@ -76,7 +76,7 @@ def one_run(pipeline, image, prompt: str, new_tokens: int) -> tuple[dict, list[i
     prompt_vector = pipeline.encode_prompt(prompt) if pipeline.prompt_vector_spec is not None else None
     t["prompt_ms"] = _ms(stage)
     stage = time.perf_counter()
-    visual, _ = backend.vision(pixel_values, prompt_vector)
+    visual = backend.vision(pixel_values, prompt_vector).visual_tokens
     t["vision_ms"] = _ms(stage)
     stage = time.perf_counter()
     embeds = backend.embed(ids[None]).copy()

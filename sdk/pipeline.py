@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.vision_output import VisionOutput
+
 from . import cmai
 from .bundle import default_bundle_path, load_bundle
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
@@ -62,6 +64,11 @@ class Pipeline:
         if self.visual_positions not in ("sequence", "patch"):
             raise BundleError(f"manifest visual_tokens.positions is {self.visual_positions!r}, not 'sequence' or "
                               "'patch': this SDK is older than the bundle, or the manifest was edited")
+        vision_outputs = [o["name"] for o in manifest.get("graphs", {}).get("vision", {}).get("outputs", [])]
+        if self.visual_positions == "patch" and "graphs" in manifest and "kept_patches" not in vision_outputs:
+            raise BundleError("the bundle puts visual tokens at patch positions but its vision graph has no "
+                              "kept_patches output (exported before it): re-export it with 'pipmm export ... "
+                              "--visual-positions patch'")
         spec = manifest.get("cmai")  # absent (bundles before CMAI) or null: the decoder has no image_bias input
         self.cmai = None if spec is None else cmai.check_settings(spec)
         # One request at a time per Pipeline: the backends' sessions are shared state. Callers from
@@ -97,18 +104,18 @@ class Pipeline:
             return hidden.mean(axis=1)
         return hidden[:, -1]
 
-    def prefill_positions(self, length: int, image_slots: np.ndarray, cls_attention: np.ndarray) -> np.ndarray | None:
+    def prefill_positions(self, length: int, image_slots: np.ndarray, vision: VisionOutput) -> np.ndarray | None:
         """Position ids [1,T] of the prefill when the manifest puts visual tokens at their patch
         positions (visual_tokens.positions == "patch"), else None (contiguous, runtimes/positions.py).
 
-        prompt-topk keeps the K patches of largest class-token attention, in raster order (TopK keeps
-        the lower index first on ties, as a stable sort does): token k sits at first_slot + its patch
-        index, and the text after the image at its full-budget place, shifted by N - K.
+        The vision graph's kept_patches [1,K] are the patches the reducer gathered, in raster order:
+        token k sits at first_slot + its patch index, and the text after the image at its full-budget
+        place, shifted by N - K.
         """
         if self.visual_positions != "patch":
             return None
-        k, n = len(image_slots), cls_attention.shape[-1]
-        kept = np.sort(np.argsort(-cls_attention[0], kind="stable")[:k])  # [K] patch indices
+        k, n = len(image_slots), vision.cls_attention.shape[-1]
+        kept = vision.kept_patches[0]
         positions = np.arange(length, dtype=np.int64)
         positions[image_slots] = image_slots[0] + kept
         positions[image_slots[-1] + 1:] += n - k
@@ -187,13 +194,13 @@ class Pipeline:
         t["prompt_ms"] = _ms(stage)
 
         stage = time.perf_counter()
-        visual_tokens, cls_attention = self.backend.vision(pixel_values, prompt_vector)
+        vision = self.backend.vision(pixel_values, prompt_vector)
         t["vision_ms"] = _ms(stage)
 
         stage = time.perf_counter()
         embeds = self.backend.embed(ids[None]).copy()
-        embeds[0, image_slots] = visual_tokens[0].astype(embeds.dtype)
-        positions = self.prefill_positions(len(ids), image_slots, cls_attention)
+        embeds[0, image_slots] = vision.visual_tokens[0].astype(embeds.dtype)
+        positions = self.prefill_positions(len(ids), image_slots, vision)
         bias = None
         if inhibit > 0:
             logits, cache, bias, result.inhibited = self.inhibited_prefill(embeds, positions, image_slots, inhibit)

@@ -124,13 +124,13 @@ def visual_tokens(model, vision: PipmmVision, batch: dict, frozen_llm_for_prompt
     """-> (visual tokens [Q,K,D], cls_attention [Q,N]) for every question of the batch."""
     pixels, index = batch["pixel_values"], batch["scene_index"]
     if vision.prompt_mlp is None:  # prompt-agnostic: one ViT pass per scene, shared by its questions
-        tokens, attention = vision(pixels, None)
+        tokens, attention = vision(pixels, None)[:2]  # (kept_patches after them, for prompt-topk)
         return tokens[index], attention[index]
     mlp_cfg = vision.prompt_mlp.config
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_llm_for_prompt):
         vectors = encode_prompts(model, batch["encoder_ids"], batch["encoder_lengths"], mlp_cfg.prompt_layer,
                                  mlp_cfg.pooling)
-    return vision(pixels[index], vectors.float() if vectors.dtype != pixels.dtype else vectors)
+    return vision(pixels[index], vectors.float() if vectors.dtype != pixels.dtype else vectors)[:2]
 
 
 def embed_sequence(model, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
