@@ -1,7 +1,9 @@
 """Visual-token reducers: N projected patch tokens -> a budget of K tokens.
 
 Every reducer is a static graph for export: constant K, no data-dependent shapes, only
-operators TensorRT's ONNX parser accepts (MatMul, TopK, GatherElements).
+operators TensorRT's ONNX parser accepts (MatMul, TopK, GatherElements, comparisons).
+Each reducer class declares its facts (Reducer: name, decoder positions, options, whether it keeps
+whole patches); REDUCERS, the registry, gives the CLI's choices and the manifest's positions.
 """
 
 from __future__ import annotations

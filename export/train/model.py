@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from export.model.prompt import PromptMLP
+from export.model.reducers import top_patches
 from export.train.data import IGNORE
 from export.model.vision import PipmmVision, vision_config_from
 
@@ -210,7 +211,7 @@ def patch_position_ids(input_ids: torch.Tensor, image_token: int, attention: tor
     q, t = input_ids.shape
     n = attention.shape[-1]
     slots = input_ids == image_token  # [Q,T], K per row
-    kept = torch.topk(attention.float(), k, dim=-1).indices.sort(dim=-1).values  # [Q,K]
+    kept = top_patches(attention.float(), k)  # [Q,K], prompt-topk's own selection (ties included)
     first = slots.int().argmax(dim=1)  # [Q]
     positions = torch.arange(t, device=input_ids.device).expand(q, t).clone()
     positions[slots] = (first[:, None] + kept).flatten()
