@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from export.model.reducers import REDUCERS
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="LlavaForConditionalGeneration directory (safetensors, tokenizer.json)")
@@ -10,7 +12,7 @@ def add_arguments(parser) -> None:
     mlp.add_argument("--prompt-mlp", default=None, help="prompt_mlp.safetensors (or its folder) for PIP-MM")
     mlp.add_argument("--no-prompt-mlp", action="store_true", help="plain LLaVA: keep the original class embedding")
     parser.add_argument("--visual-tokens", default="full", help="budget: full, half, quarter or an integer K")
-    parser.add_argument("--reducer", default="pool", choices=["pool", "prompt-topk", "merge"],
+    parser.add_argument("--reducer", default="pool", choices=list(REDUCERS),
                         help="how the budget is met (ignored at full budget)")
     parser.add_argument("--primary-ratio", type=float, default=None, metavar="R",
                         help="merge: share of the budget kept as primary patches, the rest merged (default 0.5)")
@@ -19,9 +21,10 @@ def add_arguments(parser) -> None:
                              "(auto: the second half; none: a decoder without them); docs/vmtc-cmai.md")
     parser.add_argument("--cmai-aggregate", default=None, choices=["per-layer", "mean"],
                         help="CMAI: each layer masks by its own focus scores, or all by their mean (default per-layer)")
-    parser.add_argument("--visual-positions", default=None, choices=["patch", "sequence"],
+    parser.add_argument("--visual-positions", default=None,
+                        choices=sorted({p for reducer in REDUCERS.values() for p in reducer.positions}),
                         help="decoder positions of the kept visual tokens: one after another (default) or, with "
-                             "prompt-topk, those of their patches; docs/bundle.md")
+                             "a reducer that keeps patches (prompt-topk), those of their patches; docs/bundle.md")
     q = parser.add_argument_group("precision (docs/precision.md)")
     q.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
                    help="fp16: float16 with fp32 norms/softmax/logits; int8: static QDQ (vision, embed) + decoder "

@@ -52,7 +52,7 @@ def export_vision(vision: PipmmVision, path: Path, model: dict) -> None:
         mlp_dtype = next(vision.prompt_mlp.parameters()).dtype
         prompt = torch.randn(2, vision.prompt_mlp.config.d_llm, dtype=mlp_dtype, device=device)
         args, names, shapes = (pixels, prompt), ["pixel_values", "prompt_vector"], ({0: batch}, {0: batch})
-    _export(vision, args, path, names, ["visual_tokens", "cls_attention"], shapes)
+    _export(vision, args, path, names, vision.output_names, shapes)
 
 
 def export_embed(embed: EmbedGraph, path: Path, model: dict) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from runtimes.positions import following, step_positions
+from runtimes.vision_output import VisionOutput
 from sdk.errors import BundleError
 from sdk.manifest import ChatTemplate, Model
 from sdk.pipeline import Pipeline
@@ -51,10 +52,13 @@ class TorchBackend:
         return self.modules["embed"](self._t(input_ids, torch.int64)).float().cpu().numpy()
 
     @torch.no_grad()
-    def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None):
+    def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None) -> VisionOutput:
         prompt = None if prompt_vector is None else self._t(prompt_vector, self.dtype)
-        tokens, attention = self.modules["vision"](self._t(pixel_values, self.dtype), prompt)
-        return tokens.float().cpu().numpy(), attention.float().cpu().numpy()
+        vision = self.modules["vision"]
+        outputs = vision(self._t(pixel_values, self.dtype), prompt)
+        as_numpy = {name: out.cpu().numpy() if name == "kept_patches" else out.float().cpu().numpy()
+                    for name, out in zip(vision.output_names, outputs)}
+        return VisionOutput.from_graph(as_numpy)
 
     def new_cache(self, batch: int = 1) -> TorchCache:
         empty = torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)

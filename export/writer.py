@@ -25,6 +25,7 @@ from export import onnx_graphs
 from export.model.checkpoint import Checkpoint, load_checkpoint
 from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
 from export.model.prompt import PromptMLP
+from export.model.reducers import FullReducer, visual_positions_for
 from export.model.vision import PipmmVision, vision_config_from
 from export.precision import calibration, quantize
 
@@ -90,36 +91,16 @@ def _special_tokens(checkpoint: Checkpoint, tokenizer_json: dict) -> SpecialToke
     )
 
 
-# Decoder positions of the visual tokens, per reducer (runtimes/positions.py); the first is the
-# default. "sequence" numbers the K tokens one after another, as transformers' LLaVA does (and as
-# our training does); "patch" puts each kept token at the position of its patch (prompt-topk keeps
-# whole patches, in raster order), which a decoder trained at full budget can read places from.
-VISUAL_POSITIONS = {"prompt-topk": ("sequence", "patch"), "pool": ("sequence",), "merge": ("sequence",),
-                    "full": ("sequence",)}
-
-
-def visual_positions_for(reducer: str, asked: str | None) -> str:
-    """The reducer's default (first) or the asked mode, if that reducer supports it."""
-    allowed = VISUAL_POSITIONS.get(reducer, ("sequence",))
-    if asked is None:
-        return allowed[0]
-    if asked not in allowed:
-        raise ExportError(f"visual positions {asked!r} do not apply to reducer {reducer!r}: choose "
-                          f"{' or '.join(allowed)}")
-    return asked
-
-
 def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP | None,
                    chat_template: ChatTemplate | None = None, precision: str = "fp32",
                    visual_positions: str | None = None) -> Manifest:
     """Everything but `graphs` and `files`, which the staged writer fills in (the torch reference uses it as is)."""
     text = checkpoint.config.text_config
     vision = modules["vision"].config
-    reducer = vision.reducer if vision.num_tokens < vision.grid ** 2 else "full"
-    if vision.select_strategy == "full":  # the class token leads the visual tokens: it has no patch
-        reducer_positions = visual_positions_for("full", visual_positions)
-    else:
-        reducer_positions = visual_positions_for(reducer, visual_positions)
+    reducer = type(modules["vision"].reducer)  # FullReducer at full budget
+    # With the class token leading the visual tokens (select strategy "full") it has no patch to sit at.
+    reducer_positions = visual_positions_for(FullReducer if vision.select_strategy == "full" else reducer,
+                                             visual_positions)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     tokenizer_json = json.loads(checkpoint.tokenizer_file.read_text())
     source = str(checkpoint.path)
@@ -132,7 +113,7 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
         precision=Precision.uniform(precision, onnx_graphs.EXPORTERS),
         vision=Vision.from_dict(vision.to_dict(), source),
         visual_tokens=VisualTokens(budget=vision.budget, count=vision.num_tokens + (vision.select_strategy == "full"),
-                                   reducer=reducer, positions=reducer_positions),
+                                   reducer=reducer.name, positions=reducer_positions),
         prompt_vector=None if prompt_mlp is None else PromptVector(layer=prompt_mlp.config.prompt_layer,
                                                                    pooling=prompt_mlp.config.pooling),
         prompt_mlp=None if prompt_mlp is None else PromptMlp.from_dict(vars(prompt_mlp.config).copy(), source),

@@ -3,7 +3,8 @@
 Every backend offers the same four calls on numpy arrays (batch-first):
 
     embed(input_ids [B,T] int64) -> inputs_embeds [B,T,D]
-    vision(pixel_values [B,3,H,W], prompt_vector [B,D_llm] or None) -> (visual_tokens [B,K,D], cls_attention [B,N])
+    vision(pixel_values [B,3,H,W], prompt_vector [B,D_llm] or None)
+        -> VisionOutput(visual_tokens [B,K,D], cls_attention [B,N], kept_patches [B,K] or None)
     new_cache(batch) -> an opaque KV cache with `.length`
     decoder(inputs_embeds [B,T,D], cache, position_ids=None, image_bias=None)
         -> (logits [B,V], hidden [B,T,D], cache grown by T); image_bias [B,L_c,P+T] for CMAI bundles (None = zeros)

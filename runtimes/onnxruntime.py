@@ -30,6 +30,7 @@ from functools import partial
 import numpy as np
 
 from .positions import following, step_positions
+from .vision_output import VisionOutput
 
 from sdk.bundle import Bundle
 from sdk.manifest import Graph
@@ -263,12 +264,13 @@ class OnnxRuntimeBackend:
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
 
-    def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None):
+    def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None) -> VisionOutput:
         feeds = {"pixel_values": pixel_values.astype(self.pixel_dtype)}
         if prompt_vector is not None:
             feeds["prompt_vector"] = prompt_vector.astype(self.embed_dtype)
-        tokens, cls_attention = self.sessions["vision"].run(None, feeds)
-        return tokens, cls_attention
+        session = self.sessions["vision"]
+        names = [o.name for o in session.get_outputs()]
+        return VisionOutput.from_graph(dict(zip(names, session.run(names, feeds))))
 
     def new_cache(self, batch: int = 1):
         return self._new_cache(batch)

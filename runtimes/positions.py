@@ -4,7 +4,8 @@ Every backend's cache carries `next_position`, the position of the next token it
 explicit position ids a call of T tokens takes next_position ... next_position + T - 1, as a plain
 LLaVA does. A bundle whose manifest says visual_tokens.positions == "patch" (sdk.pipeline) passes
 the prefill's ids itself: the K kept tokens of a reducer sit at the positions of the patches they
-came from, and the text after them where it would be at full budget, so a decoder trained at full
+came from (the vision graph's kept_patches output, runtimes/vision_output.py), and the text after
+them where it would be at full budget, so a decoder trained at full
 budget reads an object's place from its token's position as it did there. Positions then run ahead
 of the cache length; the causal order is still the order in the cache.
 """

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .positions import following, step_positions
+from .vision_output import VisionOutput
 
 from sdk.bundle import Bundle, load_bundle
 from sdk.errors import BackendError
@@ -496,12 +497,11 @@ class TensorRTBackend:
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self._execute("embed", 0, {"input_ids": input_ids.astype(np.int64)})["inputs_embeds"]
 
-    def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None):
+    def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None) -> VisionOutput:
         feeds = {"pixel_values": pixel_values}
         if prompt_vector is not None:
             feeds["prompt_vector"] = prompt_vector
-        out = self._execute("vision", 0, feeds)
-        return out["visual_tokens"], out["cls_attention"]
+        return VisionOutput.from_graph(self._execute("vision", 0, feeds))
 
     def new_cache(self, batch: int = 1) -> TensorRTCache:
         if batch > self.max_batch:

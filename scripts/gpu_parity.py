@@ -41,7 +41,7 @@ def prefill_logits(p, image) -> np.ndarray:
 
     pixels = preprocess(image, p.preprocessing)
     vector = p.encode_prompt(PROMPT) if p.prompt_vector_spec is not None else None
-    visual, _ = p.backend.vision(pixels, vector)
+    visual = p.backend.vision(pixels, vector).visual_tokens
     ids, slots = p.prompter.prompt_ids(PROMPT)
     embeds = p.backend.embed(ids[None]).copy()
     embeds[0, slots] = visual[0].astype(embeds.dtype)

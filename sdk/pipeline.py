@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.vision_output import VisionOutput
+
 from . import cmai
 from .bundle import default_bundle_path, load_bundle
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
@@ -69,6 +71,11 @@ class Pipeline:
         self.defaults = manifest.generation
         self.visual_positions = manifest.visual_tokens.positions
         self.cmai = manifest.cmai  # None: the decoder has no image_bias input
+        vision_outputs = [o.name for o in manifest.graphs["vision"].outputs] if manifest.graphs else []
+        if self.visual_positions == "patch" and manifest.graphs and "kept_patches" not in vision_outputs:
+            raise BundleError("the bundle puts visual tokens at patch positions but its vision graph has no "
+                              "kept_patches output (exported before it): re-export it with 'pipmm export ... "
+                              "--visual-positions patch'")
         # One request at a time per Pipeline: the backends' sessions are shared state. Callers from
         # several threads are serialised here; use one Pipeline per thread for parallelism.
         self._lock = threading.Lock()
@@ -102,18 +109,18 @@ class Pipeline:
             return hidden.mean(axis=1)
         return hidden[:, -1]
 
-    def prefill_positions(self, length: int, image_slots: np.ndarray, cls_attention: np.ndarray) -> np.ndarray | None:
+    def prefill_positions(self, length: int, image_slots: np.ndarray, vision: VisionOutput) -> np.ndarray | None:
         """Position ids [1,T] of the prefill when the manifest puts visual tokens at their patch
         positions (visual_tokens.positions == "patch"), else None (contiguous, runtimes/positions.py).
 
-        prompt-topk keeps the K patches of largest class-token attention, in raster order (TopK keeps
-        the lower index first on ties, as a stable sort does): token k sits at first_slot + its patch
-        index, and the text after the image at its full-budget place, shifted by N - K.
+        The vision graph's kept_patches [1,K] are the patches the reducer gathered, in raster order:
+        token k sits at first_slot + its patch index, and the text after the image at its full-budget
+        place, shifted by N - K.
         """
         if self.visual_positions != "patch":
             return None
-        k, n = len(image_slots), cls_attention.shape[-1]
-        kept = np.sort(np.argsort(-cls_attention[0], kind="stable")[:k])  # [K] patch indices
+        k, n = len(image_slots), vision.cls_attention.shape[-1]
+        kept = vision.kept_patches[0]
         positions = np.arange(length, dtype=np.int64)
         positions[image_slots] = image_slots[0] + kept
         positions[image_slots[-1] + 1:] += n - k
@@ -193,13 +200,13 @@ class Pipeline:
         t["prompt_ms"] = _ms(stage)
 
         stage = time.perf_counter()
-        visual_tokens, cls_attention = self.backend.vision(pixel_values, prompt_vector)
+        vision = self.backend.vision(pixel_values, prompt_vector)
         t["vision_ms"] = _ms(stage)
 
         stage = time.perf_counter()
         embeds = self.backend.embed(ids[None]).copy()
-        embeds[0, image_slots] = visual_tokens[0].astype(embeds.dtype)
-        positions = self.prefill_positions(len(ids), image_slots, cls_attention)
+        embeds[0, image_slots] = vision.visual_tokens[0].astype(embeds.dtype)
+        positions = self.prefill_positions(len(ids), image_slots, vision)
         bias = None
         if inhibit > 0:
             logits, cache, bias, result.inhibited = self.inhibited_prefill(embeds, positions, image_slots, inhibit)

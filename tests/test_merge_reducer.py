@@ -24,7 +24,8 @@ def test_merge_keeps_primaries_in_raster_order_and_merges_the_rest():
     tokens = torch.randn(2, 16, 8)
     attention = torch.rand(2, 16).softmax(-1)
     reducer = MergeReducer(4, 4, 6, primary_ratio=0.5, iterations=2)
-    out = reducer(tokens, attention)
+    out, kept = reducer(tokens, attention)
+    assert kept is None  # merged tokens are not patches
     assert out.shape == (2, 6, 8) and (reducer.kp, reducer.km) == (3, 3)
     for b in range(2):
         primary = torch.topk(attention[b], 3).indices.sort().values
@@ -40,7 +41,7 @@ def test_merge_with_one_iteration_and_identical_patches_averages_them():
     attention = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     # primary: patch 0; seeds: patches 1 and 2 (the next-ranked); patch 3 points along patch 0 but
     # patch 0 is primary, so its nearest seed is a tie of 1 and 2 (cosine 0 with both): it joins both.
-    out = MergeReducer(2, 2, 3, primary_ratio=0.34, iterations=1)(tokens, attention)
+    out = MergeReducer(2, 2, 3, primary_ratio=0.34, iterations=1)(tokens, attention).tokens
     torch.testing.assert_close(out[0, 0], tokens[0, 0])
     torch.testing.assert_close(out[0, 1], (0.3 * tokens[0, 1] + 0.2 * tokens[0, 2] + 0.1 * tokens[0, 3]) / 0.6)
 
@@ -65,7 +66,9 @@ def test_merge_bundle_matches_the_reference(checkpoints, prompt_mlp, image, budg
     pixels = preprocess(image, onnx.preprocessing)
     vector = onnx.encode_prompt(PROMPT)
     got, want = onnx.backend.vision(pixels, vector), ref.backend.vision(pixels, vector)
-    for g, w in zip(got, want):
+    assert got.kept_patches is None and want.kept_patches is None
+    assert [o["name"] for o in manifest["graphs"]["vision"]["outputs"]] == ["visual_tokens", "cls_attention"]
+    for g, w in zip(got[:2], want[:2]):
         np.testing.assert_allclose(g, w, atol=1e-4)
     assert onnx.generate(image, PROMPT, max_new_tokens=16).token_ids == \
         ref.generate(image, PROMPT, max_new_tokens=16).token_ids

@@ -95,7 +95,7 @@ def test_kv_cache_decoding_equals_full_recompute(arch, bundles, image):
     cached = pipeline.generate(image, PROMPT, max_new_tokens=12).token_ids
 
     ids, slots = pipeline.prompter.prompt_ids(PROMPT)
-    visual, _ = backend.vision(preprocess(image, pipeline.preprocessing), None)
+    visual = backend.vision(preprocess(image, pipeline.preprocessing), None).visual_tokens
     prompt_embeds = backend.embed(ids[None]).copy()
     prompt_embeds[0, slots] = visual[0]
     tokens = []

@@ -3,13 +3,15 @@
 prompt-topk keeps K of N patches; with "patch" positions the decoder sees each kept token at the
 position of its patch and the text after the image where it is at full budget (runtimes/positions.py).
 Checked here: the positions themselves, parity with the PyTorch reference, KV cache against full
-recompute with the same positions, every ONNX Runtime cache mode, and the export's refusals.
+recompute with the same positions, every ONNX Runtime cache mode, the export's refusals, and the
+refusal of a patch-positions bundle whose vision graph does not say which patches it kept.
 """
 
 import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ import sdk
 from export.writer import export_bundle
 from export.reference import reference_pipeline
 from runtimes.positions import step_positions
+from runtimes.vision_output import VisionOutput
+from sdk.bundle import sha256_file
 from sdk.errors import BundleError, ExportError
 from sdk.preprocess import preprocess
 
@@ -42,14 +46,67 @@ def test_prefill_positions_put_kept_tokens_at_their_patches(bundles, image):
     pipeline = sdk.load(bundles(**PATCH), device="cpu")
     ids, slots = pipeline.prompter.prompt_ids(PROMPT)
     vector = pipeline.encode_prompt(PROMPT)
-    _, attention = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), vector)
+    vision = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), vector)
+    attention = vision.cls_attention
     n, k = attention.shape[-1], len(slots)
-    positions = pipeline.prefill_positions(len(ids), slots, attention)[0]
+    assert len(np.unique(attention[0])) == n  # no ties: the selection is the K largest scores
+    positions = pipeline.prefill_positions(len(ids), slots, vision)[0]
     kept = torch.topk(torch.from_numpy(attention[0]), k).indices.sort().values.numpy()  # the reducer's choice
+    np.testing.assert_array_equal(vision.kept_patches[0], kept)
     np.testing.assert_array_equal(positions[: slots[0]], np.arange(slots[0]))
     np.testing.assert_array_equal(positions[slots], slots[0] + kept)
     np.testing.assert_array_equal(positions[slots[-1] + 1:], np.arange(slots[-1] + 1, len(ids)) + n - k)
     assert np.all(np.diff(positions) > 0)
+
+
+def test_prefill_positions_from_kept_patches_equal_the_former_host_replay(bundles, image):
+    """Until kept_patches, the pipeline replayed prompt-topk on the host (a stable argsort of the class
+    token's attention); on an example without ties the graph's own record gives the same positions."""
+    pipeline = sdk.load(bundles(**PATCH), device="cpu")
+    ids, slots = pipeline.prompter.prompt_ids(PROMPT)
+    vision = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
+    attention = vision.cls_attention
+    n, k = attention.shape[-1], len(slots)
+    assert len(np.unique(attention[0])) == n
+    replayed = np.sort(np.argsort(-attention[0], kind="stable")[:k])
+    want = np.arange(len(ids), dtype=np.int64)
+    want[slots] = slots[0] + replayed
+    want[slots[-1] + 1:] += n - k
+    np.testing.assert_array_equal(pipeline.prefill_positions(len(ids), slots, vision), want[None])
+
+
+def test_prefill_positions_follow_kept_patches_not_the_attention(bundles):
+    """The positions are the graph's kept patches, whatever the scores say (no replay of the selection)."""
+    pipeline = sdk.load(bundles(**PATCH), device="cpu")
+    ids, slots = pipeline.prompter.prompt_ids(PROMPT)
+    k, n = len(slots), 49
+    kept = np.arange(n - k, n)[None]  # the last K patches
+    vision = VisionOutput(np.zeros((1, k, 8), np.float32), np.linspace(1, 0, n, dtype=np.float32)[None], kept)
+    positions = pipeline.prefill_positions(len(ids), slots, vision)[0]
+    np.testing.assert_array_equal(positions[slots], slots[0] + kept[0])
+
+
+def test_a_patch_positions_bundle_without_kept_patches_is_refused(bundles, tmp_path):
+    """Bundles exported before the vision graph said which patches it kept: refused at load, in one line."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundles(**PATCH), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    outputs = manifest["graphs"]["vision"]["outputs"]
+    assert [o["name"] for o in outputs] == ["visual_tokens", "cls_attention", "kept_patches"]
+    assert outputs[2]["dtype"] == "int64" and outputs[2]["shape"] == ["batch", 25]
+    graph = onnx.load(str(copy / "vision.onnx"))  # as exported before: the same graph without the output
+    graph.graph.output.pop()
+    onnx.save(graph, str(copy / "vision.onnx"))
+    manifest["graphs"]["vision"]["outputs"] = outputs[:2]
+    manifest["files"]["vision.onnx"] = {"sha256": sha256_file(copy / "vision.onnx"),
+                                        "bytes": (copy / "vision.onnx").stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no kept_patches output") as refused:
+        sdk.load(copy, device="cpu")
+    assert "\n" not in str(refused.value) and "--visual-positions patch" in str(refused.value)
+    manifest["visual_tokens"]["positions"] = "sequence"  # the same graphs, tokens one after another: no need
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert sdk.load(copy, device="cpu").visual_positions == "sequence"
 
 
 def test_patch_positions_match_the_reference_and_change_the_logits(checkpoints, prompt_mlp, bundles, image):
@@ -61,10 +118,10 @@ def test_patch_positions_match_the_reference_and_change_the_logits(checkpoints, 
     # the same graphs with sequence positions answer from other logits: the positions are used
     sequence = sdk.load(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
     ids, slots = onnx.prompter.prompt_ids(PROMPT)
-    visual, attention = onnx.backend.vision(preprocess(image, onnx.preprocessing), onnx.encode_prompt(PROMPT))
+    vision = onnx.backend.vision(preprocess(image, onnx.preprocessing), onnx.encode_prompt(PROMPT))
     embeds = onnx.backend.embed(ids[None]).copy()
-    embeds[0, slots] = visual[0]
-    patch_logits, _ = onnx.prefill(embeds, onnx.prefill_positions(len(ids), slots, attention))
+    embeds[0, slots] = vision.visual_tokens[0]
+    patch_logits, _ = onnx.prefill(embeds, onnx.prefill_positions(len(ids), slots, vision))
     sequence_logits, _ = sequence.prefill(embeds)
     assert np.abs(patch_logits - sequence_logits).max() > 1e-3
 
@@ -74,10 +131,10 @@ def test_patch_positions_kv_cache_equals_full_recompute(bundles, image):
     backend = pipeline.backend
     cached = pipeline.generate(image, PROMPT, max_new_tokens=10).token_ids
     ids, slots = pipeline.prompter.prompt_ids(PROMPT)
-    visual, attention = backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
+    vision = backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
     prompt_embeds = backend.embed(ids[None]).copy()
-    prompt_embeds[0, slots] = visual[0]
-    positions = pipeline.prefill_positions(len(ids), slots, attention)
+    prompt_embeds[0, slots] = vision.visual_tokens[0]
+    positions = pipeline.prefill_positions(len(ids), slots, vision)
     tokens = []
     for _ in range(10):
         grown = np.concatenate([positions, positions[:, -1:] + 1 + np.arange(len(tokens))[None]], axis=1)
@@ -116,11 +173,11 @@ def test_training_positions_equal_the_sdk_positions(bundles, image):
     from export.train.model import patch_position_ids
 
     pipeline = sdk.load(bundles(**PATCH), device="cpu")
-    _, attention = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
+    vision = pipeline.backend.vision(preprocess(image, pipeline.preprocessing), pipeline.encode_prompt(PROMPT))
     ids, slots = pipeline.prompter.prompt_ids(PROMPT)
-    want = pipeline.prefill_positions(len(ids), slots, attention)
+    want = pipeline.prefill_positions(len(ids), slots, vision)
     padded = torch.from_numpy(np.concatenate([ids, [0, 0]]))[None]  # a right-padded training row
-    got = patch_position_ids(padded, pipeline.manifest.special_tokens.image, torch.from_numpy(attention),
+    got = patch_position_ids(padded, pipeline.manifest.special_tokens.image, torch.from_numpy(vision.cls_attention),
                              len(slots))
     np.testing.assert_array_equal(got[:, : len(ids)].numpy(), want)
 

@@ -1,12 +1,15 @@
 """Visual-token reducers: N projected patch tokens -> a budget of K tokens.
 
 Every reducer is a static graph for export: constant K, no data-dependent shapes, only
-operators TensorRT's ONNX parser accepts (MatMul, TopK, GatherElements).
+operators TensorRT's ONNX parser accepts (MatMul, TopK, GatherElements, comparisons).
+Each reducer class declares its facts (Reducer: name, decoder positions, options, whether it keeps
+whole patches); REDUCERS, the registry, gives the CLI's choices and the manifest's positions.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -56,32 +59,71 @@ def pool_matrix(grid_h: int, grid_w: int, k: int) -> torch.Tensor:
     return matrix
 
 
-class PoolReducer(torch.nn.Module):
+def top_patches(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[B,N] scores -> [B,K] int64: the K highest-scoring patches, in raster order.
+
+    On equal scores the lower index ranks first, as ONNX's TopK specifies; torch.topk keeps some
+    other one, and TensorRT documents no rule. Ranking by comparisons (a permutation of 0..N-1) and
+    one TopK over distinct keys makes the torch reference, ONNX Runtime and TensorRT keep the same
+    patches. TopK, not Sort: TensorRT has no Sort operator.
+    """
+    n = scores.shape[-1]
+    index = torch.arange(n, device=scores.device)
+    earlier = index[None, :] < index[:, None]  # [N,N]: column patch i comes before row patch j
+    ahead = (scores[:, None, :] > scores[:, :, None]) | ((scores[:, None, :] == scores[:, :, None]) & earlier)
+    rank = ahead.sum(-1)  # [B,N]: how many patches rank ahead of each, 0 = the best
+    key = torch.where(rank < k, index, index + n)  # the kept ones first, each in raster order
+    return torch.topk(key, k, dim=-1, largest=False).values
+
+
+class Reduced(NamedTuple):
+    tokens: torch.Tensor  # [B,K,D]
+    kept_patches: torch.Tensor | None  # [B,K] int64 patch indices in raster order, for reducers that keep patches
+
+
+class Reducer(torch.nn.Module):
+    """A reducer's facts, declared by each subclass; the CLI, the manifest and the vision graph read them."""
+
+    name: ClassVar[str]
+    # Decoder positions of its tokens (runtimes/positions.py), the first being the default. "sequence"
+    # numbers the K tokens one after another, as transformers' LLaVA does (and as our training does);
+    # "patch" puts each kept token at the position of its patch, which a decoder trained at full budget
+    # can read places from: only for reducers that keep whole patches.
+    positions: ClassVar[tuple[str, ...]] = ("sequence",)
+    options: ClassVar[dict] = {}  # settings -> defaults (recorded in the manifest's vision config)
+    # Outputs whole patches, so the vision graph reports their indices (kept_patches) for the device.
+    keeps_patches: ClassVar[bool] = False
+
+
+class PoolReducer(Reducer):
     """Average neighbouring patches: [B,N,D] -> [B,K,D]. Prompt-agnostic."""
+
+    name = "pool"
 
     def __init__(self, grid_h: int, grid_w: int, k: int):
         super().__init__()
         self.register_buffer("matrix", pool_matrix(grid_h, grid_w, k), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.matrix.to(tokens.dtype), tokens)
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> Reduced:
+        return Reduced(torch.matmul(self.matrix.to(tokens.dtype), tokens), None)
 
 
-class PromptTopKReducer(torch.nn.Module):
+class PromptTopKReducer(Reducer):
     """Keep the K patches the (T-)CLS attends to most, in their original order: [B,N,D] -> [B,K,D]."""
+
+    name = "prompt-topk"
+    positions = ("sequence", "patch")
+    keeps_patches = True
 
     def __init__(self, grid_h: int, grid_w: int, k: int):
         super().__init__()
         self.k = k
 
-    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> Reduced:
         # cls_attention: [B, N], the class token's attention to each patch (mean over heads).
-        top = torch.topk(cls_attention, self.k, dim=-1).indices  # [B, K], by score
-        # Restore raster order: the K smallest indices among the chosen ones (a TopK, not a Sort,
-        # since TensorRT has no Sort operator).
-        order = torch.topk(top, self.k, dim=-1, largest=False).values  # [B, K], ascending
-        index = order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-        return torch.gather(tokens, 1, index)
+        kept = top_patches(cls_attention, self.k)  # [B, K]
+        index = kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return Reduced(torch.gather(tokens, 1, index), kept)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +131,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-12)
 
 
-class MergeReducer(torch.nn.Module):
+class MergeReducer(Reducer):
     """VMTC (arXiv 2411.15453, as far as public sources describe it): keep the K_p patches the (T-)CLS
     attends to most, merge the others into K_m = K - K_p tokens: [B,N,D] -> [B,K,D].
 
@@ -101,7 +143,8 @@ class MergeReducer(torch.nn.Module):
     order, then the merged tokens in the raster order of their seeds.
     """
 
-    DEFAULTS = {"primary_ratio": 0.5, "iterations": 2}
+    name = "merge"
+    options = {"primary_ratio": 0.5, "iterations": 2}
 
     def __init__(self, grid_h: int, grid_w: int, k: int, primary_ratio: float = 0.5, iterations: int = 2):
         super().__init__()
@@ -117,7 +160,7 @@ class MergeReducer(torch.nn.Module):
         self.km = k - self.kp
         self.iterations = iterations
 
-    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> Reduced:
         d = tokens.shape[-1]
         ranked = torch.topk(cls_attention, self.kp + self.km, dim=-1).indices  # [B, Kp+Km], by score
         primary_index = torch.topk(ranked[:, : self.kp], self.kp, dim=-1, largest=False).values  # raster order
@@ -136,28 +179,28 @@ class MergeReducer(torch.nn.Module):
             pooled = torch.matmul(assign.transpose(1, 2), tokens)  # [B, Km, D]
             merged = torch.where(mass > 0, pooled / mass.clamp_min(1e-12), seeds)
             centres = _unit(merged)
-        return torch.cat([primary, merged], dim=1)
+        return Reduced(torch.cat([primary, merged], dim=1), None)
 
 
-class FullReducer(torch.nn.Module):
+class FullReducer(Reducer):
+    """No reduction (a budget of every patch, whichever reducer was asked for)."""
+
+    name = "full"
+
     def __init__(self, grid_h: int, grid_w: int, k: int):
         super().__init__()
 
-    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
-        return tokens
+    def forward(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> Reduced:
+        return Reduced(tokens, None)
 
 
-REDUCERS: dict[str, type[torch.nn.Module]] = {
-    "pool": PoolReducer,
-    "prompt-topk": PromptTopKReducer,
-    "merge": MergeReducer,
-}
+# The reducers `--reducer` chooses from (FullReducer is what any of them becomes at full budget).
+REDUCERS: dict[str, type[Reducer]] = {cls.name: cls for cls in (PoolReducer, PromptTopKReducer, MergeReducer)}
 
 
 def reducer_options(name: str, given: dict | None = None) -> dict:
     """The reducer's settings with its defaults filled in (recorded in the manifest's vision config)."""
-    cls = REDUCERS.get(name)
-    defaults = dict(getattr(cls, "DEFAULTS", {}))
+    defaults = dict(REDUCERS[name].options) if name in REDUCERS else {}
     unknown = sorted(set(given or {}) - set(defaults))
     if unknown:
         raise ExportError(f"reducer {name!r} takes no {', '.join(unknown)} setting"
@@ -165,7 +208,17 @@ def reducer_options(name: str, given: dict | None = None) -> dict:
     return {**defaults, **(given or {})}
 
 
-def make_reducer(name: str, grid_h: int, grid_w: int, k: int, options: dict | None = None) -> torch.nn.Module:
+def visual_positions_for(reducer: type[Reducer], asked: str | None) -> str:
+    """The reducer's default (first) or the asked mode, if that reducer supports it."""
+    if asked is None:
+        return reducer.positions[0]
+    if asked not in reducer.positions:
+        raise ExportError(f"visual positions {asked!r} do not apply to reducer {reducer.name!r}: choose "
+                          f"{' or '.join(reducer.positions)}")
+    return asked
+
+
+def make_reducer(name: str, grid_h: int, grid_w: int, k: int, options: dict | None = None) -> Reducer:
     if name not in REDUCERS:
         raise ExportError(f"unknown reducer {name!r}: choose one of {', '.join(REDUCERS)}")
     if k == grid_h * grid_w:

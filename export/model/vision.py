@@ -3,7 +3,9 @@
     pixel_values [B,3,H,W] --patch embed--> [B,N,D_vit]
     [class slot | patches] + position embeddings -> pre-layernorm -> ViT layers (only those used)
     hidden of `vision_feature_layer` (minus the class token for strategy "default") -> projector [B,N,D_llm]
-    -> reducer -> visual_tokens [B,K,D_llm]
+    -> reducer -> visual_tokens [B,K,D_llm], cls_attention [B,N]
+                  (+ kept_patches [B,K] int64 when the reducer keeps whole patches: the gathered patch
+                   indices in raster order, so the device never replays the selection)
 
 The class slot is the checkpoint's own class embedding (plain LLaVA) or, for PIP-MM,
 T-CLS = PromptMLP(prompt vector), with position embedding 0 still added. The layers are run
@@ -83,7 +85,8 @@ def clip_layer(layer: nn.Module, x: torch.Tensor, want_cls_attention: bool = Fal
 
 
 class PipmmVision(nn.Module):
-    """pixel_values [B,3,H,W] (+ prompt_vector [B,D_llm]) -> visual_tokens [B,K,D_llm], cls_attention [B,N]."""
+    """pixel_values [B,3,H,W] (+ prompt_vector [B,D_llm]) -> the tuple named by `output_names`:
+    visual_tokens [B,K,D_llm], cls_attention [B,N] (+ kept_patches [B,K] int64)."""
 
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, config: VisionConfig,
                  prompt_mlp: PromptMLP | None = None):
@@ -95,6 +98,10 @@ class PipmmVision(nn.Module):
         self.config = config
         self.reducer = make_reducer(config.reducer, config.grid, config.grid, config.num_tokens,
                                     config.reducer_options)
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["visual_tokens", "cls_attention"] + (["kept_patches"] if self.reducer.keeps_patches else [])
 
     def embed(self, pixel_values: torch.Tensor, t_cls: torch.Tensor | None) -> torch.Tensor:
         emb = self.vit.embeddings
@@ -127,5 +134,8 @@ class PipmmVision(nn.Module):
         features, cls_attention = self.features(pixel_values, t_cls)
         tokens = self.projector(features)
         if self.config.select_strategy == "full":  # keep the class token in front, reduce the patches
-            return torch.cat([tokens[:, :1], self.reducer(tokens[:, 1:], cls_attention)], 1), cls_attention
-        return self.reducer(tokens, cls_attention), cls_attention
+            reduced, kept = self.reducer(tokens[:, 1:], cls_attention)  # kept: patch indices, class token excluded
+            reduced = torch.cat([tokens[:, :1], reduced], 1)
+        else:
+            reduced, kept = self.reducer(tokens, cls_attention)
+        return (reduced, cls_attention) + (() if kept is None else (kept,))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from export.model.prompt import PromptMLP
+from export.model.reducers import top_patches
 from export.train.data import IGNORE
 from export.model.vision import PipmmVision, vision_config_from
 
@@ -124,13 +125,13 @@ def visual_tokens(model, vision: PipmmVision, batch: dict, frozen_llm_for_prompt
     """-> (visual tokens [Q,K,D], cls_attention [Q,N]) for every question of the batch."""
     pixels, index = batch["pixel_values"], batch["scene_index"]
     if vision.prompt_mlp is None:  # prompt-agnostic: one ViT pass per scene, shared by its questions
-        tokens, attention = vision(pixels, None)
+        tokens, attention = vision(pixels, None)[:2]  # (kept_patches after them, for prompt-topk)
         return tokens[index], attention[index]
     mlp_cfg = vision.prompt_mlp.config
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_llm_for_prompt):
         vectors = encode_prompts(model, batch["encoder_ids"], batch["encoder_lengths"], mlp_cfg.prompt_layer,
                                  mlp_cfg.pooling)
-    return vision(pixels[index], vectors.float() if vectors.dtype != pixels.dtype else vectors)
+    return vision(pixels[index], vectors.float() if vectors.dtype != pixels.dtype else vectors)[:2]
 
 
 def embed_sequence(model, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,7 @@ def patch_position_ids(input_ids: torch.Tensor, image_token: int, attention: tor
     q, t = input_ids.shape
     n = attention.shape[-1]
     slots = input_ids == image_token  # [Q,T], K per row
-    kept = torch.topk(attention.float(), k, dim=-1).indices.sort(dim=-1).values  # [Q,K]
+    kept = top_patches(attention.float(), k)  # [Q,K], prompt-topk's own selection (ties included)
     first = slots.int().argmax(dim=1)  # [Q]
     positions = torch.arange(t, device=input_ids.device).expand(q, t).clone()
     positions[slots] = (first[:, None] + kept).flatten()

@@ -26,6 +26,7 @@ import torch
 from sdk.errors import PipmmError
 from sdk.preprocess import clip_processor_config
 
+from export.model.reducers import REDUCERS, resolve_budget
 from export.tasks import instructions, scenes
 from export.tasks.answers import normalize
 from export.train.data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
@@ -104,7 +105,7 @@ def add_arguments(parser) -> None:
                    help="stage 2 with prompt-topk: kept visual tokens at their patch positions (export the result "
                         "with --visual-positions patch)")
     p.add_argument("--budget", default=None, help="visual tokens: full, half, quarter or K (stage 2 default half)")
-    p.add_argument("--reducer", default="prompt-topk", choices=("pool", "prompt-topk", "merge"))
+    p.add_argument("--reducer", default="prompt-topk", choices=list(REDUCERS))
     p.add_argument("--grounding-weight", type=float, default=0.0,
                    help="stages 1-2: weight of -log(T-CLS attention on the named objects' patches) (not in "
                         "the paper; 0 = the LM loss alone)")
@@ -383,8 +384,6 @@ def run(args) -> int:
     if args.reduced_fraction > 0:
         if args.stage != 0 or not 0 < args.reduced_fraction <= 1:
             raise TrainError("--reduced-fraction is a stage-0 setting in (0, 1]")
-        from export.model.reducers import resolve_budget
-
         reduced_budgets = tuple(resolve_budget(b, grid * grid) for b in args.reduced_budgets)
         keep_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + start)
     data_wait, waited_from = 0.0, time.perf_counter()  # seconds spent waiting on the scene workers
