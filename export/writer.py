@@ -19,18 +19,15 @@ from sdk.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from sdk.errors import ExportError
 
 from export import onnx_graphs
+from export.model.chat_template import IMAGE_PLACEHOLDER, LLAVA_15, conversation_format, load_tokenizer, save_tokenizer
 from export.model.checkpoint import Checkpoint, load_checkpoint
 from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
 from export.model.prompt import PromptMLP
 from export.model.vision import PipmmVision, vision_config_from
 
-# LLaVA-1.5's conversation format. The prompt encoder sees the same turn without the image.
-DEFAULT_CHAT_TEMPLATE = {
-    "prompt": "USER: <image>\n{prompt} ASSISTANT:",
-    "prompt_encoder": "USER: {prompt}",
-    "image_placeholder": "<image>",
-    "add_bos": True,
-}
+# LLaVA-1.5's conversation format, for checkpoints without a chat template (ours among them); the tokenizer's
+# post-processor decides BOS, as transformers' processor does. The prompt encoder sees the turn without the image.
+DEFAULT_CHAT_TEMPLATE = {**LLAVA_15, "image_placeholder": IMAGE_PLACEHOLDER, "add_special_tokens": True}
 DEFAULT_GENERATION = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
 
 
@@ -163,7 +160,7 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
             "source": "decoder graph output 'hidden' over the prompt_encoder template (no image)"},
         "prompt_mlp": None if prompt_mlp is None else vars(prompt_mlp.config).copy(),
         "image_preprocessing": _preprocessing(checkpoint, vision.image_size),
-        "chat_template": dict(chat_template or DEFAULT_CHAT_TEMPLATE),
+        "chat_template": dict(chat_template) if chat_template else conversation_format(checkpoint.path).manifest_entry(),
         "special_tokens": _special_tokens(checkpoint, tokenizer_json),
         "generation": dict(DEFAULT_GENERATION),
         # CMAI (docs/vmtc-cmai.md): the decoder's image_bias input and attention output, the layers they act at
@@ -214,7 +211,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
             path = tmp / f"{name}.onnx"
             onnx_graphs.EXPORTERS[name](modules[name], path, manifest["model"])
             manifest.setdefault("graphs", {})[name] = {"file": path.name, **onnx_graphs.describe_graph(path)}
-        shutil.copyfile(checkpoint.tokenizer_file, tmp / "tokenizer.json")
+        save_tokenizer(load_tokenizer(checkpoint.path), tmp / "tokenizer.json")  # as transformers runs it
         manifest["files"] = file_records(tmp)
         publish_bundle(tmp, out_dir, manifest)
     except BaseException:

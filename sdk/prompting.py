@@ -84,6 +84,9 @@ class Prompter:
         return text
 
     def _encode(self, text: str) -> list[int]:
+        if "add_special_tokens" in self.template:  # the tokenizer's post-processor decides, as in transformers
+            return self.tokenizer.encode(text, add_special_tokens=bool(self.template["add_special_tokens"])).ids
+        # bundles before chat templates came from the checkpoint: BOS by the manifest's flag
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if self.template.get("add_bos", True) and self.special.get("bos") is not None:
             ids = [int(self.special["bos"])] + ids
