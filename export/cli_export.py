@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from export.model.reducers import REDUCERS
 
 
@@ -58,5 +61,9 @@ def run(args) -> int:
                         cmai={"layers": args.cmai_layers,
                               **({"aggregate": args.cmai_aggregate} if args.cmai_aggregate else {})},
                         **options)
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    template, special = manifest["chat_template"], manifest["special_tokens"]
+    print(f"chat template: {template.get('source', 'given')}; BOS: {template.get('bos_rule', '-')}; "
+          f"stop token ids: {special['eos']}")
     print(f"wrote {out}")
     return 0

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from sdk.preprocess import clip_processor_config
 
@@ -69,8 +69,9 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
-    """A byte-level BPE tokenizer trained with the `tokenizers` library (any input text is encodable)."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, add_bos: bool = True) -> Tokenizer:
+    """A byte-level BPE tokenizer trained with the `tokenizers` library (any input text is encodable).
+    add_bos: its post-processor adds <s> (what transformers' processor then adds, and so the bundle)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -79,6 +80,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if add_bos:  # as Llama's tokenizer: encode(..., add_special_tokens=True) starts every text with <s>
+        bos = SPECIAL_TOKENS[BOS]
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                                 special_tokens=[(bos, BOS)])
     return tokenizer
 
 

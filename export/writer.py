@@ -22,6 +22,7 @@ from sdk.manifest import (ChatTemplate, Cmai, Created, Graph, Manifest, Model, P
                           SpecialTokens, Vision, VisualTokens)
 
 from export import onnx_graphs
+from export.model.chat_template import conversation_format, load_tokenizer, save_tokenizer
 from export.model.checkpoint import Checkpoint, load_checkpoint
 from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
 from export.model.prompt import PromptMLP
@@ -118,7 +119,7 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
                                                                    pooling=prompt_mlp.config.pooling),
         prompt_mlp=None if prompt_mlp is None else PromptMlp.from_dict(vars(prompt_mlp.config).copy(), source),
         image_preprocessing=_preprocessing(checkpoint, vision.image_size),
-        chat_template=chat_template or ChatTemplate(),
+        chat_template=chat_template or ChatTemplate.from_dict(conversation_format(checkpoint.path).manifest_entry(), source),
         special_tokens=_special_tokens(checkpoint, tokenizer_json),
         # CMAI (docs/vmtc-cmai.md): the decoder's image_bias input and attention output, the layers they act at
         # and the runtime's settings; None: the decoder has neither.
@@ -164,7 +165,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
             path = stage.directory / f"{name}.onnx"
             onnx_graphs.EXPORTERS[name](modules[name], path, manifest.model.to_dict())
             graphs[name] = graph_entry(path)
-        shutil.copyfile(checkpoint.tokenizer_file, stage.directory / manifest.tokenizer)
+        save_tokenizer(load_tokenizer(checkpoint.path), stage.directory / manifest.tokenizer)  # as transformers runs it
         stage.publish(replace(manifest, graphs=graphs))
     return out_dir
 

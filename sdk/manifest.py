@@ -346,11 +346,20 @@ class PromptMlp(Section):
 
 @dataclass(frozen=True)
 class ChatTemplate(Section):
-    """LLaVA-1.5's conversation format by default. The prompt encoder sees the same turn without the image."""
+    """One user turn as the checkpoint's processor renders and tokenizes it (export/model/chat_template.py).
+
+    Defaults: LLaVA-1.5's format with BOS by the `add_bos` flag (bundles written before templates came from
+    the checkpoint, and training). Exports set `add_special_tokens` instead: the tokenizer's own
+    post-processor then decides BOS, as transformers' processor does.
+    """
     prompt: str = "USER: <image>\n{prompt} ASSISTANT:"
-    prompt_encoder: str = "USER: {prompt}"
+    prompt_encoder: str = "USER: {prompt}"  # the same turn without the image, up to the end of the question
     image_placeholder: str = "<image>"
-    add_bos: bool = True
+    add_bos: bool | None = True  # BOS by hand (SDKs before add_special_tokens read only this); add_special_tokens wins
+    add_special_tokens: bool | None = _omit_none()
+    template: str | None = _omit_none()  # the checkpoint's Jinja source (multi-turn rendering)
+    source: str | None = _omit_none()  # the file it came from, or the fallback's name
+    bos_rule: str | None = _omit_none()  # in words, for people reading the manifest
     extra: dict = _extra()
 
     @classmethod
@@ -359,9 +368,15 @@ class ChatTemplate(Section):
         if not all(isinstance(d.get(k), str) and "{prompt}" in d[k] for k in ("prompt", "prompt_encoder")):
             raise BundleError(f"{source}: 'chat_template' needs 'prompt' and 'prompt_encoder' strings holding "
                               f"{{prompt}}; {_REEXPORT}")
+        flag = _optional(lambda v: isinstance(v, bool))
+        text = _optional(_is_str)
+        add_special_tokens = r.get("add_special_tokens", flag, "true, false or null", None)
         return cls(prompt=d["prompt"], prompt_encoder=d["prompt_encoder"],
                    image_placeholder=r.get("image_placeholder", _is_name, "a string", cls.image_placeholder),
-                   add_bos=r.get("add_bos", lambda v: isinstance(v, bool), "true or false", True), extra=r.extra(cls))
+                   add_bos=r.get("add_bos", flag, "true, false or null", None if add_special_tokens is not None else True),
+                   add_special_tokens=add_special_tokens, template=r.get("template", text, "a string or null", None),
+                   source=r.get("source", text, "a string or null", None),
+                   bos_rule=r.get("bos_rule", text, "a string or null", None), extra=r.extra(cls))
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,9 @@ class Prompter:
         return text
 
     def _encode(self, text: str) -> list[int]:
+        if self.template.add_special_tokens is not None:  # the tokenizer's post-processor decides, as in transformers
+            return self.tokenizer.encode(text, add_special_tokens=self.template.add_special_tokens).ids
+        # bundles before chat templates came from the checkpoint: BOS by the manifest's flag
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if self.template.add_bos and self.special.bos is not None:
             ids = [self.special.bos] + ids
