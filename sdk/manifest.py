@@ -15,12 +15,12 @@ exception, refused when unknown (sdk.cmai.check_settings), since they change wha
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from . import cmai as cmai_settings
 from .errors import BundleError, PipmmError
+from .manifest_fields import (REEXPORT, Fields, Section, extra_field, is_dict, is_int, is_name, is_real, is_str,
+                              list_of, map_of, omit_none, optional, show)
 from .generation import GenerationArgs
 from .preprocess import BadPreprocessing, normalize_config
 
@@ -32,104 +32,6 @@ REQUIRED_GRAPHS = ("vision", "embed", "decoder")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 VISUAL_POSITIONS = ("sequence", "patch")  # decoder positions of the visual tokens (runtimes/positions.py)
 POOLINGS = ("last", "mean")  # prompt vector: hidden state of the last prompt token, or the mean over the prompt
-_REQUIRED = object()
-_REEXPORT = "the manifest is damaged: copy the bundle again or re-export it"
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_int(value, low: int | None = None) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and (low is None or value >= low)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _list_of(check):
-    return lambda value: isinstance(value, list) and all(check(v) for v in value)
-
-
-def _map_of(check):
-    return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
-
-
-def _optional(check):
-    return lambda value: value is None or check(value)
-
-
-def _is_str(value) -> bool:
-    return isinstance(value, str)
-
-
-def _is_name(value) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-def _is_dict(value) -> bool:
-    return isinstance(value, dict)
-
-
-class _Fields:
-    """One section's dict, read key by key; the first missing or bad key raises a one-line BundleError."""
-
-    def __init__(self, data, where: str, source: str):
-        if not isinstance(data, dict):
-            raise BundleError(f"{source}: '{where}' must be an object, not {_show(data)}; {_REEXPORT}")
-        self.data, self.where, self.source = data, where, source
-
-    def fail(self, key: str, problem: str) -> BundleError:
-        return BundleError(f"{self.source}: {self.where} '{key}' {problem}; {_REEXPORT}")
-
-    def get(self, key: str, check, wants: str, default=_REQUIRED):
-        if key not in self.data:
-            if default is _REQUIRED:
-                raise BundleError(f"{self.source}: {self.where} lacks '{key}': the bundle is incomplete; re-export it")
-            return default
-        value = self.data[key]
-        if not check(value):
-            raise self.fail(key, f"must be {wants}, not {_show(value)}")
-        return value
-
-    def extra(self, cls) -> dict:
-        known = {f.metadata.get("key", f.name) for f in fields(cls)}
-        return {k: v for k, v in self.data.items() if k not in known}
-
-
-def _plain(value):
-    if isinstance(value, Section):
-        return value.to_dict()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-class Section:
-    """to_dict for every section: fields in order (optional ones left out while None), then `extra`."""
-
-    def to_dict(self) -> dict:
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "extra" or (value is None and f.metadata.get("omit_none")):
-                continue
-            out[f.metadata.get("key", f.name)] = _plain(value)
-        return {**out, **_plain(self.extra)}
-
-
-def _omit_none():
-    return field(default=None, metadata={"omit_none": True})
-
-
-def _extra():
-    return field(default_factory=dict, compare=False)
-
-
 # -- graphs and files ------------------------------------------------------------------------------
 
 
@@ -138,13 +40,13 @@ class GraphIO(Section):
     name: str
     dtype: str
     shape: list  # ints for fixed axes, axis names ("batch", "sequence", ...) for dynamic ones
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, where: str, source: str) -> "GraphIO":
-        r = _Fields(d, where, source)
-        return cls(name=r.get("name", _is_name, "a name"), dtype=r.get("dtype", _is_name, "a dtype name"),
-                   shape=r.get("shape", _list_of(lambda a: _is_int(a, 0) or _is_name(a)), "a list of sizes or axis names"),
+        r = Fields(d, where, source)
+        return cls(name=r.get("name", is_name, "a name"), dtype=r.get("dtype", is_name, "a dtype name"),
+                   shape=r.get("shape", list_of(lambda a: is_int(a, 0) or is_name(a)), "a list of sizes or axis names"),
                    extra=r.extra(cls))
 
 
@@ -153,26 +55,26 @@ class Graph(Section):
     file: str
     inputs: list[GraphIO]
     outputs: list[GraphIO]
-    opset: int | None = _omit_none()
-    kv_cache: str | None = _omit_none()  # "static": decoder_static, the cache preallocated (docs/gpu.md)
-    shares_weights_with: str | None = _omit_none()  # the graph whose external data file holds our weights
-    sharing: dict | None = _omit_none()  # what export/extra_graphs.py share_weights found
-    extra: dict = _extra()
+    opset: int | None = omit_none()
+    kv_cache: str | None = omit_none()  # "static": decoder_static, the cache preallocated (docs/gpu.md)
+    shares_weights_with: str | None = omit_none()  # the graph whose external data file holds our weights
+    sharing: dict | None = omit_none()  # what export/extra_graphs.py share_weights found
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, name: str, source: str) -> "Graph":
         where = f"graph {name!r}"
-        r = _Fields(d, where, source)
+        r = Fields(d, where, source)
         if not (isinstance(d.get("file"), str) and all(isinstance(d.get(k), list) for k in ("inputs", "outputs"))):
             raise BundleError(f"{source}: {where} needs a 'file' and 'inputs'/'outputs' lists of named entries; "
-                              f"{_REEXPORT}")
+                              f"{REEXPORT}")
         ios = {key: [GraphIO.from_dict(io, f"{where} {key}[{i}]", source) for i, io in enumerate(d[key])]
                for key in ("inputs", "outputs")}
-        return cls(file=r.get("file", _is_name, "a file name"), **ios,
-                   opset=r.get("opset", _optional(lambda v: _is_int(v, 1)), "an opset number", None),
-                   kv_cache=r.get("kv_cache", _optional(_is_str), "a string", None),
-                   shares_weights_with=r.get("shares_weights_with", _optional(_is_str), "a graph name", None),
-                   sharing=r.get("sharing", _optional(_is_dict), "an object", None), extra=r.extra(cls))
+        return cls(file=r.get("file", is_name, "a file name"), **ios,
+                   opset=r.get("opset", optional(lambda v: is_int(v, 1)), "an opset number", None),
+                   kv_cache=r.get("kv_cache", optional(is_str), "a string", None),
+                   shares_weights_with=r.get("shares_weights_with", optional(is_str), "a graph name", None),
+                   sharing=r.get("sharing", optional(is_dict), "an object", None), extra=r.extra(cls))
 
     def input(self, name: str) -> GraphIO | None:
         return next((io for io in self.inputs if io.name == name), None)
@@ -185,13 +87,13 @@ class Graph(Section):
 class FileRecord(Section):
     sha256: str
     bytes: int
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, name: str, source: str) -> "FileRecord":
-        r = _Fields(d, f"file {name!r}", source)
-        if not (isinstance(d.get("sha256"), str) and _is_int(d.get("bytes"), 0)):
-            raise BundleError(f"{source}: file {name!r} needs a 'sha256' string and a 'bytes' count; {_REEXPORT}")
+        r = Fields(d, f"file {name!r}", source)
+        if not (isinstance(d.get("sha256"), str) and is_int(d.get("bytes"), 0)):
+            raise BundleError(f"{source}: file {name!r} needs a 'sha256' string and a 'bytes' count; {REEXPORT}")
         return cls(sha256=d["sha256"], bytes=int(d["bytes"]), extra=r.extra(cls))
 
 
@@ -210,16 +112,16 @@ class Model(Section):
     text_architecture: str = ""  # transformers' model_type of the LLM
     vision_hidden_size: int | None = None
     pipmm: bool = False
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "Model":
-        r = _Fields(d, "model", source)
-        sizes = {key: int(r.get(key, lambda v: _is_int(v, 1), "a positive integer"))
+        r = Fields(d, "model", source)
+        sizes = {key: int(r.get(key, lambda v: is_int(v, 1), "a positive integer"))
                  for key in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context")}
-        return cls(**sizes, source=r.get("source", _is_str, "a string", ""),
-                   text_architecture=r.get("text_architecture", _is_str, "a string", ""),
-                   vision_hidden_size=r.get("vision_hidden_size", _optional(lambda v: _is_int(v, 1)),
+        return cls(**sizes, source=r.get("source", is_str, "a string", ""),
+                   text_architecture=r.get("text_architecture", is_str, "a string", ""),
+                   vision_hidden_size=r.get("vision_hidden_size", optional(lambda v: is_int(v, 1)),
                                             "a positive integer", None),
                    pipmm=r.get("pipmm", lambda v: isinstance(v, bool), "true or false", False), extra=r.extra(cls))
 
@@ -233,7 +135,7 @@ class Precision(Section):
     tensorrt: bool = True  # bundles before the key: fp32 graphs of standard ops
     details: dict[str, dict] = field(default_factory=dict)
     dropped_graphs: dict[str, str] = field(default_factory=dict)  # graphs of the source bundle not carried over
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def uniform(cls, precision: str, graphs, **details) -> "Precision":
@@ -241,13 +143,13 @@ class Precision(Section):
 
     @classmethod
     def from_dict(cls, d, source: str) -> "Precision":
-        r = _Fields(d, "precision", source)
+        r = Fields(d, "precision", source)
         known = f"one of {', '.join(PRECISIONS)}"
         return cls(default=r.get("default", lambda v: v in PRECISIONS, known),
-                   graphs=dict(r.get("graphs", _map_of(lambda v: v in PRECISIONS), f"a map of graph names to {known}")),
+                   graphs=dict(r.get("graphs", map_of(lambda v: v in PRECISIONS), f"a map of graph names to {known}")),
                    tensorrt=r.get("tensorrt", lambda v: isinstance(v, bool), "true or false", True),
-                   details=dict(r.get("details", _map_of(_is_dict), "a map of graph names to objects", {})),
-                   dropped_graphs=dict(r.get("dropped_graphs", _map_of(_is_str), "a map of graph names to reasons", {})),
+                   details=dict(r.get("details", map_of(is_dict), "a map of graph names to objects", {})),
+                   dropped_graphs=dict(r.get("dropped_graphs", map_of(is_str), "a map of graph names to reasons", {})),
                    extra=r.extra(cls))
 
 
@@ -267,20 +169,20 @@ class Vision(Section):
     reducer_options: dict = field(default_factory=dict)  # the reducer's settings, defaults filled in
     grid: list[int] = field(default_factory=list)  # patches per side [rows, columns]
     num_patches: int = 0
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "Vision":
-        r = _Fields(d, "vision", source)
-        positive = (lambda v: _is_int(v, 1), "a positive integer")
+        r = Fields(d, "vision", source)
+        positive = (lambda v: is_int(v, 1), "a positive integer")
         return cls(image_size=r.get("image_size", *positive), patch_size=r.get("patch_size", *positive),
-                   feature_layers=r.get("feature_layers", _list_of(lambda v: _is_int(v, 0)), "a list of layer indices"),
-                   select_strategy=r.get("select_strategy", _is_name, "a strategy name"),
-                   budget=r.get("budget", lambda v: _is_name(v) or _is_int(v, 1), "a budget name or a token count"),
-                   num_tokens=r.get("num_tokens", *positive), reducer=r.get("reducer", _is_name, "a reducer name"),
-                   reducer_options=r.get("reducer_options", _is_dict, "an object", {}),
-                   grid=r.get("grid", _list_of(lambda v: _is_int(v, 1)), "[rows, columns]", []),
-                   num_patches=r.get("num_patches", lambda v: _is_int(v, 0), "a patch count", 0), extra=r.extra(cls))
+                   feature_layers=r.get("feature_layers", list_of(lambda v: is_int(v, 0)), "a list of layer indices"),
+                   select_strategy=r.get("select_strategy", is_name, "a strategy name"),
+                   budget=r.get("budget", lambda v: is_name(v) or is_int(v, 1), "a budget name or a token count"),
+                   num_tokens=r.get("num_tokens", *positive), reducer=r.get("reducer", is_name, "a reducer name"),
+                   reducer_options=r.get("reducer_options", is_dict, "an object", {}),
+                   grid=r.get("grid", list_of(lambda v: is_int(v, 1)), "[rows, columns]", []),
+                   num_patches=r.get("num_patches", lambda v: is_int(v, 0), "a patch count", 0), extra=r.extra(cls))
 
 
 @dataclass(frozen=True)
@@ -289,15 +191,15 @@ class VisualTokens(Section):
     budget: str | int = "full"
     reducer: str = "full"
     positions: str = "sequence"  # VISUAL_POSITIONS; bundles before the key: sequence
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "VisualTokens":
-        r = _Fields(d, "visual_tokens", source)
-        return cls(count=r.get("count", lambda v: _is_int(v, 1), "a positive integer"),
-                   budget=r.get("budget", lambda v: _is_name(v) or _is_int(v, 1), "a budget name or a token count",
+        r = Fields(d, "visual_tokens", source)
+        return cls(count=r.get("count", lambda v: is_int(v, 1), "a positive integer"),
+                   budget=r.get("budget", lambda v: is_name(v) or is_int(v, 1), "a budget name or a token count",
                                 "full"),
-                   reducer=r.get("reducer", _is_name, "a reducer name", "full"),
+                   reducer=r.get("reducer", is_name, "a reducer name", "full"),
                    positions=r.get("positions", lambda v: v in VISUAL_POSITIONS,
                                    f"{' or '.join(map(repr, VISUAL_POSITIONS))} (this SDK is older than the bundle, "
                                    "or the manifest was edited)", "sequence"),
@@ -310,14 +212,14 @@ class PromptVector(Section):
     layer: int = -1  # -1 = last layer after the final norm; k >= 0 = output of decoder layer k
     pooling: str = "last"  # POOLINGS
     source: str = "decoder graph output 'hidden' over the prompt_encoder template (no image)"
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "PromptVector":
-        r = _Fields(d, "prompt_vector", source)
-        return cls(layer=r.get("layer", _is_int, "a layer index", -1),
+        r = Fields(d, "prompt_vector", source)
+        return cls(layer=r.get("layer", is_int, "a layer index", -1),
                    pooling=r.get("pooling", lambda v: v in POOLINGS, " or ".join(map(repr, POOLINGS)), "last"),
-                   source=r.get("source", _is_str, "a string", cls.source), extra=r.extra(cls))
+                   source=r.get("source", is_str, "a string", cls.source), extra=r.extra(cls))
 
 
 @dataclass(frozen=True)
@@ -328,15 +230,15 @@ class PromptMlp(Section):
     d_mid: int = 0
     prompt_layer: int = -1
     pooling: str = "last"
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "PromptMlp":
-        r = _Fields(d, "prompt_mlp", source)
-        return cls(d_llm=r.get("d_llm", lambda v: _is_int(v, 1), "a positive integer"),
-                   d_vit=r.get("d_vit", lambda v: _is_int(v, 1), "a positive integer"),
-                   d_mid=r.get("d_mid", lambda v: _is_int(v, 0), "a width (0 = d_vit)", 0),
-                   prompt_layer=r.get("prompt_layer", _is_int, "a layer index", -1),
+        r = Fields(d, "prompt_mlp", source)
+        return cls(d_llm=r.get("d_llm", lambda v: is_int(v, 1), "a positive integer"),
+                   d_vit=r.get("d_vit", lambda v: is_int(v, 1), "a positive integer"),
+                   d_mid=r.get("d_mid", lambda v: is_int(v, 0), "a width (0 = d_vit)", 0),
+                   prompt_layer=r.get("prompt_layer", is_int, "a layer index", -1),
                    pooling=r.get("pooling", lambda v: v in POOLINGS, " or ".join(map(repr, POOLINGS)), "last"),
                    extra=r.extra(cls))
 
@@ -356,23 +258,23 @@ class ChatTemplate(Section):
     prompt_encoder: str = "USER: {prompt}"  # the same turn without the image, up to the end of the question
     image_placeholder: str = "<image>"
     add_bos: bool | None = True  # BOS by hand (SDKs before add_special_tokens read only this); add_special_tokens wins
-    add_special_tokens: bool | None = _omit_none()
-    template: str | None = _omit_none()  # the checkpoint's Jinja source (multi-turn rendering)
-    source: str | None = _omit_none()  # the file it came from, or the fallback's name
-    bos_rule: str | None = _omit_none()  # in words, for people reading the manifest
-    extra: dict = _extra()
+    add_special_tokens: bool | None = omit_none()
+    template: str | None = omit_none()  # the checkpoint's Jinja source (multi-turn rendering)
+    source: str | None = omit_none()  # the file it came from, or the fallback's name
+    bos_rule: str | None = omit_none()  # in words, for people reading the manifest
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "ChatTemplate":
-        r = _Fields(d, "chat_template", source)
+        r = Fields(d, "chat_template", source)
         if not all(isinstance(d.get(k), str) and "{prompt}" in d[k] for k in ("prompt", "prompt_encoder")):
             raise BundleError(f"{source}: 'chat_template' needs 'prompt' and 'prompt_encoder' strings holding "
-                              f"{{prompt}}; {_REEXPORT}")
-        flag = _optional(lambda v: isinstance(v, bool))
-        text = _optional(_is_str)
+                              f"{{prompt}}; {REEXPORT}")
+        flag = optional(lambda v: isinstance(v, bool))
+        text = optional(is_str)
         add_special_tokens = r.get("add_special_tokens", flag, "true, false or null", None)
         return cls(prompt=d["prompt"], prompt_encoder=d["prompt_encoder"],
-                   image_placeholder=r.get("image_placeholder", _is_name, "a string", cls.image_placeholder),
+                   image_placeholder=r.get("image_placeholder", is_name, "a string", cls.image_placeholder),
                    add_bos=r.get("add_bos", flag, "true, false or null", None if add_special_tokens is not None else True),
                    add_special_tokens=add_special_tokens, template=r.get("template", text, "a string or null", None),
                    source=r.get("source", text, "a string or null", None),
@@ -386,16 +288,16 @@ class SpecialTokens(Section):
     bos: int | None = None
     pad: int | None = None
     texts: list[str] = field(default_factory=list)  # every special token's text: stripped from user prompts
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "SpecialTokens":
-        r = _Fields(d, "special_tokens", source)
-        token = (_optional(lambda v: _is_int(v, 0)), "a token id or null", None)
-        return cls(image=r.get("image", lambda v: _is_int(v, 0), "a token id"),
-                   eos=r.get("eos", _list_of(lambda v: _is_int(v, 0)), "a list of token ids"),
+        r = Fields(d, "special_tokens", source)
+        token = (optional(lambda v: is_int(v, 0)), "a token id or null", None)
+        return cls(image=r.get("image", lambda v: is_int(v, 0), "a token id"),
+                   eos=r.get("eos", list_of(lambda v: is_int(v, 0)), "a list of token ids"),
                    bos=r.get("bos", *token), pad=r.get("pad", *token),
-                   texts=r.get("texts", _list_of(_is_name), "a list of non-empty strings", []), extra=r.extra(cls))
+                   texts=r.get("texts", list_of(is_name), "a list of non-empty strings", []), extra=r.extra(cls))
 
 
 @dataclass(frozen=True)
@@ -404,20 +306,20 @@ class Generation(Section):
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "Generation":
-        r = _Fields(d, "generation", source)
-        return cls(max_new_tokens=r.get("max_new_tokens", _is_int, "an integer", 64),
-                   temperature=r.get("temperature", _is_real, "a finite number", 0.0),
-                   top_p=r.get("top_p", _is_real, "a finite number", 1.0), extra=r.extra(cls))
+        r = Fields(d, "generation", source)
+        return cls(max_new_tokens=r.get("max_new_tokens", is_int, "an integer", 64),
+                   temperature=r.get("temperature", is_real, "a finite number", 0.0),
+                   top_p=r.get("top_p", is_real, "a finite number", 1.0), extra=r.extra(cls))
 
     def check(self, max_context: int, source: str) -> None:
         try:
             GenerationArgs.checked(self.max_new_tokens, self.temperature, self.top_p, None, max_context)
         except PipmmError as err:
-            raise BundleError(f"{source}: generation defaults: {err}; {_REEXPORT}") from None
+            raise BundleError(f"{source}: generation defaults: {err}; {REEXPORT}") from None
 
 
 @dataclass(frozen=True)
@@ -431,14 +333,14 @@ class Cmai(Section):
 
     @classmethod
     def from_dict(cls, d, source: str) -> "Cmai":
-        r = _Fields(d, "cmai", source)
+        r = Fields(d, "cmai", source)
 
         def refused(message: str) -> BundleError:
             return BundleError(f"{source}: cmai: {message}; re-export the bundle")
         settings = cmai_settings.check_settings(d, error=refused)
-        return cls(layers=r.get("layers", _list_of(lambda v: _is_int(v, 0)), "a list of decoder layers"),
-                   bias_input=r.get("bias_input", _is_name, "an input name", cls.bias_input),
-                   attention_output=r.get("attention_output", _is_name, "an output name", cls.attention_output),
+        return cls(layers=r.get("layers", list_of(lambda v: is_int(v, 0)), "a list of decoder layers"),
+                   bias_input=r.get("bias_input", is_name, "an input name", cls.bias_input),
+                   attention_output=r.get("attention_output", is_name, "an output name", cls.attention_output),
                    aggregate=settings["aggregate"], mask_value=float(settings["mask_value"]))
 
     @property
@@ -450,15 +352,15 @@ class Cmai(Section):
 class Created(Section):
     by: str = ""
     time: str = ""
-    torch: str | None = _omit_none()
-    from_fp32_bundle: str | None = _omit_none()  # quantized bundles: the FP32 bundle they were made from
-    extra: dict = _extra()
+    torch: str | None = omit_none()
+    from_fp32_bundle: str | None = omit_none()  # quantized bundles: the FP32 bundle they were made from
+    extra: dict = extra_field()
 
     @classmethod
     def from_dict(cls, d, source: str) -> "Created":
-        r = _Fields(d, "created", source)
-        text = (_optional(_is_str), "a string", None)
-        return cls(by=r.get("by", _is_str, "a string", ""), time=r.get("time", _is_str, "a string", ""),
+        r = Fields(d, "created", source)
+        text = (optional(is_str), "a string", None)
+        return cls(by=r.get("by", is_str, "a string", ""), time=r.get("time", is_str, "a string", ""),
                    torch=r.get("torch", *text), from_fp32_bundle=r.get("from_fp32_bundle", *text), extra=r.extra(cls))
 
 
@@ -486,14 +388,14 @@ class Manifest(Section):
     generation: Generation = field(default_factory=Generation)
     prompt_mlp: PromptMlp | None = None
     cmai: Cmai | None = None  # None: the decoder has no image_bias input nor attention output
-    created: Created | None = _omit_none()
+    created: Created | None = omit_none()
     tokenizer: str = "tokenizer.json"
     graphs: dict[str, Graph] = field(default_factory=dict)  # filled by the staged writer
     files: dict[str, FileRecord] = field(default_factory=dict)  # every file but the manifest: filled at publish
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     min_sdk_version: str = MIN_SDK_VERSION
-    extra: dict = _extra()
+    extra: dict = extra_field()
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -512,8 +414,8 @@ class Manifest(Section):
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise BundleError(f"{source} is not a {FORMAT} manifest: re-export with 'pipmm export'")
         version = d.get("format_version")
-        if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
-            raise BundleError(f"bundle format version {_show(version)} is not supported by this SDK (reads 1 to "
+        if not is_int(version) or not 1 <= version <= FORMAT_VERSION:
+            raise BundleError(f"bundle format version {show(version)} is not supported by this SDK (reads 1 to "
                               f"{FORMAT_VERSION}): upgrade pipmm-edge, or re-export the bundle with this one's "
                               "'pipmm export'")
         needed = d.get("min_sdk_version", "0")
@@ -523,14 +425,14 @@ class Manifest(Section):
                     "visual_tokens", "model", "generation", "prompt_vector", "precision", "vision"):
             if key not in d:
                 raise BundleError(f"{source} lacks '{key}': the bundle is incomplete; re-export it")
-        r = _Fields(d, "manifest", source)
-        graphs = r.get("graphs", _map_of(_is_dict), "a map of graph names to objects")
-        files = r.get("files", _map_of(_is_dict), "a map of file names to objects")
+        r = Fields(d, "manifest", source)
+        graphs = r.get("graphs", map_of(is_dict), "a map of graph names to objects")
+        files = r.get("files", map_of(is_dict), "a map of file names to objects")
         model = Model.from_dict(d["model"], source)
         manifest = cls(
             graphs={name: Graph.from_dict(g, name, source) for name, g in graphs.items()},
             files={name: FileRecord.from_dict(f, name, source) for name, f in files.items()},
-            tokenizer=r.get("tokenizer", _is_name, "a file name"),
+            tokenizer=r.get("tokenizer", is_name, "a file name"),
             model=model,
             special_tokens=SpecialTokens.from_dict(d["special_tokens"], source),
             chat_template=ChatTemplate.from_dict(d["chat_template"], source),
@@ -553,7 +455,7 @@ class Manifest(Section):
         """visual_tokens.count must be what the vision graph returns (when its manifest shape says so)."""
         vision = self.graphs.get("vision")
         tokens = vision.output("visual_tokens") if vision is not None else None
-        if tokens is not None and len(tokens.shape) == 3 and _is_int(tokens.shape[1]):
+        if tokens is not None and len(tokens.shape) == 3 and is_int(tokens.shape[1]):
             if tokens.shape[1] != self.visual_tokens.count:
                 raise BundleError(f"{source}: visual_tokens count {self.visual_tokens.count} differs from the vision "
-                                  f"graph's {tokens.shape[1]} tokens; {_REEXPORT}")
+                                  f"graph's {tokens.shape[1]} tokens; {REEXPORT}")

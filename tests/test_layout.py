@@ -21,17 +21,12 @@ def describe_cycle(graph, cycle: list[str], root: Path = ROOT) -> str:
 
 
 def test_no_import_cycle_between_files():
-    # Two cycles are being removed on other branches of issue 12 and fail here until they land:
-    # export.writer <-> export.precision.quantize (the staged writer moves to sdk/bundle.py) and
-    # sdk.bench -> export.compare_hf -> sdk.bench (bench runs Pipeline.generate, compare_hf joins through the CLI).
     graph = import_graph(source_files())
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle: {describe_cycle(graph, cycle)}"
 
 
 def test_no_private_name_is_imported_from_another_module():
-    # sdk/bundle.py's `from .preprocess import _BadManifest, _normalize` goes with the typed manifest
-    # (another branch of issue 12) and fails here until it lands.
     files = source_files(ROOT, ("sdk", "runtimes", "export", "scripts", "tests"))
     offenders = [f"{i.where()} from {i.module} import {', '.join(i.names)}" for i in private_imports(files)]
     assert offenders == []
