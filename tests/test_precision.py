@@ -137,7 +137,7 @@ def test_manifest_records_how_each_graph_was_made(variants):
         assert precision["default"] == variant.split("-")[0]
         assert tuple(precision["graphs"][g] for g in ("vision", "embed", "decoder")) == expected[variant]
         for graph, details in precision["details"].items():
-            assert details["tool"].startswith("onnxruntime.") and details["encoding"] and details["runtimes"]
+            assert details["tool"].startswith(("onnxruntime.", "onnx ")) and details["encoding"] and details["runtimes"]
             assert len(details["from_fp32_sha256"]) == 64
     int4 = json.loads((variants["int4"] / "manifest.json").read_text())["precision"]
     assert int4["details"]["decoder"]["block_size"] == quantize.DEFAULT_BLOCK_SIZE
@@ -317,3 +317,25 @@ def test_fp16_chains_of_kept_ops_stay_float32(tmp_path):
     x = np.array([[300.0, -2.0, 1.0, 0.5]], np.float32)
     got = ort.InferenceSession(str(tmp_path / "rms16.onnx")).run(None, {"x": x.astype(np.float16)})[0]
     np.testing.assert_allclose(got.astype(np.float32), x / np.sqrt((x ** 2).mean()), rtol=2e-3)
+
+
+def test_int8_embedding_gathers_rows_and_never_dequantizes_the_table(variants, fp32):
+    """int8/int4 bundles look up int8 rows and their scales (T*D work), within half a step of each row's scale."""
+    import onnxruntime as ort
+
+    for variant in ("int8", "int4"):
+        graph = onnx.load(str(variants[variant] / "embed.onnx"))
+        ops = [n.op_type for n in graph.graph.node]
+        assert "DequantizeLinear" not in ops and ops.count("Gather") == 2, ops
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+        rows = next(v for k, v in inits.items() if k.endswith(".int8_rows"))
+        scales = next(v for k, v in inits.items() if k.endswith(".row_scales"))
+        assert rows.dtype == np.int8 and scales.shape == (rows.shape[0], 1)
+        table = next(onnx.numpy_helper.to_array(i) for i in onnx.load(str(fp32 / "embed.onnx")).graph.initializer
+                     if len(i.dims) == 2)
+        ids = np.array([[0, 5, rows.shape[0] - 1, 5]], np.int64)
+        got = ort.InferenceSession(str(variants[variant] / "embed.onnx")).run(None, {"input_ids": ids})[0]
+        assert np.abs(got - table[ids]).max() <= 0.5 * scales[ids].max() + 1e-7
+        manifest = json.loads((variants[variant] / "manifest.json").read_text())["precision"]
+        assert manifest["details"]["embed"]["method_name"] == "int8-gather"
+

@@ -13,6 +13,12 @@ Per precision, a plan says how each graph is made (PLANS); each method is a regi
                       calibration on image+prompt pairs run through the FP32 bundle (export.precision.calibration).
                       Only weight-carrying ops are quantized by default (Conv, MatMul with a constant B,
                       Gemm, the embedding Gather); keep_fp32_ops lists what stays float.
+    int8-gather       the embedding table as int8 with one symmetric scale per row (written here with onnx:
+                      no maintained tool makes it in standard ops); a lookup gathers the T rows and their
+                      scales and multiplies (Gather, Cast, Mul), so it reads T*D bytes, never the V*D table.
+                      QDQ on a Gather dequantizes the whole table on every call (47.7 ms per token for a
+                      151936x896 table, issue 18); ONNX Runtime's GatherBlockQuantized is a contrib op
+                      TensorRT cannot read. scripts/embed_lookup_bench.py measures the choices.
     int8-weight-only  MatMulNBitsQuantizer, bits=8, block-wise symmetric: decoder linear layers only.
     int4-weight-only  MatMulNBitsQuantizer, bits=4, block-wise symmetric (block_size): decoder linear layers.
 
@@ -86,10 +92,10 @@ STATIC_OPS = {
 
 PLANS = {  # precision -> graph -> method
     "fp16": {"vision": "fp16", "embed": "fp16", "decoder": "fp16"},
-    "int8": {"vision": "int8-static", "embed": "int8-static", "decoder": None},  # None: --int8-decoder
-    "int4": {"vision": "int8-static", "embed": "int8-static", "decoder": "int4-weight-only"},
+    "int8": {"vision": "int8-static", "embed": "int8-gather", "decoder": None},  # None: --int8-decoder
+    "int4": {"vision": "int8-static", "embed": "int8-gather", "decoder": "int4-weight-only"},
 }
-METHOD_PRECISION = {"fp16": "fp16", "int8-static": "int8", "int8-weight-only": "int8", "int4-weight-only": "int4"}
+METHOD_PRECISION = {"fp16": "fp16", "int8-static": "int8", "int8-gather": "int8", "int8-weight-only": "int8", "int4-weight-only": "int4"}
 
 
 class PrecisionError(ExportError):
@@ -307,6 +313,46 @@ def int8_static(name: str, src: Path, dst: Path, ctx: dict) -> dict:
                            "per-output-channel weight scales, per-tensor activation scales, float biases")}
 
 
+def int8_gather(name: str, src: Path, dst: Path, ctx: dict) -> dict:
+    """The graph's one Gather of a constant [V,D] float table -> int8 rows [V,D] and float scales [V,1]:
+    out [B,T,D] = Cast(Gather(rows, ids)) * Gather(scales, ids)."""
+    model = _load(src)
+    tables = {i.name: i for i in model.graph.initializer if len(i.dims) == 2}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    if len(gathers) != 1:
+        raise PrecisionError(f"int8-gather needs exactly one Gather of a constant table in {name}, found "
+                             f"{len(gathers)}: quantize this graph with another method")
+    node = gathers[0]
+    table = onnx.numpy_helper.to_array(tables[node.input[0]]).astype(np.float32)
+    scales = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    scales[scales == 0] = 1.0  # an all-zero row (padding) stays zero with any scale
+    rows = np.clip(np.rint(table / scales), -127, 127).astype(np.int8)
+    model.graph.initializer.remove(tables[node.input[0]])
+    prefix = node.input[0]
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(rows, f"{prefix}.int8_rows"),
+                                    onnx.numpy_helper.from_array(scales.astype(np.float32), f"{prefix}.row_scales")])
+    ids, out = node.input[1], node.output[0]
+    lookup = [
+        onnx.helper.make_node("Gather", [f"{prefix}.int8_rows", ids], [f"{out}.int8"], name=f"{node.name}.rows"),
+        onnx.helper.make_node("Cast", [f"{out}.int8"], [f"{out}.float"], to=onnx.TensorProto.FLOAT,
+                              name=f"{node.name}.cast"),
+        onnx.helper.make_node("Gather", [f"{prefix}.row_scales", ids], [f"{out}.scale"], name=f"{node.name}.scales"),
+        onnx.helper.make_node("Mul", [f"{out}.float", f"{out}.scale"], [out], name=f"{node.name}.dequantize"),
+    ]
+    at = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    for offset, new in enumerate(lookup):
+        model.graph.node.insert(at + offset, new)
+    onnx.checker.check_model(model)
+    _save(model, dst)
+    error = float(np.abs(rows.astype(np.float32) * scales - table).max())
+    return {"tool": f"onnx {onnx.__version__} (export/precision/quantize.py int8_gather)",
+            "method": "weight-only: int8 rows, symmetric, one scale per row (max |w| / 127)",
+            "block_size": None, "kept_float": {"op_types": [], "nodes": []}, "max_abs_error": error,
+            "encoding": "Gather(int8 rows) -> Cast -> Mul(Gather(row scales)): standard ops, reads only the "
+                        "looked-up rows"}
+
+
 def _nbits_module():
     # Importing it calls logging.basicConfig(level=INFO) on the root logger: undo that for the caller's process.
     root = logging.getLogger()
@@ -368,8 +414,8 @@ def _weight_only(bits: int):
 
 
 # graph method -> fn(graph name, src graph, dst graph, ctx) -> manifest details
-METHODS = {"fp16": to_fp16, "int8-static": int8_static, "int8-weight-only": _weight_only(8),
-           "int4-weight-only": _weight_only(4)}
+METHODS = {"fp16": to_fp16, "int8-static": int8_static, "int8-gather": int8_gather,
+           "int8-weight-only": _weight_only(8), "int4-weight-only": _weight_only(4)}
 
 
 # ----------------------------------------------------------------------------- bundle
