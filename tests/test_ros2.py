@@ -108,7 +108,7 @@ class Probe:
         raise AssertionError("no matching status from the node")
 
 
-def raw_message(array: np.ndarray, encoding: str) -> Image:
+def raw_message(array: np.ndarray, encoding: str):
     h, w = array.shape[:2]
     return Image(height=h, width=w, encoding=encoding, step=array[0].size, data=array.tobytes())
 
@@ -208,3 +208,14 @@ def drain(answers: queue.Queue) -> list[str]:
             if got:
                 break
     return got
+
+
+@needs_ros
+def test_the_launch_file_declares_every_node_parameter():
+    import ast
+
+    from pipmm_ros2.node import PARAMETERS
+
+    tree = ast.parse((ROOT / "samples/ros2/launch/pipmm.launch.py").read_text())
+    declared = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "ARGUMENTS")
+    assert ast.literal_eval(declared) == {name: str(default) for name, default in PARAMETERS.items()}
