@@ -106,3 +106,15 @@ def test_colormap_runs_dark_to_bright():
     colors = colormap(np.linspace(0, 1, 11)).astype(int)
     assert colors.shape == (11, 3) and colors[0].tolist() == [0, 0, 4] and colors[-1].tolist() == [252, 255, 164]
     assert (np.diff(colors.sum(axis=1)) > 0).all()
+
+
+def test_the_readme_overlay_is_what_its_command_makes(tmp_path):
+    from helpers import ROOT
+
+    out = tmp_path / "scene.png"
+    done = run_pipmm("explain", ROOT / "samples/scene.png", "What color is the large cross?", "--out", out,
+                     "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    made = np.asarray(Image.open(out), np.int16)
+    committed = np.asarray(Image.open(ROOT / "docs/explain-scene.png"), np.int16)
+    assert made.shape == committed.shape and np.abs(made - committed).mean() < 1.0  # ORT builds round apart a little

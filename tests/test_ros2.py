@@ -129,6 +129,7 @@ def ros(pipe):
     executor.add_node(probe.node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
+    node.executor_for_tests, node.context_for_tests = executor, context
     yield node, probe
     executor.shutdown()
     node.destroy_node()
@@ -219,3 +220,32 @@ def test_the_launch_file_declares_every_node_parameter():
     tree = ast.parse((ROOT / "samples/ros2/launch/pipmm.launch.py").read_text())
     declared = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "ARGUMENTS")
     assert ast.literal_eval(declared) == {name: str(default) for name, default in PARAMETERS.items()}
+
+
+@needs_ros
+def test_at_most_rate_hz_descriptions_of_the_latest_frame(ros, pipe, image):
+    node, probe = ros
+    slow = DescribeNode("pipmm_slow", pipeline=node.pipeline, context=node.context_for_tests, parameter_overrides=[
+        Parameter("rate_hz", value=2.0), Parameter("image_topic", value="slow/image"),
+        Parameter("status_topic", value="slow/status"), Parameter("answer_topic", value="slow/answer")])
+    statuses = queue.Queue()
+    probe.node.create_subscription(String, "slow/status", lambda m: statuses.put(json.loads(m.data)), 10)
+    frames = probe.node.create_publisher(Image, "slow/image", 10)
+    node.executor_for_tests.add_node(slow)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while slow.frames == 0 and time.monotonic() < deadline:  # discovery
+            frames.publish(raw_message(image, "rgb8"))
+            time.sleep(0.05)
+        start, first = time.monotonic(), slow.frames
+        while time.monotonic() - start < 1.6:  # 2 Hz for 1.6 s: at most 4 descriptions of ~30 frames
+            frames.publish(raw_message(image, "rgb8"))
+            time.sleep(0.05)
+        time.sleep(0.3)
+        seen = [statuses.get() for _ in range(statuses.qsize())]
+        assert slow.frames - first >= 20 and 2 <= len(seen) <= 5
+        # every frame is described, replaced before that (dropped), or still the latest
+        assert slow.frames - len(seen) - 2 <= slow.dropped <= slow.frames - len(seen)
+    finally:
+        node.executor_for_tests.remove_node(slow)
+        slow.destroy_node()
