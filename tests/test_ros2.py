@@ -197,6 +197,19 @@ def test_unsupported_encodings_are_refused_and_not_described(ros, image):
     status = probe.wait_status(lambda: probe.images.publish(bad), lambda s: s["state"] == "refused")
     assert "'16UC1' is not supported" in status["error"] and "\n" not in status["error"]
     assert node.frames == frames_before  # never kept: the last good frame stays the latest
+    broken = CompressedImage(format="jpeg", data=b"not a jpeg at all")
+    status = probe.wait_status(lambda: probe.compressed.publish(broken), lambda s: s["state"] == "error")
+    assert "not an image PIL can read" in status["error"]  # the worker logs it and keeps serving
+
+
+@needs_ros
+def test_a_bundle_that_does_not_load_is_one_line(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "pipmm_ros2.node", "--ros-args", "-p", f"bundle:={tmp_path}"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT / "samples" / "ros2",
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "ROS_DOMAIN_ID": str(os.getpid() % 100 + 1)})
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
 
 
 def drain(answers: queue.Queue) -> list[str]:

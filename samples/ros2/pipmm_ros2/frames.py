@@ -61,9 +61,10 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data) -> np.nd
 
 def decode_compressed(data) -> Image.Image:
     """A sensor_msgs/CompressedImage's bytes -> PIL RGB image (sdk's pixel limit checked before decoding)."""
+    payload = bytes(data)
     try:
-        opened = Image.open(io.BytesIO(bytes(data)))
-    except (UnidentifiedImageError, OSError) as err:
-        raise FrameError(f"sensor_msgs/CompressedImage data is not an image PIL can read ({err}): publish "
-                         "jpeg or png bytes") from None
+        opened = Image.open(io.BytesIO(payload))
+    except (UnidentifiedImageError, OSError):
+        raise FrameError(f"sensor_msgs/CompressedImage data ({len(payload)} bytes) is not an image PIL can read: "
+                         "publish jpeg or png bytes") from None
     return load_image(opened)

@@ -16,6 +16,7 @@ subscription callbacks only store the frame. Run it:
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ def decode_frame(frame: Frame):
 class DescribeNode(Node):
     def __init__(self, node_name: str = "pipmm", pipeline=None, **node_options):
         super().__init__(node_name, **node_options)
+        self.stopping = threading.Event()  # first: destroy_node() reads it, even after a failed start
+        self.worker = None
         self.settings = {name: self.declare_parameter(name, default).value for name, default in PARAMETERS.items()}
         s = self.settings
         self.pipeline = pipeline or sdk.load(s["bundle"] or None, device=s["device"])
@@ -77,7 +80,6 @@ class DescribeNode(Node):
         self.described = 0  # number of the last frame the worker described
         self.frame_lock = threading.Lock()
         self.fresh = threading.Event()
-        self.stopping = threading.Event()
 
         self.answers = self.create_publisher(String, s["answer_topic"], 10)
         self.status = self.create_publisher(String, s["status_topic"], 10)
@@ -88,7 +90,6 @@ class DescribeNode(Node):
                                  callback_group=frames_group)
         self.create_subscription(String, s["query_topic"], self.on_query, 10, callback_group=frames_group)
         self.create_service(Trigger, "describe_now", self.on_describe_now, callback_group=ReentrantCallbackGroup())
-        self.worker = None
         if float(s["rate_hz"]) > 0:
             self.worker = threading.Thread(target=self.run_worker, args=(1.0 / float(s["rate_hz"]),),
                                            name="pipmm-describe", daemon=True)
@@ -139,7 +140,8 @@ class DescribeNode(Node):
     def describe(self, frame: Frame) -> str | None:
         """Describe one frame, publish the answer and the status -> the answer (None when it failed)."""
         prompt = self.prompt
-        self.described = max(self.described, frame.number)
+        with self.frame_lock:
+            self.described = max(self.described, frame.number)
         try:
             image = decode_frame(frame)
             max_new = int(self.settings["max_new_tokens"]) or None
@@ -187,9 +189,14 @@ class DescribeNode(Node):
         return super().destroy_node()
 
 
-def main(args=None) -> None:
+def main(args=None) -> int:
     rclpy.init(args=args)
-    node = DescribeNode()
+    try:
+        node = DescribeNode()
+    except PipmmError as err:  # a bundle that does not load, a device that is not there: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 1
     executor = MultiThreadedExecutor()
     executor.add_node(node)
     try:
@@ -200,7 +207,8 @@ def main(args=None) -> None:
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
