@@ -26,6 +26,7 @@ from runtimes.vision_output import VisionOutput
 from . import cmai
 from .bundle import default_bundle_path, load_bundle
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
+from .explain import Explanation, explain, require_attention
 from .generation import GenerationArgs, sample, suppress
 from .manifest import Manifest
 from .preprocess import preprocess
@@ -276,6 +277,17 @@ class Pipeline:
 
     def describe(self, image, prompt: str = "Describe the image.", **kwargs) -> str:
         return self.generate(image, prompt, **kwargs).text
+
+    def explain(self, image, prompt: str = "Describe the image.", decoder: bool = False,
+                max_new_tokens: int | None = None) -> Explanation:
+        """Where the model looked (sdk/explain.py): the T-CLS attention over patches as a heat map, the kept
+        patches outlined; decoder=True shows the greedy answer's attention over the visual tokens (CMAI bundles)."""
+        if decoder:
+            require_attention(self)
+        answer = self.generate(image, prompt, max_new_tokens=max_new_tokens, temperature=0.0) if decoder else None
+        with self._request():
+            return explain(self, image, prompt, None if answer is None else answer.token_ids,
+                           None if answer is None else answer.text)
 
     def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
