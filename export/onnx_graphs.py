@@ -123,6 +123,13 @@ EXPORTERS = {"vision": export_vision, "embed": export_embed, "decoder": export_d
 OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static}
 
 
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Weights in a side file above EXTERNAL_DATA_BYTES (or the 2 GB protobuf limit), as the exporter does."""
+    external = model.ByteSize() > EXTERNAL_DATA_BYTES if model.ByteSize() < (1 << 31) - 1 else True
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=path.name + ".data" if external else None)
+
+
 def describe_graph(path: Path) -> dict:
     """Names, dtypes and shapes (ints, or axis names for dynamic axes) of a graph's inputs and outputs."""
     model = onnx.load(str(path), load_external_data=False)

@@ -48,7 +48,8 @@ from sdk.errors import ExportError
 from sdk.manifest import Created, Graph, Precision
 
 from export.precision import calibration
-from export.onnx_graphs import EXTERNAL_DATA_BYTES, describe_graph
+from export.precision.embedding import int8_gather
+from export.onnx_graphs import EXTERNAL_DATA_BYTES, describe_graph, save_graph
 
 from onnxruntime.quantization import CalibrationDataReader  # noqa: E402  (the workstation side has onnxruntime)
 
@@ -178,12 +179,6 @@ def _load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    external = model.ByteSize() > EXTERNAL_DATA_BYTES if model.ByteSize() < (1 << 31) - 1 else True
-    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=path.name + ".data" if external else None)
-
-
 def _op_types(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node}
 
@@ -218,7 +213,7 @@ def to_fp16(name: str, src: Path, dst: Path, ctx: dict) -> dict:
     model.graph.node.extend(nodes)
     _skip_float16_round_trips(model)
     OnnxModel(model).topological_sort()
-    _save(model, dst)
+    save_graph(model, dst)
     return {"tool": f"onnxruntime.transformers.float16.convert_float_to_float16 (onnxruntime {_ort_version()})",
             "method": "float16 weights and activations; kept ops run in float32 behind Cast nodes",
             "block_size": None, "kept_float": {"op_types": op_block, "nodes": node_block},
@@ -313,46 +308,6 @@ def int8_static(name: str, src: Path, dst: Path, ctx: dict) -> dict:
                            "per-output-channel weight scales, per-tensor activation scales, float biases")}
 
 
-def int8_gather(name: str, src: Path, dst: Path, ctx: dict) -> dict:
-    """The graph's one Gather of a constant [V,D] float table -> int8 rows [V,D] and float scales [V,1]:
-    out [B,T,D] = Cast(Gather(rows, ids)) * Gather(scales, ids)."""
-    model = _load(src)
-    tables = {i.name: i for i in model.graph.initializer if len(i.dims) == 2}
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
-    if len(gathers) != 1:
-        raise PrecisionError(f"int8-gather needs exactly one Gather of a constant table in {name}, found "
-                             f"{len(gathers)}: quantize this graph with another method")
-    node = gathers[0]
-    table = onnx.numpy_helper.to_array(tables[node.input[0]]).astype(np.float32)
-    scales = np.abs(table).max(axis=1, keepdims=True) / 127.0
-    scales[scales == 0] = 1.0  # an all-zero row (padding) stays zero with any scale
-    rows = np.clip(np.rint(table / scales), -127, 127).astype(np.int8)
-    model.graph.initializer.remove(tables[node.input[0]])
-    prefix = node.input[0]
-    model.graph.initializer.extend([onnx.numpy_helper.from_array(rows, f"{prefix}.int8_rows"),
-                                    onnx.numpy_helper.from_array(scales.astype(np.float32), f"{prefix}.row_scales")])
-    ids, out = node.input[1], node.output[0]
-    lookup = [
-        onnx.helper.make_node("Gather", [f"{prefix}.int8_rows", ids], [f"{out}.int8"], name=f"{node.name}.rows"),
-        onnx.helper.make_node("Cast", [f"{out}.int8"], [f"{out}.float"], to=onnx.TensorProto.FLOAT,
-                              name=f"{node.name}.cast"),
-        onnx.helper.make_node("Gather", [f"{prefix}.row_scales", ids], [f"{out}.scale"], name=f"{node.name}.scales"),
-        onnx.helper.make_node("Mul", [f"{out}.float", f"{out}.scale"], [out], name=f"{node.name}.dequantize"),
-    ]
-    at = list(model.graph.node).index(node)
-    model.graph.node.remove(node)
-    for offset, new in enumerate(lookup):
-        model.graph.node.insert(at + offset, new)
-    onnx.checker.check_model(model)
-    _save(model, dst)
-    error = float(np.abs(rows.astype(np.float32) * scales - table).max())
-    return {"tool": f"onnx {onnx.__version__} (export/precision/quantize.py int8_gather)",
-            "method": "weight-only: int8 rows, symmetric, one scale per row (max |w| / 127)",
-            "block_size": None, "kept_float": {"op_types": [], "nodes": []}, "max_abs_error": error,
-            "encoding": "Gather(int8 rows) -> Cast -> Mul(Gather(row scales)): standard ops, reads only the "
-                        "looked-up rows"}
-
-
 def _nbits_module():
     # Importing it calls logging.basicConfig(level=INFO) on the root logger: undo that for the caller's process.
     root = logging.getLogger()
@@ -399,7 +354,7 @@ def _weight_only(bits: int):
             if all(_gemm_as_matmul(model, n) for n in lm_head):
                 model = _matmul_nbits(model, LM_HEAD_BITS_IN_INT4, block, include=lm_head)
                 lm_head_as = f"{LM_HEAD_BITS_IN_INT4}-bit MatMulNBits, block_size={block}"
-        _save(model, dst)
+        save_graph(model, dst)
         count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
         return {"tool": f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer "
                         f"(onnxruntime {_ort_version()})",
