@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("sdk.bench", "latency per stage and peak memory of a bundle on this device (table, JSON, chart)"),
     "build-engines": ("sdk.cli_build_engines", "build TensorRT engines of a bundle for this GPU (cached by GPU, "
                       "TensorRT version and bundle hash)"),
+    "serve": ("sdk.cli_serve", "an OpenAI-compatible server (chat completions with images, /metrics, a web page)"),
     "add-graphs": ("export.cli_add_graphs", "add optional graphs to a bundle (decoder_static: static KV cache for "
                    "CUDA graphs)"),
 }
