@@ -53,8 +53,16 @@ def resolve_peers(args, peers: dict[str, tuple[str, str]] = PEERS) -> str | None
     return None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, `error: pipmm VERB: what is wrong (pipmm VERB --help)`, and exit status 2
+    (argparse's own prints the whole usage block first). Subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser(verbs: dict[str, tuple[str, str]] = VERBS) -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="pipmm", description="PIP-MM multimodal LLMs on edge devices.")
+    parser = OneLineParser(prog="pipmm", description="PIP-MM multimodal LLMs on edge devices.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     modules = {}
     for verb, (module_name, help_text) in verbs.items():
