@@ -18,8 +18,9 @@ from helpers import ROOT
 
 class ServerProcess:
     def __init__(self, bundle, *options, log: Path, startup_s: float = 60.0):
+        """bundle: a directory, or None for the embedded default model."""
         self.log = Path(log)
-        self.process = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", str(bundle), "--port", "0",
+        self.process = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", *([str(bundle)] if bundle else []), "--port", "0",
                                          *map(str, options)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                         stderr=self.log.open("w"))  # a file: a pipe nobody reads would fill up
         self.url = self.wait_for(r"listening on (http://\S+)", startup_s)

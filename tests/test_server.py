@@ -248,3 +248,63 @@ def test_load_eight_clients_by_25_requests(server, model, frames, pipe):
 
 # 200 requests of a tiny bundle: threads come and go, ONNX Runtime's arenas are warm. Measured here: under 3 MB.
 RSS_GROWTH_BOUND = 16 * 2**20
+
+
+def test_health_is_503_while_loading_then_the_model_endpoints_say_so():
+    """The server listens before its workers load (sdk.server.serve): the same app, in this process, with no pool."""
+    from sdk.server.app import Service, make_server
+    from sdk.server.config import ServerConfig
+
+    service = Service(ServerConfig(port=0))
+    httpd = make_server(service)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        import urllib.error
+        import urllib.request
+
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        for path, code in (("/health", None), ("/v1/models", "loading")):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path, timeout=10)
+            body = json.loads(err.value.read())
+            assert err.value.code == 503 and (body == {"status": "loading"} if code is None
+                                              else body["error"]["code"] == code)
+        assert urllib.request.urlopen(base + "/metrics", timeout=10).read().count(b"pipmm_workers 0") == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("pieces, stops, shown, stopped", [
+    (["Hel", "lo wo", "rld"], ["lo w"], "Hel", True),  # split over pieces, never shown
+    (["ab", "c", "d"], ["cx"], "abcd", False),  # a held-back tail that turned out not to be a stop string
+    (["a", "bcd"], ["d", "bc"], "a", True),  # the earliest of several
+    (["xyz"], [], "xyz", False),
+])
+def test_stop_scanner(pieces, stops, shown, stopped):
+    from sdk.server.completion import StopScanner
+
+    scanner, out, hit = StopScanner(stops), "", False
+    for piece in pieces:
+        text, hit = scanner.feed(piece)
+        out += text
+        if hit:
+            break
+    assert (out + ("" if hit else scanner.flush()), hit) == (shown, stopped)
+
+
+def test_the_embedded_default_model_answers_as_sdk_describe(tmp_path):
+    """The README's example: `pipmm serve` without a bundle, model id pipmm-default."""
+    import sdk
+    from helpers import ROOT
+
+    scene = ROOT / "samples" / "scene.png"
+    prompt = "What color is the large cross?"
+    default = ServerProcess(None, "--max-queue", 4, log=tmp_path / "server.log")  # no BUNDLE: the embedded model
+    try:
+        client = openai.OpenAI(base_url=default.url + "/v1", api_key="any", max_retries=0)
+        answer = ask(client, "pipmm-default", data_url(scene.read_bytes()), prompt, max_tokens=12)
+        assert answer.choices[0].message.content == sdk.describe(scene, prompt, max_new_tokens=12)
+    finally:
+        default.stop()

@@ -13,7 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ..errors import PipmmError
+from ..errors import PipmmError, one_line
 from .chat import chat_completions
 from .config import ServerConfig
 from .errors import CLIENT_GONE, ApiError, from_sdk
@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .responses import model_list
 
 PAGE = Path(__file__).with_name("page.html")
+DISCARD_LIMIT = 256 * 1024 * 1024  # bytes of a refused body read and dropped (never held)
 PUBLIC = {"/", "/health"}  # answered without the API key (the page asks for it itself)
 
 
@@ -78,6 +79,7 @@ ROUTES = {
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "pipmm-serve"
+    timeout = 120  # seconds a connection may sit idle, or a write wait for a client that reads nothing
     service: Service  # set on the subclass make_server builds
 
     def do_GET(self):
@@ -107,6 +109,10 @@ class Handler(BaseHTTPRequestHandler):
         except CLIENT_GONE:
             self.close_connection = True
             self.status = self.status or 499
+        except Exception as err:  # a bug of ours: one line, a 500, and the server keeps serving
+            self.close_connection = True
+            self.send_error_body(ApiError(500, f"internal error ({one_line(err)}): report it with the request",
+                                          "server_error", code="internal_error"))
         label = path if route is not None else "other"
         self.service.metrics.request(label, self.status)
         self.log_line(method, path, (time.perf_counter() - start) * 1000)
@@ -127,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(411, "send the body with a Content-Length header", code="length_required")
         if int(length) > limit:
-            self.close_connection = True  # the body stays unread: this connection cannot carry another request
+            self.discard_body(int(length))
             raise ApiError(413, f"the request body has {length} bytes, above this server's limit of {limit} "
                                 "(--max-body-mb): send a smaller image", code="body_too_large")
         raw = self.rfile.read(int(length))
@@ -135,6 +141,18 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+
+    def discard_body(self, length: int) -> None:
+        """Read a refused body in small pieces, so the client reads the 413 instead of a broken pipe; one too
+        large even for that stays unread and the connection closes."""
+        if length > DISCARD_LIMIT:
+            self.close_connection = True
+            return
+        while length > 0:
+            block = self.rfile.read(min(length, 1 << 16))
+            if not block:
+                break
+            length -= len(block)
 
     # -- writing ---------------------------------------------------------------------------------
 

@@ -51,5 +51,5 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return ApiError(400, message, param=param, code=code)
 
 
-# What writing to a client that went away raises.
-CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+# What writing to a client that went away (or stopped reading for Handler.timeout) raises.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
