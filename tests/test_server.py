@@ -308,3 +308,35 @@ def test_the_embedded_default_model_answers_as_sdk_describe(tmp_path):
         assert answer.choices[0].message.content == sdk.describe(scene, prompt, max_new_tokens=12)
     finally:
         default.stop()
+
+
+def test_media_dir_and_remote_images_when_enabled(bundle_dir, frames, pipe, tmp_path):
+    import functools
+    import os
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    media = tmp_path / "media"
+    media.mkdir()
+    path = frames[3][0]
+    (media / "frame.png").write_bytes(path.read_bytes())
+    os.mkfifo(media / "pipe.png")
+    expected = pipe.describe(path, "What is in the image?", max_new_tokens=TOKENS)
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(media)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    remote = f"http://127.0.0.1:{files.server_address[1]}"
+    served = ServerProcess(bundle_dir, "--media-dir", media, "--allow-remote-images", "--remote-timeout", 5,
+                           log=tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="any", max_retries=0)
+        for url in ("frame.png", f"file://{media / 'frame.png'}", f"{remote}/frame.png"):
+            assert ask(client, bundle_dir.name, url).choices[0].message.content == expected, url
+        refusals = {"../outside.png": 403, "pipe.png": 400, f"{remote}/missing.png": 400}
+        for url, status in refusals.items():
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client, bundle_dir.name, url)
+            assert err.value.status_code == status, (url, err.value.body)
+        assert "not a regular file" in served.log.read_text()
+    finally:
+        served.stop()
+        files.shutdown()
+        files.server_close()
