@@ -31,6 +31,11 @@ from .manifest import MANIFEST_FILE, REQUIRED_GRAPHS, FileRecord, Graph, Manifes
 from .version import __version__
 
 
+# A manifest is a few kB; anything far beyond is refused before it is read or parsed.
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+MAX_MANIFEST_DEPTH = 32  # the real manifest nests 5 levels
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -91,11 +96,34 @@ def read_manifest(root: Path) -> Manifest:
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BundleError(f"{root} has no {MANIFEST_FILE}: it is not a pipmm bundle (re-export with 'pipmm export')")
+    size = manifest_path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:  # before reading: a hostile manifest must not cost memory
+        raise BundleError(f"{manifest_path} has {size} bytes, above the limit of {MAX_MANIFEST_BYTES} (real manifests "
+                          "have a few kB): the bundle is damaged or hostile; re-export it")
     try:
         data = json.loads(manifest_path.read_text())
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise BundleError(f"{manifest_path} nests deeper than JSON can be read: the bundle is damaged or hostile; "
+                          "re-export it") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise BundleError(f"{manifest_path} is not valid JSON ({err}): the bundle is damaged; copy it again") from err
+    if (depth := json_depth(data, MAX_MANIFEST_DEPTH)) > MAX_MANIFEST_DEPTH:
+        raise BundleError(f"{manifest_path} nests {depth} levels deep, above the limit of {MAX_MANIFEST_DEPTH}: the "
+                          "bundle is damaged or hostile; re-export it")
     return Manifest.from_dict(data, str(manifest_path), sdk_version=__version__)
+
+
+def json_depth(value, limit: int) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion; stops counting past `limit`."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def verify_files(root: Path, manifest: Manifest, verify: bool = True) -> None:

@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("sdk.bench", "latency per stage and peak memory of a bundle on this device (table, JSON, chart)"),
     "build-engines": ("sdk.cli_build_engines", "build TensorRT engines of a bundle for this GPU (cached by GPU, "
                       "TensorRT version and bundle hash)"),
+    "serve": ("sdk.cli_serve", "an OpenAI-compatible server (chat completions with images, /metrics, a web page)"),
     "add-graphs": ("export.cli_add_graphs", "add optional graphs to a bundle (decoder_static: static KV cache for "
                    "CUDA graphs)"),
 }
@@ -53,8 +54,16 @@ def resolve_peers(args, peers: dict[str, tuple[str, str]] = PEERS) -> str | None
     return None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, `error: pipmm VERB: what is wrong (pipmm VERB --help)`, and exit status 2
+    (argparse's own prints the whole usage block first). Subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser(verbs: dict[str, tuple[str, str]] = VERBS) -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="pipmm", description="PIP-MM multimodal LLMs on edge devices.")
+    parser = OneLineParser(prog="pipmm", description="PIP-MM multimodal LLMs on edge devices.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     modules = {}
     for verb, (module_name, help_text) in verbs.items():

@@ -291,11 +291,14 @@ class Pipeline:
 
     def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-               inhibit: float | None = None, min_new_tokens: int | None = None) -> Iterator[str]:
-        """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text)."""
+               inhibit: float | None = None, min_new_tokens: int | None = None,
+               result: Result | None = None) -> Iterator[str]:
+        """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text).
+        result: a Result to fill as it goes (token_ids, finish_reason, timings; text stays empty)."""
         args = self._args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
-        result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
+        if result is None:
+            result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
         with self._request():
             emitted = ""
             for token in self._tokens(image, prompt, args, result, fraction):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -148,7 +149,7 @@ def _check_pixels(width: int, height: int, limit: int, what: str) -> None:
                          "sdk.preprocess.MAX_IMAGE_PIXELS / PIPMM_MAX_IMAGE_PIXELS if you trust it")
 
 
-def _open_header(path: Path) -> Image.Image:
+def _open_header(path) -> Image.Image:
     """Image.open reads the header only. PIL's own bomb check raises DecompressionBombError above
     2x PIL.Image.MAX_IMAGE_PIXELS and only *warns* above 1x: make the warning an error too."""
     with _WARNINGS_LOCK, warnings.catch_warnings():
@@ -156,13 +157,33 @@ def _open_header(path: Path) -> Image.Image:
         return Image.open(path)
 
 
+def _open_regular(path: Path):
+    """A binary file object of `path`, refusing anything but a regular file *before* reading from it: a FIFO with
+    no writer would block Image.open forever (while the caller holds the Pipeline), a device would never end.
+    O_NONBLOCK makes opening a FIFO return at once; fstat then looks at what was opened, so a file swapped
+    for a FIFO after a check by name is refused too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise ImageError(f"cannot open {path} ({err.strerror}); check the path and its permissions") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise ImageError(f"{path} is {kind}; pass an image file")
+    return os.fdopen(fd, "rb")
+
+
 def _open(path: Path, limit: int) -> Image.Image:
     if not path.exists():
         raise ImageError(f"image file not found: {path}; check the path")
-    if path.is_dir():
-        raise ImageError(f"{path} is a directory; pass an image file")
+    with _open_regular(path) as file:
+        return _open_file(file, path, limit)
+
+
+def _open_file(file, path: Path, limit: int) -> Image.Image:
     try:
-        opened = _open_header(path)
+        opened = _open_header(file)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{path} is refused before decoding: {_short(err)}; downscale it, or raise "
                          "PIL.Image.MAX_IMAGE_PIXELS and sdk.preprocess.MAX_IMAGE_PIXELS if you trust it") from None
@@ -207,11 +228,7 @@ def _convert_rgb(image: Image.Image) -> Image.Image:
 
 def _from_array(array: np.ndarray, limit: int) -> Image.Image:
     """The numpy path of transformers' convert_to_rgb, channels last."""
-    if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
-        raise ImageError("the image array contains NaN; pass a uint8 array with values 0-255")
-    if array.dtype != np.uint8:
-        raise ImageError(f"image array has dtype {array.dtype}; pass uint8 values 0-255 "
-                         "(e.g. (x * 255).round().astype(np.uint8) for floats in 0-1)")
+    # Cheapest first: shape and the pixel limit read no element, so a huge (e.g. broadcast) array costs nothing.
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
@@ -219,6 +236,12 @@ def _from_array(array: np.ndarray, limit: int) -> Image.Image:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"image array is empty (shape {array.shape}); pass a non-empty image")
     _check_pixels(array.shape[1], array.shape[0], limit, "the image array")
+    if array.dtype != np.uint8:
+        # min() propagates NaN in one pass without a temporary array as large as the image.
+        if np.issubdtype(array.dtype, np.floating) and np.isnan(array.min()):
+            raise ImageError("the image array contains NaN; pass a uint8 array with values 0-255")
+        raise ImageError(f"image array has dtype {array.dtype}; pass uint8 values 0-255 "
+                         "(e.g. (x * 255).round().astype(np.uint8) for floats in 0-1)")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     elif array.shape[2] == 4:

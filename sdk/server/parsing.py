@@ -1,0 +1,116 @@
+"""A /v1/chat/completions body -> ChatRequest, or an ApiError saying what is wrong with it.
+
+One image per conversation: the prompt is the text of the last user message, the image the one image
+any user message holds (the SDK answers one turn; earlier turns are not shown to the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .config import ServerConfig
+from .errors import ApiError, bad_request
+from .images import from_url
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+@dataclass
+class ChatRequest:
+    prompt: str
+    image: Image.Image
+    options: dict = field(default_factory=dict)  # Pipeline.stream keyword arguments
+    stream: bool = False
+    include_usage: bool = False
+    stop: list[str] = field(default_factory=list)
+
+
+def optional(body: dict, name: str, kinds: tuple[type, ...], what: str):
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)):
+        raise bad_request(f"{name} must be {what}, not {value!r}", name)
+    return value
+
+
+def parse_chat(body, config: ServerConfig, visual_tokens: int) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    model = body.get("model")
+    if model != config.served_model:
+        raise ApiError(404, f"model {model!r} is not served here: use {config.served_model!r} (GET /v1/models)",
+                       param="model", code="model_not_found")
+    if body.get("n") not in (None, 1):
+        raise bad_request("n must be 1: this server returns one choice per request", "n")
+    budget = optional(body, "visual_tokens", (int,), "an integer")
+    if budget is not None and budget != visual_tokens:
+        raise bad_request(f"visual_tokens={budget} is not available: this bundle's visual-token budget is fixed "
+                          f"at {visual_tokens} (export another budget with 'pipmm export --visual-tokens')",
+                          "visual_tokens")
+    prompt, image = conversation(body.get("messages"), config)
+    max_tokens = optional(body, "max_completion_tokens", (int,), "an integer")
+    if max_tokens is None:
+        max_tokens = optional(body, "max_tokens", (int,), "an integer")
+    options = {"max_new_tokens": max_tokens,
+               "temperature": optional(body, "temperature", (int, float), "a number"),
+               "top_p": optional(body, "top_p", (int, float), "a number"),
+               "seed": optional(body, "seed", (int,), "an integer"),
+               "inhibit": optional(body, "inhibit", (int, float), "a number in [0, 1)"),
+               "min_new_tokens": optional(body, "min_tokens", (int,), "an integer")}
+    stream = optional(body, "stream", (bool,), "true or false") or False
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    return ChatRequest(prompt, image, options, stream, bool(stream_options.get("include_usage")),
+                       stop_strings(body.get("stop"), config.max_stop_strings))
+
+
+def stop_strings(stop, limit: int) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+    if not isinstance(stops, list) or len(stops) > limit or not all(isinstance(s, str) and s for s in stops):
+        raise bad_request(f"stop must be a non-empty string or a list of at most {limit} of them", "stop")
+    return stops
+
+
+def conversation(messages, config: ServerConfig) -> tuple[str, Image.Image]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list", "messages")
+    prompt, images = None, []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise bad_request(f"each message needs a role of {sorted(ROLES)}", "messages")
+        if message["role"] != "user":
+            continue
+        text, urls = content_parts(message.get("content"))
+        prompt = text
+        images += urls
+    if prompt is None:
+        raise bad_request("messages hold no user message: send one with the question and the image", "messages")
+    if not images:
+        raise bad_request("no image in the messages: add a content part {\"type\": \"image_url\", \"image_url\": "
+                          "{\"url\": \"data:image/png;base64,...\"}}", "messages", "image_required")
+    if len(images) > 1:
+        raise bad_request(f"the messages hold {len(images)} images: this server answers about one image per "
+                          "conversation", "messages", "too_many_images")
+    return prompt, from_url(images[0], config)
+
+
+def content_parts(content) -> tuple[str, list[str]]:
+    """A user message's content (a string or a list of parts) -> (its text, its image URLs)."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise bad_request("a user message's content must be a string or a list of content parts", "messages")
+    texts, urls = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            urls.append(image_url.get("url") if isinstance(image_url, dict) else image_url)
+        else:
+            raise bad_request("content parts must be {\"type\": \"text\", \"text\": ...} or {\"type\": \"image_url\", "
+                              "\"image_url\": {\"url\": ...}}", "messages")
+    return "\n".join(texts), urls
