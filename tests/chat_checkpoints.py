@@ -37,15 +37,17 @@ CASES = {
     "qwen2-chatml": ("qwen2", CHATML, False, ["<|im_start|>", "<|im_end|>"], ["<|im_end|>"], "processor"),
     "mistral-inst": ("mistral", MISTRAL, False, [], [], "processor"),
     "legacy-chat-template-json": ("llama", LLAVA_15, True, [], [], "legacy"),
+    # llava-interleave-qwen's layout: SigLIP tower (no class token, strategy "full"), Qwen2, ChatML
+    "siglip-qwen2-chatml": ("qwen2", CHATML, False, ["<|im_start|>", "<|im_end|>"], ["<|im_end|>"], "processor",
+                            "siglip"),
 }
 
 
-def checkpoint(root, arch, template, bos, extra_tokens, stop_tokens, layout, seed=3):
+def checkpoint(root, arch, template, bos, extra_tokens, stop_tokens, layout, tower="clip", seed=3):
     """A tiny checkpoint saved with transformers' LlavaProcessor in the given layout."""
-    from transformers import (CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
-    path = build_tiny_llava(root, arch=arch, seed=seed)
+    path = build_tiny_llava(root, arch=arch, seed=seed, tower=tower)
     raw = json.loads((path / "tokenizer.json").read_text())
     if not bos:  # as many tokenizers saved with `tokenizers` are: no post-processor
         raw["post_processor"] = None
@@ -62,9 +64,10 @@ def checkpoint(root, arch, template, bos, extra_tokens, stop_tokens, layout, see
     if stop_tokens:
         model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens] + [2]
     model.save_pretrained(path)
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(path), tokenizer=tokenizer,
-                               patch_size=4, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=template)
+    class_token = tower == "clip"
+    processor = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
+                               patch_size=4, vision_feature_select_strategy="default" if class_token else "full",
+                               num_additional_image_tokens=int(class_token), chat_template=template)
     processor.save_pretrained(path)
     if layout == "legacy":  # the hub layout before chat_template.jinja: no processor_config.json either
         (path / "chat_template.jinja").unlink()

@@ -52,6 +52,18 @@ def test_bundle_runs_the_checkpoints_own_template_as_transformers_does(case, mad
     assert len(expected_tokens) >= 4, "the random checkpoint stops almost at once; pick another seed"
 
 
+@pytest.mark.parametrize("case", ["llama-bos-llava15", "siglip-qwen2-chatml"])
+@pytest.mark.parametrize("height, width", [(13, 97), (120, 31), (28, 28)])
+def test_odd_image_sizes_and_aspect_ratios_run_as_transformers_does(case, height, width, made):
+    """CLIP's processor resizes the short edge and center-crops; SigLIP's resizes to the square: both as the
+    checkpoint's own processor does, so the greedy tokens stay transformers'."""
+    path, bundle = made(case)
+    rng = np.random.default_rng(height * width)
+    picture = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    result = sdk.load(bundle, device="cpu").generate(picture, QUESTION, max_new_tokens=12)
+    assert result.token_ids == transformers_run(path, picture, QUESTION, new_tokens=12)[1]
+
+
 def test_stop_tokens_come_from_the_generation_config(made):
     _, bundle = made("qwen2-chatml")
     manifest = json.loads((bundle / "manifest.json").read_text())
