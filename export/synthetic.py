@@ -2,6 +2,7 @@
 measurements' real shapes, with one small byte-level BPE tokenizer.
 
     build_tiny_llava("/tmp/ckpt", arch="llama")                              # tests: seconds on a CPU
+    build_tiny_llava("/tmp/ckpt", arch="qwen2", tower="siglip")             # llava-interleave-qwen's layout
     build_random_checkpoint("/tmp/ckpt-7b", "llava-1.5-7b", device="cuda")   # CLIP ViT-L/14-336 + Llama-7B, FP16
     build_random_checkpoint("/tmp/ckpt-edge", "edge-0.5b", device="cuda")    # CLIP ViT-B/16-224 + Qwen2-0.5B
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from sdk.preprocess import clip_processor_config
+from sdk.preprocess import clip_processor_config, siglip_processor_config
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3, <image>=4.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -105,16 +106,28 @@ def text_config(model_type: str, **fields):
     return cls(**fields, **NO_SLIDING_WINDOW[model_type], bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
 
 
-def llava_config(vision: dict, text, image_token: int, **fields):
-    from transformers import CLIPVisionConfig, LlavaConfig
+# Per vision tower: transformers' config class, LLaVA's feature layer and select strategy, the image processor.
+# SigLIP as llava-hf/llava-interleave-qwen-0.5b-hf: no class token, last layer, strategy "full".
+TOWER_LAYOUTS = {
+    "clip": ("CLIPVisionConfig", -2, "default", clip_processor_config),
+    "siglip": ("SiglipVisionConfig", -1, "full", siglip_processor_config),
+}
 
-    vision_config = CLIPVisionConfig(**vision)
-    return LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=image_token,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2, **fields)
+
+def llava_config(vision: dict, text, image_token: int, tower: str = "clip", **fields):
+    import transformers
+
+    config_class, feature_layer, strategy, _ = TOWER_LAYOUTS[tower]
+    if tower != "clip":
+        vision = {k: v for k, v in vision.items() if k != "projection_dim"}
+    vision_config = getattr(transformers, config_class)(**vision)
+    return transformers.LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=image_token,
+                                    vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                                    image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+                                    **fields)
 
 
-def save_checkpoint(model, tokenizer: Tokenizer, out_dir: Path, **save_options) -> Path:
+def save_checkpoint(model, tokenizer: Tokenizer, out_dir: Path, tower: str = "clip", **save_options) -> Path:
     """Weights, tokenizer, preprocessor and special tokens: the files `pipmm export` and transformers read."""
     model.generation_config.eos_token_id = EOS
     model.generation_config.bos_token_id = BOS
@@ -122,7 +135,8 @@ def save_checkpoint(model, tokenizer: Tokenizer, out_dir: Path, **save_options) 
     model.save_pretrained(out_dir, safe_serialization=True, **save_options)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     image_size = model.config.vision_config.image_size
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(clip_processor_config(image_size), indent=2) + "\n")
+    processor_config = TOWER_LAYOUTS[tower][3](image_size)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
     (out_dir / "special_tokens.json").write_text(json.dumps(SPECIAL_TOKENS) + "\n")
     return out_dir
 
@@ -130,8 +144,9 @@ def save_checkpoint(model, tokenizer: Tokenizer, out_dir: Path, **save_options) 
 # ----------------------------------------------------------------------------- builders
 
 def build_tiny_llava(out_dir: str | Path, arch: str = "llama", seed: int = 0, image_size: int = 28,
-                     patch_size: int = 4, vision_hidden: int = 32, text_hidden: int = 64) -> Path:
-    """Write a tiny random LlavaForConditionalGeneration checkpoint directory and return its path."""
+                     patch_size: int = 4, vision_hidden: int = 32, text_hidden: int = 64, tower: str = "clip") -> Path:
+    """Write a tiny random LlavaForConditionalGeneration checkpoint directory and return its path.
+    tower: "clip" (class token, feature layer -2, strategy "default") or "siglip" (TOWER_LAYOUTS)."""
     from transformers import LlavaForConditionalGeneration
 
     out_dir = Path(out_dir)
@@ -142,7 +157,7 @@ def build_tiny_llava(out_dir: str | Path, arch: str = "llama", seed: int = 0, im
                        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
     vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=3,
                   num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
-    config = llava_config(vision, text, tokenizer.token_to_id("<image>"))
+    config = llava_config(vision, text, tokenizer.token_to_id("<image>"), tower=tower)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     # Random init has tiny weights; larger ones make logits (and so greedy tokens) well separated.
@@ -150,7 +165,7 @@ def build_tiny_llava(out_dir: str | Path, arch: str = "llama", seed: int = 0, im
         for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.15)
-    return save_checkpoint(model, tokenizer, out_dir)
+    return save_checkpoint(model, tokenizer, out_dir, tower=tower)
 
 
 def build_random_checkpoint(out_dir, preset: str = "llava-1.5-7b", dtype: torch.dtype = torch.float16,

@@ -58,7 +58,8 @@ def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="
 
     cmai: CMAI settings (export.model.decoder.cmai_settings; None = defaults, {"layers": "none"} = without)."""
     model, config = checkpoint.model, checkpoint.config
-    vision_cfg = vision_config_from(config, budget=budget, reducer=reducer, options=reducer_options)
+    vision_cfg = vision_config_from(config, budget=budget, reducer=reducer, options=reducer_options,
+                                    pipmm=prompt_mlp is not None)
     prompt_layer = prompt_mlp.config.prompt_layer if prompt_mlp is not None else -1
     cmai = cmai_settings(config.text_config.num_hidden_layers, cmai)
     return {
@@ -100,8 +101,8 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
     vision = modules["vision"].config
     reducer = type(modules["vision"].reducer)  # FullReducer at full budget
     # With the class token leading the visual tokens (select strategy "full") it has no patch to sit at.
-    reducer_positions = visual_positions_for(FullReducer if vision.select_strategy == "full" else reducer,
-                                             visual_positions)
+    class_leads = vision.select_strategy == "full" and vision.class_token
+    reducer_positions = visual_positions_for(FullReducer if class_leads else reducer, visual_positions)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     tokenizer_json = json.loads(checkpoint.tokenizer_file.read_text())
     source = str(checkpoint.path)
@@ -113,10 +114,11 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
                     vision_hidden_size=checkpoint.config.vision_config.hidden_size, pipmm=prompt_mlp is not None),
         precision=Precision.uniform(precision, onnx_graphs.EXPORTERS),
         vision=Vision.from_dict(vision.to_dict(), source),
-        visual_tokens=VisualTokens(budget=vision.budget, count=vision.num_tokens + (vision.select_strategy == "full"),
+        visual_tokens=VisualTokens(budget=vision.budget, count=vision.num_tokens + class_leads,
                                    reducer=reducer.name, positions=reducer_positions),
         prompt_vector=None if prompt_mlp is None else PromptVector(layer=prompt_mlp.config.prompt_layer,
-                                                                   pooling=prompt_mlp.config.pooling),
+                                                                   pooling=prompt_mlp.config.pooling,
+                                                                   conversation="first-question"),
         prompt_mlp=None if prompt_mlp is None else PromptMlp.from_dict(vars(prompt_mlp.config).copy(), source),
         image_preprocessing=_preprocessing(checkpoint, vision.image_size),
         chat_template=chat_template or ChatTemplate.from_dict(conversation_format(checkpoint.path).manifest_entry(), source),

@@ -31,7 +31,12 @@ MANIFEST_FILE = "manifest.json"
 REQUIRED_GRAPHS = ("vision", "embed", "decoder")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 VISUAL_POSITIONS = ("sequence", "patch")  # decoder positions of the visual tokens (runtimes/positions.py)
-POOLINGS = ("last", "mean")  # prompt vector: hidden state of the last prompt token, or the mean over the prompt
+POOLINGS = ("last", "mean")
+# PIP-MM's T-CLS in the ViT: in the class embedding's slot (CLIP), or an extra first token, dropped at the output
+# (towers without a class embedding: SigLIP)
+TCLS = ("class-slot", "prepended")
+# the prompt vector of a multi-turn conversation (sdk/conversation.py): the question of the image's turn, encoded once
+CONVERSATION_PROMPT = ("first-question",)  # prompt vector: hidden state of the last prompt token, or the mean over the prompt
 # -- graphs and files ------------------------------------------------------------------------------
 
 
@@ -169,6 +174,8 @@ class Vision(Section):
     reducer_options: dict = field(default_factory=dict)  # the reducer's settings, defaults filled in
     grid: list[int] = field(default_factory=list)  # patches per side [rows, columns]
     num_patches: int = 0
+    class_token: bool | None = omit_none()  # False: the tower has no class embedding (SigLIP); None: it has (CLIP)
+    tcls: str | None = omit_none()  # PIP-MM: "class-slot" (T-CLS replaces the class embedding) or "prepended"
     extra: dict = extra_field()
 
     @classmethod
@@ -182,7 +189,10 @@ class Vision(Section):
                    num_tokens=r.get("num_tokens", *positive), reducer=r.get("reducer", is_name, "a reducer name"),
                    reducer_options=r.get("reducer_options", is_dict, "an object", {}),
                    grid=r.get("grid", list_of(lambda v: is_int(v, 1)), "[rows, columns]", []),
-                   num_patches=r.get("num_patches", lambda v: is_int(v, 0), "a patch count", 0), extra=r.extra(cls))
+                   num_patches=r.get("num_patches", lambda v: is_int(v, 0), "a patch count", 0),
+                   class_token=r.get("class_token", optional(lambda v: isinstance(v, bool)), "true or false", None),
+                   tcls=r.get("tcls", optional(lambda v: v in TCLS), " or ".join(map(repr, TCLS)), None),
+                   extra=r.extra(cls))
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,7 @@ class PromptVector(Section):
     layer: int = -1  # -1 = last layer after the final norm; k >= 0 = output of decoder layer k
     pooling: str = "last"  # POOLINGS
     source: str = "decoder graph output 'hidden' over the prompt_encoder template (no image)"
+    conversation: str | None = omit_none()  # CONVERSATION_PROMPT (None: "first-question"): encoded once per chat
     extra: dict = extra_field()
 
     @classmethod
@@ -219,7 +230,10 @@ class PromptVector(Section):
         r = Fields(d, "prompt_vector", source)
         return cls(layer=r.get("layer", is_int, "a layer index", -1),
                    pooling=r.get("pooling", lambda v: v in POOLINGS, " or ".join(map(repr, POOLINGS)), "last"),
-                   source=r.get("source", is_str, "a string", cls.source), extra=r.extra(cls))
+                   source=r.get("source", is_str, "a string", cls.source),
+                   conversation=r.get("conversation", optional(lambda v: v in CONVERSATION_PROMPT),
+                                      " or ".join(map(repr, CONVERSATION_PROMPT)), None),
+                   extra=r.extra(cls))
 
 
 @dataclass(frozen=True)
@@ -262,6 +276,7 @@ class ChatTemplate(Section):
     template: str | None = omit_none()  # the checkpoint's Jinja source (multi-turn rendering)
     source: str | None = omit_none()  # the file it came from, or the fallback's name
     bos_rule: str | None = omit_none()  # in words, for people reading the manifest
+    variables: dict | None = omit_none()  # the template's special-token variables (tokenizer.special_tokens_map)
     extra: dict = extra_field()
 
     @classmethod
@@ -278,7 +293,9 @@ class ChatTemplate(Section):
                    add_bos=r.get("add_bos", flag, "true, false or null", None if add_special_tokens is not None else True),
                    add_special_tokens=add_special_tokens, template=r.get("template", text, "a string or null", None),
                    source=r.get("source", text, "a string or null", None),
-                   bos_rule=r.get("bos_rule", text, "a string or null", None), extra=r.extra(cls))
+                   bos_rule=r.get("bos_rule", text, "a string or null", None),
+                   variables=r.get("variables", optional(map_of(is_str)), "a map of names to token texts", None),
+                   extra=r.extra(cls))
 
 
 @dataclass(frozen=True)

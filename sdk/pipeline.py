@@ -25,6 +25,7 @@ from runtimes.vision_output import VisionOutput
 
 from . import cmai
 from .bundle import default_bundle_path, load_bundle
+from .conversation import Conversation, text_pieces
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .explain import Explanation, explain, require_attention
 from .generation import GenerationArgs, sample, suppress
@@ -49,11 +50,13 @@ class Result:
     finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (the context window is full)
     timings: dict[str, float] = field(default_factory=dict)
     inhibited: int = 0  # CMAI: visual tokens masked from the text's attention (per CMAI layer)
+    cached_tokens: int = 0  # conversations: tokens of earlier turns taken from the KV cache, not prefilled again
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids,
                 "stats": {"visual_tokens": self.visual_tokens, "finish_reason": self.finish_reason,
-                          "inhibited_visual_tokens": self.inhibited, **self.timings}}
+                          "inhibited_visual_tokens": self.inhibited, "cached_tokens": self.cached_tokens,
+                          **self.timings}}
 
 
 def _ms(start: float) -> float:
@@ -174,7 +177,7 @@ class Pipeline:
     # -- requests -------------------------------------------------------------------------------
 
     @contextmanager
-    def _request(self):
+    def request(self):
         """One request at a time; typed errors only. A thread that still holds the Pipeline (an
         unfinished stream()) gets PipelineBusyError instead of waiting for itself forever."""
         if self._owner == threading.get_ident():
@@ -215,6 +218,13 @@ class Pipeline:
             logits, cache = self.prefill(embeds, positions)
         t["prefill_ms"] = _ms(stage)
 
+        yield from self.decode_tokens(logits, cache, args, result, start, bias)
+
+    def decode_tokens(self, logits, cache, args: GenerationArgs, result: Result, start: float,
+                      bias: np.ndarray | None = None):
+        """The tokens after a prefill whose last logits are `logits`: yields ids one by one, fills
+        result's finish_reason and timings, and returns the cache of every token fed (for `yield from`)."""
+        t = result.timings
         rng = np.random.default_rng(args.seed)
         eos = sorted(self.prompter.eos_ids)
         generated = steps = 0
@@ -245,8 +255,12 @@ class Pipeline:
         t["decode_ms_per_token"] = decode_ms / steps if steps else 0.0
         t["tokens_per_s"] = steps / (decode_ms / 1000.0) if steps and decode_ms > 0 else 0.0
         t["total_ms"] = _ms(start)
+        return cache
 
-    def _args(self, max_new_tokens, temperature, top_p, seed, min_new_tokens=None) -> GenerationArgs:
+    def new_result(self) -> Result:
+        return Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
+
+    def generation_args(self, max_new_tokens, temperature, top_p, seed, min_new_tokens=None) -> GenerationArgs:
         d = self.defaults
         return GenerationArgs.checked(
             d.max_new_tokens if max_new_tokens is None else max_new_tokens,
@@ -267,10 +281,10 @@ class Pipeline:
                  min_new_tokens: int | None = None) -> Result:
         """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off).
         min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0)."""
-        args = self._args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
+        args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
-        result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
-        with self._request():
+        result = self.new_result()
+        with self.request():
             result.token_ids = list(self._tokens(image, prompt, args, result, fraction))
         result.text = self.prompter.decode(result.token_ids)
         return result
@@ -285,7 +299,7 @@ class Pipeline:
         if decoder:
             require_attention(self)
         answer = self.generate(image, prompt, max_new_tokens=max_new_tokens, temperature=0.0) if decoder else None
-        with self._request():
+        with self.request():
             return explain(self, image, prompt, None if answer is None else answer.token_ids,
                            None if answer is None else answer.text)
 
@@ -295,21 +309,24 @@ class Pipeline:
                result: Result | None = None) -> Iterator[str]:
         """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text).
         result: a Result to fill as it goes (token_ids, finish_reason, timings; text stays empty)."""
-        args = self._args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
+        args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
-        if result is None:
-            result = Result(text="", token_ids=[], visual_tokens=self.num_visual_tokens, finish_reason="length")
-        with self._request():
-            emitted = ""
-            for token in self._tokens(image, prompt, args, result, fraction):
-                result.token_ids.append(token)
-                text = self.prompter.decode(result.token_ids)
-                # A byte-level token can end inside a UTF-8 character: hold it back until complete.
-                if text.endswith("\ufffd"):
-                    continue
-                if text.startswith(emitted) and len(text) > len(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
-            text = self.prompter.decode(result.token_ids)
-            if text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]
+        result = self.new_result() if result is None else result
+        with self.request():
+            yield from text_pieces(self.prompter, self._tokens(image, prompt, args, result, fraction), result)
+
+    # -- conversations (sdk/conversation.py) ------------------------------------------------------
+
+    def conversation(self, image, system: str | None = None) -> Conversation:
+        """A multi-turn chat about one image: conv.ask(question) -> Result, conv.stream(question); each turn
+        reuses the KV cache of the turns before it, the image included."""
+        return Conversation(self, image=image, system=system)
+
+    def chat(self, messages: list[dict], max_new_tokens: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, seed: int | None = None, min_new_tokens: int | None = None) -> Result:
+        """OpenAI-style messages (roles system/user/assistant; content a string or parts {"type": "text",
+        "text": ...} / {"type": "image", "image": path, PIL image or array}; one image, in a user turn; the last
+        message the user's) -> the assistant's reply."""
+        return Conversation.from_messages(self, messages).reply(max_new_tokens=max_new_tokens,
+                                                                temperature=temperature, top_p=top_p, seed=seed,
+                                                                min_new_tokens=min_new_tokens)

@@ -43,7 +43,23 @@ def clip_processor_config(image_size: int = 224) -> dict:
             "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
 
 
+def siglip_processor_config(image_size: int = 224) -> dict:
+    """SiglipImageProcessor's settings (its class defaults, transformers/models/siglip/image_processing_pil_siglip.py):
+    resize to a square without crop, rescale, mean and std 0.5 (llava-interleave-qwen's preprocessor_config.json)."""
+    return {"image_processor_type": "SiglipImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"height": image_size, "width": image_size}, "resample": 3, "do_center_crop": False,
+            "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
 DEFAULTS = {k: v for k, v in clip_processor_config().items() if k != "image_processor_type"}
+# A processor config's missing keys take its class's defaults: per image_processor_type, without the backend
+# suffix ("Fast", "Pil"). Unknown types read as CLIP's.
+PROCESSOR_DEFAULTS = {
+    "CLIPImageProcessor": DEFAULTS,
+    "SiglipImageProcessor": {k: v for k, v in siglip_processor_config().items() if k != "image_processor_type"},
+}
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 # Images above this many pixels are refused before decoding (decompression bombs, absurd frames).
@@ -62,17 +78,20 @@ _WARNINGS_LOCK = threading.Lock()
 
 
 def config_from_processor(d: dict) -> dict:
-    """A CLIPImageProcessor config (preprocessor_config.json or processor.to_dict()) -> our
-    manifest's "image_preprocessing" dict, every key explicit. Idempotent."""
-    return normalize_config(d, ExportError)
+    """A CLIPImageProcessor or SiglipImageProcessor config (preprocessor_config.json or processor.to_dict()) ->
+    our manifest's "image_preprocessing" dict, every key explicit. Idempotent."""
+    kind = str(d.get("image_processor_type", "")) if isinstance(d, dict) else ""
+    for suffix in ("Fast", "Pil"):
+        kind = kind.removesuffix(suffix)
+    return normalize_config(d, ExportError, PROCESSOR_DEFAULTS.get(kind, DEFAULTS))
 
 
-def normalize_config(d: dict, error) -> dict:
+def normalize_config(d: dict, error, defaults: dict = DEFAULTS) -> dict:
     """An image_preprocessing dict with every key explicit, or `error` (the type raised) naming the bad key."""
     if not isinstance(d, dict):
         raise error(f"image preprocessing config must be a dict, got {type(d).__name__}")
     # transformers treats a key set to None like a missing key: the class default applies.
-    cfg = {key: (d[key] if d.get(key) is not None else default) for key, default in DEFAULTS.items()}
+    cfg = {key: (d[key] if d.get(key) is not None else default) for key, default in defaults.items()}
     if d.get("use_square_size"):
         # Kosmos-2 compatibility in CLIPImageProcessor.__init__: a square of the *class default*
         # shortest edge (224), whatever "size" says.

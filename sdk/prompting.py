@@ -71,20 +71,33 @@ class Prompter:
         never add image slots or end the turn early; control characters other than newline and
         tab are dropped.
         """
-        if not isinstance(prompt, str):
-            raise PromptError(f"prompt must be a string, not {type(prompt).__name__}")
-        if len(prompt) > self.max_prompt_chars:
-            raise ContextOverflowError(f"prompt has {len(prompt)} characters, more than a context of "
-                                       f"{self.max_context} tokens can hold: shorten the prompt")
-        # Control characters first, so that "<ima\x00ge>" cannot become "<image>" after the strip below;
-        # each special text becomes a space, so removing one cannot join its neighbours into another.
-        text = "".join(ch for ch in prompt if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-        for special in self.special_texts:
-            text = text.replace(special, " ")
-        text = text.strip()
+        text = self.clean_text(prompt, "prompt")
         if not text:
             raise PromptError("prompt is empty: ask a question about the image, e.g. 'What is on the table?'")
         return text
+
+    def clean_text(self, text, what: str = "message text") -> str:
+        """clean() without the empty check: system prompts and earlier answers of a conversation may be empty."""
+        if not isinstance(text, str):
+            raise PromptError(f"{what} must be a string, not {type(text).__name__}")
+        if len(text) > self.max_prompt_chars:
+            raise ContextOverflowError(f"{what} has {len(text)} characters, more than a context of "
+                                       f"{self.max_context} tokens can hold: shorten the prompt")
+        # Control characters first, so that "<ima\x00ge>" cannot become "<image>" after the strip below;
+        # each special text becomes a space, so removing one cannot join its neighbours into another.
+        text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+        for special in self.special_texts:
+            text = text.replace(special, " ")
+        return text.strip()
+
+    def template_variables(self) -> dict:
+        """The special-token variables a chat template reads (bos_token, eos_token, ...): the tokenizer's
+        special_tokens_map as the export recorded it; older bundles: the texts of the manifest's ids."""
+        if self.template.variables is not None:
+            return dict(self.template.variables)
+        named = {"bos_token": self.special.bos, "eos_token": self.special.eos[0] if self.special.eos else None,
+                 "pad_token": self.special.pad}
+        return {name: self.tokenizer.id_to_token(i) for name, i in named.items() if i is not None}
 
     def _encode(self, text: str) -> list[int]:
         if self.template.add_special_tokens is not None:  # the tokenizer's post-processor decides, as in transformers
@@ -100,13 +113,26 @@ class Prompter:
         text = self.template.prompt.replace("{prompt}", self.clean(prompt))
         ids = self._encode(text)
         self._check_no_injected_specials(ids)
+        return self._with_image_slots(ids, "prompt")
+
+    def conversation_ids(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """A whole rendered conversation (sdk/conversation.py; its texts already cleaned) -> (ids [T] int64 with
+        K image slots, positions of the image slots [K]), tokenized as transformers' processor does."""
+        ids = self._encode(text)
+        found = ids.count(self.special.image)
+        if found != 1:
+            raise PromptError(f"the conversation renders {found} image placeholders, not one: give exactly one "
+                              "image, in a user turn")
+        return self._with_image_slots(ids, "conversation")
+
+    def _with_image_slots(self, ids: list[int], what: str) -> tuple[np.ndarray, np.ndarray]:
         image_id = self.special.image
         at = ids.index(image_id)  # exactly one: the template's (checked at load), none from the prompt
         ids = ids[:at] + [image_id] * self.num_visual_tokens + ids[at + 1:]
         if len(ids) >= self.max_context:  # prefill plus at least one new token must fit
             raise ContextOverflowError(
-                f"prompt needs {len(ids)} tokens with the image but the context holds {self.max_context}: "
-                "shorten the prompt")
+                f"{what} needs {len(ids)} tokens with the image but the context holds {self.max_context}: "
+                f"shorten the {what}" + (" or start a new one" if what == "conversation" else ""))
         return np.asarray(ids, np.int64), np.arange(at, at + self.num_visual_tokens)
 
     def _check_no_injected_specials(self, ids: list[int]) -> None:

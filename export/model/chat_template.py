@@ -44,12 +44,13 @@ class ConversationFormat:
     source: str  # the file the template came from, or "LLaVA-1.5 (no template in the checkpoint)"
     bos_rule: str  # in words: which BOS the tokenized turn starts with, and why
     tokenizer_adds_bos: bool  # the post-processor's only addition is BOS: what add_bos meant to older SDKs
+    variables: dict  # the template's special-token variables, as the processor passes them (special_tokens_map)
 
     def manifest_entry(self) -> dict:
         return {"prompt": self.prompt, "prompt_encoder": self.prompt_encoder, "image_placeholder": IMAGE_PLACEHOLDER,
                 "add_special_tokens": self.add_special_tokens, "add_bos": self.tokenizer_adds_bos,
                 "template": self.template, "source": self.source,
-                "bos_rule": self.bos_rule}
+                "bos_rule": self.bos_rule, "variables": self.variables}
 
 
 def template_source(checkpoint_dir: Path) -> tuple[str, str] | None:
@@ -131,6 +132,7 @@ def conversation_format(checkpoint_dir: str | Path, tokenizer=None) -> Conversat
         rule = f"the tokenizer's post-processor adds {', '.join(map(repr, added))}"
     return ConversationFormat(prompt=prompt, prompt_encoder=encoder, add_special_tokens=add_special_tokens,
                               template=template, source=source, bos_rule=rule,
+                              variables={k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
                               tokenizer_adds_bos=add_special_tokens and ids[1:] == plain and ids[:1] != plain[:1])
 
 

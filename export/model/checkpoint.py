@@ -1,4 +1,4 @@
-"""Load and validate a LLaVA checkpoint directory: a CLIP vision tower with a class token, a
+"""Load and validate a LLaVA checkpoint directory: a CLIP vision tower (class token) or a SigLIP one (none), a
 projector, and any decoder-only text model that transformers supports."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from sdk.errors import ExportError
 
-SUPPORTED_VISION = ("clip_vision_model",)
+SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")  # export/model/vision.py TOWERS
 TESTED_TEXT = ("llama", "mistral", "qwen2")  # verified token for token against transformers (tests/test_parity.py)
 
 
@@ -60,8 +60,8 @@ def validate_config(raw: dict, path: Path) -> None:
                           "pipmm exports LlavaForConditionalGeneration checkpoints (model_type 'llava')")
     vision_type = raw.get("vision_config", {}).get("model_type", "clip_vision_model")
     if vision_type not in SUPPORTED_VISION:
-        raise ExportError(f"{path}: vision tower {vision_type!r} has no class embedding to replace; "
-                          f"PIP-MM needs a CLIP vision tower ({', '.join(SUPPORTED_VISION)})")
+        raise ExportError(f"{path}: vision tower {vision_type!r} is not supported; pipmm exports "
+                          f"{', '.join(SUPPORTED_VISION)} towers")
     text_type = raw.get("text_config", {}).get("model_type", "llama")
     if text_type not in _causal_lm_types():
         raise ExportError(f"{path}: text model {text_type!r} is not a decoder-only model transformers can load "
