@@ -34,6 +34,7 @@ from sdk.errors import ExportError
 from sdk.manifest import ChatTemplate, Graph, Manifest, Precision, PromptVector
 
 from export import onnx_graphs
+from export.fused import FUSED_DECODER, FusedDecoderSpec, fused_entry
 from export.writer import build_manifest, build_modules, graph_entry
 from export.model.checkpoint import load_checkpoint
 from export.model.decoder import StaticDecoderGraph
@@ -47,7 +48,10 @@ _SAMPLE = 1 << 16
 _WEIGHT_BYTES = 4096  # smaller initializers are constants (shapes, scalars), not weights
 
 
-def optional_module(name: str, checkpoint, prompt_layer: int) -> torch.nn.Module:
+def optional_module(name: str, checkpoint, prompt_layer: int, cmai_layers=()) -> torch.nn.Module:
+    if name == FUSED_DECODER:  # built from the modules, not traced (export/fused.py)
+        return FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
+                                prompt_layer, list(cmai_layers))
     if name == "decoder_static":
         return StaticDecoderGraph(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
                                   prompt_layer).eval()
@@ -130,6 +134,8 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
 # -- manifest and files ---------------------------------------------------------------------------
 
 def _entry_of_optional(out: Path, source: Path | None) -> Graph:
+    if out.stem == FUSED_DECODER:  # packed weights: nothing to share with decoder.onnx
+        return graph_entry(out, **fused_entry(out))
     extra = {"kv_cache": "static", "for": "GPU runtimes: CUDA graphs (docs/gpu.md)"}
     if source is not None and source.exists():
         extra["shares_weights_with"] = source.stem
@@ -227,11 +233,12 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
     checkpoint = _checked_checkpoint(checkpoint_dir, manifest, TORCH_DTYPES[precision])
     checkpoint.model.to(device)
     prompt_layer = manifest.prompt_vector.layer if manifest.prompt_vector is not None else -1
+    cmai_layers = manifest.cmai.layers if manifest.cmai is not None else ()
     with tempfile.TemporaryDirectory(prefix=f".{bundle_dir.name}.graphs-", dir=bundle_dir.parent) as scratch:
         exported = {}
         for name in graphs:
             out = Path(scratch) / f"{name}.onnx"
-            onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out,
+            onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer, cmai_layers), out,
                                                  manifest.model.to_dict())
             exported[name] = out
         return attach_graphs(bundle_dir, exported, verify=False)  # verified above
@@ -286,7 +293,8 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
                 onnx_graphs.EXPORTERS[name](modules[name], path, model_info)
                 entries[name] = graph_entry(path)
             else:
-                module = optional_module(name, checkpoint, prompt_layer)
+                module = optional_module(name, checkpoint, prompt_layer,
+                                         manifest.cmai.layers if manifest.cmai is not None else ())
                 entries[name] = _export_optional(name, module, path, model_info, stage.directory / "decoder.onnx")
             log(f"  {name}: traced in {time.perf_counter() - step:.1f} s")
         method = f"traced in {dtype} (export/extra_graphs.py export_direct)"

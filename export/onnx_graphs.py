@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from export.fused import FusedDecoderSpec, build_fused_decoder
 from export.model.decoder import DecoderGraph, EmbedGraph, StaticDecoderGraph, kv_names
 from export.model.vision import PipmmVision
 
@@ -116,11 +117,23 @@ def export_decoder_static(decoder: StaticDecoderGraph, path: Path, model: dict) 
     _export(decoder, args, path, inputs, outputs, shapes)
 
 
+def export_decoder_fused(spec: FusedDecoderSpec, path: Path, model: dict) -> None:
+    """The decoder as ONNX Runtime's fused ops (export/fused.py), built from the modules, not traced. Checked by
+    loading it in ONNX Runtime: the onnx checker does not know ONNX Runtime's SimplifiedLayerNormalization."""
+    import onnxruntime
+
+    with torch.no_grad():
+        save_graph(build_fused_decoder(spec), path)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 # graph name -> exporter(module, path, manifest["model"]); the bundle writer walks this in order.
 EXPORTERS = {"vision": export_vision, "embed": export_embed, "decoder": export_decoder}
 # Graphs a bundle may carry besides those, added on request (export/extra_graphs.py): same weights, other
 # shapes for other runtimes. The default bundle and the CPU path never need them.
-OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static}
+OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static, "decoder_fused": export_decoder_fused}
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:

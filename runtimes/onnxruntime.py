@@ -16,9 +16,12 @@ Per decode step only the token's embedding row goes to the device, and the logit
 hidden row [1,D]) come back; the sampled id is chosen on the host. S defaults to min(max_context, 4096)
 (`max_cache`): decode reads all S slots, so a cache sized to the request reads less.
 
-ONNX Runtime's own graph optimizations run at load (ORT_ENABLE_ALL: RMSNorm -> SimplifiedLayerNormalization,
-residual + norm -> SkipSimplifiedLayerNormalization, MatMul with a transposed input -> FusedMatMul, constant
-folding); the bundle keeps the plain graphs, which TensorRT reads too. See docs/gpu.md.
+ONNX Runtime's own graph optimizations run at load (ORT_ENABLE_ALL); on the dynamo-traced decoder they leave
+about 74 nodes per layer (RMSNorm stays Pow/ReduceMean/Sqrt/Reciprocal, rotary Slice/Neg/Concat, attention
+MatMul/Softmax). On CPU the numpy cache runs `decoder_fused` instead when the bundle has it (export/fused.py:
+GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, packed projections; same inputs and
+outputs): decoder_flavour="plain" (or PIPMM_DECODER=plain) forces the traced graph. The bundle keeps the plain
+graphs, which TensorRT reads too. See docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from functools import partial
 
 import numpy as np
 
+from .decoder_flavour import FUSED_DECODER, choose_flavour
 from .positions import following, step_positions
 from .vision_output import VisionOutput
 
@@ -115,7 +119,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, kv_cache: str = "auto",
                  cuda_graph: bool | None = None, max_cache: int | None = None, device_id: int = 0,
-                 engine_cache: str | None = None):
+                 engine_cache: str | None = None, decoder_flavour: str | None = None):
         ort = _ort()
         self.bundle = bundle
         self.device = self.resolve_device(device)
@@ -148,6 +152,9 @@ class OnnxRuntimeBackend:
             wanted = max_cache or int(os.environ.get("PIPMM_MAX_CACHE", 0)) or min(self.max_context, DEFAULT_MAX_CACHE)
             self.cache_slots = max(2, min(int(wanted), self.max_context))
         self.engine_cache = engine_cache
+        fused, self.decoder_flavour_note = choose_flavour(bundle, self.device, kv_cache, decoder_flavour)
+        if fused:
+            self.decoder_graph = FUSED_DECODER
 
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
@@ -160,8 +167,9 @@ class OnnxRuntimeBackend:
             # Weights straight into device memory, outside the arena: the arena then holds activations only.
             self.options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
         self.sessions = {}
-        for name in ("vision", "embed", self.decoder_graph):
+        for name in ("vision", "embed"):
             self.sessions[name] = self._open(name)
+        self.sessions[self.decoder_graph] = self._open_decoder()
         decoder_inputs = {i.name: i for i in bundle.graphs[self.decoder_graph].inputs}
         self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"].dtype]
         self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"].dtype]
@@ -204,6 +212,22 @@ class OnnxRuntimeBackend:
             providers.insert(0, ("TensorrtExecutionProvider",
                                  ort_tensorrt_options(self.bundle, graph, self.device_id, self.engine_cache)))
         return providers
+
+    def _open_decoder(self):
+        """The decoder's session; decoder_fused falls back to the plain graph (reason in info()) if it cannot run."""
+        if self.decoder_graph != FUSED_DECODER:
+            return self._open(self.decoder_graph)
+        plain, fused = self.bundle.graphs["decoder"], self.bundle.graphs[FUSED_DECODER]
+        if [(i.name, i.dtype) for i in plain.inputs] != [(i.name, i.dtype) for i in fused.inputs] or \
+                [o.name for o in plain.outputs] != [o.name for o in fused.outputs]:
+            reason = f"{FUSED_DECODER}'s inputs/outputs differ from decoder's (re-add it with --overwrite)"
+        else:
+            try:
+                return self._open(FUSED_DECODER)
+            except (BundleError, BackendError) as err:
+                reason = f"{FUSED_DECODER} did not load: {one_line(err, 200)}"
+        self.decoder_graph, self.decoder_flavour_note = "decoder", reason
+        return self._open("decoder")
 
     def _open(self, name: str):
         ort = _ort()
@@ -253,7 +277,7 @@ class OnnxRuntimeBackend:
                 np.dtype(self.kv_dtype).itemsize
         return {"backend": self.name, "onnxruntime": ort.__version__, "device": self.device,
                 "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
-                "decoder_graph": self.decoder_graph,
+                "decoder_graph": self.decoder_graph, "decoder_flavour_note": self.decoder_flavour_note,
                 "kv_cache": self.kv_cache,
                 "static_cache_slots": self.cache_slots, "static_cache_bytes": kv_bytes,
                 "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
@@ -334,7 +358,7 @@ class OnnxRuntimeBackend:
         if bias is not None:
             feeds["image_bias"] = bias
         fetch = self.step_outputs + (["attention"] if attention else [])
-        logits, hidden, *present = self.sessions["decoder"].run(fetch, feeds)
+        logits, hidden, *present = self.sessions[self.decoder_graph].run(fetch, feeds)
         probs = present.pop() if attention else None
         return logits, hidden, KVCache(past=present, length=cache.length + t, mask=mask,
                                        next_position=following(positions)), probs

@@ -1,0 +1,241 @@
+"""`decoder_fused`: the decoder as ONNX Runtime's fused contrib ops, for ONNX Runtime on CPU.
+
+Same inputs and outputs as `decoder` (export/model/decoder.py), same weights, about 14 nodes per layer
+instead of the ~74 that ONNX Runtime's own load-time optimisation leaves of the dynamo trace:
+
+    x ─ SimplifiedLayerNormalization ─ MatMul(W_qkv packed) [+ Add b_qkv] ─ Split ─┬ q ─ RotaryEmbedding ┐
+                                                                                  ├ k ─ RotaryEmbedding ┼ GroupQueryAttention ─ MatMul(W_o)
+                                                                                  └ v ──────────────────┘  (+ image_bias, probs: CMAI layers)
+      ─ SkipSimplifiedLayerNormalization (residual add + norm) ─ MatMul(W_gate|W_up packed) ─ Split ─ QuickGelu(1) * up ─ MatMul(W_down)
+      ─ SkipSimplifiedLayerNormalization of the next layer (its 4th output is this layer's hidden state)
+
+Why written here rather than by a tool: onnxruntime.transformers' optimizer on our dynamo graph fuses the
+norms only (SkipSimplifiedLayerNormalization); its rotary and attention fusions match older exporters'
+patterns, not torch 2.x dynamo's, and ORT GenAI's builder takes token ids, derives positions from the mask and
+has no bias or attention-probability output. So the graph is emitted directly from the checkpoint's
+modules with onnx.helper, as GenAI's builder does. Rotary is a separate RotaryEmbedding per q and k (it
+reads every position id; GroupQueryAttention's own rotary reads only the first one of a prompt), so
+arbitrary position ids (visual positions) work. GroupQueryAttention is causal in sequence order, as
+transformers' mask is; it reads lengths, not the mask's pattern: the runtime's masks are all ones
+(runtimes/onnxruntime.py), and seqlens_k = sum(mask) - 1.
+
+Its weights are packed (q|k|v, gate|up), so they are not shared with decoder.onnx: a bundle holds the LLM's
+weights twice when it carries this graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from sdk.errors import ExportError
+
+from export.model.decoder import kv_names
+
+FUSED_DECODER = "decoder_fused"  # the graph's name in the bundle
+MS = "com.microsoft"
+FUSED_OPSET = 18
+_ONNX_TYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class FusedDecoderSpec:
+    """What the fused graph is built from (the same modules as DecoderGraph)."""
+    language_model: torch.nn.Module
+    lm_head: torch.nn.Module
+    text_config: object
+    prompt_layer: int = -1
+    cmai_layers: list[int] = field(default_factory=list)
+
+
+class _Graph:
+    """Nodes, initializers and fresh names for one graph."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.elem = dtype, _ONNX_TYPE[dtype]
+        self.nodes, self.initializers, self.count = [], [], 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def weight(self, name: str, value: torch.Tensor | np.ndarray) -> str:
+        array = value.detach().to(torch.float32).cpu().numpy() if isinstance(value, torch.Tensor) else value
+        dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        self.initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array, dtype), name))
+        return name
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(onnx.numpy_helper.from_array(value, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
+        names = [self.name(op_type) for _ in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(f"n_{op_type}"), domain=domain,
+                                           **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+def _check(spec: FusedDecoderSpec) -> None:
+    config = spec.text_config
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(f"decoder_fused is written for {', '.join(SUPPORTED_ARCHITECTURES)} text models, not "
+                          f"{config.model_type}: leave decoder_fused out (the plain decoder runs everywhere)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ExportError(f"decoder_fused needs a SiLU MLP, this model's is {config.hidden_act}: leave it out")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", config.model_type == "mistral"):
+        raise ExportError("decoder_fused has no sliding-window attention: leave it out for this checkpoint")
+
+
+def _rotary_caches(spec: FusedDecoderSpec, head_dim: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head_dim/2] from the checkpoint's own rotary module (its scaling included)."""
+    positions = int(spec.text_config.max_position_embeddings)
+    probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
+    rotary = spec.language_model.rotary_emb
+    param = next(rotary.buffers(), None)
+    with torch.no_grad():
+        cos, sin = rotary(probe.to(param.device) if param is not None else probe,
+                          torch.arange(positions, device=param.device if param is not None else "cpu")[None])
+    half = head_dim // 2
+    return cos[0, :, :half].float().cpu().numpy(), sin[0, :, :half].float().cpu().numpy()
+
+
+def _packed(g: _Graph, name: str, linears: list[torch.nn.Module]) -> tuple[str, str | None]:
+    """One [in, sum(out)] MatMul weight (and bias, or None) from several nn.Linear."""
+    weight = torch.cat([lin.weight for lin in linears], 0).t()
+    biases = [lin.bias for lin in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = g.weight(f"{name}.bias", torch.cat([b if b is not None else torch.zeros(lin.out_features)
+                                                   for b, lin in zip(biases, linears)]))
+    return g.weight(f"{name}.weight", weight), bias
+
+
+def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
+    _check(spec)
+    config, lm = spec.text_config, spec.language_model
+    n, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = next(lm.parameters()).dtype
+    if dtype not in _ONNX_TYPE:
+        raise ExportError(f"decoder_fused is built in fp32 or fp16, not {dtype}: add it to the fp32 or fp16 bundle")
+    g = _Graph(dtype)
+    eps = float(config.rms_norm_eps)
+    cos, sin = _rotary_caches(spec, hd, dtype)
+    cos_cache, sin_cache = g.weight("rotary.cos_cache", cos), g.weight("rotary.sin_cache", sin)
+
+    # seqlens_k [B] int32 = tokens per sequence - 1; total_sequence_length: scalar int32
+    one = g.const("const.one", np.array([1], np.int64))
+    seqlens = g.op("Sub", [g.op("ReduceSum", ["attention_mask", one], keepdims=0), one])
+    seqlens = g.op("Cast", [seqlens], to=TensorProto.INT32)
+    total = g.op("Cast", [g.op("Squeeze", [g.op("Shape", ["attention_mask"], start=1, end=2)])], to=TensorProto.INT32)
+    bias_shape = None
+    if spec.cmai_layers:  # image_bias [B,L_c,P+T] -> per CMAI layer [B,1,T,P+T]: every query row of the call
+        bias_shape = g.op("Concat", [g.op("Shape", ["inputs_embeds"], start=0, end=1), one,
+                                     g.op("Shape", ["inputs_embeds"], start=1, end=2),
+                                     g.op("Shape", ["attention_mask"], start=1, end=2)], axis=0)
+    q_size, kv_size = heads * hd, kv_heads * hd
+    splits_qkv = g.const("const.split_qkv", np.array([q_size, kv_size, kv_size], np.int64))
+    splits_mlp = g.const("const.split_mlp", np.array([config.intermediate_size] * 2, np.int64))
+
+    states = ["inputs_embeds"]  # transformers' hidden_states: embeddings, then each layer's output
+    residual, pending, probs = "inputs_embeds", None, []  # pending: the last MLP output, not yet added
+    for i, layer in enumerate(lm.layers[:n]):
+        attn, mlp = layer.self_attn, layer.mlp
+        gamma = g.weight(f"layers.{i}.input_layernorm.weight", layer.input_layernorm.weight)
+        if pending is None:
+            normed = g.op("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=eps, stash_type=1)
+        else:
+            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma], 4,
+                                          domain=MS, epsilon=eps)
+            states.append(residual)
+        w_qkv, b_qkv = _packed(g, f"layers.{i}.qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
+        qkv = g.op("MatMul", [normed, w_qkv])
+        if b_qkv is not None:
+            qkv = g.op("Add", [qkv, b_qkv])
+        q, k, v = g.op("Split", [qkv, splits_qkv], 3, axis=-1)
+        q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], domain=MS, num_heads=heads)
+        k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], domain=MS, num_heads=kv_heads)
+        gqa_inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+        column = spec.cmai_layers.index(i) if i in spec.cmai_layers else None
+        outputs = [g.name("attn"), f"present.{i}.key", f"present.{i}.value"]
+        extra = {}
+        if column is not None:
+            start, end = g.const(f"const.c{column}", np.array([column], np.int64)), \
+                g.const(f"const.c{column + 1}", np.array([column + 1], np.int64))
+            bias = g.op("Unsqueeze", [g.op("Slice", ["image_bias", start, end, one]), one])  # [B,1,1,P+T]
+            gqa_inputs += ["", "", "", g.op("Expand", [bias, bias_shape])]  # cos, sin, position_ids, attention_bias
+            outputs.append(g.name("qk"))
+            extra["qk_output"] = 2  # probabilities after softmax: CMAI's focus reads them
+        g.op("GroupQueryAttention", gqa_inputs, outputs, domain=MS, num_heads=heads, kv_num_heads=kv_heads,
+             scale=float(hd ** -0.5), **extra)
+        if column is not None:
+            probs.append(g.op("ReduceMean", [outputs[3], one], keepdims=1))  # mean over heads: [B,1,T,P+T]
+        attn_out = g.op("MatMul", [outputs[0], g.weight(f"layers.{i}.o_proj.weight", attn.o_proj.weight.t())])
+        if attn.o_proj.bias is not None:
+            attn_out = g.op("Add", [attn_out, g.weight(f"layers.{i}.o_proj.bias", attn.o_proj.bias)])
+        gamma = g.weight(f"layers.{i}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
+        normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, gamma], 4,
+                                      domain=MS, epsilon=eps)
+        w_gu, b_gu = _packed(g, f"layers.{i}.gate_up_proj", [mlp.gate_proj, mlp.up_proj])
+        gate_up = g.op("MatMul", [normed, w_gu])
+        if b_gu is not None:
+            gate_up = g.op("Add", [gate_up, b_gu])
+        gate, up = g.op("Split", [gate_up, splits_mlp], 2, axis=-1)
+        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # silu(gate) * up
+        pending = g.op("MatMul", [act, g.weight(f"layers.{i}.down_proj.weight", mlp.down_proj.weight.t())])
+        if mlp.down_proj.bias is not None:
+            pending = g.op("Add", [pending, g.weight(f"layers.{i}.down_proj.bias", mlp.down_proj.bias)])
+
+    gamma = g.weight("norm.weight", lm.norm.weight)
+    last, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma], 4, domain=MS, epsilon=eps)
+    states.append(last)  # transformers' last hidden state is the normed one
+    g.op("Identity", [states[spec.prompt_layer + 1] if spec.prompt_layer != -1 else last], ["hidden"])
+    final = g.op("Gather", [last, g.const("const.last", np.array(-1, np.int64))], axis=1)  # [B,D]
+    logits = g.op("MatMul", [final, g.weight("lm_head.weight", spec.lm_head.weight.t())])
+    if getattr(spec.lm_head, "bias", None) is not None:
+        logits = g.op("Add", [logits, g.weight("lm_head.bias", spec.lm_head.bias)])
+    g.op("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
+    if probs:
+        g.op("Concat", probs, ["attention"], axis=1) if len(probs) > 1 else g.op("Identity", probs, ["attention"])
+
+    elem, d = g.elem, config.hidden_size
+    kv_in = [helper.make_tensor_value_info(name, elem, ["batch", kv_heads, "past_sequence", hd])
+             for name in kv_names(n, "past_key_values")]
+    kv_out = [helper.make_tensor_value_info(name, elem, ["batch", kv_heads, "past_sequence + sequence", hd])
+              for name in kv_names(n, "present")]
+    inputs = [helper.make_tensor_value_info("inputs_embeds", elem, ["batch", "sequence", d]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]), *kv_in]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.vocab_size]),
+               helper.make_tensor_value_info("hidden", elem, ["batch", "sequence", d]), *kv_out]
+    if spec.cmai_layers:
+        inputs.append(helper.make_tensor_value_info("image_bias", elem, ["batch", len(spec.cmai_layers), "total_sequence"]))
+        outputs.append(helper.make_tensor_value_info("attention", elem, ["batch", len(spec.cmai_layers), "sequence",
+                                                                          "past_sequence + sequence"]))
+    graph = helper.make_graph(g.nodes, "decoder_fused", inputs, outputs, g.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS, 1)],
+                             producer_name="pipmm-edge export/fused.py")
+
+
+def fused_ops(model: onnx.ModelProto) -> dict:
+    """Op type -> count, for the manifest."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def fused_entry(path) -> dict:
+    """The manifest entry's extra fields: what the flavour is, its ops, and which runtime prefers it."""
+    model = onnx.load(str(path), load_external_data=False)
+    layers = sum(1 for node in model.graph.node if node.op_type == "GroupQueryAttention")
+    return {"flavour_of": "decoder", "preferred_by": {"onnxruntime": ["cpu"]},
+            "ops": fused_ops(model), "nodes": len(model.graph.node),
+            "nodes_per_layer": round(len(model.graph.node) / max(layers, 1), 1),
+            "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed; not shared with decoder)"}
