@@ -1,9 +1,10 @@
-"""Which decoder graph ONNX Runtime runs: the traced `decoder`, or `decoder_fused` (export/fused.py: the same
+"""Which decoder graph ONNX Runtime runs, and how its CPU threads wait: the traced `decoder`, or `decoder_fused` (export/fused.py: the same
 weights as ONNX Runtime's fused contrib ops, for the CPU).
 
     decoder_flavour  "auto" (default): decoder_fused on CPU with the numpy KV cache when the bundle has it
                      "plain": the traced decoder always;  "fused": decoder_fused, refused where it cannot run
     PIPMM_DECODER    the same choice from the environment (the argument wins)
+    PIPMM_SPINNING   1/0: intra-op threads spin between runs or sleep (default: sleep on CPU, spin on GPUs)
 """
 
 from __future__ import annotations
@@ -37,3 +38,13 @@ def choose_flavour(bundle: Bundle, device: str, kv_cache: str, flavour: str | No
         return False, f"{FUSED_DECODER} is the CPU's flavour (GroupQueryAttention on CUDA is FP16 only); {device} " \
                       "runs the plain decoder"
     return True, None
+
+
+def spinning_default(device: str) -> bool:
+    """Sleeping threads on CPU: spinning ones of idle sessions (vision, embed) compete with the decoder for the
+    cores, the collapse issue 18 measured on a shared 2-core CPU (docs/gpu.md, CPU). ONNX Runtime's own default
+    (spin) elsewhere, where the host threads only launch kernels."""
+    given = os.environ.get("PIPMM_SPINNING")
+    if given is not None:
+        return given.strip() not in ("0", "", "false", "no")
+    return device != "cpu"

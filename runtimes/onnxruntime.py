@@ -32,7 +32,7 @@ from functools import partial
 
 import numpy as np
 
-from .decoder_flavour import FUSED_DECODER, choose_flavour
+from .decoder_flavour import FUSED_DECODER, choose_flavour, spinning_default
 from .positions import following, step_positions
 from .vision_output import VisionOutput
 
@@ -119,7 +119,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, kv_cache: str = "auto",
                  cuda_graph: bool | None = None, max_cache: int | None = None, device_id: int = 0,
-                 engine_cache: str | None = None, decoder_flavour: str | None = None):
+                 engine_cache: str | None = None, decoder_flavour: str | None = None, spinning: bool | None = None):
         ort = _ort()
         self.bundle = bundle
         self.device = self.resolve_device(device)
@@ -163,6 +163,10 @@ class OnnxRuntimeBackend:
             self.options.intra_op_num_threads = threads
         elif os.environ.get("PIPMM_THREADS"):
             self.options.intra_op_num_threads = int(os.environ["PIPMM_THREADS"])
+        self.spinning = spinning_default(self.device) if spinning is None else bool(spinning)
+        # Idle intra-op threads spin by default; with three sessions on a shared CPU they steal the cores the
+        # running graph needs (docs/gpu.md, CPU: chosen by measurement).
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         if self.ort_device == "cuda":
             # Weights straight into device memory, outside the arena: the arena then holds activations only.
             self.options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
@@ -281,7 +285,8 @@ class OnnxRuntimeBackend:
                 "kv_cache": self.kv_cache,
                 "static_cache_slots": self.cache_slots, "static_cache_bytes": kv_bytes,
                 "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
-                "graph_optimization_level": "ORT_ENABLE_ALL"}
+                "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
+                "spinning": self.spinning}
 
     # -- graphs -----------------------------------------------------------------------------------
 

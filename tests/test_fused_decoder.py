@@ -122,3 +122,17 @@ def test_manifest_records_the_flavour_and_the_choice_can_be_forced(fused_bundle,
         OnnxRuntimeBackend(plain_bundle, device="cpu", decoder_flavour="fused")
     with pytest.raises(BackendError, match="choose auto, plain, fused"):
         OnnxRuntimeBackend(plain_bundle, device="cpu", decoder_flavour="fastest")
+
+
+def test_cpu_sessions_sleep_between_runs_unless_told(bundles, monkeypatch):
+    """Spinning intra-op threads of idle sessions take the shared CPU's cores (docs/gpu.md, CPU)."""
+    from runtimes.onnxruntime import OnnxRuntimeBackend
+
+    bundle = sdk.load(bundles("llama"), device="cpu").backend.bundle
+    monkeypatch.delenv("PIPMM_SPINNING", raising=False)
+    backend = OnnxRuntimeBackend(bundle, device="cpu")
+    assert backend.info()["spinning"] is False
+    assert backend.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv("PIPMM_SPINNING", "1")
+    assert OnnxRuntimeBackend(bundle, device="cpu").info()["spinning"] is True
+    assert OnnxRuntimeBackend(bundle, device="cpu", spinning=False).info()["spinning"] is False
