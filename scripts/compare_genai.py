@@ -153,9 +153,10 @@ def same_weights_check(bundle: Path, genai_model, ids: np.ndarray, tokens: int =
     cache, step, ours = backend.new_cache(1), ids[None].astype(np.int64), []
     for _ in range(tokens):
         logits, _, cache = backend.decoder(backend.embed(step), cache)
-        ours.append(int(logits[0].argmax()))
-        if ours[-1] in eos:
+        token = int(logits[0].argmax())
+        if token in eos:  # GenAI's sequence ends before its end-of-sequence token
             break
+        ours.append(token)
         step = np.array([[ours[-1]]], np.int64)
     theirs = genai_run(genai_model, ids.astype(np.int32), tokens, exactly=False)[1]
     return {"tokens": tokens, "pipmm": ours, "genai": theirs, "identical": ours == theirs}
