@@ -57,7 +57,7 @@ class _Graph:
 
     def __init__(self, dtype: torch.dtype):
         self.dtype, self.elem = dtype, _ONNX_TYPE[dtype]
-        self.nodes, self.initializers, self.count = [], [], 0
+        self.nodes, self.initializers, self.count, self.constants = [], [], 0, set()
 
     def name(self, base: str) -> str:
         self.count += 1
@@ -70,7 +70,10 @@ class _Graph:
         return name
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(onnx.numpy_helper.from_array(value, name))
+        """An int constant, stored once per name (equal names hold equal values here)."""
+        if name not in self.constants:
+            self.constants.add(name)
+            self.initializers.append(onnx.numpy_helper.from_array(value, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
