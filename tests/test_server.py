@@ -193,7 +193,9 @@ def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_worker(bundle_di
         client = openai.OpenAI(base_url=single.url + "/v1", api_key="any", max_retries=0)
         model = bundle_dir.name
         stream = open_stream(single, model, url, 400)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # a loaded machine may take a while to hand the request to the worker
+        while not metric(single, "pipmm_workers_busy") and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert metric(single, "pipmm_workers_busy") == 1
         with pytest.raises(openai.RateLimitError) as refused:
             ask(client, model, url)
