@@ -110,7 +110,8 @@ def test_sampling_options_stop_strings_and_extensions(client, model, frames, pip
         ask(client, model, url, prompt, extra_body={"visual_tokens": budget + 1})
 
 
-def test_models_health_and_metrics(server, client, model, pipe):
+def test_models_health_and_metrics(server, client, model, frames):
+    ask(client, model, frames[0][1])  # at least one answer counted, whatever ran before
     listed = client.models.list().data
     assert [m.id for m in listed] == [model]
     assert listed[0].to_dict()["input_modalities"] == ["text", "image"]
@@ -342,3 +343,26 @@ def test_media_dir_and_remote_images_when_enabled(bundle_dir, frames, pipe, tmp_
         served.stop()
         files.shutdown()
         files.server_close()
+
+
+def test_explain_endpoint_returns_the_pipelines_explanation(server, model, frames, pipe):
+    """POST /v1/explain (the page's overlay): the same grid and kept patches as Pipeline.explain, the PNG at the
+    input image's size."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    path, url = frames[1]
+    status, body = server.post_json({"model": model, "messages": user_turn("What is in the image?", url)},
+                                    {"Authorization": f"Bearer {KEY}"}, path="/v1/explain")
+    assert status == 200, body
+    expected = pipe.explain(path, "What is in the image?")
+    assert np.allclose(np.asarray(body["grid"]), expected.grid, atol=1e-6)
+    assert body["kept"] == expected.kept.tolist()
+    png = Image.open(io.BytesIO(base64.b64decode(body["png"].split(",", 1)[1])))
+    assert png.size == Image.open(path).size
+    status, error = server.post_json({"model": model, "messages": []}, {"Authorization": f"Bearer {KEY}"},
+                                     path="/v1/explain")
+    assert status == 400 and "error" in error
+
