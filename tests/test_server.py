@@ -366,3 +366,27 @@ def test_explain_endpoint_returns_the_pipelines_explanation(server, model, frame
                                      path="/v1/explain")
     assert status == 400 and "error" in error
 
+
+def test_a_conversation_is_answered_with_its_earlier_turns(client, model, frames, pipe):
+    """Several turns go through the SDK's Conversation (the bundle's chat template over the whole conversation):
+    the answer equals Pipeline.chat on the same messages, whole and streamed."""
+    from PIL import Image
+
+    path, url = frames[3]
+    first = pipe.describe(path, "What is in the image?", max_new_tokens=TOKENS)
+    sdk_messages = [{"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": [{"type": "text", "text": "What is in the image?"},
+                                                 {"type": "image", "image": Image.open(path)}]},
+                    {"role": "assistant", "content": first},
+                    {"role": "user", "content": "What colour is it?"}]
+    expected = pipe.chat(sdk_messages, max_new_tokens=TOKENS).text
+    messages = [{"role": "system", "content": "Answer briefly."}, *user_turn("What is in the image?", url),
+                {"role": "assistant", "content": first}, {"role": "user", "content": "What colour is it?"}]
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=TOKENS)
+    assert whole.choices[0].message.content == expected
+    assert whole.usage.prompt_tokens > len(pipe.prompter.prompt_ids("What colour is it?")[0])  # all turns counted
+    streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=TOKENS, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+    with pytest.raises(openai.BadRequestError, match="inhibit"):
+        client.chat.completions.create(model=model, messages=messages, max_tokens=TOKENS, extra_body={"inhibit": 0.5})
+
