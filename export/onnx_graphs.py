@@ -14,6 +14,7 @@ import onnx
 import torch
 
 from export.model.decoder import DecoderGraph, EmbedGraph, StaticDecoderGraph, kv_names
+from export.model.energy import EnergyGradGraph
 from export.model.vision import PipmmVision
 
 OPSET = 18  # the TensorRT 10 parser covers opsets 9-20
@@ -32,12 +33,13 @@ def _param_bytes(module: torch.nn.Module) -> int:
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, weight_bytes: int | None = None) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
-    program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
+    weight_bytes = _param_bytes(module) if weight_bytes is None else weight_bytes
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -116,11 +118,22 @@ def export_decoder_static(decoder: StaticDecoderGraph, path: Path, model: dict) 
     _export(decoder, args, path, inputs, outputs, shapes)
 
 
+def export_energy_grad(graph: EnergyGradGraph, path: Path, model: dict) -> None:
+    """ControlMLLM's energy and its gradient (export/model/energy.py): the forward and backward traced together
+    by make_fx over symbolic shapes, that FX graph exported like a module (no core aten decompositions: the
+    exporter's own ONNX translation). T is dynamic; batch is 1 (one request's prefill)."""
+    example = graph.example()
+    traced = graph.trace(example)
+    seq = torch.export.Dim("sequence", min=2, max=1 << 16)
+    shapes = ({1: seq}, {1: seq}, {0: seq}, {0: seq}, {0: seq}, None)
+    _export(traced, example, path, graph.input_names, graph.output_names, shapes, weight_bytes=_param_bytes(graph))
+
+
 # graph name -> exporter(module, path, manifest["model"]); the bundle writer walks this in order.
 EXPORTERS = {"vision": export_vision, "embed": export_embed, "decoder": export_decoder}
 # Graphs a bundle may carry besides those, added on request (export/extra_graphs.py): same weights, other
 # shapes for other runtimes. The default bundle and the CPU path never need them.
-OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static}
+OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static, "energy_grad": export_energy_grad}
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:
