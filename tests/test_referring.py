@@ -278,3 +278,33 @@ def test_bad_method_and_method_without_region(ref_pipe, image):
         ref_pipe.generate(image, PROMPT, referring="controlmllm")
     with pytest.raises(RegionError, match="not a referring region"):
         ref_pipe.generate(image, PROMPT, region=(1, 2, 3, 4))
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_describe_with_regions(bundle, ref_pipe, image, tmp_path, capsys):
+    from PIL import Image
+
+    from sdk.cli import main
+
+    path, mask_path = tmp_path / "frame.png", tmp_path / "mask.png"
+    Image.fromarray(image).save(path)
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask).save(mask_path)
+    common = ["describe", str(path), PROMPT, "--bundle", str(bundle), "--device", "cpu", "--max-new-tokens", "4",
+              "--json"]
+    runs = {"box": ["--box", "14,6,44,36"], "point": ["--point", "30,20", "--point", "25,18"],
+            "scribble": ["--scribble", "15,10;45,35"], "mask": ["--mask", str(mask_path), "--referring", "overlay"]}
+    for kind, flags in runs.items():
+        assert main(common + flags) == 0
+        stats = json.loads(capsys.readouterr().out)["stats"]["referring"]
+        assert stats["region"] == kind and stats["method"] == ("overlay" if kind == "mask" else "controlmllm")
+    assert main(common + ["--box", "14,6,44,36", "--referring", "controlmllm++"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = ref_pipe.generate(image, PROMPT, region=BOX, referring="controlmllm++", max_new_tokens=4)
+    assert got["token_ids"] == want.token_ids and got["stats"]["referring"]["steps"] == 3
+    assert main(common + ["--box", "14,6"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --box '14,6': pass 4") and err.count("\n") == 1
