@@ -10,6 +10,7 @@ import warnings
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -127,6 +128,46 @@ def export_energy_grad(graph: EnergyGradGraph, path: Path, model: dict) -> None:
     seq = torch.export.Dim("sequence", min=2, max=1 << 16)
     shapes = ({1: seq}, {1: seq}, {0: seq}, {0: seq}, {0: seq}, None)
     _export(traced, example, path, graph.input_names, graph.output_names, shapes, weight_bytes=_param_bytes(graph))
+    share_transposed_copies(path, graph)
+
+
+def share_transposed_copies(path: Path, module: torch.nn.Module) -> int:
+    """The backward reads each matrix W where the forward reads W^T, and the exporter folds both into initializers:
+    the copy in the parameter's own layout becomes Transpose(W^T), so the file holds each matrix once, in the
+    layout the decoder graph stores (its folded W^T), and add-graphs can point it into the decoder's data.
+    Returns the bytes saved."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    def digest(array) -> str:
+        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+    own_layout = {digest(p.detach().cpu().float().numpy() if p.dtype == torch.bfloat16 else p.detach().cpu().numpy())
+                  for p in module.parameters() if p.dim() == 2}
+    model = onnx.load(str(path))
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
+    by_digest = {digest(a): name for name, a in arrays.items()}
+    replaced = {}
+    for name, array in arrays.items():
+        partner = by_digest.get(digest(array.T))
+        if partner and partner != name and partner not in replaced and digest(array) in own_layout:
+            replaced[name] = partner
+    if not replaced:
+        return 0
+    kept = [t for t in model.graph.initializer if t.name not in replaced]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = [onnx.helper.make_node("Transpose", [partner], [name], perm=[1, 0], name=f"shared_transpose_{i}")
+             for i, (name, partner) in enumerate(replaced.items())]
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + rest)
+    for stale in list(path.parent.glob(path.name + ".data")):
+        stale.unlink()
+    save_graph(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    return sum(arrays[name].nbytes for name in replaced)
 
 
 # graph name -> exporter(module, path, manifest["model"]); the bundle writer walks this in order.

@@ -103,7 +103,8 @@ def test_manifest_records_graph_and_settings(bundle):
     assert [i["name"] for i in entry["inputs"]] == ["inputs_embeds", "position_ids", "mask", "image_weight",
                                                     "query_weights", "layer_weights"]
     assert [o["name"] for o in entry["outputs"]] == ["energy", "grad_inputs_embeds"]
-    assert entry["sharing"]["found_in_source_bytes"] > 0  # the decoder's weights, byte for byte
+    # every matrix once, in the decoder's layout: all of the graph's weight bytes are the decoder's
+    assert entry["sharing"]["found_in_source_bytes"] == entry["sharing"]["weight_bytes"] > 0
     assert settings["graph_layers"] == d["model"]["num_layers"]
     assert settings["variants"]["controlmllm"]["optimizer"] == "gradient-ema"
     assert settings["variants"]["controlmllm++"] == {**settings["variants"]["controlmllm++"], "optimizer": "adam",
@@ -113,6 +114,32 @@ def test_manifest_records_graph_and_settings(bundle):
     d["referring"]["variants"]["controlmllm"]["layers"] = [0, 99]
     with pytest.raises(BundleError, match="reads layers"):
         Manifest.from_dict(d)
+
+
+def test_weights_point_into_the_decoders_external_data(bundle, tmp_path):
+    """As in a bundle whose decoder keeps its weights in a side file (real checkpoints): energy_grad then holds
+    no weight of its own, and computes the same."""
+    from export.extra_graphs import share_weights
+
+    for name in ("decoder", "energy_grad"):
+        model = onnx.load(str(bundle / f"{name}.onnx"))
+        onnx.save(model, str(tmp_path / f"{name}.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{name}.onnx.data", size_threshold=4096)
+    report = share_weights(tmp_path / "energy_grad.onnx", tmp_path / "decoder.onnx")
+    assert report["shared_bytes"] == report["weight_bytes"] > 0
+    assert not (tmp_path / "energy_grad.onnx.data").exists() or (tmp_path / "energy_grad.onnx.data").stat().st_size < 8192
+    rng = np.random.default_rng(0)
+    t = 9
+    feeds = {"inputs_embeds": rng.normal(0, 1, (1, t, 64)).astype(np.float32), "position_ids": np.arange(t)[None],
+             "mask": np.r_[0, 0, 1, 1, 0, 0, 0, 0, 0].astype(np.float32),
+             "image_weight": np.r_[0, 1, 1, 1, 1, 0, 0, 0, 0].astype(np.float32),
+             "query_weights": np.r_[0, 0, 0, 0, 0, 0.25, 0.25, 0.25, 0.25].astype(np.float32),
+             "layer_weights": np.full(2, 0.5, np.float32)}
+    import onnxruntime
+
+    shared = onnxruntime.InferenceSession(str(tmp_path / "energy_grad.onnx"), providers=["CPUExecutionProvider"])
+    for got, want in zip(shared.run(None, feeds), _ort(bundle).run(None, feeds)):
+        np.testing.assert_array_equal(got, want)
 
 
 # -- the device loop against a torch autograd loop --------------------------------------------------
