@@ -33,7 +33,7 @@ import torch
 from sdk.bundle import file_records, load_bundle, staged_bundle, write_manifest
 from sdk.errors import ExportError
 from sdk.manifest import ChatTemplate, Graph, Manifest, Precision, PromptVector
-from sdk.manifest_referring import defaults_for
+from sdk.manifest_referring import defaults_for, with_settings
 
 from export import onnx_graphs
 from export.writer import build_manifest, build_modules, graph_entry
@@ -196,9 +196,10 @@ def export_optional_graph(checkpoint_dir, name: str, out_path, dtype: str = "fp3
     return out_path
 
 
-def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
+def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_settings: dict | None = None) -> Path:
     """Move already exported optional graphs {name: path.onnx (+ path.onnx.data)} into a bundle: weights shared
-    with the decoder's external data where equal, then the manifest (hashing only the new files)."""
+    with the decoder's external data where equal, then the manifest (hashing only the new files). referring:
+    settings of the referring variants over the defaults ({"controlmllm": {"lr": 100.0}}, sdk/manifest_referring.py)."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=verify)
     manifest = bundle.manifest
@@ -223,7 +224,9 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
         raise
     fresh = {p.name for p in moved}
     known = {k: v for k, v in manifest.files.items() if k not in fresh}
-    referring = defaults_for(manifest.model.num_layers) if "energy_grad" in exported else manifest.referring
+    referring = manifest.referring
+    if "energy_grad" in exported:
+        referring = with_settings(defaults_for(manifest.model.num_layers), referring_settings or {}, ExportError)
     write_manifest(bundle_dir, replace(manifest, graphs=graphs, files=file_records(bundle_dir, known),
                                        precision=replace(manifest.precision, graphs=graph_precision),
                                        referring=referring))
@@ -231,7 +234,7 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
 
 
 def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: str = "cpu",
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, referring_settings: dict | None = None) -> Path:
     """Trace the optional `graphs` from the checkpoint the bundle was exported from and add them to the bundle
     (files first, the manifest last and atomically)."""
     bundle_dir = Path(bundle_dir)
@@ -253,7 +256,7 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
             onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out,
                                                  manifest.model.to_dict())
             exported[name] = out
-        return attach_graphs(bundle_dir, exported, verify=False)  # verified above
+        return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings)  # verified above
 
 
 # -- a whole bundle traced in half precision ------------------------------------------------------

@@ -90,3 +90,22 @@ def defaults_for(num_layers: int) -> Referring:
                                         lr=1.0, beta=0.5, stop_ratio=0.25),
         "controlmllm++": ReferringVariant(optimizer="adam", layers=middle_band(num_layers), queries="last", steps=3,
                                           lr=0.03, beta=0.9, beta2=0.999, eps=1e-3, stop_ratio=None)})
+
+
+def with_settings(referring: Referring, settings: dict[str, dict], error=BundleError) -> Referring:
+    """`referring` with some variants' settings replaced ({"controlmllm": {"lr": 100.0}}), each checked as the
+    manifest reader checks it; `error` is the type raised for an unknown variant or a bad value."""
+    variants = dict(referring.variants)
+    for name, changes in settings.items():
+        if name not in variants:
+            raise error(f"referring variant {name!r} is unknown: choose {', '.join(variants)}")
+        unknown = set(changes) - {f for f in ReferringVariant.__dataclass_fields__ if f != "extra"}
+        if unknown:
+            raise error(f"referring setting {sorted(unknown)[0]!r} of {name} is unknown: choose from "
+                        f"{', '.join(f for f in ReferringVariant.__dataclass_fields__ if f != 'extra')}")
+        variants[name] = {**variants[name].to_dict(), **changes}
+    try:
+        return Referring.from_dict({**referring.to_dict(), "variants": {k: v if isinstance(v, dict) else v.to_dict()
+                                                                         for k, v in variants.items()}}, "settings")
+    except BundleError as err:
+        raise error(str(err).split(";")[0]) from None

@@ -335,3 +335,21 @@ def test_cli_describe_with_regions(bundle, ref_pipe, image, tmp_path, capsys):
     assert main(common + ["--box", "14,6"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --box '14,6': pass 4") and err.count("\n") == 1
+
+
+def test_referring_settings_over_the_defaults():
+    from export.cli_add_graphs import referring_settings
+    from sdk.errors import ExportError
+    from sdk.manifest_referring import defaults_for, middle_band, with_settings
+
+    settings = referring_settings(["controlmllm.lr=100", "controlmllm.stop_ratio=null", "controlmllm++.lr=1.5"])
+    assert settings == {"controlmllm": {"lr": 100, "stop_ratio": None}, "controlmllm++": {"lr": 1.5}}
+    chosen = with_settings(defaults_for(4), settings, ExportError)
+    assert chosen.variants["controlmllm"].lr == 100.0 and chosen.variants["controlmllm"].stop_ratio is None
+    assert chosen.variants["controlmllm++"].layers == middle_band(4) == [1, 2]
+    for bad, match in [({"arrow": {}}, "unknown: choose"), ({"controlmllm": {"lrr": 1}}, "'lrr' of controlmllm"),
+                       ({"controlmllm": {"lr": "a"}}, "finite number"), ({"controlmllm": {"layers": [9]}}, "runs 4")]:
+        with pytest.raises(ExportError, match=match):
+            with_settings(defaults_for(4), bad, ExportError)
+    with pytest.raises(ExportError, match="VARIANT.KEY=VALUE"):
+        referring_settings(["lr=3"])
