@@ -256,7 +256,8 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
             onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer), out,
                                                  manifest.model.to_dict())
             exported[name] = out
-        return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings)  # verified above
+        # verified above
+        return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings)
 
 
 # -- a whole bundle traced in half precision ------------------------------------------------------

@@ -34,7 +34,8 @@ def _param_bytes(module: torch.nn.Module) -> int:
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, weight_bytes: int | None = None) -> None:
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
+            weight_bytes: int | None = None) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import BundleError
-from .manifest_fields import REEXPORT, Fields, Section, extra_field, is_dict, is_int, is_name, is_real, list_of, optional
+from .manifest_fields import (REEXPORT, Fields, Section, extra_field, is_dict, is_int, is_name, is_real, list_of,
+                              optional)
 
 OPTIMIZERS = ("gradient-ema", "adam")
 # whose attention counts: every text token after the image (question + assistant prefix), or the last one

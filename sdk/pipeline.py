@@ -290,7 +290,8 @@ class Pipeline:
         """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off).
         min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0).
         region: sdk.Box / Point / Scribble / Mask the question refers to; referring: "controlmllm",
-        "controlmllm++" (the bundle's energy_grad graph) or "overlay" (None: the bundle's default; docs/referring.md)."""
+        "controlmllm++" (the bundle's energy_grad graph) or "overlay" (None: the bundle's default;
+        docs/referring.md)."""
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result()
