@@ -43,6 +43,20 @@ def ref_pipe(bundle):
 
 
 @pytest.fixture(scope="module")
+def pool_pipe(bundle, bundles, tmp_path_factory):
+    """A pool bundle at sequence positions of the same checkpoint, given the same energy_grad graph (attach_graphs)."""
+    from export.extra_graphs import attach_graphs
+
+    root = tmp_path_factory.mktemp("referring-pool")
+    out, scratch = root / "bundle", root / "scratch"
+    shutil.copytree(bundles("llama", pipmm=True, budget="half", reducer="pool"), out)
+    scratch.mkdir()
+    shutil.copyfile(bundle / "energy_grad.onnx", scratch / "energy_grad.onnx")
+    attach_graphs(out, {"energy_grad": scratch / "energy_grad.onnx"})
+    return sdk.load(out, device="cpu")
+
+
+@pytest.fixture(scope="module")
 def energy(checkpoints):
     checkpoint = load_checkpoint(checkpoints["llama"])
     return AttentionEnergy(checkpoint.language_model, checkpoint.config.text_config).eval()
@@ -185,18 +199,21 @@ def _torch_loop(energy, embeds, positions, slots, tokens, variant, graph_layers)
     return history, latent.detach().numpy()
 
 
-@pytest.mark.parametrize("method", ["controlmllm", "controlmllm++"])
-def test_ort_loop_matches_torch_autograd_loop(ref_pipe, energy, image, method):
+@pytest.mark.parametrize("method, layout", [("controlmllm", "topk-patch"), ("controlmllm++", "topk-patch"),
+                                            ("controlmllm", "pool-sequence")])
+def test_ort_loop_matches_torch_autograd_loop(request, energy, image, method, layout):
     from sdk.regions import patch_weights, token_weights
 
-    pipe = ref_pipe
+    pipe = request.getfixturevalue({"topk-patch": "ref_pipe", "pool-sequence": "pool_pipe"}[layout])
     settings = pipe.manifest.referring
     variant = settings.variants[method]
     embeds, slots, positions, vision = _spliced(pipe, image, PROMPT)
     v = pipe.manifest.vision
     tokens = token_weights(patch_weights(BOX, image, pipe.preprocessing, v.grid, v.patch_size, variant.sigma),
-                           "prompt-topk", len(slots), vision.kept_patches, v.grid)
-    want_history, want_latent = _torch_loop(energy, embeds, positions, slots, tokens, variant,
+                           pipe.manifest.visual_tokens.reducer, len(slots), vision.kept_patches, v.grid)
+    assert (positions is None) == (layout == "pool-sequence")
+    sequence = np.arange(embeds.shape[1])[None] if positions is None else positions
+    want_history, want_latent = _torch_loop(energy, embeds, sequence, slots, tokens, variant,
                                             settings.graph_layers)
 
     result = pipe.generate(image, PROMPT, region=BOX, referring=method, max_new_tokens=8)
