@@ -129,6 +129,11 @@ def export_energy_grad(graph: EnergyGradGraph, path: Path, model: dict) -> None:
     seq = torch.export.Dim("sequence", min=2, max=1 << 16)
     shapes = ({1: seq}, {1: seq}, {0: seq}, {0: seq}, {0: seq}, None)
     _export(traced, example, path, graph.input_names, graph.output_names, shapes, weight_bytes=_param_bytes(graph))
+    embeds = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    if not embeds[1].dim_param:
+        from sdk.errors import ExportError
+        raise ExportError(f"tracing fixed energy_grad's sequence axis at {embeds[1].dim_value} for this "
+                          "architecture: report it with the checkpoint's config.json")
     share_transposed_copies(path, graph)
 
 

@@ -71,8 +71,23 @@ def _ort(bundle):
 # -- the graph ------------------------------------------------------------------------------------
 
 
-def test_energy_grad_matches_torch_autograd(bundle, energy):
-    """dE/d(inputs_embeds) of the ONNX graph within 1e-4 of max |grad| of torch autograd (fp32); energy to 1e-5."""
+@pytest.fixture(scope="module")
+def qwen2_graph(checkpoints, tmp_path_factory):
+    """energy_grad of the Qwen2 checkpoint (biased q/k/v projections), alone."""
+    from export.extra_graphs import export_optional_graph
+
+    path = export_optional_graph(checkpoints["qwen2"], "energy_grad",
+                                 tmp_path_factory.mktemp("qwen2") / "energy_grad.onnx")
+    checkpoint = load_checkpoint(checkpoints["qwen2"])
+    return path.parent, AttentionEnergy(checkpoint.language_model, checkpoint.config.text_config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_energy_grad_matches_torch_autograd(request, arch):
+    """dE/d(inputs_embeds) of the ONNX graph within 1e-4 of max |grad| of torch autograd (fp32); energy to 1e-5,
+    at a length other than the tracing example's (the sequence axis stays dynamic)."""
+    bundle, energy = ((request.getfixturevalue("bundle"), request.getfixturevalue("energy")) if arch == "llama"
+                      else request.getfixturevalue("qwen2_graph"))
     rng = np.random.default_rng(3)
     t, d = 19, energy.text_config.hidden_size
     embeds = rng.normal(0, 1, (1, t, d)).astype(np.float32)

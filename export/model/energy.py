@@ -28,6 +28,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # F.linear with a bias (Qwen2's q/k/v) traces as addmm, whose fake kernel pins T to the example's size
+    # under make_fx's symbolic shapes; matmul + add keeps T symbolic.
+    out = torch.matmul(x, layer.weight.t())
+    return out if layer.bias is None else out + layer.bias
+
+
 class AttentionEnergy(nn.Module):
     """The energy as a function of the prefill's embeddings (differentiable; torch autograd is the reference)."""
 
@@ -44,9 +51,9 @@ class AttentionEnergy(nn.Module):
         """One layer's attention: (output [1,T,D], head-mean probabilities [T,T])."""
         b, t, _ = x.shape
         hd, hkv, rep = self.head_dim, self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q = attn.q_proj(x).view(b, t, self.num_heads, hd).transpose(1, 2)  # [B,H,T,hd]
-        k = attn.k_proj(x).view(b, t, hkv, hd).transpose(1, 2)  # [B,Hkv,T,hd]
-        v = attn.v_proj(x).view(b, t, hkv, hd).transpose(1, 2)
+        q = _linear(attn.q_proj, x).view(b, t, self.num_heads, hd).transpose(1, 2)  # [B,H,T,hd]
+        k = _linear(attn.k_proj, x).view(b, t, hkv, hd).transpose(1, 2)  # [B,Hkv,T,hd]
+        v = _linear(attn.v_proj, x).view(b, t, hkv, hd).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -56,7 +63,7 @@ class AttentionEnergy(nn.Module):
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs.view(b, hkv, rep * t, t), v).view(b, self.num_heads, t, hd)
         out = out.transpose(1, 2).reshape(b, t, -1)
-        return attn.o_proj(out), probs.float().mean(dim=(1, 2))[0]  # [T,T]
+        return _linear(attn.o_proj, out), probs.float().mean(dim=(1, 2))[0]  # [T,T]
 
     def relevance(self, inputs_embeds, position_ids, query_weights, layer_weights) -> torch.Tensor:
         """r [T]: attention from the weighted queries to every key, weighted over layers, mean over heads."""
