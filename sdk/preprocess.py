@@ -320,6 +320,19 @@ def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray
     return np.ascontiguousarray(out.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
+def transform_plane(plane: np.ndarray, config: dict) -> np.ndarray:
+    """A float HxW plane over the input image (a referring region, sdk/regions.py) through preprocess's own
+    resize and center crop -> float32 [crop_h, crop_w], zero where the crop pads. Bilinear: weights, not colours."""
+    cfg = normalize_config(config, BadPreprocessing)
+    out = np.asarray(plane, dtype=np.float32)
+    if cfg["do_resize"]:
+        height, width = _resize_size(*out.shape, cfg["size"])
+        out = np.asarray(Image.fromarray(out).resize((width, height), resample=Image.BILINEAR), np.float32)
+    if cfg["do_center_crop"]:
+        out = _center_crop(out, cfg["crop_size"]["height"], cfg["crop_size"]["width"])
+    return out
+
+
 class BadPreprocessing(BundleError):
     """An image_preprocessing dict in a bundle manifest that we cannot use."""
 
