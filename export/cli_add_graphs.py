@@ -1,4 +1,5 @@
-"""`pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR`: add optional graphs (decoder_static) to a bundle."""
+"""`pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR`: add optional graphs (decoder_static, energy_grad) to a
+bundle; `--controlmllm` adds energy_grad, the referring graph (docs/referring.md)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,41 @@ def add_arguments(parser) -> None:
     parser.add_argument("--graph", action="append", default=None, metavar="NAME",
                         help="optional graph to add (repeatable; default decoder_static: the static KV cache "
                              "decoder for CUDA graphs, docs/gpu.md)")
+    parser.add_argument("--controlmllm", action="store_true",
+                        help="add energy_grad: ControlMLLM's energy and gradient, for referring by box, mask, scribble "
+                             "or point (docs/referring.md)")
+    parser.add_argument("--referring-set", action="append", default=[], metavar="VARIANT.KEY=VALUE",
+                        help="a referring setting over the defaults, e.g. controlmllm.lr=100 (repeatable; "
+                             "docs/referring.md)")
     parser.add_argument("--device", default="cpu", help="torch device to trace on (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="trace a graph again if the bundle has it")
+
+
+def referring_settings(pairs: list[str]) -> dict:
+    """["controlmllm.lr=100", ...] -> {"controlmllm": {"lr": 100}} (values read as JSON, else as strings)."""
+    import json
+
+    from sdk.errors import ExportError
+
+    settings: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        variant, dot, name = key.rpartition(".")
+        if not (sep and dot and variant and name):
+            raise ExportError(f"--referring-set {pair!r}: write VARIANT.KEY=VALUE, e.g. controlmllm.lr=100")
+        try:
+            settings.setdefault(variant, {})[name] = json.loads(value)
+        except ValueError:
+            settings.setdefault(variant, {})[name] = value
+    return settings
 
 
 def run(args) -> int:
     from export.extra_graphs import add_graphs
 
-    graphs = tuple(args.graph or ["decoder_static"])
-    add_graphs(args.bundle, args.checkpoint, graphs, device=args.device, overwrite=args.overwrite)
+    asked = list(args.graph or []) + (["energy_grad"] if args.controlmllm else [])
+    graphs = tuple(dict.fromkeys(asked or ["decoder_static"]))
+    add_graphs(args.bundle, args.checkpoint, graphs, device=args.device, overwrite=args.overwrite,
+               referring_settings=referring_settings(args.referring_set))
     print(f"added {', '.join(graphs)} to {args.bundle}")
     return 0

@@ -1,6 +1,7 @@
 """Graphs a bundle may carry besides vision/embed/decoder, and a bundle traced directly in half precision.
 
     add_graphs("bundle/", "checkpoint/")                       # + decoder_static (pipmm add-graphs)
+    add_graphs("bundle/", "checkpoint/", graphs=("energy_grad",))  # + ControlMLLM referring (docs/referring.md)
     export_direct("checkpoint/", "out/", no_prompt_mlp=True, dtype="fp16", device="cuda")
 
 `decoder_static` (export/model/decoder.py: the decoder over a preallocated cache, for CUDA graphs) holds the
@@ -32,12 +33,14 @@ import torch
 from sdk.bundle import file_records, load_bundle, staged_bundle, write_manifest
 from sdk.errors import ExportError
 from sdk.manifest import ChatTemplate, Graph, Manifest, Precision, PromptVector
+from sdk.manifest_referring import defaults_for, with_settings
 
 from export import onnx_graphs
 from export.fused import FUSED_DECODER, FusedDecoderSpec, fused_entry
 from export.writer import build_manifest, build_modules, graph_entry
 from export.model.checkpoint import load_checkpoint
 from export.model.decoder import StaticDecoderGraph
+from export.model.energy import EnergyGradGraph
 from export.model.prompt import PromptMLP
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,14 +51,28 @@ _SAMPLE = 1 << 16
 _WEIGHT_BYTES = 4096  # smaller initializers are constants (shapes, scalars), not weights
 
 
+# optional graph -> its module from (checkpoint, prompt layer)
+OPTIONAL_MODULES = {
+    "decoder_static": lambda checkpoint, prompt_layer: StaticDecoderGraph(
+        checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config, prompt_layer),
+    "energy_grad": lambda checkpoint, prompt_layer: EnergyGradGraph(
+        checkpoint.language_model, checkpoint.config.text_config,
+        defaults_for(checkpoint.config.text_config.num_hidden_layers).graph_layers),
+}
+# optional graph -> what its manifest entry says it is for
+OPTIONAL_NOTES = {
+    "decoder_static": {"kv_cache": "static", "for": "GPU runtimes: CUDA graphs (docs/gpu.md)"},
+    "energy_grad": {"for": "referring by box, mask, scribble or point: ControlMLLM (docs/referring.md)"},
+}
+
+
 def optional_module(name: str, checkpoint, prompt_layer: int, cmai_layers=()) -> torch.nn.Module:
-    if name == FUSED_DECODER:  # built from the modules, not traced (export/fused.py)
+    if name == FUSED_DECODER:  # built from the modules, not traced (export/fused.py); CMAI layers as the decoder's
         return FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
                                 prompt_layer, list(cmai_layers))
-    if name == "decoder_static":
-        return StaticDecoderGraph(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
-                                  prompt_layer).eval()
-    raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
+    if name not in OPTIONAL_MODULES:
+        raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
+    return OPTIONAL_MODULES[name](checkpoint, prompt_layer).eval()
 
 
 # -- weights shared through external data --------------------------------------------------------
@@ -133,10 +150,10 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
 
 # -- manifest and files ---------------------------------------------------------------------------
 
-def _entry_of_optional(out: Path, source: Path | None) -> Graph:
-    if out.stem == FUSED_DECODER:  # packed weights: nothing to share with decoder.onnx
+def _entry_of_optional(name: str, out: Path, source: Path | None) -> Graph:
+    if name == FUSED_DECODER:  # packed weights: nothing to share with decoder.onnx
         return graph_entry(out, **fused_entry(out))
-    extra = {"kv_cache": "static", "for": "GPU runtimes: CUDA graphs (docs/gpu.md)"}
+    extra = dict(OPTIONAL_NOTES[name])
     if source is not None and source.exists():
         extra["shares_weights_with"] = source.stem
         extra["sharing"] = share_weights(out, source)
@@ -145,7 +162,7 @@ def _entry_of_optional(out: Path, source: Path | None) -> Graph:
 
 def _export_optional(name: str, module, out: Path, model_info: dict, source: Path | None) -> Graph:
     onnx_graphs.OPTIONAL_EXPORTERS[name](module, out, model_info)
-    return _entry_of_optional(out, source)
+    return _entry_of_optional(name, out, source)
 
 
 def _bundle_precision(manifest: Manifest) -> str:
@@ -185,9 +202,10 @@ def export_optional_graph(checkpoint_dir, name: str, out_path, dtype: str = "fp3
     return out_path
 
 
-def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
+def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_settings: dict | None = None) -> Path:
     """Move already exported optional graphs {name: path.onnx (+ path.onnx.data)} into a bundle: weights shared
-    with the decoder's external data where equal, then the manifest (hashing only the new files)."""
+    with the decoder's external data where equal, then the manifest (hashing only the new files). referring:
+    settings of the referring variants over the defaults ({"controlmllm": {"lr": 100.0}}, sdk/manifest_referring.py)."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=verify)
     manifest = bundle.manifest
@@ -204,7 +222,7 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
                 if src.exists():
                     shutil.move(str(src), str(dst))
                     moved.append(dst)
-            graphs[name] = _entry_of_optional(out, decoder_file)
+            graphs[name] = _entry_of_optional(name, out, decoder_file)
             graph_precision[name] = precision
     except BaseException:
         for path in moved:  # the manifest was not touched: leave no stray file either
@@ -212,13 +230,17 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True) -> Path:
         raise
     fresh = {p.name for p in moved}
     known = {k: v for k, v in manifest.files.items() if k not in fresh}
+    referring = manifest.referring
+    if "energy_grad" in exported:
+        referring = with_settings(defaults_for(manifest.model.num_layers), referring_settings or {}, ExportError)
     write_manifest(bundle_dir, replace(manifest, graphs=graphs, files=file_records(bundle_dir, known),
-                                       precision=replace(manifest.precision, graphs=graph_precision)))
+                                       precision=replace(manifest.precision, graphs=graph_precision),
+                                       referring=referring))
     return bundle_dir
 
 
 def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: str = "cpu",
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, referring_settings: dict | None = None) -> Path:
     """Trace the optional `graphs` from the checkpoint the bundle was exported from and add them to the bundle
     (files first, the manifest last and atomically)."""
     bundle_dir = Path(bundle_dir)
@@ -241,7 +263,8 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
             onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer, cmai_layers), out,
                                                  manifest.model.to_dict())
             exported[name] = out
-        return attach_graphs(bundle_dir, exported, verify=False)  # verified above
+        # verified above
+        return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings)
 
 
 # -- a whole bundle traced in half precision ------------------------------------------------------
@@ -302,7 +325,8 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
                                       details={name: {"precision": dtype, "method": method} for name in graphs})
         shutil.copyfile(checkpoint.tokenizer_file, stage.directory / manifest.tokenizer)
         step = time.perf_counter()
-        published = stage.publish(replace(manifest, graphs=entries, precision=precision),
+        referring = defaults_for(manifest.model.num_layers) if "energy_grad" in entries else None
+        published = stage.publish(replace(manifest, graphs=entries, precision=precision, referring=referring),
                                   known=reused.manifest.files if reused is not None else None)
         log(f"  hashed {sum(f.bytes for f in published.files.values()) / 1e9:.2f} GB in "
             f"{time.perf_counter() - step:.1f} s")

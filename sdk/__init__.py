@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import PipmmError
+from .regions import Box, Mask, Point, Scribble
 from .version import __version__
 
 _default_pipeline = None
@@ -23,4 +24,4 @@ def describe(image, prompt: str = "Describe the image.", **kwargs) -> str:
     return _default_pipeline.describe(image, prompt, **kwargs)
 
 
-__all__ = ["load", "describe", "PipmmError", "__version__"]
+__all__ = ["load", "describe", "PipmmError", "Box", "Point", "Scribble", "Mask", "__version__"]

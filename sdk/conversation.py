@@ -274,10 +274,11 @@ class Conversation:
         result.text = pipeline.prompter.decode(result.token_ids)
         return result
 
-    def reply_stream(self, **generation) -> Iterator[str]:
+    def reply_stream(self, result=None, **generation) -> Iterator[str]:
+        """reply() as text pieces; result: a Result to fill as it goes (token ids, timings, cached_tokens)."""
         pipeline = self.pipeline
         args = pipeline.generation_args(*self._generation(**generation))
-        result = pipeline.new_result()
+        result = pipeline.new_result() if result is None else result
         with pipeline.request():
             yield from text_pieces(pipeline.prompter, self._turn(args, result), result)
 

@@ -32,6 +32,7 @@ from .generation import GenerationArgs, sample, suppress
 from .manifest import Manifest
 from .preprocess import preprocess
 from .prompting import Prompter
+from .referring import prepare as prepare_referring
 
 
 @dataclass
@@ -51,11 +52,13 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     inhibited: int = 0  # CMAI: visual tokens masked from the text's attention (per CMAI layer)
     cached_tokens: int = 0  # conversations: tokens of earlier turns taken from the KV cache, not prefilled again
+    referring: dict | None = None  # region requests: method, region, steps, energy per step (sdk/referring.py)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids,
                 "stats": {"visual_tokens": self.visual_tokens, "finish_reason": self.finish_reason,
                           "inhibited_visual_tokens": self.inhibited, "cached_tokens": self.cached_tokens,
+                          **({"referring": self.referring} if self.referring is not None else {}),
                           **self.timings}}
 
 
@@ -75,6 +78,7 @@ class Pipeline:
         self.defaults = manifest.generation
         self.visual_positions = manifest.visual_tokens.positions
         self.cmai = manifest.cmai  # None: the decoder has no image_bias input
+        self.energy_graph = None  # referring's energy_grad session, opened on first use (sdk/referring.py)
         vision_outputs = [o.name for o in manifest.graphs["vision"].outputs] if manifest.graphs else []
         if self.visual_positions == "patch" and manifest.graphs and "kept_patches" not in vision_outputs:
             raise BundleError("the bundle puts visual tokens at patch positions but its vision graph has no "
@@ -191,7 +195,8 @@ class Pipeline:
             finally:
                 self._owner = None
 
-    def _tokens(self, image, prompt, args: GenerationArgs, result: Result, inhibit: float = 0.0) -> Iterator[int]:
+    def _tokens(self, image, prompt, args: GenerationArgs, result: Result, inhibit: float = 0.0,
+                steering=None) -> Iterator[int]:
         """Yields generated token ids one by one, filling result.timings as it goes."""
         t = result.timings
         start = time.perf_counter()
@@ -211,6 +216,9 @@ class Pipeline:
         embeds = self.backend.embed(ids[None]).copy()
         embeds[0, image_slots] = vision.visual_tokens[0].astype(embeds.dtype)
         positions = self.prefill_positions(len(ids), image_slots, vision)
+        if steering is not None:  # referring: the latent joins the image rows before prefill
+            embeds = steering(embeds, image_slots, positions, vision)
+            t["referring_ms"] = _ms(stage)
         bias = None
         if inhibit > 0:
             logits, cache, bias, result.inhibited = self.inhibited_prefill(embeds, positions, image_slots, inhibit)
@@ -278,15 +286,21 @@ class Pipeline:
 
     def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, inhibit: float | None = None,
-                 min_new_tokens: int | None = None) -> Result:
+                 min_new_tokens: int | None = None, region=None, referring: str | None = None) -> Result:
         """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off).
-        min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0)."""
+        min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0).
+        region: sdk.Box / Point / Scribble / Mask the question refers to; referring: "controlmllm",
+        "controlmllm++" (the bundle's energy_grad graph) or "overlay" (None: the bundle's default;
+        docs/referring.md)."""
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result()
+        with typed_errors("the referring region"):
+            image, steering, report = prepare_referring(self, image, region, referring)
         with self.request():
-            result.token_ids = list(self._tokens(image, prompt, args, result, fraction))
+            result.token_ids = list(self._tokens(image, prompt, args, result, fraction, steering))
         result.text = self.prompter.decode(result.token_ids)
+        result.referring = None if report is None else report.to_dict()
         return result
 
     def describe(self, image, prompt: str = "Describe the image.", **kwargs) -> str:

@@ -59,6 +59,9 @@ DEFAULTS = {k: v for k, v in clip_processor_config().items() if k != "image_proc
 PROCESSOR_DEFAULTS = {
     "CLIPImageProcessor": DEFAULTS,
     "SiglipImageProcessor": {k: v for k, v in siglip_processor_config().items() if k != "image_processor_type"},
+    # LlavaImageProcessor: CLIP's, plus do_pad (pad to a square of the longer edge in the mean colour, before the
+    # resize; transformers/models/llava/image_processing_pil_llava.py), off by default as there
+    "LlavaImageProcessor": {**DEFAULTS, "do_pad": False},
 }
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -97,8 +100,12 @@ def normalize_config(d: dict, error, defaults: dict = DEFAULTS) -> dict:
         # shortest edge (224), whatever "size" says.
         cfg["size"] = {"height": 224, "width": 224}
 
+    if d.get("do_pad"):  # kept only where asked: manifests without it read as before
+        cfg["do_pad"] = True
     for key in ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         cfg[key] = bool(cfg[key])
+    if "do_pad" in cfg and not cfg["do_pad"]:
+        del cfg["do_pad"]
     # CLIP has default_to_square=False: an int size is the shortest edge; a crop int is a square.
     cfg["size"] = _size_dict(cfg["size"], "size", square_int=False, error=error)
     cfg["crop_size"] = _size_dict(cfg["crop_size"], "crop_size", square_int=True, error=error)
@@ -284,6 +291,8 @@ def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray
     # Always RGB: the vision graph takes 3 channels. (With do_convert_rgb=False transformers keeps
     # the PIL mode, which only differs for non-RGB images, and then its 3-value normalize fails.)
     img = load_image(image, max_pixels)
+    if cfg.get("do_pad") and img.width != img.height:
+        img = _pad_to_square(img, cfg["image_mean"])
 
     crop = (cfg["crop_size"]["height"], cfg["crop_size"]["width"]) if cfg["do_center_crop"] else None
     if cfg["do_resize"]:
@@ -311,11 +320,33 @@ def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray
     return np.ascontiguousarray(out.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
+def transform_plane(plane: np.ndarray, config: dict) -> np.ndarray:
+    """A float HxW plane over the input image (a referring region, sdk/regions.py) through preprocess's own
+    resize and center crop -> float32 [crop_h, crop_w], zero where the crop pads. Bilinear: weights, not colours."""
+    cfg = normalize_config(config, BadPreprocessing)
+    out = np.asarray(plane, dtype=np.float32)
+    if cfg["do_resize"]:
+        height, width = _resize_size(*out.shape, cfg["size"])
+        out = np.asarray(Image.fromarray(out).resize((width, height), resample=Image.BILINEAR), np.float32)
+    if cfg["do_center_crop"]:
+        out = _center_crop(out, cfg["crop_size"]["height"], cfg["crop_size"]["width"])
+    return out
+
+
 class BadPreprocessing(BundleError):
     """An image_preprocessing dict in a bundle manifest that we cannot use."""
 
     def __init__(self, message: str):
         super().__init__(f"bundle manifest image_preprocessing: {message}; re-export the bundle")
+
+
+def _pad_to_square(img: Image.Image, mean: list[float]) -> Image.Image:
+    """LlavaImageProcessor's pad_to_square: the image centred on a square of its longer edge, filled with the
+    mean colour as uint8 (int(m * 255) per channel; the shorter side's offset rounded down)."""
+    side = max(img.width, img.height)
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return square
 
 
 def _resize_size(height: int, width: int, size: dict) -> tuple[int, int]:

@@ -54,10 +54,9 @@ class ServerProcess:
         except (urllib.error.URLError, ConnectionError):
             return 0, b""
 
-    def post_json(self, body, headers: dict | None = None):
+    def post_json(self, body, headers: dict | None = None, path: str = "/v1/chat/completions"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        status, raw = self.request("POST", "/v1/chat/completions", data, {"Content-Type": "application/json",
-                                                                         **(headers or {})})
+        status, raw = self.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
         return status, json.loads(raw)
 
     def request_json(self, method: str, path: str):

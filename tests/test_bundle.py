@@ -99,12 +99,12 @@ def test_pipmm_export_without_prompt_mlp_stops(checkpoints, tmp_path):
 
 
 def test_unsupported_checkpoint_is_refused(checkpoints, tmp_path):
-    ckpt = tmp_path / "siglip"
+    ckpt = tmp_path / "pixtral"  # CLIP and SigLIP towers are supported (tests/test_siglip.py); Pixtral's is not
     shutil.copytree(checkpoints["llama"], ckpt)
     config = json.loads((ckpt / "config.json").read_text())
-    config["vision_config"]["model_type"] = "siglip_vision_model"
+    config["vision_config"]["model_type"] = "pixtral"
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="CLIP"):
+    with pytest.raises(ExportError, match="vision tower 'pixtral' is not supported"):
         export_bundle(ckpt, tmp_path / "b", no_prompt_mlp=True)
 
 

@@ -268,3 +268,20 @@ def test_module_imports_neither_torch_nor_transformers():
     code = ("import sys, sdk.preprocess; bad = {'torch', 'transformers'} & set(sys.modules); "
             "sys.exit(f'imported {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("size", [(45, 61), (97, 13), (30, 30)])
+def test_llava_pad_to_square_matches_transformers(size):
+    """LlavaImageProcessor with do_pad: the frame padded to a square in the mean colour before resize and crop."""
+    from transformers import LlavaImageProcessorPil
+
+    raw = {**LLAVA15, "image_processor_type": "LlavaImageProcessor", "do_pad": True}
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    expected = LlavaImageProcessorPil.from_dict(raw)(image, return_tensors="np")["pixel_values"]
+    config = config_from_processor(raw)
+    assert config["do_pad"] is True
+    got = preprocess(image, config)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-5
+    assert "do_pad" not in config_from_processor({**raw, "do_pad": False})  # manifests without it read as before
+

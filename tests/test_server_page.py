@@ -65,5 +65,9 @@ def test_the_page_streams_an_answer_and_renders(bundles, image, pipe, browser, t
         assert shot.width >= 600 and shot.height >= 600
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, the image, borders: a rendered page
         assert "POST /v1/chat/completions 200" in server.log.read_text()
+        overlay = browser.find_element(By.ID, "overlay")  # the explain overlay, at the image's own size
+        assert overlay.is_displayed()
+        assert int(overlay.get_attribute("naturalWidth")) == image.shape[1]
+        assert "POST /v1/explain 200" in server.log.read_text()
     finally:
         server.stop()

@@ -17,6 +17,7 @@ from ..errors import PipmmError, one_line
 from .chat import chat_completions
 from .config import ServerConfig
 from .errors import CLIENT_GONE, ApiError, from_sdk
+from .explain import explain_request
 from .metrics import Metrics
 from .responses import model_list
 
@@ -73,6 +74,7 @@ ROUTES = {
     ("GET", "/metrics"): metrics,
     ("GET", "/"): page,
     ("POST", "/v1/chat/completions"): chat_completions,
+    ("POST", "/v1/explain"): explain_request,
 }
 
 

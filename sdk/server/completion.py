@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..conversation import Conversation
 from ..pipeline import Result
 from .parsing import ChatRequest
 
@@ -52,10 +53,16 @@ class StopScanner:
 
 def pieces(pipeline, request: ChatRequest, outcome: Outcome) -> Iterator[str]:
     """Text pieces of the answer; `outcome` is complete once this generator is exhausted or closed."""
-    ids, _ = pipeline.prompter.prompt_ids(request.prompt)  # a bad prompt fails here, before any graph runs
-    outcome.prompt_tokens = len(ids)
     result = Result(text="", token_ids=[], visual_tokens=pipeline.num_visual_tokens, finish_reason="length")
-    stream = pipeline.stream(request.image, request.prompt, result=result, **request.options)
+    conversation = None
+    if request.turns is None:
+        ids, _ = pipeline.prompter.prompt_ids(request.prompt)  # a bad prompt fails here, before any graph runs
+        outcome.prompt_tokens = len(ids)
+        stream = pipeline.stream(request.image, request.prompt, result=result, **request.options)
+    else:
+        conversation = Conversation.from_messages(pipeline, request.turns)
+        options = {k: v for k, v in request.options.items() if k != "inhibit"}
+        stream = conversation.reply_stream(result=result, **options)
     scanner = StopScanner(request.stop)
     first = last = None
     try:
@@ -73,6 +80,8 @@ def pieces(pipeline, request: ChatRequest, outcome: Outcome) -> Iterator[str]:
         outcome.finish_reason = FINISH_REASONS[result.finish_reason]
     finally:
         stream.close()  # frees the Pipeline when the client went away or a stop string ended it
+        if conversation is not None:  # the whole rendered conversation is the prompt
+            outcome.prompt_tokens = result.cached_tokens + conversation.prefilled
         outcome.completion_tokens = len(result.token_ids)
         outcome.timings = llama_timings(result, outcome.prompt_tokens, (last - first) * 1000 if first else 0.0)
 

@@ -41,6 +41,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "pipmm_requests_total": ("counter", "HTTP requests answered, by path and status"),
     "pipmm_prompt_tokens_total": ("counter", "prompt tokens of answered completions (image slots included)"),
     "pipmm_completion_tokens_total": ("counter", "generated tokens of answered completions"),
+    "pipmm_explain_requests_total": ("counter", "POST /v1/explain answers (the page's overlay)"),
     "pipmm_stream_disconnects_total": ("counter", "streams whose client went away before the end (worker freed)"),
     "pipmm_queue_depth": ("gauge", "requests waiting for a worker"),
     "pipmm_workers_busy": ("gauge", "workers serving a request"),

@@ -1,7 +1,8 @@
 """A /v1/chat/completions body -> ChatRequest, or an ApiError saying what is wrong with it.
 
-One image per conversation: the prompt is the text of the last user message, the image the one image
-any user message holds (the SDK answers one turn; earlier turns are not shown to the model).
+One image per conversation, in a user message. One user turn: answered with Pipeline.stream (prompt = its
+text). Several turns (system, earlier user and assistant messages): answered with the SDK's Conversation
+(sdk/conversation.py), which renders the whole conversation with the bundle's chat template.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     stop: list[str] = field(default_factory=list)
+    turns: list[dict] | None = None  # several turns: the conversation in the SDK's message form, else None
 
 
 def optional(body: dict, name: str, kinds: tuple[type, ...], what: str):
@@ -48,7 +50,7 @@ def parse_chat(body, config: ServerConfig, visual_tokens: int) -> ChatRequest:
         raise bad_request(f"visual_tokens={budget} is not available: this bundle's visual-token budget is fixed "
                           f"at {visual_tokens} (export another budget with 'pipmm export --visual-tokens')",
                           "visual_tokens")
-    prompt, image = conversation(body.get("messages"), config)
+    prompt, image, turns = conversation(body.get("messages"), config)
     max_tokens = optional(body, "max_completion_tokens", (int,), "an integer")
     if max_tokens is None:
         max_tokens = optional(body, "max_tokens", (int,), "an integer")
@@ -62,8 +64,10 @@ def parse_chat(body, config: ServerConfig, visual_tokens: int) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
+    if turns is not None and options["inhibit"]:
+        raise bad_request("inhibit applies to one-turn requests: a conversation is answered without CMAI", "inhibit")
     return ChatRequest(prompt, image, options, stream, bool(stream_options.get("include_usage")),
-                       stop_strings(body.get("stop"), config.max_stop_strings))
+                       stop_strings(body.get("stop"), config.max_stop_strings), turns)
 
 
 def stop_strings(stop, limit: int) -> list[str]:
@@ -73,27 +77,49 @@ def stop_strings(stop, limit: int) -> list[str]:
     return stops
 
 
-def conversation(messages, config: ServerConfig) -> tuple[str, Image.Image]:
+def conversation(messages, config: ServerConfig) -> tuple[str, Image.Image, list[dict] | None]:
+    """-> (the last user text, the image, the conversation in the SDK's message form when it has more than one
+    turn, else None)."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
-    prompt, images = None, []
+    prompt, images, turns = None, [], []
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise bad_request(f"each message needs a role of {sorted(ROLES)}", "messages")
-        if message["role"] != "user":
-            continue
+        role = "system" if message["role"] == "developer" else message["role"]
+        if role not in ("system", "user", "assistant"):
+            continue  # tool messages: this server runs no tools
         text, urls = content_parts(message.get("content"))
-        prompt = text
-        images += urls
-    if prompt is None:
-        raise bad_request("messages hold no user message: send one with the question and the image", "messages")
+        if role == "user":
+            prompt = text
+            images += urls
+        elif urls:
+            raise bad_request(f"an image belongs in a user message, not a {role} message", "messages")
+        turns.append({"role": role, "content": ordered_parts(message.get("content"))})
+    if prompt is None or turns[-1]["role"] != "user":
+        raise bad_request("the last message must be the user's, with the question", "messages")
     if not images:
         raise bad_request("no image in the messages: add a content part {\"type\": \"image_url\", \"image_url\": "
                           "{\"url\": \"data:image/png;base64,...\"}}", "messages", "image_required")
     if len(images) > 1:
         raise bad_request(f"the messages hold {len(images)} images: this server answers about one image per "
                           "conversation", "messages", "too_many_images")
-    return prompt, from_url(images[0], config)
+    image = from_url(images[0], config)
+    if len(turns) == 1:
+        return prompt, image, None
+    for turn in turns:  # the SDK's form: the decoded image in its place
+        turn["content"] = [{"type": "image", "image": image} if part["type"] == "image_url" else part
+                           for part in turn["content"]]
+    return prompt, image, turns
+
+
+def ordered_parts(content) -> list[dict]:
+    """A message's content as the SDK's parts, in the order sent (templates render them in that order); image
+    parts are placeholders here, replaced by the decoded image."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [{"type": "image_url"} if part["type"] == "image_url" else {"type": "text", "text": part["text"]}
+            for part in content]  # content_parts has checked every part
 
 
 def content_parts(content) -> tuple[str, list[str]]:
