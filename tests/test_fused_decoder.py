@@ -136,3 +136,16 @@ def test_cpu_sessions_sleep_between_runs_unless_told(bundles, monkeypatch):
     monkeypatch.setenv("PIPMM_SPINNING", "1")
     assert OnnxRuntimeBackend(bundle, device="cpu").info()["spinning"] is True
     assert OnnxRuntimeBackend(bundle, device="cpu", spinning=False).info()["spinning"] is False
+
+
+def test_pipmm_add_graphs_adds_decoder_fused(bundles, checkpoints, tmp_path):
+    from helpers import run_pipmm
+
+    out = tmp_path / "bundle"
+    shutil.copytree(bundles("qwen2"), out)
+    done = run_pipmm("add-graphs", out, "--checkpoint", checkpoints["qwen2"], "--graph", "decoder_fused", timeout=300)
+    assert done.returncode == 0, done.stderr
+    backend = sdk.load(out, device="cpu").backend
+    assert backend.info()["decoder_graph"] == "decoder_fused"
+    again = run_pipmm("add-graphs", out, "--checkpoint", checkpoints["qwen2"], "--graph", "decoder_fused", timeout=300)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
