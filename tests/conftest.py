@@ -58,3 +58,20 @@ def image():
     y, x = np.mgrid[0:45, 0:61]
     base = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1)
     return np.clip(base + rng.integers(0, 60, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def chat_bundles(tmp_path_factory):
+    """case name of tests/chat_checkpoints.py CASES -> (checkpoint, plain bundle), each built and exported once."""
+    from chat_checkpoints import CASES, checkpoint
+
+    cache = {}
+
+    def make(case):
+        if case not in cache:
+            root = tmp_path_factory.mktemp(case)
+            path = checkpoint(root / "ckpt", *CASES[case])
+            cache[case] = path, export_bundle(path, root / "bundle", no_prompt_mlp=True, progress=False)
+        return cache[case]
+    return make
+

@@ -19,25 +19,15 @@ torch = pytest.importorskip("torch")
 import sdk  # noqa: E402
 from export.model.chat_template import conversation_format  # noqa: E402
 from export.synthetic import build_tiny_llava  # noqa: E402
-from export.writer import export_bundle  # noqa: E402
 from sdk.bundle import sha256_file  # noqa: E402
-from chat_checkpoints import CASES, NEW_TOKENS, checkpoint, transformers_run  # noqa: E402
+from chat_checkpoints import CASES, NEW_TOKENS, transformers_run  # noqa: E402
 
 QUESTION = "what is the color of the star left of the circle?"
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """case name -> (checkpoint, bundle), each built and exported once for this module."""
-    cache = {}
-
-    def make(case):
-        if case not in cache:
-            root = tmp_path_factory.mktemp(case)
-            path = checkpoint(root / "ckpt", *CASES[case])
-            cache[case] = path, export_bundle(path, root / "bundle", no_prompt_mlp=True, progress=False)
-        return cache[case]
-    return make
+def made(chat_bundles):
+    return chat_bundles
 
 
 @pytest.mark.parametrize("case", CASES)

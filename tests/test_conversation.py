@@ -12,11 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import sdk  # noqa: E402
-from export.writer import export_bundle  # noqa: E402
 from sdk.conversation import LLAVA_15_CONVERSATION, Renderer, common_prefix  # noqa: E402
 import sdk.conversation  # noqa: E402
 from sdk.errors import PromptError  # noqa: E402
-from chat_checkpoints import CASES, checkpoint, transformers_run  # noqa: E402
+from chat_checkpoints import transformers_run  # noqa: E402
 
 FIRST = "what is the color of the star left of the circle?"
 SECOND = "how many squares are there?"
@@ -24,16 +23,8 @@ NEW = 12
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    cache = {}
-
-    def make(case):
-        if case not in cache:
-            root = tmp_path_factory.mktemp(case)
-            path = checkpoint(root / "ckpt", *CASES[case])
-            cache[case] = path, export_bundle(path, root / "bundle", no_prompt_mlp=True, progress=False)
-        return cache[case]
-    return make
+def made(chat_bundles):
+    return chat_bundles
 
 
 def _hf_messages(image, answer):

@@ -17,11 +17,10 @@ from sdk.errors import BundleError  # noqa: E402
 from sdk.manifest import Manifest  # noqa: E402
 from sdk.preprocess import preprocess, transform_plane  # noqa: E402
 from sdk.referring import ReferringReport, optimise_latent  # noqa: E402
-from sdk.regions import RegionError, overlay, pool_cells  # noqa: E402
+from sdk.regions import RegionError, overlay  # noqa: E402
 from export.extra_graphs import add_graphs  # noqa: E402
 from export.model.checkpoint import load_checkpoint  # noqa: E402
 from export.model.energy import AttentionEnergy  # noqa: E402
-from export.model.reducers import pool_matrix  # noqa: E402
 from tests.test_tensorrt_ops import AXES_INPUT, TABLE  # noqa: E402
 
 PROMPT = "what is the color of the shape"
@@ -279,11 +278,6 @@ def test_region_follows_the_images_resize_and_crop(ref_pipe):
     bright = pixels > pixels.min() + 0.5 * (pixels.max() - pixels.min())
     plane = transform_plane(sdk.Box(20, 10, 50, 30).plane(w, h), ref_pipe.preprocessing) > 0.5
     assert plane.shape == bright.shape and (plane != bright).mean() < 0.03 and plane.any()
-
-
-@pytest.mark.parametrize("grid", [(4, 4, 8), (4, 4, 4), (6, 5, 7), (7, 7, 12)])
-def test_pool_cells_are_the_reducers_cells(grid):
-    np.testing.assert_allclose(pool_cells(*grid), pool_matrix(*grid).numpy())
 
 
 def test_point_and_scribble_weights_fall_off_with_distance(ref_pipe, image):

@@ -14,6 +14,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from sdk.errors import ExportError
+from sdk.regions import pool_cells
 
 
 def resolve_budget(budget: str | int, num_patches: int) -> int:
@@ -30,33 +31,12 @@ def resolve_budget(budget: str | int, num_patches: int) -> int:
     return k
 
 
-def _cell_edges(length: int, cells: int) -> list[int]:
-    # Non-overlapping bins covering 0..length, as equal as rounding allows.
-    return [round(i * length / cells) for i in range(cells + 1)]
-
-
 def pool_matrix(grid_h: int, grid_w: int, k: int) -> torch.Tensor:
-    """[K, N] averaging matrix: output token j is the mean of one rectangular cell of the patch grid.
-
-    The output grid (gh, gw) has gh * gw == K and the squarest cells possible (a 24x24 grid at
-    quarter budget pools 2x2, at half budget 2x1). When K has no factorisation that fits the
-    grid, cells are contiguous runs of the raster order instead (neighbours along rows).
-    """
-    n = grid_h * grid_w
-    matrix = torch.zeros(k, n)
-    shapes = [(gh, k // gh) for gh in range(1, k + 1) if k % gh == 0 and gh <= grid_h and k // gh <= grid_w]
-    if shapes:
-        gh, gw = min(shapes, key=lambda s: (abs(math.log((grid_h / s[0]) / (grid_w / s[1]))), -s[0]))
-        rows, cols = _cell_edges(grid_h, gh), _cell_edges(grid_w, gw)
-        for i in range(gh):
-            for j in range(gw):
-                cell = [r * grid_w + c for r in range(rows[i], rows[i + 1]) for c in range(cols[j], cols[j + 1])]
-                matrix[i * gw + j, cell] = 1.0 / len(cell)
-    else:
-        edges = _cell_edges(n, k)
-        for j in range(k):
-            matrix[j, edges[j]:edges[j + 1]] = 1.0 / (edges[j + 1] - edges[j])
-    return matrix
+    """[K, N] averaging matrix: output token j is the mean of one rectangular cell of the patch grid, the
+    squarest cells with gh * gw == K (a 24x24 grid at quarter budget pools 2x2, at half budget 2x1), or
+    contiguous raster runs when K has no factorisation that fits. The cells are sdk.regions.pool_cells': the
+    device maps referring regions through the very same ones."""
+    return torch.from_numpy(pool_cells(grid_h, grid_w, k))
 
 
 def top_patches(scores: torch.Tensor, k: int) -> torch.Tensor:
