@@ -7,7 +7,6 @@ place at the end), so an interrupted export never leaves a half-written bundle t
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -22,7 +21,7 @@ from sdk.manifest import (ChatTemplate, Cmai, Created, Graph, Manifest, Model, P
                           SpecialTokens, Vision, VisualTokens)
 
 from export import onnx_graphs
-from export.model.chat_template import conversation_format, load_tokenizer, save_tokenizer
+from export.model.chat_template import conversation_format, save_tokenizer
 from export.model.checkpoint import Checkpoint, load_checkpoint
 from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
 from export.model.prompt import PromptMLP
@@ -121,7 +120,7 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
                                                                    conversation="first-question"),
         prompt_mlp=None if prompt_mlp is None else PromptMlp.from_dict(vars(prompt_mlp.config).copy(), source),
         image_preprocessing=_preprocessing(checkpoint, vision.image_size),
-        chat_template=chat_template or ChatTemplate.from_dict(conversation_format(checkpoint.path).manifest_entry(), source),
+        chat_template=chat_template or ChatTemplate.from_dict(conversation_format(checkpoint.path, checkpoint.tokenizer).manifest_entry(), source),
         special_tokens=_special_tokens(checkpoint, tokenizer_json),
         # CMAI (docs/vmtc-cmai.md): the decoder's image_bias input and attention output, the layers they act at
         # and the runtime's settings; None: the decoder has neither.
@@ -167,7 +166,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
             path = stage.directory / f"{name}.onnx"
             onnx_graphs.EXPORTERS[name](modules[name], path, manifest.model.to_dict())
             graphs[name] = graph_entry(path)
-        save_tokenizer(load_tokenizer(checkpoint.path), stage.directory / manifest.tokenizer)  # as transformers runs it
+        save_tokenizer(checkpoint.tokenizer, stage.directory / manifest.tokenizer)  # as transformers runs it
         stage.publish(replace(manifest, graphs=graphs))
     return out_dir
 

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdk.errors import ExportError
+from sdk.manifest import ChatTemplate
 
 # A question no template rewrites (no spaces to trim, no markup, no case to change in any filter we know of).
 SENTINEL = "PIPMMQUESTIONSENTINEL"
-IMAGE_PLACEHOLDER = "<image>"
-# LLaVA-1.5's conversation (llava-hf/llava-1.5-7b-hf's chat_template.json renders exactly this for one user turn).
-LLAVA_15 = {"prompt": "USER: <image>\n{prompt} ASSISTANT:", "prompt_encoder": "USER: {prompt}"}
+# LLaVA-1.5's conversation, the manifest's defaults (llava-hf/llava-1.5-7b-hf's chat_template.json renders exactly
+# this for one user turn).
+LLAVA_15 = ChatTemplate()
+IMAGE_PLACEHOLDER = LLAVA_15.image_placeholder
 # Files that may hold the template, in the order transformers' processor loading reads them.
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
 
@@ -106,7 +108,7 @@ def conversation_format(checkpoint_dir: str | Path, tokenizer=None) -> Conversat
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
     found = template_source(checkpoint_dir)
     if found is None:
-        prompt, encoder, template, source = LLAVA_15["prompt"], LLAVA_15["prompt_encoder"], None, \
+        prompt, encoder, template, source = LLAVA_15.prompt, LLAVA_15.prompt_encoder, None, \
             "LLaVA-1.5 (no template in the checkpoint)"
         rendered = prompt.replace("{prompt}", SENTINEL)
     else:
@@ -139,9 +141,3 @@ def conversation_format(checkpoint_dir: str | Path, tokenizer=None) -> Conversat
 def save_tokenizer(tokenizer, path: Path) -> None:
     """tokenizer.json as transformers runs it: the backend with the post-processor it rebuilt at load."""
     tokenizer.backend_tokenizer.save(str(path))
-
-
-def transformers_turn_ids(tokenizer, fmt: ConversationFormat, question: str) -> list[int]:
-    """The ids transformers' processor gives for one user turn with `question`, before the image expansion."""
-    text = fmt.prompt.replace("{prompt}", question)
-    return tokenizer(text, add_special_tokens=fmt.add_special_tokens).input_ids

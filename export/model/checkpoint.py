@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from export.model.chat_template import load_tokenizer
 from sdk.errors import ExportError
 
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")  # export/model/vision.py TOWERS
@@ -21,6 +23,11 @@ class Checkpoint:
     path: Path
     tokenizer_file: Path
     eos_token_ids: list[int]
+
+    @cached_property
+    def tokenizer(self):
+        """The tokenizer as transformers loads it (export/model/chat_template.py), read once per checkpoint."""
+        return load_tokenizer(self.path)
 
     @property
     def config(self):

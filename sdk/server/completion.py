@@ -53,7 +53,7 @@ class StopScanner:
 
 def pieces(pipeline, request: ChatRequest, outcome: Outcome) -> Iterator[str]:
     """Text pieces of the answer; `outcome` is complete once this generator is exhausted or closed."""
-    result = Result(text="", token_ids=[], visual_tokens=pipeline.num_visual_tokens, finish_reason="length")
+    result = pipeline.new_result()
     conversation = None
     if request.turns is None:
         ids, _ = pipeline.prompter.prompt_ids(request.prompt)  # a bad prompt fails here, before any graph runs
