@@ -1,30 +1,38 @@
-"""Generated scenes and exact-answer questions: the training data and the token-budget benchmark.
+"""Generated scenes: layout, drawing, splits and datasets -- the training data and the token-budget benchmark.
 
-A scene is a noisy grey background with 3 to 12 flat-coloured shapes, most of them small
+A scene is a background (export/tasks/styles.py: the original noisy grey "classic", flat, gradient,
+textured, a photo-like table...) with 1 to 12 flat-coloured or outlined shapes, most of them small
 (about one 14 px patch at 224 px), some with a 1-3 character text label beside them. Questions
-come in the families of FAMILIES; every answer is a short lowercase string computed from the
-drawn objects (Scene.objects), never from separate state. The caption ("describe") lists
-"size color shape" phrases in raster order of the 16x16 patch grid (patch row, then x). An
-object is named only by words that match it alone ("star", "red star", "small star", "small
-red star"); position and relation questions are asked only where a centre is clearly away
-from a 3x3 grid line, or clearly apart from the other centre along the asked axis.
+(export/tasks/questions.py, phrasings in phrasings.py) come in the families of FAMILIES; every
+answer is a short lowercase string computed from the drawn objects. The caption ("describe")
+lists "size color shape" phrases in raster order of the 16x16 patch grid of the view (patch row,
+then x).
 
-Determinism: make_scene(seed, size) draws everything from numpy.random.Generator(PCG64(seed)),
-so the same (seed, size) gives byte-identical pixels. iter_examples, write_dataset and
-corpus_text ask the questions of scene `seed` with their own stream, Generator(PCG64([seed, 1])),
-so asking more or fewer questions never changes the image.
+Determinism: make_scene(seed, size, style) draws the layout and the classic background from
+numpy.random.Generator(PCG64(seed)) and every style-specific choice from Generator(PCG64([seed, 4])),
+so the same (seed, size, style) gives byte-identical pixels and "classic" is the original generator.
+iter_examples, write_dataset and corpus_text ask the questions of scene `seed` with their own
+stream, Generator(PCG64([seed, 1])), and pick a split's style with Generator(PCG64([seed, 3])), so
+asking more or fewer questions never changes the image.
 
-Splits: scene `i` of a split has seed SPLIT_BASE[split] + i, with SPLIT_BASE = train 0,
-val 1_000_000_000, test 2_000_000_000 and i < SPLIT_SPAN = 1_000_000_000, so the three
-splits can never share a seed (a --seed-offset k starts the split at scene index k instead of 0).
+Splits (SPLITS): scene `i` of a split has seed SPLIT_BASE[split] + i, i < SPLIT_SPAN = 1e9:
+train 0, val 1e9, test 2e9, phrasing 3e9, style 4e9 -- never a shared seed between training and any
+eval split. train/val/test draw TRAIN_STYLES with TRAIN phrasings; phrasing asks HELD_OUT phrasings
+on train styles; style draws HELD_OUT_STYLES with TRAIN phrasings. classic is the original test
+split exactly (same seeds as test, classic style, the legacy phrasings and families), kept so
+old figures reproduce; train-classic the original training stream. (--seed-offset k starts a
+split at scene index k.)
+
+Canvases: a style may draw a non-square canvas (e.g. 640x480); the objects then lie in its centred
+square *view* of side min(w, h) -- what the CLIP preprocessing (shortest edge -> model size, centre
+crop) keeps -- so every object stays visible after the crop. Coordinates are canvas pixels.
 
 Geometry guarantees (relied on by the questions and the tests):
-  * every shape fits in the box [x - radius, x + radius] x [y - radius, y + radius];
+  * every shape fits in the box [x - radius, x + radius] x [y - radius, y + radius], inside the view;
   * centres of two objects are at least max(1.3 * max(r1, r2) + 2, 0.85 * (r1 + r2)) apart,
     so shapes may overlap a little but no object's centre pixel is ever covered by another;
   * labels never touch an object's box, and the labelled object is clearly the nearest one;
-  * background, clutter and noise are grey with every channel in [90, 185], while each object
-    colour has a channel outside that range, so the background never equals an object colour.
+  * the background never equals an object colour (styles.py states the invariant per style).
 """
 
 from __future__ import annotations
@@ -42,64 +50,45 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdk.errors import PipmmError
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-COLORS = {
-    "red": (230, 25, 25), "green": (30, 175, 45), "blue": (30, 70, 235), "yellow": (250, 230, 30),
-    "purple": (150, 40, 205), "orange": (250, 125, 0), "white": (250, 250, 250), "black": (10, 10, 10),
-}
-SIZES = ("small", "large")
-FAMILIES = ("describe", "color", "shape", "count", "exist", "position", "relation", "label")
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "cross": "crosses", "diamond": "diamonds"}
-SPLIT_SPAN = 1_000_000_000
-SPLIT_BASE = {"train": 0, "val": SPLIT_SPAN, "test": 2 * SPLIT_SPAN}
+from export.tasks.objects import (COLORS, LABEL_CHARS, PLURALS, POSITIONS, SHAPES, SIZES, Region, Scene,  # noqa: F401
+                                  SceneObject, draw_object, region_of, shape_points)
+from export.tasks.questions import (FAMILIES, LEGACY_FAMILIES, Question, make_questions, position_of,  # noqa: F401
+                                    refer_question, templates)
+from export.tasks.styles import HELD_OUT_STYLES, STYLES, TRAIN_STYLES, Style, background, effects, pick_style
 
-_RADII = {"small": (7, 10), "large": (14, 20)}  # pixels at 224 px: diameters 14-20 and 28-40
-_P_SMALL = 0.65                                 # most objects are small: they fit one patch
-_GREY = (90, 185)                               # range of every background/clutter channel
-_TEXT_RGB = (30, 30, 30)                        # label ink: not an object colour
-_LABEL_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345789"  # no I/O/Q/0/1: too easy to misread at 8 px
+_LABEL_CHARS = LABEL_CHARS     # (old name)
+_TEXT_RGB = (30, 30, 30)       # label ink on light backgrounds: grey, not an object colour
+_LIGHT_INK = (225, 225, 225)   # label ink on dark backgrounds
 _MIN_SIZE = 64
+SPLIT_SPAN = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    base: int                     # seed of scene 0
+    styles: dict[str, float]      # style -> weight
+    phrasing: str = "train"       # key of phrasings.PHRASINGS
+    families: tuple[str, ...] = FAMILIES
+    instruction_phrasing: str = "train"  # instructions.py: which phrasings of the answer-form instructions
+
+
+_HELD_OUT_MIX = {name: 1.0 for name in HELD_OUT_STYLES}
+SPLITS = {
+    "train": SplitSpec(0, TRAIN_STYLES),
+    "val": SplitSpec(SPLIT_SPAN, TRAIN_STYLES),
+    "test": SplitSpec(2 * SPLIT_SPAN, TRAIN_STYLES),
+    "phrasing": SplitSpec(3 * SPLIT_SPAN, TRAIN_STYLES, "held_out", instruction_phrasing="held_out"),
+    "style": SplitSpec(4 * SPLIT_SPAN, _HELD_OUT_MIX),
+    "classic": SplitSpec(2 * SPLIT_SPAN, {"classic": 1.0}, "legacy", LEGACY_FAMILIES),
+    "train-classic": SplitSpec(0, {"classic": 1.0}, "legacy", LEGACY_FAMILIES),
+}
+SPLIT_BASE = {name: spec.base for name, spec in SPLITS.items()}
+TRAIN_SPLITS = ("train", "train-classic")
+EVAL_SPLITS = ("val", "test", "phrasing", "style", "classic")
 
 
 class SceneArgumentError(PipmmError, ValueError):
-    """A scene-generation argument (split, n, size, seed offset) is out of range."""
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    color: str
-    size: str           # "small" or "large"
-    x: int              # centre, pixels
-    y: int
-    radius: int         # half the side of the box the shape fits in
-    label: str | None = None
-    label_box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) of the drawn text
-
-    @property
-    def phrase(self) -> str:
-        return f"{self.size} {self.color} {self.shape}"
-
-
-@dataclass
-class Scene:
-    seed: int
-    image_size: int
-    objects: tuple[SceneObject, ...]  # canonical (raster) order, the order of the caption
-    image: Image.Image | None = None
-
-    @property
-    def caption(self) -> str:
-        return ", ".join(o.phrase for o in self.objects)
-
-
-@dataclass(frozen=True)
-class Question:
-    family: str
-    prompt: str
-    answer: str
+    """A scene-generation argument (split, n, size, seed offset, style) is out of range."""
 
 
 @dataclass(frozen=True)
@@ -122,9 +111,18 @@ def _min_gap(r1: int, r2: int) -> float:
     return max(1.3 * max(r1, r2) + 2, 0.85 * (r1 + r2))
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)
+def _font_px(px: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=px)  # Pillow's bundled font (FreeType): the same here and in CI
+
+
 def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=max(8, round(size * 11 / 224)))
+    """The classic label font for a view of `size` pixels (11 px at 224)."""
+    return _font_px(max(8, round(size * 11 / 224)))
+
+
+def label_font(o: SceneObject, size: int) -> ImageFont.FreeTypeFont:
+    return _font_px(o.label_font) if o.label_font else _font(size)
 
 
 def _box_distance(box, o: SceneObject) -> float:
@@ -137,10 +135,10 @@ def _boxes_touch(a, b, pad: int = 0) -> bool:
     return not (a[2] + pad < b[0] or b[2] + pad < a[0] or a[3] + pad < b[1] or b[3] + pad < a[1])
 
 
-def _place_label(rng, o: SceneObject, objects, taken, size: int):
+def _place_label(rng, o: SceneObject, objects, taken, size: int, font, stroke: int = 0):
     """A box for a new label next to `o`, or None when no side is free and unambiguous."""
-    text = "".join(rng.choice(list(_LABEL_CHARS), size=int(rng.integers(1, 4))))
-    left, top, right, bottom = _font(size).getbbox(text)
+    text = "".join(rng.choice(list(LABEL_CHARS), size=int(rng.integers(1, 4))))
+    left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
     w, h, gap = right - left, bottom - top, max(2, size // 112)
     sides = {
         "right": (o.x + o.radius + gap, o.y - h // 2),
@@ -162,235 +160,154 @@ def _place_label(rng, o: SceneObject, objects, taken, size: int):
     return None
 
 
-def _layout(rng: np.random.Generator, size: int) -> list[SceneObject]:
+def _theme(style: Style, srng) -> tuple[dict, int]:
+    """Non-classic: maybe many objects sharing a shape and/or colour -> ({field: value}, how many), else ({}, 0)."""
+    if not style.theme or srng.random() >= style.theme:
+        return {}, 0
+    kind = ("shape", "color", "both")[int(srng.integers(3))]
+    fixed = {}
+    if kind in ("shape", "both"):
+        fixed["shape"] = style.shapes[int(srng.integers(len(style.shapes)))]
+    if kind in ("color", "both"):
+        fixed["color"] = style.colors[int(srng.integers(len(style.colors)))]
+    return fixed, int(srng.integers(7, 13))
+
+
+def _layout(rng: np.random.Generator, size: int, style: Style = STYLES["classic"],
+            srng: np.random.Generator | None = None) -> list[SceneObject]:
+    """Objects in view coordinates (a size x size square). The main stream `rng` draws what the original
+    generator drew; everything else (one-object scenes, themes, outlines, fonts) comes from `srng`."""
     scale = size / 224
-    n_target = int(rng.integers(3, 13))
+    n_target = int(rng.integers(style.counts[0], style.counts[1] + 1))
+    fixed, n_fixed = ({}, 0) if style.classic else _theme(style, srng)
+    if n_fixed:
+        n_target = max(n_target, min(12, n_fixed + int(srng.integers(0, 3))))
+    elif not style.classic and style.single and srng.random() < style.single:
+        n_target = 1
     objects: list[SceneObject] = []
-    for _ in range(n_target):
-        size_name = "small" if rng.random() < _P_SMALL else "large"
-        lo, hi = _RADII[size_name]
+    for k in range(n_target):
+        size_name = "small" if rng.random() < style.p_small else "large"
+        lo, hi = style.radii[size_name]
         r = max(3, round(int(rng.integers(lo, hi + 1)) * scale))
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        color = list(COLORS)[int(rng.integers(len(COLORS)))]
+        shape = style.shapes[int(rng.integers(len(style.shapes)))]
+        color = style.colors[int(rng.integers(len(style.colors)))]
+        if k < n_fixed:
+            shape, color = fixed.get("shape", shape), fixed.get("color", color)
+        outline = 0
+        if style.outline and size_name == "large" and srng.random() < style.outline:
+            outline = max(2, round(srng.uniform(0.14, 0.25) * r))
         for _try in range(100):  # rejection sampling; a crowded scene just gets fewer objects
             x, y = (int(v) for v in rng.integers(r + 2, size - r - 2, size=2))
             if all(math.hypot(x - p.x, y - p.y) >= _min_gap(r, p.radius) for p in objects):
-                objects.append(SceneObject(shape, color, size_name, x, y, r))
+                objects.append(SceneObject(shape, color, size_name, x, y, r, outline=outline))
                 break
-    # Labels on some objects (40% of scenes have none).
-    n_labels = 0 if rng.random() < 0.4 else int(rng.integers(1, 4))
+    # Labels on some objects (classic: 40% of scenes have none).
+    n_labels = 0 if rng.random() < 1 - style.p_labels else int(rng.integers(1, 4))
     taken: list[tuple] = []
     for i in rng.permutation(len(objects))[:n_labels]:
-        placed = _place_label(rng, objects[i], objects, taken, size)
+        if style.classic:
+            px, stroke, font = 0, 0, _font(size)
+        else:
+            px = max(8, round(int(srng.integers(style.label_font[0], style.label_font[1] + 1)) * scale))
+            stroke = max(1, round(px / 14)) if srng.random() < style.stroke else 0
+            font = _font_px(px)
+        placed = _place_label(rng, objects[i], objects, taken, size, font, stroke)
         if placed:
             text, box = placed
             taken.append(box)
-            objects[i] = replace(objects[i], label=text, label_box=box)
+            objects[i] = replace(objects[i], label=text, label_box=box, label_font=px, label_stroke=stroke)
     return sorted(objects, key=lambda o: _raster_key(o, size))
+
+
+def _shift(o: SceneObject, dx: int, dy: int) -> SceneObject:
+    box = o.label_box and (o.label_box[0] + dx, o.label_box[1] + dy, o.label_box[2] + dx, o.label_box[3] + dy)
+    return replace(o, x=o.x + dx, y=o.y + dy, label_box=box)
+
+
+def _style(name: str) -> Style:
+    if name not in STYLES:
+        raise SceneArgumentError(f"unknown style {name!r}: use one of {', '.join(STYLES)}")
+    return STYLES[name]
+
+
+def plan_scene(seed: int, size: int = 224, style: str = "classic"):
+    """-> (Scene without pixels, main stream, style stream) of scene `seed`: the layout only (cheap)."""
+    _check_size(size)
+    st = _style(style)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    srng = np.random.Generator(np.random.PCG64([seed, 4]))
+    w = h = size
+    if not st.classic:
+        cw, ch = st.canvases[int(srng.integers(len(st.canvases)))]
+        w, h = round(cw * size / 224), round(ch * size / 224)
+    view = min(w, h)
+    ox, oy = (w - view) // 2, (h - view) // 2
+    objects = tuple(_shift(o, ox, oy) for o in _layout(rng, view, st, srng))
+    scene = Scene(seed=seed, image_size=view, objects=objects, style=style, offset=(ox, oy),
+                  canvas=None if w == h else (w, h))
+    return scene, rng, srng
 
 
 # ----------------------------------------------------------------------------- drawing
 
-def _shape_points(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
-    if shape == "square":
-        s = 0.85 * r
-        return [(x - s, y - s), (x + s, y - s), (x + s, y + s), (x - s, y + s)]
-    if shape == "triangle":
-        return [(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)]
-    if shape == "diamond":
-        return [(x, y - r), (x + 0.8 * r, y), (x, y + r), (x - 0.8 * r, y)]
-    if shape == "star":
-        return [(x + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
-                 y - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)]
-    if shape == "cross":
-        t = max(1.6, 0.3 * r)
-        return [(x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
-                (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t)]
-    raise ValueError(shape)
+def _ink(img: Image.Image, box) -> tuple[int, int, int]:
+    """Label ink that reads on the background under `box`: dark on light, light on dark."""
+    lum = float(np.asarray(img.crop(box).convert("L"), np.float32).mean())
+    return _TEXT_RGB if lum >= 110 else _LIGHT_INK
 
 
-def _background(rng: np.random.Generator, size: int) -> Image.Image:
-    """Grey texture + pixel noise + faint lines, rings and specks; every channel in _GREY."""
-    lo, hi = _GREY
-    base = rng.uniform(lo + 20, hi - 20)
-    coarse = rng.normal(0, 12, size=(6, 6)).astype(np.float32)  # smooth blotches
-    smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR))
-    tint = rng.normal(0, 3, size=3)  # a barely-there colour cast, far from any object colour
-    noise = rng.normal(0, 6, size=(size, size, 3))
-    arr = base + smooth[..., None] + tint + noise
-    img = Image.fromarray(np.clip(arr, lo, hi).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-
-    def grey() -> tuple[int, int, int]:
-        g = int(np.clip(base + rng.choice([-1, 1]) * rng.uniform(12, 28), lo, hi))
-        return (g, g, g)
-
-    for _ in range(int(rng.integers(3, 9))):
-        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, size=4))
-        draw.line((x0, y0, x1, y1), fill=grey(), width=int(rng.integers(1, 3)))
-    for _ in range(int(rng.integers(0, 4))):
-        x, y = (int(v) for v in rng.integers(0, size, size=2))
-        r = int(rng.integers(size // 40, size // 8))
-        draw.ellipse((x - r, y - r, x + r, y + r), outline=grey(), width=1)
-    for _ in range(int(rng.integers(5, 20))):
-        x, y = (int(v) for v in rng.integers(0, size, size=2))
-        draw.rectangle((x, y, x + int(rng.integers(1, 4)), y + int(rng.integers(1, 4))), fill=grey())
-    return img
-
-
-def make_scene(seed: int, size: int = 224) -> Scene:
-    """Scene `seed` at `size` x `size` pixels; deterministic, byte for byte."""
-    _check_size(size)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    objects = _layout(rng, size)  # uses the stream first: layouts do not depend on the drawing
-    img = _background(rng, size)
+def make_scene(seed: int, size: int = 224, style: str = "classic") -> Scene:
+    """Scene `seed` with a view of `size` pixels in `style` (classic: the original scenes); byte-deterministic."""
+    scene, rng, srng = plan_scene(seed, size, style)
+    st = STYLES[style]
+    w, h = scene.size_wh
+    img = background(st, rng, srng, w, h, scene.objects)  # classic: the main stream, after the layout
+    ink = {o: _ink(img, o.label_box) if not st.classic else _TEXT_RGB for o in scene.objects if o.label}
     draw = ImageDraw.Draw(img)
     # Large objects first, so that small ones stay on top where they overlap.
-    for o in sorted(objects, key=lambda o: o.size != "large"):
-        if o.shape == "circle":
-            draw.ellipse((o.x - o.radius, o.y - o.radius, o.x + o.radius, o.y + o.radius), fill=COLORS[o.color])
-        else:
-            draw.polygon(_shape_points(o.shape, o.x, o.y, o.radius), fill=COLORS[o.color])
-    for o in objects:
+    for o in sorted(scene.objects, key=lambda o: o.size != "large"):
+        draw_object(draw, o)
+    for o in scene.objects:
         if o.label:
-            left, top, _, _ = _font(size).getbbox(o.label)
-            draw.text((o.label_box[0] - left, o.label_box[1] - top), o.label, fill=_TEXT_RGB, font=_font(size))
-    return Scene(seed=seed, image_size=size, objects=tuple(objects), image=img)
+            font = label_font(o, scene.image_size)
+            left, top, _, _ = font.getbbox(o.label, stroke_width=o.label_stroke)
+            draw.text((o.label_box[0] - left, o.label_box[1] - top), o.label, fill=ink[o], font=font,
+                      stroke_width=o.label_stroke, stroke_fill=ink[o])
+    scene.image = effects(st, srng, img, scene.image_size) if not st.classic else img
+    return scene
 
 
 def label_char_centres(o: SceneObject, size: int) -> list[tuple[str, float, float]]:
     """(character, x, y) of the centre of each drawn character of o's label, left to right ([] if none);
-    from the same font metrics make_scene draws with."""
+    from the same font metrics make_scene draws with (canvas pixels; `size` is the scene's view)."""
     if not o.label:
         return []
-    font = _font(size)
-    left, top, _, _ = font.getbbox(o.label)
+    font = label_font(o, size)
+    left, top, _, _ = font.getbbox(o.label, stroke_width=o.label_stroke)
     x0, y = o.label_box[0] - left, (o.label_box[1] + o.label_box[3]) / 2
     return [(ch, x0 + font.getlength(o.label[:i]) + font.getlength(ch) / 2, y) for i, ch in enumerate(o.label)]
-
-
-# ----------------------------------------------------------------------------- questions
-
-TEMPLATES = {
-    "describe": ("Describe the image.", "List the objects in the image.", "What objects are in this picture?"),
-    "color": ("What color is the {n}?", "What is the color of the {n}?", "Which color does the {n} have?"),
-    "shape": ("What shape is the {n} object?", "What is the shape of the {n} object?",
-              "Name the shape of the {n} object."),
-    "count": ("How many {n} are there?", "How many {n} are in the image?", "Count the {n}."),
-    "exist": ("Is there {n}?", "Does the image contain {n}?", "Can you see {n}?"),  # n has its article
-    "position": ("Where is the {n}?", "Where is the {n} in the image?", "In which part of the image is the {n}?"),
-    "relation": ("Is the {a} left of the {b}?", "Is the {a} right of the {b}?",
-                 "Is the {a} above the {b}?", "Is the {a} below the {b}?"),
-    "label": ("What does the label next to the {n} say?", "What is written next to the {n}?",
-              "Read the label next to the {n}."),
-}
-
-
-def _names(o: SceneObject, objects, fields_options) -> list[str]:
-    """The names of `o` made of the given attribute tuples that match `o` alone."""
-    return [" ".join(getattr(o, f) for f in fields) for fields in fields_options
-            if sum(all(getattr(p, f) == getattr(o, f) for f in fields) for p in objects) == 1]
-
-
-_ANY_NAME = (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape"))
-
-
-def position_of(x: float, y: float, size: int) -> str:
-    return POSITIONS[min(int(3 * y / size), 2) * 3 + min(int(3 * x / size), 2)]
-
-
-def _margin_to_grid(x: float, y: float, size: int) -> float:
-    return min(abs(v - size * k / 3) for v in (x, y) for k in (1, 2))
-
-
-def _ask(family: str, scene: Scene, rng: np.random.Generator) -> Question | None:
-    objs, size = scene.objects, scene.image_size
-    tpl = TEMPLATES[family][int(rng.integers(len(TEMPLATES[family])))]
-
-    def pick(seq):
-        return seq[int(rng.integers(len(seq)))] if seq else None
-
-    if family == "describe":
-        return Question(family, tpl, scene.caption)
-    if family == "count":
-        if rng.random() < 0.5:
-            shape = pick([o.shape for o in objs]) if rng.random() < 0.7 else pick(SHAPES)
-            return Question(family, tpl.format(n=PLURALS[shape]), str(sum(o.shape == shape for o in objs)))
-        color = pick([o.color for o in objs]) if rng.random() < 0.7 else pick(list(COLORS))
-        return Question(family, tpl.format(n=f"{color} objects"), str(sum(o.color == color for o in objs)))
-    if family == "exist":
-        o = pick(objs)
-        shape, color, sz = (o.shape, o.color, o.size) if rng.random() < 0.5 else (
-            pick(SHAPES), pick(list(COLORS)), pick(SIZES))
-        with_size = rng.random() < 0.3
-        yes = any(p.shape == shape and p.color == color and (not with_size or p.size == sz) for p in objs)
-        name = f"{sz} {color} {shape}" if with_size else f"{color} {shape}"
-        article = "an" if name[0] in "aeiou" else "a"
-        return Question(family, tpl.format(n=f"{article} {name}"), "yes" if yes else "no")
-    def about(named: list, answer) -> Question | None:  # named: (object, unique name) pairs
-        if not named:
-            return None
-        o, n = pick(named)
-        return Question(family, tpl.format(n=n), answer(o))
-
-    if family == "color":  # named without its colour
-        return about([(o, n) for o in objs for n in _names(o, objs, (("shape",), ("size", "shape")))],
-                     lambda o: o.color)
-    if family == "shape":  # named without its shape
-        return about([(o, n) for o in objs for n in _names(o, objs, (("color",), ("size", "color")))],
-                     lambda o: o.shape)
-    if family == "position":  # only objects clearly inside one cell of the 3x3 grid
-        return about([(o, n) for o in objs if _margin_to_grid(o.x, o.y, size) >= 0.04 * size
-                      for n in _names(o, objs, _ANY_NAME)], lambda o: position_of(o.x, o.y, size))
-    if family == "label":
-        return about([(o, n) for o in objs if o.label for n in _names(o, objs, _ANY_NAME)],
-                     lambda o: o.label.lower())
-    if family == "relation":  # only pairs whose centres are clearly apart along the asked axis
-        named = [(o, pick(_names(o, objs, _ANY_NAME))) for o in objs]
-        named = [(o, n) for o, n in named if n]
-        horizontal = "left" in tpl or "right" in tpl
-        pairs = [(a, b) for a in named for b in named if a[0] is not b[0]
-                 and abs((a[0].x - b[0].x) if horizontal else (a[0].y - b[0].y)) >= 0.08 * size]
-        if not pairs:
-            return None
-        (a, na), (b, nb) = pick(pairs)
-        truth = {"left": a.x < b.x, "right": a.x > b.x, "above": a.y < b.y, "below": a.y > b.y}
-        word = next(w for w in truth if f" {w} " in tpl)
-        return Question(family, tpl.format(a=na, b=nb), "yes" if truth[word] else "no")
-    raise ValueError(f"unknown question family {family!r}")
-
-
-def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES,
-                   per_family: int = 1) -> list[Question]:
-    """Up to `per_family` distinct questions of each family (fewer when the scene has none to ask)."""
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown or not families or per_family < 1:
-        raise SceneArgumentError(f"bad families {list(families)} or per_family {per_family}: "
-                                 f"use families from {', '.join(FAMILIES)} and per_family >= 1")
-    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else \
-        np.random.Generator(np.random.PCG64(rng_or_seed))
-    out: list[Question] = []
-    for family in families:
-        seen: set[str] = set()
-        for _ in range(4 * per_family):
-            if len(seen) == per_family:
-                break
-            q = _ask(family, scene, rng)
-            if q is not None and q.prompt not in seen:
-                seen.add(q.prompt)
-                out.append(q)
-    return out
 
 
 # ----------------------------------------------------------------------------- datasets
 
 def split_seed(split: str, index: int) -> int:
     """Seed of scene `index` of `split` (see the module docstring)."""
-    if split not in SPLIT_BASE:
-        raise SceneArgumentError(f"unknown split {split!r}: use one of {', '.join(SPLIT_BASE)}")
+    if split not in SPLITS:
+        raise SceneArgumentError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if not 0 <= index < SPLIT_SPAN:
         raise SceneArgumentError(f"scene index {index} is outside 0..{SPLIT_SPAN - 1}: lower --n or --seed-offset")
     return SPLIT_BASE[split] + index
+
+
+def split_style(split: str, seed: int) -> str:
+    """The style of scene `seed` of `split` (drawn from the split's mix with the seed's own stream)."""
+    styles = SPLITS[split].styles
+    return next(iter(styles)) if len(styles) == 1 else pick_style(seed, styles)
+
+
+def split_scene(split: str, index: int, size: int = 224) -> Scene:
+    seed = split_seed(split, index)
+    return make_scene(seed, size, split_style(split, seed))
 
 
 def _check_size(size: int) -> None:
@@ -406,13 +323,20 @@ def _check(split: str, n: int, seed_offset: int = 0, size: int = 224) -> None:
     split_seed(split, seed_offset + n - 1)
 
 
-def _scene_questions(scene: Scene, questions_per_scene: int | None, families) -> list[Question]:
-    # Own stream per scene: the questions never shift the pixels, nor the other scenes' questions.
+def split_families(split: str, families: Sequence[str] | None = None) -> tuple[str, ...]:
+    """`families` (None: all) that `split` asks, in FAMILIES order."""
+    own = SPLITS[split].families
+    return own if families is None else tuple(f for f in families if f in own)
+
+
+def scene_questions(scene: Scene, questions_per_scene: int | None, families, phrasing: str = "train",
+                    per_family: int = 1) -> list[Question]:
+    """The questions of a scene; own stream per scene: they never shift the pixels, nor other scenes' questions."""
     rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))
     if questions_per_scene is None:
-        return make_questions(scene, rng, families)
+        return make_questions(scene, rng, families, per_family=per_family, phrasing=phrasing)
     k = questions_per_scene
-    qs = make_questions(scene, rng, families, per_family=max(1, -(-k // len(families))))
+    qs = make_questions(scene, rng, families, per_family=max(1, -(-k // len(families))), phrasing=phrasing)
     # Round-robin over families, starting at a scene-dependent family, so families stay balanced.
     by_family = [[q for q in qs if q.family == f] for f in families]
     start = int(rng.integers(len(families)))
@@ -421,15 +345,16 @@ def _scene_questions(scene: Scene, questions_per_scene: int | None, families) ->
 
 
 def iter_examples(split: str, n: int, size: int = 224, questions_per_scene: int | None = None,
-                  families: Sequence[str] = FAMILIES, seed_offset: int = 0) -> Iterator[Example]:
+                  families: Sequence[str] | None = None, seed_offset: int = 0) -> Iterator[Example]:
     """Examples of `n` scenes of `split`; questions_per_scene None asks one question per family.
 
     The examples of one scene share one PIL image: copy it before changing it.
     """
     _check(split, n, seed_offset, size)
+    families = split_families(split, families)
     for i in range(seed_offset, seed_offset + n):
-        scene = make_scene(split_seed(split, i), size)
-        for q in _scene_questions(scene, questions_per_scene, families):
+        scene = split_scene(split, i, size)
+        for q in scene_questions(scene, questions_per_scene, families, SPLITS[split].phrasing):
             yield Example(scene.image, q.prompt, q.answer, q.family, scene.seed)
 
 
@@ -450,12 +375,13 @@ def write_dataset(out_dir, n: int, split: str = "train", size: int = 224, progre
     records = []
     indices = range(seed_offset, seed_offset + n)
     for i in _progress(indices, n, f"scenes ({split})") if progress else indices:
-        scene = make_scene(split_seed(split, i), size)
+        scene = split_scene(split, i, size)
         rel = f"images/{split}_{scene.seed:010d}.png"
         scene.image.save(out / rel)
-        for k, q in enumerate(_scene_questions(scene, questions_per_scene, FAMILIES)):
+        for k, q in enumerate(scene_questions(scene, questions_per_scene, split_families(split),
+                                              SPLITS[split].phrasing)):
             records.append({
-                "id": f"{split}-{scene.seed}-{k}", "image": rel, "family": q.family,
+                "id": f"{split}-{scene.seed}-{k}", "image": rel, "family": q.family, "style": scene.style,
                 "conversations": [{"from": "human", "value": "<image>\n" + q.prompt},
                                   {"from": "gpt", "value": q.answer}],
             })
@@ -469,15 +395,21 @@ def write_dataset(out_dir, n: int, split: str = "train", size: int = 224, progre
 def corpus_text(n_scenes: int = 2000, split: str = "train") -> Iterator[str]:
     """Prompt and answer text of `n_scenes` scenes (layouts only, no pixels), for a tokenizer.
 
-    The closed answer vocabulary comes first, so that even rare answers are seen.
+    The closed answer vocabulary comes first, so that even rare answers are seen; then every
+    phrasing of the split once, so that rare templates are tokenized well too.
     """
     _check(split, n_scenes)
+    spec = SPLITS[split]
     yield " ".join([*SHAPES, *PLURALS.values(), *COLORS, *SIZES, *POSITIONS, "yes", "no",
-                    *map(str, range(13)), *_LABEL_CHARS.lower()])
+                    *map(str, range(13)), *LABEL_CHARS.lower()])
+    for family in spec.families:
+        for tpl in templates(family, spec.phrasing):
+            yield tpl.replace("{n}", "object").replace("{a}", "object").replace("{b}", "object")
+            yield "object"
     for i in range(n_scenes):
         seed = split_seed(split, i)
-        scene = Scene(seed, 224, tuple(_layout(np.random.Generator(np.random.PCG64(seed)), 224)))
-        for q in _scene_questions(scene, None, FAMILIES):
+        scene = plan_scene(seed, 224, split_style(split, seed))[0]
+        for q in scene_questions(scene, None, spec.families, spec.phrasing):
             yield q.prompt
             yield q.answer
 
@@ -485,14 +417,24 @@ def corpus_text(n_scenes: int = 2000, split: str = "train") -> Iterator[str]:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--n", required=True, type=int, metavar="N", help="number of scenes")
-    parser.add_argument("--split", default="train", choices=tuple(SPLIT_BASE), help="seed range (default: train)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output directory")
+    parser.add_argument("--n", default=None, type=int, metavar="N", help="number of scenes")
+    parser.add_argument("--split", default="train", choices=tuple(SPLITS), help="seed range (default: train)")
     parser.add_argument("--size", default=224, type=int, help="image side in pixels (default: 224)")
     parser.add_argument("--seed-offset", default=0, type=int, help="first scene index within the split")
+    parser.add_argument("--contact-sheet", default=None, metavar="PNG",
+                        help="instead: write a contact sheet of every style (export/tasks/sheet.py) and exit")
 
 
 def run(args) -> int:
+    if args.contact_sheet:
+        from export.tasks.sheet import contact_sheet
+
+        contact_sheet(args.contact_sheet)
+        print(f"wrote a contact sheet of {len(STYLES)} styles to {args.contact_sheet}")
+        return 0
+    if args.out is None or args.n is None:
+        raise SceneArgumentError("pass --out DIR and --n N (or --contact-sheet PNG)")
     path = write_dataset(args.out, args.n, args.split, args.size, seed_offset=args.seed_offset)
     count = len(json.loads(path.read_text(encoding="utf-8")))
     print(f"wrote {count} questions on {args.n} scenes to {path}")

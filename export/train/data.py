@@ -37,6 +37,12 @@ def conversation_texts(n_scenes: int, split: str = "train"):
     """corpus_text as the model will see it: every prompt in both templates, answers after ' '."""
     texts = scenes.corpus_text(n_scenes, split)
     yield next(texts)  # the closed answer vocabulary
+    # every trained answer-form instruction once, with the forms of answers it asks for
+    yield " ".join([*instructions.NUMBER_WORDS, "true", "false", *(c.upper() for c in scenes.COLORS),
+                    *(s.upper() for s in scenes.SHAPES), *(p.upper() for p in scenes.POSITIONS)])
+    for instruction in instructions.TRAINED.values():
+        for text in instruction.texts:
+            yield ChatTemplate().prompt.replace("{prompt}", "What is it? " + text)
     prompt = None
     for text in texts:
         if prompt is None:
@@ -47,10 +53,10 @@ def conversation_texts(n_scenes: int, split: str = "train"):
         prompt = None
 
 
-def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512):
+def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512, split: str = "train"):
     from export.synthetic import train_tokenizer
 
-    return train_tokenizer(conversation_texts(n_scenes), vocab_size=vocab_size)
+    return train_tokenizer(conversation_texts(n_scenes, split), vocab_size=vocab_size)
 
 
 @dataclass
@@ -103,7 +109,7 @@ def named_phrases(prompt: str) -> list[dict]:
 
 def relevant_objects(scene, question) -> list:
     """The drawn objects a question is about: all of them for a caption, else those its names match."""
-    if question.family == "describe":
+    if question.family in ("describe", "refer"):  # refer: asked of one-object scenes only
         return list(scene.objects)
     out = []
     for phrase in named_phrases(question.prompt):
@@ -115,11 +121,12 @@ def relevant_patches(scene, question, grid: int) -> np.ndarray:
     """[grid*grid] bool: patches overlapped by the box of a relevant object (and its label for 'label')."""
     mask = np.zeros((grid, grid), bool)
     cell = scene.image_size / grid
+    ox, oy = scene.offset  # canvas -> view (what the model sees after the centre crop)
     for o in relevant_objects(scene, question):
         boxes = [(o.x - o.radius, o.y - o.radius, o.x + o.radius, o.y + o.radius)]
         if question.family == "label" and o.label_box:
             boxes.append(o.label_box)
-        for x0, y0, x1, y1 in boxes:
+        for x0, y0, x1, y1 in ((a - ox, b - oy, c - ox, d - oy) for a, b, c, d in boxes):
             r0, r1 = int(max(y0, 0) // cell), int(min(y1, scene.image_size - 1) // cell)
             c0, c1 = int(max(x0, 0) // cell), int(min(x1, scene.image_size - 1) // cell)
             mask[r0:r1 + 1, c0:c1 + 1] = True
@@ -129,13 +136,13 @@ def relevant_patches(scene, question, grid: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- batches
 
 # Classes of the auxiliary patch targets. Objects: 0 = no object centre in the patch, else 1 + the
-# index of (size, colour, shape) in this order: 1 + 2 * 8 * 6 = 97 classes. Label characters: up to
+# index of (size, colour, shape) in this order: 1 + 2 * 11 * 10 = 221 classes. Label characters: up to
 # CHAR_SLOTS characters of a label have their centre in one patch (a character is ~6 px wide at
 # 224 px, a patch 14 px), slot j holds the j-th of them from the left: 0 = none, else 1 + index in
 # scenes._LABEL_CHARS.
 PATCH_CLASSES = [None] + [(z, c, s) for z in scenes.SIZES for c in scenes.COLORS for s in scenes.SHAPES]
 _PATCH_CLASS = {key: i for i, key in enumerate(PATCH_CLASSES) if key is not None}
-CHAR_CLASSES = [None] + list(scenes._LABEL_CHARS)
+CHAR_CLASSES = [None] + list(scenes.LABEL_CHARS)
 CHAR_SLOTS = 3
 
 
@@ -149,8 +156,9 @@ def patch_targets(scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
     chars = np.zeros((grid * grid, CHAR_SLOTS), np.int64)
     cell = scene.image_size / grid
 
-    def patch(x, y):
-        return min(int(y // cell), grid - 1) * grid + min(int(x // cell), grid - 1)
+    def patch(x, y):  # canvas pixel -> patch of the view
+        x, y = scene.view_xy(x, y)
+        return min(max(int(y // cell), 0), grid - 1) * grid + min(max(int(x // cell), 0), grid - 1)
 
     for o in scene.objects:
         objects[patch(o.x, o.y)] = _PATCH_CLASS[(o.size, o.color, o.shape)]
@@ -203,18 +211,20 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
     }
 
 
-def scene_items(split: str, first: int, count: int, size: int, families=scenes.FAMILIES,
+def scene_items(split: str, first: int, count: int, size: int, families=None,
                 questions_per_family: int = 1, instruction_fraction: float = 0.0) -> list[tuple]:
-    """[(scene, [Question])] for scenes first..first+count-1 of `split`; a fraction of the questions
-    gets an answer-form instruction (export/tasks/instructions.py) from its own stream, so the scenes and
-    questions are the same for any fraction."""
+    """[(scene, [Question])] for scenes first..first+count-1 of `split` (its styles, phrasings and families;
+    scenes.SPLITS); a fraction of the questions gets an answer-form instruction (export/tasks/instructions.py)
+    from its own stream, so the scenes and questions are the same for any fraction."""
+    spec = scenes.SPLITS[split]
+    families = scenes.split_families(split, families)
     items = []
     for i in range(first, first + count):
-        scene = scenes.make_scene(scenes.split_seed(split, i), size)
-        rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))  # scenes.py's own question stream
-        questions = scenes.make_questions(scene, rng, families, per_family=questions_per_family)
+        scene = scenes.split_scene(split, i, size)
+        questions = scenes.scene_questions(scene, None, families, spec.phrasing, per_family=questions_per_family)
         instruct_rng = np.random.Generator(np.random.PCG64([scene.seed, 2]))
-        items.append((scene, instructions.maybe_instruct(questions, instruct_rng, instruction_fraction)))
+        items.append((scene, instructions.maybe_instruct(questions, instruct_rng, instruction_fraction,
+                                                         spec.instruction_phrasing)))
     return items
 
 
@@ -226,13 +236,14 @@ class SceneBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, spec: SequenceSpec, preprocessing: dict, scenes_per_batch: int, image_size: int, grid: int,
-                 seed_offset: int = 0, start: int = 0, split: str = "train", families=scenes.FAMILIES,
+                 seed_offset: int = 0, start: int = 0, split: str = "train", families=None,
                  instruction_fraction: float = 0.0):
         super().__init__()
         self.instruction_fraction = instruction_fraction
         self.spec, self.preprocessing, self.grid = spec, preprocessing, grid
         self.scenes_per_batch, self.image_size = scenes_per_batch, image_size
-        self.seed_offset, self.start, self.split, self.families = seed_offset, start, split, tuple(families)
+        self.seed_offset, self.start, self.split = seed_offset, start, split
+        self.families = scenes.split_families(split, families)
 
     def batch(self, index: int, prompter=None) -> dict:
         prompter = prompter or self.spec.prompter()

@@ -1,6 +1,6 @@
 """`pipmm eval`: exact-match accuracy per question family on generated scenes, and latency.
 
-    pipmm eval BUNDLE [--split test] [--n 2000] [--families color shape] [--json out.json] [--jobs 4]
+    pipmm eval BUNDLE [--split test|phrasing|style|classic|val] [--n 2000] [--families color shape] [--json out.json]
     pipmm eval --checkpoint DIR [--prompt-mlp DIR] --budget half --reducer pool [--device cuda]
     pipmm eval --checkpoint DIR ... --batch-size 256          # batched greedy decoding in torch (GPU)
     pipmm eval --table full.json half.json ...                # markdown table of saved results
@@ -9,7 +9,11 @@ A bundle runs through the SDK (sdk.load(bundle).generate), so exported and quant
 measured the same way; --checkpoint runs the PyTorch reference (export.reference, same Pipeline
 interface). Questions are the first N of scenes.iter_examples(split) (one per family and scene,
 in scene order), so every run with the same --split/--n/--families scores the same questions.
-An answer is correct when the generated text equals the expected one after normalize().
+An answer is correct when the generated text equals the expected one after normalize(). A fraction
+of the questions (--instruction-fraction, default 0.2 on test/phrasing/style) carries an answer-form
+instruction (export/tasks/instructions.py; held-out phrasings on the phrasing split): those count
+only when the output equals the instructed answer exactly (case too), and the result's "instructed"
+block reports their exact rate per instruction.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from sdk.bundle import load_bundle
 from sdk.errors import PipmmError
 from sdk.manifest import Manifest
 
-from export.tasks import scenes
+from export.tasks import instructions, scenes
 from export.tasks.answers import normalize
 
 MISTAKES_KEPT = 20
@@ -35,11 +39,24 @@ class EvalError(PipmmError):
     """An eval argument does not fit (no bundle or checkpoint, bad family...)."""
 
 
-def questions(split: str = "test", n: int = 2000, families=scenes.FAMILIES, seed_offset: int = 0,
-              size: int = 224) -> list:
-    """The first n examples of `split` (scenes.Example: image, prompt, answer, family, scene_seed)."""
-    out = []
+DEFAULT_INSTRUCTION_FRACTION = {"test": 0.2, "phrasing": 0.2, "style": 0.2}  # else 0
+
+
+def questions(split: str = "test", n: int = 2000, families=None, seed_offset: int = 0,
+              size: int = 224, instruction_fraction: float = 0.0) -> list:
+    """The first n examples of `split` (scenes.Example: image, prompt, answer, family, scene_seed); a fraction
+    gets an answer-form instruction from the scene's own stream [seed, 2] (the others are the same for any
+    fraction)."""
+    import numpy as np
+
+    out, rngs = [], {}
+    phrasing = scenes.SPLITS[split].instruction_phrasing
     for example in scenes.iter_examples(split, max(1, 4 * n), size=size, families=families, seed_offset=seed_offset):
+        if instruction_fraction > 0:
+            rng = rngs.setdefault(example.scene_seed, np.random.Generator(np.random.PCG64([example.scene_seed, 2])))
+            q = scenes.Question(example.family, example.prompt, example.answer)
+            q = instructions.maybe_instruct([q], rng, instruction_fraction, phrasing)[0]
+            example = scenes.Example(example.image, q.prompt, q.answer, example.family, example.scene_seed)
         out.append(example)
         if len(out) == n:
             break
@@ -169,9 +186,16 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
 # ----------------------------------------------------------------------------- scoring
 
 def summarize(records: list[dict], manifest: Manifest, meta: dict) -> dict:
-    per_family = {}
+    per_family, instructed = {}, {}
     for r in records:
-        r["correct"] = normalize(r["output"]) == normalize(r["answer"])
+        name = instructions.instruction_of(r["prompt"])
+        if name:  # instructed: the exact instructed answer, case included
+            r["correct"] = instructions.strip_output(r["output"]) == r["answer"]
+            i = instructed.setdefault(name, {"n": 0, "exact": 0})
+            i["n"] += 1
+            i["exact"] += r["correct"]
+        else:
+            r["correct"] = normalize(r["output"]) == normalize(r["answer"])
         f = per_family.setdefault(r["family"], {"n": 0, "correct": 0})
         f["n"] += 1
         f["correct"] += r["correct"]
@@ -187,6 +211,10 @@ def summarize(records: list[dict], manifest: Manifest, meta: dict) -> dict:
         "data": meta.get("data", {}),
         "per_family": {f: per_family[f] for f in order},
         "overall": {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0},
+        "instructed": None if not instructed else {
+            "n": sum(i["n"] for i in instructed.values()), "exact": sum(i["exact"] for i in instructed.values()),
+            "rate": sum(i["exact"] for i in instructed.values()) / sum(i["n"] for i in instructed.values()),
+            "per_instruction": {k: {**v, "rate": v["exact"] / v["n"]} for k, v in sorted(instructed.items())}},
         "latency_ms": None if not times else {"median": statistics.median(times), "mean": statistics.fmean(times),
                                               "p90": sorted(times)[int(0.9 * (len(times) - 1))]},
         "seconds": meta.get("seconds"),
@@ -201,6 +229,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{family:<10} {f['n']:>6} {100 * f['accuracy']:>11.1f}%")
     o = result["overall"]
     lines.append(f"{'overall':<10} {o['n']:>6} {100 * o['accuracy']:>11.1f}%")
+    if result.get("instructed"):
+        i = result["instructed"]
+        lines.append(f"{'instructed':<10} {i['n']:>6} {100 * i['rate']:>11.1f}%  (exact, of the questions above)")
     if result["latency_ms"]:
         lat = result["latency_ms"]
         lines.append(f"latency: median {lat['median']:.1f} ms, p90 {lat['p90']:.1f} ms per request")
@@ -241,9 +272,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--visual-positions", default=None, choices=("sequence", "patch"),
                         help="with --checkpoint: decoder positions of the kept visual tokens (as pipmm export)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--split", default="test", choices=tuple(scenes.SPLIT_BASE))
+    parser.add_argument("--split", default="test", choices=scenes.EVAL_SPLITS,
+                        help="test (train styles and phrasings), phrasing (held-out phrasings), style (held-out "
+                             "styles), classic (the original test split), val")
+    parser.add_argument("--instruction-fraction", type=float, default=None, metavar="F",
+                        help="fraction of questions with an answer-form instruction (default 0.2 on "
+                             "test/phrasing/style, else 0)")
     parser.add_argument("--n", type=int, default=2000, help="number of questions")
-    parser.add_argument("--families", nargs="+", default=list(scenes.FAMILIES), choices=scenes.FAMILIES)
+    parser.add_argument("--families", nargs="+", default=None, choices=scenes.FAMILIES,
+                        help="question families (default: all the split asks)")
     parser.add_argument("--seed-offset", type=int, default=0, help="first scene index of the split")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=1, help="bundle: parallel processes (1 thread each)")
@@ -277,7 +314,12 @@ def run(args) -> int:
         raise EvalError(f"--n must be at least 1, got {args.n}")
     if args.bundle and args.checkpoint:
         raise EvalError("pass a BUNDLE or --checkpoint, not both")
-    examples = questions(args.split, args.n, args.families, args.seed_offset)
+    fraction = args.instruction_fraction
+    fraction = DEFAULT_INSTRUCTION_FRACTION.get(args.split, 0.0) if fraction is None else fraction
+    if not 0 <= fraction <= 1:
+        raise EvalError(f"--instruction-fraction {fraction} is outside 0-1")
+    families = list(scenes.split_families(args.split, args.families))
+    examples = questions(args.split, args.n, families, args.seed_offset, instruction_fraction=fraction)
     start = time.perf_counter()
     progress = not args.quiet
     if args.checkpoint:
@@ -300,7 +342,7 @@ def run(args) -> int:
         source = {"kind": "bundle", "path": str(bundle), "device": args.device, "jobs": args.jobs,
                   "threads_per_job": 1 if args.jobs > 1 else None}
     meta = {"source": source, "seconds": round(time.perf_counter() - start, 1),
-            "data": {"split": args.split, "n": len(examples), "families": list(args.families),
+            "data": {"split": args.split, "n": len(examples), "families": families, "instruction_fraction": fraction,
                      "seed_offset": args.seed_offset, "scenes": len({e.scene_seed for e in examples}),
                      "max_new_tokens": args.max_new_tokens}}
     result = summarize(records, manifest, meta)

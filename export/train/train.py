@@ -39,6 +39,8 @@ from export.train.state import (STATE_JSON, copy_assets, load_trainer_state, sav
 # += SEED_STRIDE: stages and seeds never see the same scenes.
 DATA_OFFSET = {0: 0, 1: 100_000_000, 2: 200_000_000}
 SEED_STRIDE = 10_000_000
+SCENE_MIXES = {"mixed": "train", "classic": "train-classic"}  # --scene-mix -> split of export/tasks/scenes.py
+INSTRUCTION_FRACTION = {0: 0.1, 1: 0.0, 2: 0.0}  # default --instruction-fraction per stage
 DEFAULTS = {  # per stage: steps, questions per step, peak learning rate
     0: {"steps": 3000, "batch_size": 256, "lr": 1e-3},
     1: {"steps": 600, "batch_size": 128, "lr": 1e-3},
@@ -98,9 +100,13 @@ def add_arguments(parser) -> None:
     p.add_argument("--mlp-width", type=int, default=0, help="prompt MLP hidden width (0: ViT width)")
     p.add_argument("--no-prompt-mlp", action="store_true", help="stage 2 without the MLP: the plain baseline")
     p.add_argument("--train-llm", action="store_true", help="stage 2: also fine-tune the LLM")
-    p.add_argument("--instruction-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--instruction-fraction", type=float, default=None, metavar="F",
                    help="append an answer-form instruction (export/tasks/instructions.py) to this fraction of the "
-                        "training questions that one fits (0-1; default 0)")
+                        "training questions that one fits (0-1; default per stage: 0.1 / 0 / 0)")
+    p.add_argument("--scene-mix", default="mixed", choices=tuple(SCENE_MIXES),
+                   help="training scenes: 'mixed' = the train styles and phrasings (export/tasks/styles.py "
+                        "TRAIN_STYLES, phrasings.TRAIN; default), 'classic' = the original grey scenes and "
+                        "three phrasings per family")
     p.add_argument("--patch-positions", action="store_true",
                    help="stage 2 with prompt-topk: kept visual tokens at their patch positions (export the result "
                         "with --visual-positions patch)")
@@ -169,7 +175,7 @@ def setup(args):
 
             tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
         else:
-            tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size)
+            tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size, SCENE_MIXES[args.scene_mix])
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(out / "tokenizer.json"))
         sizes.vocab_size = tokenizer.get_vocab_size()
@@ -250,13 +256,22 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
                       "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
         "loss": "cross-entropy on answer tokens + EOS (token mean)",
         "precision": "fp32 master weights, bf16 autocast on CUDA; checkpoint weights saved in bf16",
-        "data": {"split": "train", "families": list(scenes.FAMILIES), "questions_per_scene": "one per family",
+        "data": {**_data_mix(args.scene_mix), "questions_per_scene": "one per family",
                  "instruction_fraction": args.instruction_fraction,
-                 "instructions": {n: i.text for n, i in instructions.TRAINED.items()} if args.instruction_fraction else None,
+                 "instructions": {n: list(i.texts) for n, i in instructions.TRAINED.items()}
+                 if args.instruction_fraction else None,
                  "tokenizer_scenes": args.tokenizer_scenes if args.stage == 0 else None},
         **resolved,
         "parent": parent,
     }
+
+
+def _data_mix(mix: str) -> dict:
+    """What a train batch draws (recorded in train_config.json)."""
+    split = SCENE_MIXES[mix]
+    spec = scenes.SPLITS[split]
+    return {"scene_mix": mix, "split": split, "families": list(spec.families), "styles": dict(spec.styles),
+            "phrasing": spec.phrasing, "held_out_styles": list(scenes.HELD_OUT_STYLES)}
 
 
 def _part(name: str) -> str:
@@ -306,6 +321,8 @@ def run(args) -> int:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if args.resume and not (out / STATE_JSON).is_file():
         raise TrainError(f"--resume: {out} has no {STATE_JSON} to continue from")
+    if args.instruction_fraction is None:
+        args.instruction_fraction = INSTRUCTION_FRACTION[args.stage]
     if not 0 <= args.instruction_fraction <= 1:
         raise TrainError(f"--instruction-fraction {args.instruction_fraction} is outside 0-1")
     device = _device(args.device)
@@ -313,7 +330,7 @@ def run(args) -> int:
     steps = args.steps or defaults["steps"]
     batch_size = args.batch_size or defaults["batch_size"]
     lr = args.lr or defaults["lr"]
-    scenes_per_batch = max(1, math.ceil(batch_size / len(scenes.FAMILIES)))
+    scenes_per_batch = max(1, math.ceil(batch_size / len(scenes.split_families(SCENE_MIXES[args.scene_mix]))))
     workers = args.workers if args.workers is not None else max(0, min(14, (os.cpu_count() or 2) - 2))
 
     model, mlp, vision, trainable, sizes, parent, src, aux_head = setup(args)
@@ -343,7 +360,7 @@ def run(args) -> int:
     grid = sizes.image_size // sizes.patch_size
     offset = args.data_offset if args.data_offset is not None else DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
     data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start,
-                        instruction_fraction=args.instruction_fraction)
+                        split=SCENE_MIXES[args.scene_mix], instruction_fraction=args.instruction_fraction)
     resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,
                 "batch_size": batch_size, "scenes_per_batch": scenes_per_batch, "lr": lr, "warmup": warmup,
                 "data_offset": offset, "workers": workers, "device": str(device)}
