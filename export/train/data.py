@@ -6,7 +6,8 @@ with K image slots) followed by the answer and EOS; the loss reads only the answ
     ids    [<s> U S E R : Ġ <image>*K Ċ What Ġcolor ... ? Ġ ASSISTANT : | Ġred </s> <pad>...]
     labels [-100 ...                                                 -100 | Ġred </s> -100...]
 
-The prompt encoder's ids (PIP-MM) are Prompter.encoder_ids: "<s>USER: {prompt}", no image.
+The prompt encoder's ids (PIP-MM) are Prompter.encoder_ids: "<s>USER: {prompt}", no image. The template is
+SequenceSpec.template (export/train/templates.py; `pipmm train --template prompt-first` puts the question first).
 Every row is right-padded, so positions 0..T-1 are those the SDK uses (it never pads) and causal
 attention keeps the real tokens from ever seeing the pads.
 
@@ -23,18 +24,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdk.manifest import ChatTemplate, SpecialTokens
+from sdk.manifest import SpecialTokens
 from sdk.preprocess import preprocess
 
 from export.tasks import instructions, scenes
+from export.train.templates import DEFAULT as DEFAULT_TEMPLATE, TEMPLATES
 
 IGNORE = -100
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def conversation_texts(n_scenes: int, split: str = "train"):
-    """corpus_text as the model will see it: every prompt in both templates, answers after ' '."""
+def conversation_texts(n_scenes: int, split: str = "train", template: str = DEFAULT_TEMPLATE):
+    """corpus_text as the model will see it: every prompt in the chat turn and the prompt encoder's text
+    of `template` (templates.TEMPLATES), answers after ' '."""
+    chat = TEMPLATES[template].chat
     texts = scenes.corpus_text(n_scenes, split)
     yield next(texts)  # the closed answer vocabulary
     # every trained answer-form instruction once, with the forms of answers it asks for
@@ -48,15 +52,16 @@ def conversation_texts(n_scenes: int, split: str = "train"):
         if prompt is None:
             prompt = text
             continue
-        yield ChatTemplate().prompt.replace("{prompt}", prompt) + " " + text
-        yield ChatTemplate().prompt_encoder.replace("{prompt}", prompt)
+        yield chat.prompt.replace("{prompt}", prompt) + " " + text
+        yield chat.prompt_encoder.replace("{prompt}", prompt)
         prompt = None
 
 
-def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512, split: str = "train"):
+def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512, split: str = "train",
+                    template: str = DEFAULT_TEMPLATE):
     from export.synthetic import train_tokenizer
 
-    return train_tokenizer(conversation_texts(n_scenes, split), vocab_size=vocab_size)
+    return train_tokenizer(conversation_texts(n_scenes, split, template), vocab_size=vocab_size)
 
 
 @dataclass
@@ -66,11 +71,12 @@ class SequenceSpec:
     special: dict  # bos, eos (list), pad, image, texts
     num_visual_tokens: int
     max_context: int
+    template: str = DEFAULT_TEMPLATE  # a name in templates.TEMPLATES
 
     def prompter(self):
         from sdk.prompting import Prompter
 
-        return Prompter(self.tokenizer_file, ChatTemplate(), SpecialTokens.from_dict(self.special, "special tokens"),
+        return Prompter(self.tokenizer_file, TEMPLATES[self.template].chat, SpecialTokens.from_dict(self.special, "special tokens"),
                         self.num_visual_tokens, self.max_context)
 
 

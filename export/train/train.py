@@ -34,6 +34,7 @@ from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forwa
                           special_tokens)
 from export.train.state import (STATE_JSON, copy_assets, load_trainer_state, save_model,
                           save_trainer_state)
+from export.train.templates import DEFAULT as DEFAULT_TEMPLATE, TEMPLATES, check_prefix, write_template
 
 # Where each stage's stream of train scenes starts (scene index in the train split), per seed
 # += SEED_STRIDE: stages and seeds never see the same scenes.
@@ -94,6 +95,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--reduced-budgets", nargs="+", default=["half", "quarter"],
                    help="stage 0: the budgets those reduced sets are drawn from")
     p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
+    p.add_argument("--template", default=None, choices=list(TEMPLATES),
+                   help="chat template (export/train/templates.py; default: --init's, else llava-1.5); prompt-first: "
+                        "question before image, the prompt pass is the prefill's prefix (DIR/chat_template.jinja)")
     # PIP-MM
     p.add_argument("--prompt-layer", type=int, default=-1, help="LLM layer of the prompt vector (-1: last, normed)")
     p.add_argument("--pooling", default="last", choices=("last", "mean"), help="prompt vector: last token or mean")
@@ -137,6 +141,13 @@ def _sizes(args, parent: dict | None) -> ModelSizes:
     return sizes
 
 
+def _template(args, parent: dict | None) -> str:
+    """--template, else the parent checkpoint's (train_config.json "template"; older ones: llava-1.5)."""
+    if args.template is not None:
+        return args.template
+    return (parent or {}).get("template", DEFAULT_TEMPLATE)
+
+
 def _load_init(init: Path):
     from transformers import LlavaForConditionalGeneration
 
@@ -175,7 +186,8 @@ def setup(args):
 
             tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
         else:
-            tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size, SCENE_MIXES[args.scene_mix])
+            tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size, SCENE_MIXES[args.scene_mix],
+                                        _template(args, None))
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(out / "tokenizer.json"))
         sizes.vocab_size = tokenizer.get_vocab_size()
@@ -251,6 +263,8 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
         "reduced_fraction": args.reduced_fraction if args.stage == 0 else 0.0,
         "reduced_budgets": list(args.reduced_budgets) if args.stage == 0 and args.reduced_fraction > 0 else None,
         "train_llm": bool(args.train_llm),
+        "template": _template(args, parent),  # export/train/templates.py; the export reads DIR/chat_template.jinja
+        "chat_template": {k: getattr(TEMPLATES[_template(args, parent)].chat, k) for k in ("prompt", "prompt_encoder")},
         "visual_positions": "patch" if args.patch_positions else "sequence",
         "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
                       "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
@@ -355,7 +369,12 @@ def run(args) -> int:
         warmup = meta.get("warmup", warmup)
 
     special = special_tokens(_tokenizer(out))
-    spec = SequenceSpec(str(out / "tokenizer.json"), special, vision.config.num_tokens, sizes.max_positions)
+    template = _template(args, parent)
+    spec = SequenceSpec(str(out / "tokenizer.json"), special, vision.config.num_tokens, sizes.max_positions, template)
+    if TEMPLATES[template].prompt_first:  # the device reuses the prompt pass's KV cache: its ids must be a prefix
+        items = scene_items("val", 0, 64, 112, instruction_fraction=1.0) + scene_items("val", 0, 64, 112)
+        check_prefix(spec.prompter(), [q.prompt for _, qs in items for q in qs], template)
+    write_template(out, template)
     preprocessing = _preprocessing(out)
     grid = sizes.image_size // sizes.patch_size
     offset = args.data_offset if args.data_offset is not None else DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
@@ -488,15 +507,7 @@ def _bar(start: int, total: int, quiet: bool):
     if quiet:
         class _Null:
             total = 0
-
-            def update(self, *_):
-                pass
-
-            def set_postfix_str(self, *_):
-                pass
-
-            def close(self):
-                pass
+            update = set_postfix_str = close = lambda self, *_: None
         return _Null()
     import sys
 
