@@ -46,7 +46,7 @@ def conversation_texts(n_scenes: int, split: str = "train", template: str = DEFA
                     *(s.upper() for s in scenes.SHAPES), *(p.upper() for p in scenes.POSITIONS)])
     for instruction in instructions.TRAINED.values():
         for text in instruction.texts:
-            yield ChatTemplate().prompt.replace("{prompt}", "What is it? " + text)
+            yield chat.prompt.replace("{prompt}", "What is it? " + text)
     prompt = None
     for text in texts:
         if prompt is None:
