@@ -16,7 +16,9 @@
 #        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
 #        INSTR=F: stages 1-2 and the baseline with --instruction-fraction F; MERGE=1: also seed 0's
 #        stage 2 with the merge reducer at quarter budget, as merge0; SEQ=1 with PATCH=1: also seed 0's
-#        stage 2 with sequence positions, as pipseq0; S0: the stage-0 checkpoint,
+#        stage 2 with sequence positions, as pipseq0; PF=1: also seed 0's stages 1-2 with the
+#        prompt-first template (--template prompt-first), as pf0; PL=L: also seed 0's stages 1-2 with
+#        the prompt vector from LLM layer L (--prompt-layer L), as pl0; S0: the stage-0 checkpoint,
 #        default $RUNS/s0, e.g. runs/gpu/s0e carried from this machine)
 #
 # Results are copied to $OUT (the files that come back from the device machine: at most 8, each
@@ -80,12 +82,22 @@ finetune)
     stage2 "$1" "$RUNS/$2-s1" "$RUNS/$2" --budget half --reducer prompt-topk $PP
     wait
   }
+  prompt_first() {  # seed 0's chain with the question before the image (issue 18's KV reuse)
+    $T --stage 1 --init "$S0" --out "$RUNS/pf0-s1" --seed 0 --steps 100000 --time-budget "${S1:-120}" \
+       --lr 1e-3 --grounding-weight "$G" --template prompt-first $P
+    stage2 0 "$RUNS/pf0-s1" "$RUNS/pf0" --budget half --reducer prompt-topk --template prompt-first $PP
+  }
   plain() {  # seed
     $T --stage 2 --init "$S0" --out "$RUNS/plain$1" --seed "$1" --no-prompt-mlp --steps 100000 \
        --time-budget $(( ${S1:-120} + ${S2:-150} )) --lr 3e-4 --budget half --reducer pool --train-llm $P
   }
-  for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done; rm -rf "$RUNS/merge0" "$RUNS/pipseq0"
+  for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done
+  rm -rf "$RUNS/merge0" "$RUNS/pipseq0" "$RUNS/pf0" "$RUNS/pf0-s1" "$RUNS/pl0" "$RUNS/pl0-s1"
   for s in 0 1 2; do chain $s pip$s > "$RUNS/pip$s.log" 2>&1 & done
+  [ "${PF:-0}" = 1 ] && { prompt_first > "$RUNS/pf0.log" 2>&1 & }
+  [ -n "${PL:-}" ] && { { $T --stage 1 --init "$S0" --out "$RUNS/pl0-s1" --seed 0 --steps 100000 --prompt-layer "$PL" \
+       --time-budget "${S1:-120}" --lr 1e-3 --grounding-weight "$G" $P && \
+     stage2 0 "$RUNS/pl0-s1" "$RUNS/pl0" --budget half --reducer prompt-topk $PP; } > "$RUNS/pl0.log" 2>&1 & }
   for s in 0 1 2; do plain $s > "$RUNS/plain$s.log" 2>&1 & done
   wait
   tail -n 2 "$RUNS"/*.log
@@ -101,6 +113,15 @@ finetune)
      --json "$RUNS/evals/pip0-half-topk.json" > /dev/null 2>&1 &
   $E --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget full --json "$RUNS/evals/pip0-full.json" \
      > /dev/null 2>&1 &
+  # the issue-19 splits (test: trained styles and phrasings; phrasing / style: held out), seed 0 at half
+  for sp in test phrasing style; do
+    ${E/--split val/--split $sp} --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget half \
+       --reducer prompt-topk $EP --json "$RUNS/evals/pip0-$sp.json" > /dev/null 2>&1 &
+  done
+  [ -f "$RUNS/pf0/model.safetensors" ] && { ${E/--split val/--split test} --checkpoint "$RUNS/pf0" --prompt-mlp "$RUNS/pf0" \
+     --budget half --reducer prompt-topk $EP --json "$RUNS/evals/pf0-test.json" > /dev/null 2>&1 & }
+  [ -f "$RUNS/pl0/model.safetensors" ] && { ${E/--split val/--split test} --checkpoint "$RUNS/pl0" --prompt-mlp "$RUNS/pl0" \
+     --budget half --reducer prompt-topk $EP --json "$RUNS/evals/pl0-test.json" > /dev/null 2>&1 & }
   [ -f "$RUNS/merge0/model.safetensors" ] && { $E --checkpoint "$RUNS/merge0" --prompt-mlp "$RUNS/merge0" \
      --budget quarter --reducer merge --json "$RUNS/evals/merge0-quarter.json" > /dev/null 2>&1 & }
   [ -f "$RUNS/pipseq0/model.safetensors" ] && { $E --checkpoint "$RUNS/pipseq0" --prompt-mlp "$RUNS/pipseq0" \
@@ -113,9 +134,10 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
     print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
           {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
 PY
-  # at most 7 files (about 73 MB) come back: the tar and six checkpoints; the other seeds are measured above
+  # at most 7 files (about 73 MB) come back: the tar and six checkpoints (pipseq0 only with SEQ=1); the other
+  # seeds are measured above
   pack pip0/model.safetensors plain0/model.safetensors merge0/model.safetensors pipseq0/model.safetensors \
-       pip1/model.safetensors plain1/model.safetensors
+       pf0/model.safetensors pip1/model.safetensors
   ;;
 *)
   echo "unknown phase $phase" >&2; exit 2
