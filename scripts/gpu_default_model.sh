@@ -134,10 +134,10 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
     print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
           {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
 PY
-  # at most 7 files (about 73 MB) come back: the tar and six checkpoints (pipseq0 only with SEQ=1); the other
-  # seeds are measured above
-  pack pip0/model.safetensors plain0/model.safetensors merge0/model.safetensors pipseq0/model.safetensors \
-       pf0/model.safetensors pip1/model.safetensors
+  # 64 MiB come back at most: the tar and five 10.4 MB bf16 checkpoints (pf0 with PF=1, pl0 with PL=L);
+  # the other seeds are measured above
+  pack pip0/model.safetensors plain0/model.safetensors merge0/model.safetensors pf0/model.safetensors \
+       pl0/model.safetensors
   ;;
 *)
   echo "unknown phase $phase" >&2; exit 2
