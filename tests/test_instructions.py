@@ -40,7 +40,7 @@ def test_training_stream_instructs_about_the_asked_fraction_and_keeps_the_questi
     mixed = scene_items("train", 0, 40, 224, instruction_fraction=0.5)
     assert [s.seed for s, _ in plain] == [s.seed for s, _ in mixed]
     fits = instructed = 0
-    texts = {i.text for i in instructions.TRAINED.values()}
+    texts = {t for i in instructions.TRAINED.values() for t in i.texts}
     for (_, qa), (_, qb) in zip(plain, mixed):
         assert len(qa) == len(qb)
         for a, b in zip(qa, qb):
@@ -48,9 +48,11 @@ def test_training_stream_instructs_about_the_asked_fraction_and_keeps_the_questi
             if b.prompt == a.prompt:
                 assert b.answer == a.answer
                 continue
-            suffix = b.prompt[len(a.prompt) + 1:]
-            assert b.prompt.startswith(a.prompt + " ") and suffix in texts
-            name = next(n for n, i in instructions.TRAINED.items() if i.text == suffix)
+            sep = " " if a.prompt[-1] in ".?!" else ". "
+            suffix = b.prompt[len(a.prompt) + len(sep):]
+            assert b.prompt.startswith(a.prompt + sep) and suffix in texts
+            name = next(n for n, i in instructions.TRAINED.items() if suffix in i.texts)
+            assert instructions.instruction_of(b.prompt) == name
             assert b.answer == instructions.TRAINED[name].answer(a.answer)
             instructed += 1
         fits += sum(any(q.family in i.families for i in instructions.TRAINED.values()) for q in qa)

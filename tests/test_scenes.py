@@ -20,6 +20,8 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from export.tasks import scenes as S
+from export.tasks.phrasings import COUNT_NOUNS, PHRASINGS
+from export.tasks.questions import template_kind, templates
 from sdk.errors import PipmmError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +36,9 @@ def scenes() -> list[S.Scene]:
 # ---------------------------------------------------------------- helpers that re-derive answers
 
 def parse(family: str, prompt: str) -> dict[str, str]:
-    """The slots ({n}, {a}, {b}) of `prompt`, found by matching it against the family's templates."""
-    for tpl in sorted(S.TEMPLATES[family], key=len, reverse=True):  # "...{n} in the image?" first
+    """The slots ({n}, {a}, {b}) of `prompt`, found by matching it against the family's templates (any phrasing)."""
+    every = {t for phrasing in PHRASINGS for t in templates(family, phrasing)}
+    for tpl in sorted(every, key=len, reverse=True):  # "...{n} in the image?" first
         pattern = re.escape(tpl)
         for slot in "nab":
             pattern = pattern.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>[a-z ]+?)")
@@ -56,9 +59,9 @@ def resolve(name: str, objects) -> S.SceneObject:
     return found[0]
 
 
-def grid_cell(o: S.SceneObject, size: int) -> str:
+def grid_cell(x: float, y: float, w: int, h: int) -> str:
     rows, cols = ["top ", "", "bottom "], ["left", "", "right"]
-    text = (rows[o.y * 3 // size] + cols[o.x * 3 // size]).strip()
+    text = (rows[int(y * 3 // h)] + cols[int(x * 3 // w)]).strip()
     return text or "center"
 
 
@@ -67,7 +70,12 @@ def check_answer(scene: S.Scene, q: S.Question) -> None:
     assert q.answer == q.answer.strip().lower() and q.answer
     if q.family == "describe":
         assert q.answer == ", ".join(f"{o.size} {o.color} {o.shape}" for o in objs)
-        assert q.prompt in S.TEMPLATES["describe"]
+        assert any(q.prompt in templates("describe", p) for p in PHRASINGS)
+        return
+    if q.family == "refer":
+        assert len(objs) == 1, "refer questions are asked of one-object scenes only"
+        kind = template_kind("refer", q.prompt)
+        assert q.answer == {"color": objs[0].color, "shape": objs[0].shape, "what": objs[0].phrase}[kind]
         return
     slots = parse(q.family, q.prompt)
     if q.family == "color":
@@ -78,7 +86,7 @@ def check_answer(scene: S.Scene, q: S.Question) -> None:
         assert q.answer == resolve(slots["n"], objs).shape
     elif q.family == "count":
         n = slots["n"]
-        if n.endswith(" objects"):
+        if n.split()[-1] in {noun for nouns in COUNT_NOUNS.values() for noun in nouns}:
             expected = sum(o.color == n.split()[0] for o in objs)
         else:
             shape = {v: k for k, v in S.PLURALS.items()}[n]
@@ -90,11 +98,13 @@ def check_answer(scene: S.Scene, q: S.Question) -> None:
         assert q.answer == ("yes" if matching(name, objs) else "no")
     elif q.family == "position":
         o = resolve(slots["n"], objs)
-        assert q.answer == grid_cell(o, size)
+        vx, vy = scene.view_xy(o.x, o.y)
+        assert q.answer == grid_cell(vx, vy, size, size)
+        assert q.answer == grid_cell(o.x, o.y, *scene.size_wh), "a position must hold for the whole frame too"
     elif q.family == "relation":
         a, b = resolve(slots["a"], objs), resolve(slots["b"], objs)
         assert a is not b
-        word = next(w for w in ("left", "right", "above", "below") if f" {w} " in slots["template"])
+        word = template_kind("relation", slots["template"])
         delta = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[word]
         assert abs(delta) >= 0.08 * size, "relation asked about centres that are too close"
         assert q.answer == ("yes" if delta > 0 else "no")
@@ -165,9 +175,9 @@ def test_object_counts_and_vocabulary(scenes):
     assert min(counts) >= 3 and max(counts) <= 12
     assert len(counts) >= 8, "object counts should spread over 3..12"
     objs = [o for s in scenes for o in s.objects]
-    assert len(S.SHAPES) >= 6 and len(S.COLORS) == 8 and set(S.SIZES) == {"small", "large"}
-    assert {o.shape for o in objs} == set(S.SHAPES)
-    assert {o.color for o in objs} == set(S.COLORS)
+    assert len(S.SHAPES) >= 10 and len(S.COLORS) == 11 and set(S.SIZES) == {"small", "large"}
+    assert {o.shape for o in objs} == set(S.SHAPES[:6]), "classic draws the original 6 shapes"
+    assert {o.color for o in objs} == set(list(S.COLORS)[:8]), "classic draws the original 8 colours"
     assert {o.size for o in objs} == set(S.SIZES)
     sizes = Counter(o.size for o in objs)
     assert sizes["small"] > sizes["large"], "the benchmark needs mostly small objects"
@@ -233,7 +243,7 @@ def test_answers_match_scene(scenes):
         for q in S.make_questions(s, s.seed, per_family=2):
             check_answer(s, q)
             families[q.family] += 1
-    assert set(families) == set(S.FAMILIES)
+    assert set(families) == set(S.FAMILIES) - {"refer"}, "classic scenes have 3+ objects: no refer questions"
     assert families["label"] > 50
 
 
@@ -319,7 +329,8 @@ def test_write_dataset(tmp_path):
     first = Path(path).parent / records[0]["image"]
     seed = int(first.stem.split("_")[1])
     assert S.split_seed("val", 0) == seed
-    assert Image.open(first).convert("RGB").tobytes() == S.make_scene(seed).image.tobytes()
+    assert Image.open(first).convert("RGB").tobytes() == S.split_scene("val", 0).image.tobytes()
+    assert records[0]["style"] == S.split_style("val", seed)
 
 
 def test_cli(tmp_path):
@@ -333,7 +344,7 @@ def test_cli(tmp_path):
     assert all((out / r["image"]).is_file() for r in records)
     # Another process (another hash seed) drew the same pixels.
     drawn = Image.open(out / "images" / "train_0000000000.png").convert("RGB")
-    assert drawn.tobytes() == S.make_scene(0).image.tobytes()
+    assert drawn.tobytes() == S.split_scene("train", 0).image.tobytes()
 
 
 def test_cli_bad_arguments(tmp_path, capsys):

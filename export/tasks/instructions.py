@@ -120,7 +120,12 @@ def instruct(question: Question, name: str, rng: np.random.Generator | None = No
         raise ValueError(f"instruction {name!r} is for {instruction.families}, not {question.family!r}")
     texts = instruction.held_out_texts if phrasing == "held_out" else instruction.texts
     text = texts[0] if rng is None else texts[int(rng.integers(len(texts)))]
-    return replace(question, prompt=f"{question.prompt} {text}", answer=instruction.answer(question.answer))
+    return replace(question, prompt=join(question.prompt, text), answer=instruction.answer(question.answer))
+
+
+def join(prompt: str, text: str) -> str:
+    """prompt + instruction: after one space, or after '. ' where the prompt has no final punctuation."""
+    return f"{prompt} {text}" if prompt.rstrip()[-1:] in ".?!" else f"{prompt}. {text}"
 
 
 def instruction_of(prompt: str) -> str | None:

@@ -99,18 +99,20 @@ def shape_points(shape: str, x: float, y: float, r: float) -> list[tuple[float, 
     if shape == "heart":  # the classic parametric heart (x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - ...), scaled to r
         pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
                for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)]
-        return [(x + r * px / 16.5, y + r * (py + 2.5) / 14.5) for px, py in pts]
+        return [(x + r * px / 16.5, y + r * (py - 2.6) / 14.5) for px, py in pts]  # py in [-11.8, 17]
     if shape == "arrow":  # pointing up: head over the top 55 %, shaft below
         t = 0.3 * r
         return [(x, y - r), (x + r, y + 0.1 * r), (x + t, y + 0.1 * r), (x + t, y + r), (x - t, y + r),
                 (x - t, y + 0.1 * r), (x - r, y + 0.1 * r)]
-    if shape == "moon":  # a crescent opening to the right: outer arc, then the inner arc back (centre at x + 0.45 r)
-        outer = [(x + r * math.cos(a), y + r * math.sin(a)) for a in np.linspace(0.3 * math.pi, 1.7 * math.pi, 24)]
-        c, ri = x + 0.45 * r, 0.8 * r
-        end = outer[-1]
-        a0 = math.atan2(end[1] - y, end[0] - c)
-        # back along the inner circle through its leftmost point (a0 -> -2 pi - a0, clockwise)
-        inner = [(c + ri * math.cos(a), y + ri * math.sin(a)) for a in np.linspace(a0, -2 * math.pi - a0, 20)]
+    if shape == "moon":  # a crescent opening to the right, its body over the centre: outer circle (x, r) minus
+        # the circle (x + d, ri); u, v: where the two circles cross, relative to (x, y)
+        d, ri = 0.9 * r, 0.8 * r
+        u = (r * r - ri * ri + d * d) / (2 * d)
+        v = math.sqrt(max(r * r - u * u, 0.0))
+        a_out = math.atan2(v, u)
+        outer = [(x + r * math.cos(a), y + r * math.sin(a)) for a in np.linspace(a_out, 2 * math.pi - a_out, 28)]
+        a0 = math.atan2(-v, u - d)  # back along the inner circle through its leftmost point (clockwise)
+        inner = [(x + d + ri * math.cos(a), y + ri * math.sin(a)) for a in np.linspace(a0, -2 * math.pi - a0, 20)]
         return outer + inner[1:-1]
     raise ValueError(shape)
 

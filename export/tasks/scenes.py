@@ -230,14 +230,17 @@ def _style(name: str) -> Style:
     return STYLES[name]
 
 
-def plan_scene(seed: int, size: int = 224, style: str = "classic"):
-    """-> (Scene without pixels, main stream, style stream) of scene `seed`: the layout only (cheap)."""
+def plan_scene(seed: int, size: int = 224, style: str = "classic", canvas: tuple[int, int] | None = None):
+    """-> (Scene without pixels, main stream, style stream) of scene `seed`: the layout only (cheap).
+    canvas (w, h) in pixels overrides the style's canvases (non-classic styles; `size` then only scales)."""
     _check_size(size)
     st = _style(style)
     rng = np.random.Generator(np.random.PCG64(seed))
     srng = np.random.Generator(np.random.PCG64([seed, 4]))
     w = h = size
-    if not st.classic:
+    if canvas is not None and not st.classic:
+        w, h = canvas
+    elif not st.classic:
         cw, ch = st.canvases[int(srng.integers(len(st.canvases)))]
         w, h = round(cw * size / 224), round(ch * size / 224)
     view = min(w, h)
@@ -256,9 +259,10 @@ def _ink(img: Image.Image, box) -> tuple[int, int, int]:
     return _TEXT_RGB if lum >= 110 else _LIGHT_INK
 
 
-def make_scene(seed: int, size: int = 224, style: str = "classic") -> Scene:
-    """Scene `seed` with a view of `size` pixels in `style` (classic: the original scenes); byte-deterministic."""
-    scene, rng, srng = plan_scene(seed, size, style)
+def make_scene(seed: int, size: int = 224, style: str = "classic", canvas: tuple[int, int] | None = None) -> Scene:
+    """Scene `seed` with a view of `size` pixels in `style` (classic: the original scenes); byte-deterministic.
+    canvas: (w, h) instead of one of the style's canvases."""
+    scene, rng, srng = plan_scene(seed, size, style, canvas)
     st = STYLES[style]
     w, h = scene.size_wh
     img = background(st, rng, srng, w, h, scene.objects)  # classic: the main stream, after the layout

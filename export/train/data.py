@@ -31,6 +31,15 @@ from export.tasks import instructions, scenes
 from export.train.templates import DEFAULT as DEFAULT_TEMPLATE, TEMPLATES
 
 IGNORE = -100
+SCENE_MIXES = {"mixed": "train", "classic": "train-classic"}  # pipmm train --scene-mix -> split of scenes.py
+
+
+def data_mix(mix: str) -> dict:
+    """What a train batch of --scene-mix `mix` draws (recorded in train_config.json)."""
+    split = SCENE_MIXES[mix]
+    spec = scenes.SPLITS[split]
+    return {"scene_mix": mix, "split": split, "families": list(spec.families), "styles": dict(spec.styles),
+            "phrasing": spec.phrasing, "held_out_styles": list(scenes.HELD_OUT_STYLES)}
 
 
 # ----------------------------------------------------------------------------- tokenizer

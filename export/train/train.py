@@ -29,7 +29,8 @@ from sdk.preprocess import clip_processor_config
 from export.model.reducers import REDUCERS, resolve_budget
 from export.tasks import instructions, scenes
 from export.tasks.answers import normalize
-from export.train.data import SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, loader, scene_items
+from export.train.data import (SCENE_MIXES, SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, data_mix,
+                               loader, scene_items)
 from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
                           special_tokens)
 from export.train.state import (STATE_JSON, copy_assets, load_trainer_state, save_model,
@@ -40,7 +41,6 @@ from export.train.templates import DEFAULT as DEFAULT_TEMPLATE, TEMPLATES, check
 # += SEED_STRIDE: stages and seeds never see the same scenes.
 DATA_OFFSET = {0: 0, 1: 100_000_000, 2: 200_000_000}
 SEED_STRIDE = 10_000_000
-SCENE_MIXES = {"mixed": "train", "classic": "train-classic"}  # --scene-mix -> split of export/tasks/scenes.py
 INSTRUCTION_FRACTION = {0: 0.1, 1: 0.0, 2: 0.0}  # default --instruction-fraction per stage
 DEFAULTS = {  # per stage: steps, questions per step, peak learning rate
     0: {"steps": 3000, "batch_size": 256, "lr": 1e-3},
@@ -270,7 +270,7 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
                       "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
         "loss": "cross-entropy on answer tokens + EOS (token mean)",
         "precision": "fp32 master weights, bf16 autocast on CUDA; checkpoint weights saved in bf16",
-        "data": {**_data_mix(args.scene_mix), "questions_per_scene": "one per family",
+        "data": {**data_mix(args.scene_mix), "questions_per_scene": "one per family",
                  "instruction_fraction": args.instruction_fraction,
                  "instructions": {n: list(i.texts) for n, i in instructions.TRAINED.items()}
                  if args.instruction_fraction else None,
@@ -278,14 +278,6 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
         **resolved,
         "parent": parent,
     }
-
-
-def _data_mix(mix: str) -> dict:
-    """What a train batch draws (recorded in train_config.json)."""
-    split = SCENE_MIXES[mix]
-    spec = scenes.SPLITS[split]
-    return {"scene_mix": mix, "split": split, "families": list(spec.families), "styles": dict(spec.styles),
-            "phrasing": spec.phrasing, "held_out_styles": list(scenes.HELD_OUT_STYLES)}
 
 
 def _part(name: str) -> str:
