@@ -190,4 +190,6 @@ def test_patch_position_loss_attends_across_the_position_jumps(tmp_path):
         other = forward_loss(model, vision, {**batch, "pixel_values": batch["pixel_values"].flip(-1)},
                              patch_positions=True)["lm_loss"]
     torch.testing.assert_close(got, torch.tensor(total / count), rtol=2e-5, atol=0.0)
-    assert abs(float(other) - float(got)) > 1e-3
+    # (a cut sequence gives the same loss to float rounding, ~1e-7; the tiny random model's pixel effect is
+    # small, about 2e-4 on the current scenes, so the bound sits between the two)
+    assert abs(float(other) - float(got)) > 1e-5
