@@ -4,11 +4,14 @@
     prompt_encoder_fused  the same as ONNX Runtime's fused contrib ops: run where decoder_fused runs (CPU)
     neither               the decoder graph is the prompt encoder (sdk/prompt_pass.py), as before
 
-Both take inputs_embeds [B,T,D], attention_mask [B,T] (ones) and position_ids [B,T] (0..T-1) and give
+PIPMM_PROMPT_ENCODER=decoder runs the decoder for the prompt pass even when the bundle has a prompt encoder (what
+scripts/prompt_pass_bench.py compares against). Both take inputs_embeds [B,T,D], attention_mask [B,T] (ones) and position_ids [B,T] (0..T-1) and give
 hidden [B,T,D], the decoder's `hidden` output over the same prompt.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -21,6 +24,8 @@ PROMPT_ENCODER_FUSED = "prompt_encoder_fused"
 def choose_prompt_encoder(bundle, decoder_graph: str) -> tuple[str | None, str | None]:
     """-> (graph to run or None, why not the fused one / why none: for info())."""
     graphs = bundle.graphs
+    if os.environ.get("PIPMM_PROMPT_ENCODER", "auto") == "decoder":
+        return None, "PIPMM_PROMPT_ENCODER=decoder: the decoder is the prompt encoder"
     if decoder_graph == FUSED_DECODER and PROMPT_ENCODER_FUSED in graphs:
         return PROMPT_ENCODER_FUSED, None
     if PROMPT_ENCODER in graphs:

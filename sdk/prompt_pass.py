@@ -11,11 +11,13 @@
 
 The prefix mode is checked per request (the ids, not only the manifest): a tokenizer that merged across the end
 of the question would make the cache differ from the prefill's, so such a request takes the separate pass.
-Every mode gives the same vector up to float rounding: tests/test_prompt_pass.py compares them.
+PIPMM_PREFIX_REUSE=0 turns the prefix mode off (benchmarks: scripts/prompt_pass_bench.py). Every mode gives the
+same vector up to float rounding: tests/test_prompt_pass.py compares them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +48,8 @@ def run(pipeline, prompt: str, prefill_ids: np.ndarray | None = None) -> PromptP
     spec, backend = pipeline.prompt_vector_spec, pipeline.backend
     ids = pipeline.prompter.encoder_ids(prompt)
     embeds = backend.embed(ids[None])
-    if spec.prefill_prefix and prefill_ids is not None and is_prefix(ids, prefill_ids):
+    reuse = spec.prefill_prefix and os.environ.get("PIPMM_PREFIX_REUSE", "1") != "0"
+    if reuse and prefill_ids is not None and is_prefix(ids, prefill_ids):
         _, hidden, cache = backend.decoder(embeds, backend.new_cache(1))
         return PromptPass(pool(hidden, spec.pooling), PREFIX, cache, len(ids))
     if getattr(backend, "prompt_encoder_graph", None):
