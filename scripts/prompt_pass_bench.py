@@ -17,7 +17,8 @@ interleaved in one process (run r of every configuration before run r + 1 of any
 
 L = half the decoder's layers (--prompt-layer overrides). The prompt MLPs are random (timing only: which
 layer answers best is a training question, docs/gpu.md). Presets: `default` is the embedded default model's
-checkpoint (models/default_model, 4 layers) in FP32 on the CPU; `edge-0.5b` and `llava-1.5-7b` are random
+checkpoint (models/default_model, 4 layers) in FP32 on the CPU, with decoder_fused and prompt_encoder_fused (the
+CPU's fast path); `edge-0.5b` and `llava-1.5-7b` are random
 checkpoints of those shapes (export/synthetic.py PRESETS) traced in FP16 on the GPU (export_direct, decoder_static
 for the CUDA-graph decode). --stage export writes the bundles (skipping those already there), --stage bench
 measures; --stage all does both.
@@ -40,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 IMAGE = ROOT / "samples" / "scene.png"
 PROMPT = "What color is the large cross?"
+# --long: a question of about 50 tokens, where the prompt pass weighs more
+LONG = ("Look carefully at every object in the picture, at their shapes, colours, sizes and where they lie relative "
+        "to each other and to the edges of the frame, and then tell me: what color is the large cross?")
 STAGES = ("preprocess_ms", "prompt_ms", "vision_ms", "prefill_ms", "ttft_ms", "tokens_per_s")
 # label -> (bundle, environment while it loads and runs)
 CONFIGS = {
@@ -81,7 +85,7 @@ def checkpoint(preset: str, work: Path, device: str) -> Path:
     return ckpt
 
 
-def export(preset: str, work: Path, device: str, prompt_layer: int | None) -> dict:
+def export(preset: str, work: Path, device: str, prompt_layer: int | None, dtype: str = "fp16") -> dict:
     from transformers import AutoConfig
 
     from export.extra_graphs import export_direct
@@ -93,7 +97,7 @@ def export(preset: str, work: Path, device: str, prompt_layer: int | None) -> di
     ckpt = checkpoint(preset, work, device)
     layers = AutoConfig.from_pretrained(ckpt).text_config.num_hidden_layers
     layer = prompt_layer if prompt_layer is not None else layers // 2 - 1
-    pf = work / "ckpt-prompt-first"
+    pf = work / "prompt-first" / "ckpt"  # the same directory name: the manifests' model.source agree (export_direct reuse)
     _link_tree(ckpt, pf)
     write_template(pf, "prompt-first")
     mlps = {"L": build_random_prompt_mlp(ckpt, work / "mlp-L", seed=1, prompt_layer=layer),
@@ -109,12 +113,22 @@ def export(preset: str, work: Path, device: str, prompt_layer: int | None) -> di
         start = time.perf_counter()
         if preset == "default":  # FP32 on the CPU: the writer (prompt_encoder included when L < all)
             export_bundle(source, out, progress=False, **options)
-        else:  # FP16 traced on the GPU; the prompt-first bundle links the layer -1 graphs of plain-full
+        else:  # FP16 traced on the GPU (--dtype); the prompt-first bundle links the layer -1 graphs of plain-full
             graphs = ("vision", "embed", "decoder", "decoder_static") + (("prompt_encoder",) if name.endswith("-L") else ())
-            export_direct(source, out, dtype="fp16", device=device, graphs=graphs, log=log,
+            export_direct(source, out, dtype=dtype, device=device, graphs=graphs, log=log,
                           reuse=work / "plain-full" if name == "pipmm-half-pf" else None, **options)
         seconds[name] = round(time.perf_counter() - start, 1)
         log(f"exported {name} in {seconds[name]} s")
+    if preset == "default":  # the CPU's fast path: decoder_fused, and the fused prompt encoder beside it
+        from export.extra_graphs import add_graphs
+
+        for name, (source, _) in plans.items():
+            graphs = json.loads((work / name / "manifest.json").read_text())["graphs"]
+            wanted = ["decoder_fused"] + (["prompt_encoder_fused"] if name.endswith("-L") else [])
+            missing = [g for g in wanted if g not in graphs]
+            if missing:
+                add_graphs(work / name, source, graphs=tuple(missing))
+                log(f"added {', '.join(missing)} to {name}")
     return {"prompt_layer": layer, "encoder_layers": layer + 1, "decoder_layers": layers, "export_seconds": seconds}
 
 
@@ -141,12 +155,14 @@ def bench(work: Path, device: str, runs: int, warmup: int, new_tokens: int, prom
                 os.environ.pop(k, None)
             if r >= warmup:
                 samples[label].append({**{k: result.timings.get(k, 0.0) for k in STAGES},
+                                       # what the prompt pass changes (preprocess and vision are the same work)
+                                       "prompt_plus_prefill_ms": result.timings["prompt_ms"] + result.timings["prefill_ms"],
                                        "prompt_prefix_tokens": result.timings.get("prompt_prefix_tokens")})
         log(f"run {r + 1}/{warmup + runs}" + (" (warm-up)" if r < warmup else ""))
     out = {}
     for label, (pipe, _) in pipes.items():
         rows = samples[label]
-        med = {k: round(statistics.median(row[k] for row in rows), 3) for k in STAGES}
+        med = {k: round(statistics.median(row[k] for row in rows), 3) for k in (*STAGES, "prompt_plus_prefill_ms")}
         info = pipe.backend.info()
         out[label] = {"bundle": CONFIGS[label][0], "median": med, "runs": rows, "visual_tokens": pipe.num_visual_tokens,
                       "prompt_tokens": int(len(pipe.prompter.prompt_ids(prompt)[0])),
@@ -155,8 +171,10 @@ def bench(work: Path, device: str, runs: int, warmup: int, new_tokens: int, prom
                       "decoder_graph": info.get("decoder_graph"), "prompt_encoder_graph": info.get("prompt_encoder_graph"),
                       "kv_cache": info.get("kv_cache"), "cuda_graph": info.get("cuda_graph")}
     base = out["plain full"]["median"]["ttft_ms"]
+    today = out["PIP-MM half (today)"]["median"]["prompt_plus_prefill_ms"]
     for row in out.values():
         row["ttft_vs_plain_full"] = round(row["median"]["ttft_ms"] / base, 3)
+        row["prompt_plus_prefill_vs_today"] = round(row["median"]["prompt_plus_prefill_ms"] / today, 3)
     return out
 
 
@@ -167,18 +185,23 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, type=Path)
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     p.add_argument("--stage", default="all", choices=("all", "export", "bench"))
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
+                   help="non-default presets: the precision export_direct traces in (fp32: a CPU check of the GPU path)")
     p.add_argument("--prompt-layer", type=int, default=None, help="the PIP-MM half bundle's layer (default: half)")
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--long", action="store_true", help="the ~50-token question LONG instead of --prompt")
     args = p.parse_args(argv)
+    args.prompt = LONG if args.long else args.prompt
     record = {"preset": args.preset, "device": args.device, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "runs": args.runs, "warmup": args.warmup, "machine": {"cpu": platform.processor() or platform.machine(),
                                                                      "cores": os.cpu_count()},
               "command": "python scripts/prompt_pass_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.stage in ("all", "export"):
-        record["export"] = export(args.preset, args.work, "cuda" if args.device == "cuda" else "cpu", args.prompt_layer)
+        record["export"] = export(args.preset, args.work, "cuda" if args.device == "cuda" else "cpu", args.prompt_layer,
+                                  args.dtype)
         (args.work / "export.json").write_text(json.dumps(record["export"], indent=2))
     if args.stage in ("all", "bench"):
         if "export" not in record and (args.work / "export.json").is_file():
@@ -190,7 +213,8 @@ def main(argv=None) -> int:
         for label, row in record["configs"].items():
             m = row["median"]
             log(f"{label:40s} ttft {m['ttft_ms']:8.2f} ms (prompt {m['prompt_ms']:.2f}, vision {m['vision_ms']:.2f}, "
-                f"prefill {m['prefill_ms']:.2f}) x{row['ttft_vs_plain_full']:.2f} of plain full")
+                f"prefill {m['prefill_ms']:.2f}; prompt + prefill x{row['prompt_plus_prefill_vs_today']:.2f} of today) "
+                f"x{row['ttft_vs_plain_full']:.2f} of plain full")
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(record, indent=2) + "\n")
