@@ -9,7 +9,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="the checkpoint the bundle was exported from")
     parser.add_argument("--graph", action="append", default=None, metavar="NAME",
                         help="optional graph to add (repeatable; default decoder_static: the static KV cache "
-                             "decoder for CUDA graphs, docs/gpu.md)")
+                             "decoder for CUDA graphs, docs/gpu.md; decoder_fused and prompt_encoder_fused: ONNX "
+                             "Runtime's fused CPU flavours; prompt_encoder: PIP-MM's first-L-layers prompt pass)")
     parser.add_argument("--controlmllm", action="store_true",
                         help="add energy_grad: ControlMLLM's energy and gradient, for referring by box, mask, scribble "
                              "or point (docs/referring.md)")

@@ -37,11 +37,13 @@ from sdk.manifest_referring import defaults_for, with_settings
 
 from export import onnx_graphs
 from export.fused import FUSED_DECODER, FusedDecoderSpec, fused_entry
-from export.writer import build_manifest, build_modules, graph_entry
+from export.fused_prompt import PROMPT_ENCODER_FUSED
+from export.writer import PROMPT_ENCODER_NOTE, build_manifest, build_modules, graph_entry
 from export.model.checkpoint import load_checkpoint
 from export.model.decoder import StaticDecoderGraph
 from export.model.energy import EnergyGradGraph
 from export.model.prompt import PromptMLP
+from export.model.prompt_encoder import PROMPT_ENCODER, PromptEncoderGraph, encoder_layers
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # graphs that do not depend on the visual-token budget or the prompt MLP: reusable across bundles of a checkpoint
@@ -58,18 +60,32 @@ OPTIONAL_MODULES = {
     "energy_grad": lambda checkpoint, prompt_layer: EnergyGradGraph(
         checkpoint.language_model, checkpoint.config.text_config,
         defaults_for(checkpoint.config.text_config.num_hidden_layers).graph_layers),
+    PROMPT_ENCODER: lambda checkpoint, prompt_layer: PromptEncoderGraph(
+        checkpoint.language_model, checkpoint.config.text_config, _encoder_layers(checkpoint, prompt_layer)),
 }
 # optional graph -> what its manifest entry says it is for
 OPTIONAL_NOTES = {
     "decoder_static": {"kv_cache": "static", "for": "GPU runtimes: CUDA graphs (docs/gpu.md)"},
     "energy_grad": {"for": "referring by box, mask, scribble or point: ControlMLLM (docs/referring.md)"},
+    PROMPT_ENCODER: PROMPT_ENCODER_NOTE,
 }
+
+
+def _encoder_layers(checkpoint, prompt_layer: int) -> int:
+    layers = encoder_layers(prompt_layer, checkpoint.config.text_config.num_hidden_layers)
+    if layers is None:
+        raise ExportError("the prompt vector comes from the decoder's last layer: the decoder graph is the prompt "
+                          "encoder, a prompt_encoder graph would be all of it")
+    return layers
 
 
 def optional_module(name: str, checkpoint, prompt_layer: int, cmai_layers=()) -> torch.nn.Module:
     if name == FUSED_DECODER:  # built from the modules, not traced (export/fused.py); CMAI layers as the decoder's
         return FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
                                 prompt_layer, list(cmai_layers))
+    if name == PROMPT_ENCODER_FUSED:  # cut out of the fused decoder (export/fused_prompt.py)
+        return (FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config),
+                _encoder_layers(checkpoint, prompt_layer))
     if name not in OPTIONAL_MODULES:
         raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
     return OPTIONAL_MODULES[name](checkpoint, prompt_layer).eval()
@@ -153,6 +169,10 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
 def _entry_of_optional(name: str, out: Path, source: Path | None) -> Graph:
     if name == FUSED_DECODER:  # packed weights: nothing to share with decoder.onnx
         return graph_entry(out, **fused_entry(out))
+    if name == PROMPT_ENCODER_FUSED:
+        entry = fused_entry(out)
+        return graph_entry(out, **{**entry, "flavour_of": PROMPT_ENCODER, "built_by": "export/fused_prompt.py (the "
+                                   "fused decoder's first layers; weights packed, not shared with decoder)"})
     extra = dict(OPTIONAL_NOTES[name])
     if source is not None and source.exists():
         extra["shares_weights_with"] = source.stem
@@ -233,9 +253,12 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_set
     referring = manifest.referring
     if "energy_grad" in exported:
         referring = with_settings(defaults_for(manifest.model.num_layers), referring_settings or {}, ExportError)
+    prompt_vector = manifest.prompt_vector
+    if prompt_vector is not None and {PROMPT_ENCODER, PROMPT_ENCODER_FUSED} & set(exported):
+        prompt_vector = replace(prompt_vector, encoder_layers=prompt_vector.layer + 1)
     write_manifest(bundle_dir, replace(manifest, graphs=graphs, files=file_records(bundle_dir, known),
                                        precision=replace(manifest.precision, graphs=graph_precision),
-                                       referring=referring))
+                                       referring=referring, prompt_vector=prompt_vector))
     return bundle_dir
 
 

@@ -15,8 +15,10 @@ import onnx
 import torch
 
 from export.fused import FusedDecoderSpec, build_fused_decoder
+from export.fused_prompt import build_fused_prompt_encoder
 from export.model.decoder import DecoderGraph, EmbedGraph, StaticDecoderGraph, kv_names
 from export.model.energy import EnergyGradGraph
+from export.model.prompt_encoder import PromptEncoderGraph
 from export.model.vision import PipmmVision
 
 OPSET = 18  # the TensorRT 10 parser covers opsets 9-20
@@ -133,6 +135,29 @@ def export_decoder_fused(spec: FusedDecoderSpec, path: Path, model: dict) -> Non
     onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def export_prompt_encoder(encoder: PromptEncoderGraph, path: Path, model: dict) -> None:
+    """The first L decoder layers over the prompt, no cache (export/model/prompt_encoder.py): hidden [B,T,D]."""
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("sequence", min=1, max=1 << 16)
+    param = next(encoder.parameters())
+    b, t = 2, 5
+    args = (torch.randn(b, t, encoder.text_config.hidden_size, dtype=param.dtype, device=param.device),
+            torch.ones(b, t, dtype=torch.int64, device=param.device),
+            torch.arange(t, device=param.device).expand(b, t).contiguous())
+    _export(encoder, args, path, ["inputs_embeds", "attention_mask", "position_ids"], ["hidden"],
+            ({0: batch, 1: seq},) * 3)
+
+
+def export_prompt_encoder_fused(spec: tuple[FusedDecoderSpec, int], path: Path, model: dict) -> None:
+    """(spec, L) -> the fused prompt encoder (export/fused_prompt.py), checked by loading it in ONNX Runtime."""
+    import onnxruntime
+
+    with torch.no_grad():
+        save_graph(build_fused_prompt_encoder(*spec), path)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def export_energy_grad(graph: EnergyGradGraph, path: Path, model: dict) -> None:
     """ControlMLLM's energy and its gradient (export/model/energy.py): the forward and backward traced together
     by make_fx over symbolic shapes, that FX graph exported like a module (no core aten decompositions: the
@@ -194,7 +219,8 @@ EXPORTERS = {"vision": export_vision, "embed": export_embed, "decoder": export_d
 # Graphs a bundle may carry besides those, added on request (export/extra_graphs.py): same weights, other
 # shapes for other runtimes. The default bundle and the CPU path never need them.
 OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static, "energy_grad": export_energy_grad,
-                      "decoder_fused": export_decoder_fused}
+                      "decoder_fused": export_decoder_fused, "prompt_encoder": export_prompt_encoder,
+                      "prompt_encoder_fused": export_prompt_encoder_fused}
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:

@@ -39,6 +39,8 @@ class TorchBackend:
         self.device = device
         self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
         self.dtype = next(modules["decoder"].parameters()).dtype
+        # the first-L-layers prompt encoder (export/model/prompt_encoder.py), as a bundle would carry it
+        self.prompt_encoder_graph = "prompt_encoder" if "prompt_encoder" in modules else None
 
     @staticmethod
     def available() -> bool:
@@ -88,6 +90,14 @@ class TorchBackend:
                 image_bias: np.ndarray | None = None):
         logits, hidden, grown, _ = self._run(inputs_embeds, cache, position_ids, image_bias)
         return logits, hidden, grown
+
+    @torch.no_grad()
+    def prompt_hidden(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        b, t, _ = inputs_embeds.shape
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        hidden = self.modules["prompt_encoder"](self._t(inputs_embeds, self.dtype),
+                                                torch.ones(b, t, dtype=torch.int64, device=self.device), positions)
+        return hidden.float().cpu().numpy()
 
     @torch.no_grad()
     def attention(self, inputs_embeds: np.ndarray, cache: TorchCache, position_ids: np.ndarray | None = None):

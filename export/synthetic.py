@@ -144,7 +144,8 @@ def save_checkpoint(model, tokenizer: Tokenizer, out_dir: Path, tower: str = "cl
 # ----------------------------------------------------------------------------- builders
 
 def build_tiny_llava(out_dir: str | Path, arch: str = "llama", seed: int = 0, image_size: int = 28,
-                     patch_size: int = 4, vision_hidden: int = 32, text_hidden: int = 64, tower: str = "clip") -> Path:
+                     patch_size: int = 4, vision_hidden: int = 32, text_hidden: int = 64, tower: str = "clip",
+                     text_layers: int = 2) -> Path:
     """Write a tiny random LlavaForConditionalGeneration checkpoint directory and return its path.
     tower: "clip" (class token, feature layer -2, strategy "default") or "siglip" (TOWER_LAYOUTS)."""
     from transformers import LlavaForConditionalGeneration
@@ -153,7 +154,7 @@ def build_tiny_llava(out_dir: str | Path, arch: str = "llama", seed: int = 0, im
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(word_corpus(), vocab_size=320)
     text = text_config(arch, vocab_size=tokenizer.get_vocab_size(), hidden_size=text_hidden,
-                       intermediate_size=2 * text_hidden, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=2 * text_hidden, num_hidden_layers=text_layers, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
     vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=3,
                   num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)

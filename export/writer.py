@@ -21,13 +21,19 @@ from sdk.manifest import (ChatTemplate, Cmai, Created, Graph, Manifest, Model, P
                           SpecialTokens, Vision, VisualTokens)
 
 from export import onnx_graphs
-from export.model.chat_template import conversation_format, save_tokenizer
+from export.model.chat_template import conversation_format, prefill_prefix, save_tokenizer
 from export.model.checkpoint import Checkpoint, load_checkpoint
 from export.model.decoder import DecoderGraph, EmbedGraph, cmai_settings
 from export.model.prompt import PromptMLP
+from export.model.prompt_encoder import PROMPT_ENCODER, PromptEncoderGraph, encoder_layers
 from export.model.reducers import FullReducer, visual_positions_for
 from export.model.vision import PipmmVision, vision_config_from
 from export.precision import calibration, quantize
+
+
+# The prompt_encoder's manifest entry (its layer count is prompt_vector.encoder_layers).
+PROMPT_ENCODER_NOTE = {"for": "PIP-MM's prompt pass: the first prompt_vector.encoder_layers decoder layers "
+                              "(export/model/prompt_encoder.py)"}
 
 
 def _progress(steps: list[str], enabled: bool):
@@ -61,12 +67,17 @@ def build_modules(checkpoint: Checkpoint, prompt_mlp: PromptMLP | None, budget="
                                     pipmm=prompt_mlp is not None)
     prompt_layer = prompt_mlp.config.prompt_layer if prompt_mlp is not None else -1
     cmai = cmai_settings(config.text_config.num_hidden_layers, cmai)
-    return {
+    modules = {
         "vision": PipmmVision(model.model.vision_tower, model.model.multi_modal_projector, vision_cfg, prompt_mlp).eval(),
         "embed": EmbedGraph(model.get_input_embeddings()).eval(),
         "decoder": DecoderGraph(checkpoint.language_model, model.lm_head, config.text_config, prompt_layer,
                                 cmai).eval(),
     }
+    # A prompt vector from layer k < last needs only layers 0..k: their own graph (export/model/prompt_encoder.py).
+    layers = encoder_layers(prompt_layer, config.text_config.num_hidden_layers) if prompt_mlp is not None else None
+    if layers is not None:
+        modules[PROMPT_ENCODER] = PromptEncoderGraph(checkpoint.language_model, config.text_config, layers).eval()
+    return modules
 
 
 def _preprocessing(checkpoint: Checkpoint, image_size: int) -> dict:
@@ -105,22 +116,26 @@ def build_manifest(checkpoint: Checkpoint, modules: dict, prompt_mlp: PromptMLP 
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     tokenizer_json = json.loads(checkpoint.tokenizer_file.read_text())
     source = str(checkpoint.path)
+    chat_template = chat_template or ChatTemplate.from_dict(
+        conversation_format(checkpoint.path, checkpoint.tokenizer).manifest_entry(), source)
+    encoder = modules.get(PROMPT_ENCODER)
     return Manifest(
         created=created(),
         model=Model(source=checkpoint.path.name, text_architecture=text.model_type,
                     num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads, head_dim=head_dim,
                     hidden_size=text.hidden_size, vocab_size=text.vocab_size, max_context=checkpoint.max_context,
                     vision_hidden_size=checkpoint.config.vision_config.hidden_size, pipmm=prompt_mlp is not None),
-        precision=Precision.uniform(precision, onnx_graphs.EXPORTERS),
+        precision=Precision.uniform(precision, [*onnx_graphs.EXPORTERS, *([PROMPT_ENCODER] if encoder else [])]),
         vision=Vision.from_dict(vision.to_dict(), source),
         visual_tokens=VisualTokens(budget=vision.budget, count=vision.num_tokens + class_leads,
                                    reducer=reducer.name, positions=reducer_positions),
-        prompt_vector=None if prompt_mlp is None else PromptVector(layer=prompt_mlp.config.prompt_layer,
-                                                                   pooling=prompt_mlp.config.pooling,
-                                                                   conversation="first-question"),
+        prompt_vector=None if prompt_mlp is None else PromptVector(
+            layer=prompt_mlp.config.prompt_layer, pooling=prompt_mlp.config.pooling, conversation="first-question",
+            encoder_layers=encoder.num_layers if encoder is not None else None,
+            prefill_prefix=prefill_prefix(chat_template, checkpoint.tokenizer) or None),
         prompt_mlp=None if prompt_mlp is None else PromptMlp.from_dict(vars(prompt_mlp.config).copy(), source),
         image_preprocessing=_preprocessing(checkpoint, vision.image_size),
-        chat_template=chat_template or ChatTemplate.from_dict(conversation_format(checkpoint.path, checkpoint.tokenizer).manifest_entry(), source),
+        chat_template=chat_template,
         special_tokens=_special_tokens(checkpoint, tokenizer_json),
         # CMAI (docs/vmtc-cmai.md): the decoder's image_bias input and attention output, the layers they act at
         # and the runtime's settings; None: the decoder has neither.
@@ -160,12 +175,14 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
                                 cmai=cmai)
         manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
         graphs = {}
-        steps, note = _progress(list(onnx_graphs.EXPORTERS), progress)
+        exporters = {**onnx_graphs.EXPORTERS, **{name: onnx_graphs.OPTIONAL_EXPORTERS[name] for name in modules
+                                                 if name not in onnx_graphs.EXPORTERS}}
+        steps, note = _progress(list(exporters), progress)
         for name in steps:
             note(name)
             path = stage.directory / f"{name}.onnx"
-            onnx_graphs.EXPORTERS[name](modules[name], path, manifest.model.to_dict())
-            graphs[name] = graph_entry(path)
+            exporters[name](modules[name], path, manifest.model.to_dict())
+            graphs[name] = graph_entry(path, **(PROMPT_ENCODER_NOTE if name == PROMPT_ENCODER else {}))
         save_tokenizer(checkpoint.tokenizer, stage.directory / manifest.tokenizer)  # as transformers runs it
         stage.publish(replace(manifest, graphs=graphs))
     return out_dir

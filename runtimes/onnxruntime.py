@@ -34,6 +34,7 @@ import numpy as np
 
 from .decoder_flavour import FUSED_DECODER, choose_flavour, spinning_default
 from .positions import following, step_positions
+from .prompt_encoder import choose_prompt_encoder, run_prompt_encoder
 from .vision_output import VisionOutput
 
 from sdk.bundle import Bundle
@@ -174,6 +175,10 @@ class OnnxRuntimeBackend:
         for name in ("vision", "embed"):
             self.sessions[name] = self._open(name)
         self.sessions[self.decoder_graph] = self._open_decoder()
+        # PIP-MM's first-L-layers prompt encoder, when the bundle has one (runtimes/prompt_encoder.py)
+        self.prompt_encoder_graph, self.prompt_encoder_note = choose_prompt_encoder(bundle, self.decoder_graph)
+        if self.prompt_encoder_graph:
+            self.sessions[self.prompt_encoder_graph] = self._open(self.prompt_encoder_graph)
         decoder_inputs = {i.name: i for i in bundle.graphs[self.decoder_graph].inputs}
         self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"].dtype]
         self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"].dtype]
@@ -282,6 +287,7 @@ class OnnxRuntimeBackend:
         return {"backend": self.name, "onnxruntime": ort.__version__, "device": self.device,
                 "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
                 "decoder_graph": self.decoder_graph, "decoder_flavour_note": self.decoder_flavour_note,
+                "prompt_encoder_graph": self.prompt_encoder_graph, "prompt_encoder_note": self.prompt_encoder_note,
                 "kv_cache": self.kv_cache,
                 "static_cache_slots": self.cache_slots, "static_cache_bytes": kv_bytes,
                 "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
@@ -300,6 +306,10 @@ class OnnxRuntimeBackend:
         session = self.sessions["vision"]
         names = [o.name for o in session.get_outputs()]
         return VisionOutput.from_graph(dict(zip(names, session.run(names, feeds))))
+
+    def prompt_hidden(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """The prompt_encoder graph over [B,T,D] -> hidden [B,T,D] (only when prompt_encoder_graph is set)."""
+        return run_prompt_encoder(self.sessions[self.prompt_encoder_graph], inputs_embeds, self.embed_dtype)
 
     def new_cache(self, batch: int = 1):
         return self._new_cache(batch)

@@ -224,6 +224,13 @@ class PromptVector(Section):
     pooling: str = "last"  # POOLINGS
     source: str = "decoder graph output 'hidden' over the prompt_encoder template (no image)"
     conversation: str | None = omit_none()  # CONVERSATION_PROMPT (None: "first-question"): encoded once per chat
+    # Decoder layers the prompt vector needs (layer + 1) when fewer than all: the bundle's prompt_encoder graph
+    # (export/model/prompt_encoder.py) runs only those. None: the decoder graph is the prompt encoder.
+    encoder_layers: int | None = omit_none()
+    # The chat template puts the question first, so the prompt encoder's ids are the prefill's first ids: the
+    # runtime takes the prompt vector from the decoder's pass over them and keeps its KV cache for the prefill
+    # (sdk/prompt_pass.py). None/false: the prompt pass is a separate run.
+    prefill_prefix: bool | None = omit_none()
     extra: dict = extra_field()
 
     @classmethod
@@ -234,6 +241,9 @@ class PromptVector(Section):
                    source=r.get("source", is_str, "a string", cls.source),
                    conversation=r.get("conversation", optional(lambda v: v in CONVERSATION_PROMPT),
                                       " or ".join(map(repr, CONVERSATION_PROMPT)), None),
+                   encoder_layers=r.get("encoder_layers", optional(lambda v: is_int(v, 1)), "a layer count", None),
+                   prefill_prefix=r.get("prefill_prefix", optional(lambda v: isinstance(v, bool)), "true or false",
+                                        None),
                    extra=r.extra(cls))
 
 

@@ -1,7 +1,9 @@
 """The Pipeline: image + prompt -> text, through a backend that runs the bundle's graphs.
 
     image --preprocess--> pixel_values
-    prompt --template, no image--> embed -> decoder (fresh cache) -> hidden -> prompt vector   (PIP-MM only)
+    prompt --template, no image--> embed -> decoder (fresh cache) -> hidden -> prompt vector   (PIP-MM only;
+           sdk/prompt_pass.py: or the first-L-layers prompt_encoder graph, or, prompt-first templates, the
+           prefill's own prefix, whose KV cache the prefill then continues)
     pixel_values (+ prompt vector) --vision--> visual tokens [K, D]
     template with K image slots --embed--> embeddings, image slots := visual tokens
     prefill: decoder over the whole turn -> logits, KV cache
@@ -23,7 +25,7 @@ import numpy as np
 
 from runtimes.vision_output import VisionOutput
 
-from . import cmai
+from . import cmai, prompt_pass
 from .bundle import default_bundle_path, load_bundle
 from .conversation import Conversation, text_pieces
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
@@ -43,7 +45,8 @@ class Result:
     counted); decode_ms_per_token = decode_ms / steps and tokens_per_s = steps / decode_ms, steps being
     len(token_ids) - 1 (+ 1 when generation ended at end-of-sequence), 0 when no step ran; total_ms.
     With min_new_tokens = max_new_tokens = N that is (N - 1) / decode_ms, the convention of llama.cpp and of
-    transformers' streamer timings (export/compare_hf.py)."""
+    transformers' streamer timings (export/compare_hf.py). PIP-MM: prompt_prefix_tokens, the prefill ids whose KV
+    cache came from the prompt pass (prompt-first bundles, sdk/prompt_pass.py; prefill_ms then covers the rest)."""
 
     text: str
     token_ids: list[int]
@@ -110,12 +113,8 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
-        """PIP-MM's prompt vector [1, D_llm]: the decoder's hidden state over the prompt, no image."""
-        ids = self.prompter.encoder_ids(prompt)
-        _, hidden, _ = self.backend.decoder(self.backend.embed(ids[None]), self.backend.new_cache(1))
-        if self.prompt_vector_spec.pooling == "mean":
-            return hidden.mean(axis=1)
-        return hidden[:, -1]
+        """PIP-MM's prompt vector [1, D_llm]: the hidden state over the prompt, no image (sdk/prompt_pass.py)."""
+        return prompt_pass.run(self, prompt).vector
 
     def prefill_positions(self, length: int, image_slots: np.ndarray, vision: VisionOutput) -> np.ndarray | None:
         """Position ids [1,T] of the prefill when the manifest puts visual tokens at their patch
@@ -138,10 +137,15 @@ class Pipeline:
                                        "shorten the prompt")
         return positions[None]
 
-    def prefill(self, input_embeds: np.ndarray, position_ids: np.ndarray | None = None):
+    def prefill(self, input_embeds: np.ndarray, position_ids: np.ndarray | None = None, prefix=None):
         """Whole turn [1,T,D] with a fresh cache -> (last logits [1,V], cache); position_ids [1,T] or
-        None for 0..T-1."""
-        cache = self.backend.new_cache(input_embeds.shape[0])
+        None for 0..T-1. prefix (cache, n): the KV cache of the turn's first n rows (sdk/prompt_pass.py), which
+        only the rows after them continue."""
+        if prefix is None:
+            cache = self.backend.new_cache(input_embeds.shape[0])
+        else:
+            cache, n = prefix
+            input_embeds, position_ids = input_embeds[:, n:], None if position_ids is None else position_ids[:, n:]
         if position_ids is None:
             logits, _, cache = self.backend.decoder(input_embeds, cache)
         else:
@@ -149,7 +153,7 @@ class Pipeline:
         return logits, cache
 
     def inhibited_prefill(self, input_embeds: np.ndarray, position_ids: np.ndarray | None, image_slots: np.ndarray,
-                          fraction: float):
+                          fraction: float, prefix=None):
         """CMAI prefill -> (last logits [1,V], cache, image_bias [1,L_c,T] for the following calls, masked count).
 
         The text after the image is run twice over the cache of everything before it: once with no bias to
@@ -159,10 +163,10 @@ class Pipeline:
         """
         split = int(image_slots[-1]) + 1  # first text token after the image
         if split >= input_embeds.shape[1]:  # no prompt text after the image: nothing to weigh focus by
-            logits, cache = self.prefill(input_embeds, position_ids)
+            logits, cache = self.prefill(input_embeds, position_ids, prefix)
             return logits, cache, None, 0
         head, tail = (None, None) if position_ids is None else (position_ids[:, :split], position_ids[:, split:])
-        _, before = self.prefill(input_embeds[:, :split], head)
+        _, before = self.prefill(input_embeds[:, :split], head, prefix)
         text = input_embeds[:, split:]
         attention = self.backend.attention(text, before, tail)  # [1, L_c, T_b, split + T_b]
         text_slots = np.arange(split, input_embeds.shape[1])
@@ -205,8 +209,12 @@ class Pipeline:
 
         stage = time.perf_counter()
         ids, image_slots = self.prompter.prompt_ids(prompt)
-        prompt_vector = self.encode_prompt(prompt) if self.prompt_vector_spec is not None else None
+        passed = prompt_pass.run(self, prompt, ids) if self.prompt_vector_spec is not None else None
+        prompt_vector = passed.vector if passed is not None else None
+        prefix = (passed.cache, passed.length) if passed is not None and passed.cache is not None else None
         t["prompt_ms"] = _ms(stage)
+        if passed is not None:  # prefill ids taken from the prompt pass's KV cache (0: a separate pass)
+            t["prompt_prefix_tokens"] = passed.length
 
         stage = time.perf_counter()
         vision = self.backend.vision(pixel_values, prompt_vector)
@@ -221,9 +229,10 @@ class Pipeline:
             t["referring_ms"] = _ms(stage)
         bias = None
         if inhibit > 0:
-            logits, cache, bias, result.inhibited = self.inhibited_prefill(embeds, positions, image_slots, inhibit)
+            logits, cache, bias, result.inhibited = self.inhibited_prefill(embeds, positions, image_slots, inhibit,
+                                                                           prefix)
         else:
-            logits, cache = self.prefill(embeds, positions)
+            logits, cache = self.prefill(embeds, positions, prefix)
         t["prefill_ms"] = _ms(stage)
 
         yield from self.decode_tokens(logits, cache, args, result, start, bias)

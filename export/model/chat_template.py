@@ -141,3 +141,29 @@ def conversation_format(checkpoint_dir: str | Path, tokenizer=None) -> Conversat
 def save_tokenizer(tokenizer, path: Path) -> None:
     """tokenizer.json as transformers runs it: the backend with the post-processor it rebuilt at load."""
     tokenizer.backend_tokenizer.save(str(path))
+
+
+# Questions whose ends could tempt a tokenizer to merge with what the template writes after them.
+PREFIX_SAMPLES = ("What color is the star?", "Describe the scene.", "How many objects are there", "Count: 3", "3",
+                  "Is it red?!", "What is it...", "étoile rouge ?", "是什么？", "ends with a colon:", "🙂")
+
+
+def prefill_prefix(template: ChatTemplate, tokenizer) -> bool:
+    """Whether the prompt encoder's ids are the first ids of the prefill for every sample question (the
+    question-first templates of `pipmm train --template prompt-first`): the runtime then reuses the prompt pass's
+    KV cache (sdk/prompt_pass.py), and checks the prefix again per request. Tokenized as the device does
+    (sdk/prompting.py: the tokenizer's own rule, or BOS by add_bos for templates without add_special_tokens)."""
+    if not (template.prompt_encoder.endswith("{prompt}") and template.prompt.startswith(template.prompt_encoder)):
+        return False
+
+    def ids(text: str) -> list[int]:
+        if template.add_special_tokens is not None:
+            return tokenizer(text, add_special_tokens=template.add_special_tokens).input_ids
+        bos = [tokenizer.bos_token_id] if template.add_bos and tokenizer.bos_token_id is not None else []
+        return bos + tokenizer(text, add_special_tokens=False).input_ids
+
+    for question in PREFIX_SAMPLES:
+        encoder = ids(template.prompt_encoder.replace("{prompt}", question))
+        if ids(template.prompt.replace("{prompt}", question))[:len(encoder)] != encoder:
+            return False
+    return True
