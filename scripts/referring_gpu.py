@@ -2,6 +2,7 @@
 autograd's step on the same weights beside it.
 
     bash scripts/stage_ort_gpu.sh          # here: the ONNX Runtime GPU wheel in parts, and the device commands
+    python3 scripts/referring_gpu.py --preset edge-0.5b --out /tmp/referring-gpu --build-only     # one call
     python3 scripts/referring_gpu.py --preset edge-0.5b --out /tmp/referring-gpu --json $OUT/referring-gpu.json
 
 On the GPU machine itself (nothing big travels): builds a random checkpoint of the preset (export/synthetic.py),
@@ -163,12 +164,17 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--build-only", action="store_true",
+                        help="build the checkpoint and bundle and stop (one device call; the timing is the next)")
     args = parser.parse_args(argv)
     require_cuda_provider(args.device)
 
     import sdk
 
     checkpoint, bundle, seconds = build(args)
+    if args.build_only:
+        print(json.dumps({"built": str(bundle), **seconds}))
+        return 0
     pipe = sdk.load(bundle, device=args.device)
     report = {"preset": args.preset, "device": args.device, **seconds,
               "energy_grad_bytes": sum(p.stat().st_size for p in bundle.glob("energy_grad.onnx*")),

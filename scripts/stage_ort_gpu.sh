@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Stage ONNX Runtime GPU for the GPU machine in parts that fit beside this checkout in one device call.
 #
-#   bash scripts/stage_ort_gpu.sh [GPU_COMMAND]        # from the project root of the checkout the device calls send
+#   bash scripts/stage_ort_gpu.sh [GPU_COMMAND [LATER_COMMAND]]   # from the root of the checkout the calls send
 #
 # ../shared/device/stage-ort-gpu.sh cuts the wheel (about 256 MB) into 52 MB parts, but every call also sends the
 # tracked tree (about 46 MB with the default model and bundle), and a call carries 64 MiB in all. This script cuts
 # the same wheel into parts of (64 MiB - what travels anyway - 1 MiB) and prints one command per part; the last
 # one installs it (ort-gpu-env.sh: sha256 check, pip --target /tmp/site, CUDA provider check) and runs
-# GPU_COMMAND (default: the referring latency, scripts/referring_gpu.py). Send the parts back to back: the
-# machine stays warm only about 30 s between calls, and a fresh machine needs them again from part 0.
+# GPU_COMMAND, then LATER_COMMAND follows in calls of its own (defaults: scripts/referring_gpu.py builds its
+# 0.5B-shape checkpoint and bundle, then times). Send the calls back to back: the machine stays warm only about
+# 30 s between calls, and a fresh machine needs the parts again from part 0.
 set -euo pipefail
 ver="${ORT_GPU_VERSION:-1.31.1}"
 shared="${SHARED:-../shared}"
 root=$(git rev-parse --show-toplevel)
 cd "$root"
-command="${1:-PYTHONUNBUFFERED=1 python3 scripts/referring_gpu.py --preset edge-0.5b --out /tmp/referring-gpu --json \$OUT/referring-gpu.json}"
+run="PYTHONUNBUFFERED=1 python3 scripts/referring_gpu.py --preset edge-0.5b --out /tmp/referring-gpu"
+command="${1:-$run --build-only}"
+later="${2:-$run --json \$OUT/referring-gpu.json}"
 
 travels=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s 2>/dev/null |
            awk '{s += $1} END {print s + 0}')
@@ -51,4 +54,4 @@ for i in "${!parts[@]}"; do
   fi
 done
 echo
-echo "Later commands on the same machine: export PYTHONPATH=/tmp/site && $command"
+echo "  then, each its own call: export PYTHONPATH=/tmp/site && $later"
