@@ -83,3 +83,16 @@ def test_a_bad_region_leaves_the_conversation_as_it_was(ref_pipe, image):
     assert conv.messages == []
     assert conv.ask(PROMPT, max_new_tokens=TOKENS).token_ids == ref_pipe.generate(image, PROMPT,
                                                                                   max_new_tokens=TOKENS).token_ids
+
+
+def test_cli_streams_with_a_region(referring_bundle, ref_pipe, image, tmp_path, capsys):
+    from PIL import Image
+
+    from sdk.cli import main
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(image).save(path)
+    assert main(["describe", str(path), PROMPT, "--bundle", str(referring_bundle), "--device", "cpu",
+                 "--max-new-tokens", "4", "--box", "14,6,44,36", "--referring", "controlmllm++", "--stream"]) == 0
+    want = ref_pipe.generate(image, PROMPT, region=BOX, referring="controlmllm++", max_new_tokens=4).text
+    assert capsys.readouterr().out == want + "\n"
