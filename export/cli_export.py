@@ -43,17 +43,34 @@ def add_arguments(parser) -> None:
                    help="op types kept in float, plus lm_head, attention (MatMuls of two activations) and "
                         "prompt_mlp; "
                         "'none' to keep nothing; default per precision, see docs/precision.md")
+    g = parser.add_argument_group("optional graphs (as pipmm add-graphs; docs/referring.md)")
+    g.add_argument("--controlmllm", action="store_true",
+                   help="add energy_grad (referring by box, mask, scribble or point), sharing the decoder's weights "
+                        "through decoder.onnx.data; fp32 or fp16")
+    g.add_argument("--graph", action="append", default=None, metavar="NAME",
+                   help="another optional graph to add (repeatable: decoder_static, energy_grad, decoder_fused)")
+    g.add_argument("--referring-set", action="append", default=[], metavar="VARIANT.KEY=VALUE",
+                   help="with --controlmllm: a referring setting over the defaults, e.g. controlmllm.lr=100")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
+    from export.cli_add_graphs import referring_settings
+    from export.extra_graphs import export_with_graphs
     from export.writer import export_bundle
 
     given = {"calibration_set": args.calibration, "calibration_size": args.calibration_size,
              "block_size": args.block_size, "int8_decoder": args.int8_decoder, "keep_fp32_ops": args.keep_fp32_ops}
     options = {k: v for k, v in given.items() if v is not None}
-    out = export_bundle(args.checkpoint, args.out, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.no_prompt_mlp,
+    graphs = tuple(dict.fromkeys(list(args.graph or []) + (["energy_grad"] if args.controlmllm else [])))
+    if args.referring_set and "energy_grad" not in graphs:
+        from sdk.errors import ExportError
+        raise ExportError("--referring-set configures energy_grad: pass --controlmllm too")
+    if graphs:
+        options.update(graphs=graphs, referring_settings=referring_settings(args.referring_set))
+    write = export_with_graphs if graphs else export_bundle
+    out = write(args.checkpoint, args.out, prompt_mlp=args.prompt_mlp, no_prompt_mlp=args.no_prompt_mlp,
                         budget=args.visual_tokens, reducer=args.reducer, overwrite=args.overwrite,
                         progress=not args.quiet, precision=args.precision,
                         visual_positions=args.visual_positions,
@@ -65,5 +82,5 @@ def run(args) -> int:
     template, special = manifest["chat_template"], manifest["special_tokens"]
     print(f"chat template: {template.get('source', 'given')}; BOS: {template.get('bos_rule', '-')}; "
           f"stop token ids: {special['eos']}")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" with {', '.join(graphs)}" if graphs else ""))
     return 0

@@ -2,12 +2,15 @@
 
     add_graphs("bundle/", "checkpoint/")                       # + decoder_static (pipmm add-graphs)
     add_graphs("bundle/", "checkpoint/", graphs=("energy_grad",))  # + ControlMLLM referring (docs/referring.md)
+    export_with_graphs("checkpoint/", "out/", ("energy_grad",), prompt_mlp="checkpoint/", budget="half", ...)
     export_direct("checkpoint/", "out/", no_prompt_mlp=True, dtype="fp16", device="cuda")
 
-`decoder_static` (export/model/decoder.py: the decoder over a preallocated cache, for CUDA graphs) holds the
-same weights as `decoder`. When the decoder keeps its weights in an external data file, the new graph's
-initializers are pointed into that file (after checking that the bytes are equal), so a bundle holds the
-LLM weights once however many decoder graphs it has. Small graphs keep their weights inline.
+`decoder_static` (export/model/decoder.py: the decoder over a preallocated cache, for CUDA graphs) and
+`energy_grad` hold the same weights as `decoder`. The decoder's weights lie in its external data file
+(decoder.onnx.data; a decoder that kept them inline, any below 1 GiB, has them moved there when such a graph is
+added, the graph itself unchanged) and the new graph's initializers are pointed into that file (after checking
+that the bytes are equal), so a bundle holds the LLM weights once however many decoder graphs it has. What
+the new graph does not find there stays its own. `decoder_fused` packs its weights and shares nothing.
 
 `export_direct` traces the modules in float16 (or bfloat16) on any device instead of exporting FP32 and
 converting (export/precision/quantize.py): the route for checkpoints whose FP32 export would not fit in memory or on
@@ -24,13 +27,14 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import onnx
 import torch
 
-from sdk.bundle import file_records, load_bundle, staged_bundle, write_manifest
+from sdk.bundle import file_records, load_bundle, refuse_existing, staged_bundle, write_manifest
 from sdk.errors import ExportError
 from sdk.manifest import ChatTemplate, Graph, Manifest, Precision, PromptVector
 from sdk.manifest_referring import defaults_for, with_settings
@@ -38,7 +42,7 @@ from sdk.manifest_referring import defaults_for, with_settings
 from export import onnx_graphs
 from export.fused import FUSED_DECODER, FusedDecoderSpec, fused_entry
 from export.fused_prompt import PROMPT_ENCODER_FUSED
-from export.writer import PROMPT_ENCODER_NOTE, build_manifest, build_modules, graph_entry
+from export.writer import PROMPT_ENCODER_NOTE, build_manifest, build_modules, export_bundle, graph_entry
 from export.model.checkpoint import load_checkpoint
 from export.model.decoder import StaticDecoderGraph
 from export.model.energy import EnergyGradGraph
@@ -50,7 +54,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 BUDGET_FREE = ("embed", "decoder", "decoder_static")
 # bytes compared per initializer when checking that two graphs hold the same weights (ends and middle)
 _SAMPLE = 1 << 16
-_WEIGHT_BYTES = 4096  # smaller initializers are constants (shapes, scalars), not weights
+_WEIGHT_BYTES = onnx_graphs.WEIGHT_BYTES  # smaller initializers are constants (shapes, scalars), not weights
 
 
 # optional graph -> its module from (checkpoint, prompt layer)
@@ -124,9 +128,10 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
 
 def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> dict:
     """Point `new_path`'s initializers into `source_path`'s external data where type, shape and bytes agree
-    (by content: the exporter folds transposed weights into initializers of arbitrary names), and drop the new
-    graph's own data file when nothing is left in it. Raises when less than `min_share` of the new graph's
-    weight bytes are found in the source (the graphs come from different checkpoints)."""
+    (by content: the exporter folds transposed weights into initializers of arbitrary names). The weights found
+    there leave the new graph (inline or in its own data file); the rest stay its own, its data file rewritten to
+    hold only them (or removed). Raises when less than `min_share` of the new graph's weight bytes are found in
+    the source (the graphs come from different checkpoints)."""
     base = new_path.parent
     new = onnx.load(str(new_path), load_external_data=False)
     source = onnx.load(str(source_path), load_external_data=False)
@@ -137,6 +142,7 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
         return tensor.data_type, tuple(tensor.dims), digest
 
     index = {key(t, source_path.parent): t for t in source.graph.initializer if _nbytes(t) >= _WEIGHT_BYTES}
+    own = f"{new_path.name}.data"
     weight_bytes = matched_bytes = shared = shared_bytes = 0
     for tensor in new.graph.initializer:
         size = _nbytes(tensor)
@@ -147,19 +153,24 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
         if other is None:
             continue
         matched_bytes += size
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and other.data_location == onnx.TensorProto.EXTERNAL:
+        if other.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.ClearField("raw_data")
             del tensor.external_data[:]
             tensor.external_data.extend(other.external_data)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
             shared, shared_bytes = shared + 1, shared_bytes + size
     if weight_bytes and matched_bytes < min_share * weight_bytes:
         raise ExportError(f"only {matched_bytes / weight_bytes:.0%} of {new_path.name}'s weights are in "
                           f"{source_path.name}: the checkpoint is not the one this bundle was exported from")
-    still_used = {{e.key: e.value for e in t.external_data}["location"] for t in new.graph.initializer
-                  if t.data_location == onnx.TensorProto.EXTERNAL}
-    own = f"{new_path.name}.data"
-    onnx.save(new, str(new_path))
-    if (base / own).exists() and own not in still_used:
-        (base / own).unlink()
+    # What is left in the graph's own data file comes back inline; save_graph writes a fresh file if still large.
+    for tensor in new.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and \
+                {e.key: e.value for e in tensor.external_data}["location"] == own:
+            tensor.raw_data = _raw(tensor, base, sample=False)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    (base / own).unlink(missing_ok=True)
+    onnx_graphs.save_graph(new, new_path)
     return {"weight_bytes": weight_bytes, "found_in_source_bytes": matched_bytes, "shared_initializers": shared,
             "shared_bytes": shared_bytes, "compared": "sampled bytes" if sample else "all bytes"}
 
@@ -175,6 +186,7 @@ def _entry_of_optional(name: str, out: Path, source: Path | None) -> Graph:
                                    "fused decoder's first layers; weights packed, not shared with decoder)"})
     extra = dict(OPTIONAL_NOTES[name])
     if source is not None and source.exists():
+        onnx_graphs.externalize(source)  # a decoder that kept its weights inline lends them from a side file
         extra["shares_weights_with"] = source.stem
         extra["sharing"] = share_weights(out, source)
     return graph_entry(out, **extra)
@@ -185,12 +197,44 @@ def _export_optional(name: str, module, out: Path, model_info: dict, source: Pat
     return _entry_of_optional(name, out, source)
 
 
+@contextmanager
+def _lending(decoder: Path, names):
+    """The decoder's weights moved into decoder.onnx.data (when it kept them inline and a graph in `names` will
+    share them); on failure the inline decoder comes back, so the bundle still matches its manifest. Yields the
+    decoder's file names whose bytes changed."""
+    if not any(n != FUSED_DECODER for n in names) or onnx_graphs.has_external_data(decoder):
+        yield set()
+        return
+    backup = decoder.parent / f".{decoder.name}.inline"
+    shutil.copyfile(decoder, backup)
+    try:
+        onnx_graphs.externalize(decoder)
+        yield {decoder.name, f"{decoder.name}.data"}
+    except BaseException:
+        os.replace(backup, decoder)
+        Path(f"{decoder}.data").unlink(missing_ok=True)
+        raise
+    finally:
+        backup.unlink(missing_ok=True)
+
+
+def _refuse_quantized(precision: str) -> None:
+    if precision not in TORCH_DTYPES:
+        raise ExportError(f"the decoder is {precision}: optional graphs are traced in fp32, fp16 or bf16 and hold the "
+                          "decoder's float weights, which a quantized decoder cannot lend them; add them to an fp32 "
+                          "or fp16 bundle of the checkpoint")
+
+
 def _bundle_precision(manifest: Manifest) -> str:
     precision = manifest.precision.graphs.get("decoder", manifest.precision.default)
-    if precision not in TORCH_DTYPES:
-        raise ExportError(f"the bundle's decoder is {precision}: optional graphs are traced in fp32, fp16 or bf16; "
-                          "add them to the fp32 or fp16 bundle")
+    _refuse_quantized(precision)
     return precision
+
+
+def _check_names(graphs) -> None:
+    for name in graphs:
+        if name not in onnx_graphs.OPTIONAL_EXPORTERS:
+            raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
 
 
 def _checked_checkpoint(checkpoint_dir, manifest: Manifest, dtype: torch.dtype):
@@ -232,33 +276,34 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_set
     precision = _bundle_precision(manifest)
     decoder_file = bundle.graph_path("decoder")
     graphs, graph_precision, moved = dict(manifest.graphs), dict(manifest.precision.graphs), []
-    try:
-        for name, path in exported.items():
-            path, out = Path(path), bundle_dir / f"{name}.onnx"
-            if path.name != out.name:  # the graph names its data file: the names must not change in the move
-                raise ExportError(f"export {name} as {name}.onnx (got {path.name})")
-            for src, dst in ((path, out), (Path(f"{path}.data"), bundle_dir / f"{name}.onnx.data")):
-                dst.unlink(missing_ok=True)
-                if src.exists():
-                    shutil.move(str(src), str(dst))
-                    moved.append(dst)
-            graphs[name] = _entry_of_optional(name, out, decoder_file)
-            graph_precision[name] = precision
-    except BaseException:
-        for path in moved:  # the manifest was not touched: leave no stray file either
-            path.unlink(missing_ok=True)
-        raise
-    fresh = {p.name for p in moved}
-    known = {k: v for k, v in manifest.files.items() if k not in fresh}
-    referring = manifest.referring
-    if "energy_grad" in exported:
-        referring = with_settings(defaults_for(manifest.model.num_layers), referring_settings or {}, ExportError)
-    prompt_vector = manifest.prompt_vector
-    if prompt_vector is not None and {PROMPT_ENCODER, PROMPT_ENCODER_FUSED} & set(exported):
-        prompt_vector = replace(prompt_vector, encoder_layers=prompt_vector.layer + 1)
-    write_manifest(bundle_dir, replace(manifest, graphs=graphs, files=file_records(bundle_dir, known),
-                                       precision=replace(manifest.precision, graphs=graph_precision),
-                                       referring=referring, prompt_vector=prompt_vector))
+    with _lending(decoder_file, exported) as changed:
+        try:
+            for name, path in exported.items():
+                path, out = Path(path), bundle_dir / f"{name}.onnx"
+                if path.name != out.name:  # the graph names its data file: the names must not change in the move
+                    raise ExportError(f"export {name} as {name}.onnx (got {path.name})")
+                for src, dst in ((path, out), (Path(f"{path}.data"), bundle_dir / f"{name}.onnx.data")):
+                    dst.unlink(missing_ok=True)
+                    if src.exists():
+                        shutil.move(str(src), str(dst))
+                        moved.append(dst)
+                graphs[name] = _entry_of_optional(name, out, decoder_file)
+                graph_precision[name] = precision
+        except BaseException:
+            for path in moved:  # the manifest was not touched: leave no stray file either
+                path.unlink(missing_ok=True)
+            raise
+        fresh = {p.name for p in moved} | changed
+        known = {k: v for k, v in manifest.files.items() if k not in fresh}
+        referring = manifest.referring
+        if "energy_grad" in exported:
+            referring = with_settings(defaults_for(manifest.model.num_layers), referring_settings or {}, ExportError)
+        prompt_vector = manifest.prompt_vector
+        if prompt_vector is not None and {PROMPT_ENCODER, PROMPT_ENCODER_FUSED} & set(exported):
+            prompt_vector = replace(prompt_vector, encoder_layers=prompt_vector.layer + 1)
+        write_manifest(bundle_dir, replace(manifest, graphs=graphs, files=file_records(bundle_dir, known),
+                                           precision=replace(manifest.precision, graphs=graph_precision),
+                                           referring=referring, prompt_vector=prompt_vector))
     return bundle_dir
 
 
@@ -270,9 +315,8 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
     bundle = load_bundle(bundle_dir, verify=True)
     manifest = bundle.manifest
     precision = _bundle_precision(manifest)
+    _check_names(graphs)
     for name in graphs:
-        if name not in onnx_graphs.OPTIONAL_EXPORTERS:
-            raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
         if name in manifest.graphs and not overwrite:
             raise ExportError(f"bundle {bundle_dir} already has {name}: pass --overwrite to trace it again")
     checkpoint = _checked_checkpoint(checkpoint_dir, manifest, TORCH_DTYPES[precision])
@@ -288,6 +332,26 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
             exported[name] = out
         # verified above
         return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings)
+
+
+def export_with_graphs(checkpoint_dir, out_dir, graphs=("energy_grad",), referring_settings: dict | None = None,
+                       overwrite: bool = False, device: str = "cpu", **export_args) -> Path:
+    """export.writer.export_bundle (export_args: its arguments, any precision it offers), then add_graphs, published
+    as one: out_dir appears with the optional graphs or not at all. The decoder's weights go to decoder.onnx.data,
+    where energy_grad and decoder_static share them. int8 and int4 are refused before any work: their decoder has
+    no float weights to lend."""
+    out_dir = Path(out_dir)
+    refuse_existing(out_dir, overwrite)
+    _check_names(graphs)
+    _refuse_quantized(export_args.get("precision", "fp32"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.with-graphs-", dir=out_dir.parent) as scratch:
+        staged = export_bundle(checkpoint_dir, Path(scratch) / "bundle", overwrite=True, **export_args)
+        add_graphs(staged, checkpoint_dir, tuple(graphs), device=device, referring_settings=referring_settings)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(staged, out_dir)
+    return out_dir
 
 
 # -- a whole bundle traced in half precision ------------------------------------------------------

@@ -6,8 +6,9 @@ sizes >= 2 so that torch.export does not specialise an axis to the example's 0 o
 
 from __future__ import annotations
 
-import warnings
 import logging
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from export.model.vision import PipmmVision
 
 OPSET = 18  # the TensorRT 10 parser covers opsets 9-20
 EXTERNAL_DATA_BYTES = 1 << 30  # weights go to a side file above 1 GiB (protobuf's hard limit is 2 GiB)
+WEIGHT_BYTES = 4096  # initializers from this size on are weights (shared between graphs); smaller ones are constants
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
@@ -228,6 +230,29 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     external = model.ByteSize() > EXTERNAL_DATA_BYTES if model.ByteSize() < (1 << 31) - 1 else True
     onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
               location=path.name + ".data" if external else None)
+
+
+def has_external_data(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def externalize(path: Path, threshold: int = WEIGHT_BYTES) -> bool:
+    """Move a graph's weights (initializers of `threshold` bytes or more) into `<file>.data` beside it, so that
+    other graphs can point their own initializers at them (export/extra_graphs.py share_weights). The graph and
+    what it computes are unchanged; only where its bytes lie. False when it already keeps weights outside."""
+    if has_external_data(path):
+        return False
+    model = onnx.load(str(path))
+    data = path.parent / f"{path.name}.data"
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    # Written beside and renamed over: the graph file may be a hard link into another bundle (export_direct reuse).
+    scratch = path.parent / f".{path.name}.externalized"
+    onnx.save(model, str(scratch), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=threshold)
+    os.replace(scratch, path)
+    data.chmod(path.stat().st_mode & 0o777)  # onnx creates it private; a bundle is meant to be copied and shared
+    return True
 
 
 def describe_graph(path: Path) -> dict:

@@ -70,10 +70,6 @@ def run(args) -> int:
                    inhibit=args.inhibit)
     region = region_of(args)
     if region is not None or args.referring is not None:
-        if args.stream and not args.json:
-            from .errors import GenerationArgumentError
-            raise GenerationArgumentError("--stream does not take a region: drop --stream (referring prints the "
-                                          "whole answer)")
         options.update(region=region, referring=args.referring)
     if args.stream and not args.json:
         for piece in pipeline.stream(args.image, args.prompt, **options):

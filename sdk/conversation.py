@@ -25,6 +25,13 @@ PIP-MM: the image is encoded once per conversation, with the prompt vector of th
 (manifest prompt_vector.conversation = "first-question"). Re-encoding it per question would change the
 visual tokens in the cache, so every later turn would prefill the whole conversation again; the first
 question is the one the frame was taken for, and the visual tokens stay what the model answered it with.
+
+Regions (docs/referring.md): a turn may point at part of the image, `conv.ask("What color is this?",
+region=sdk.Box(...), referring="controlmllm")`, for that turn only. ControlMLLM's latent is optimised over the
+whole conversation as rendered (its queries: every text token after the image, earlier turns included; ++: the
+last token) and added to the visual tokens of that turn; overlay encodes the image with the region drawn. The
+cache holds the visual tokens of the turn that filled it, so a turn whose visual tokens differ (a region's turn,
+and a plain turn after one) prefills again from the image on; the text before the image stays cached.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from datetime import datetime
 
 import numpy as np
 
-from .errors import BundleError, PromptError
+from .errors import BundleError, PromptError, typed_errors
 from .preprocess import preprocess
+from .referring import prepare as prepare_referring
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image")
@@ -237,6 +245,7 @@ class Conversation:
         self.vision = None  # the vision graph's output, once per conversation
         self.cache = None
         self.cached_ids: list[int] = []
+        self.cached_visual = None  # the visual tokens [K, D] in the cache (a region's turn steers them)
         self.prefilled = 0  # tokens the last turn's prefill covered
 
     @classmethod
@@ -253,34 +262,50 @@ class Conversation:
     def cache_length(self) -> int:
         return len(self.cached_ids)
 
-    def ask(self, question: str, **generation) -> "object":
+    def ask(self, question: str, region=None, referring: str | None = None, **generation) -> "object":
         """Add a user turn and answer it -> Result. generation: max_new_tokens, temperature, top_p, seed,
-        min_new_tokens, as Pipeline.generate."""
+        min_new_tokens, as Pipeline.generate. region, referring: where on the image this question points, as
+        Pipeline.generate, for this turn only (module docstring). Bad arguments are refused before the turn joins."""
+        args, result, steer = self._prepare(region, referring, None, generation)
         self._add_question(question)
-        return self.reply(**generation)
+        return self._answer(args, result, steer)
 
-    def stream(self, question: str, **generation) -> Iterator[str]:
+    def stream(self, question: str, region=None, referring: str | None = None, result=None,
+               **generation) -> Iterator[str]:
         """ask() as text pieces; an unfinished stream closed early keeps the answer so far in the conversation."""
+        args, result, steer = self._prepare(region, referring, result, generation)
         self._add_question(question)
-        return self.reply_stream(**generation)
+        return self._pieces(args, result, steer)
 
-    def reply(self, **generation):
+    def reply(self, region=None, referring: str | None = None, **generation):
         """Answer the conversation as it stands (its last message the user's) -> Result."""
-        pipeline = self.pipeline
-        args = pipeline.generation_args(*self._generation(**generation))
-        result = pipeline.new_result()
-        with pipeline.request():
-            result.token_ids = list(self._turn(args, result))
-        result.text = pipeline.prompter.decode(result.token_ids)
-        return result
+        return self._answer(*self._prepare(region, referring, None, generation))
 
-    def reply_stream(self, result=None, **generation) -> Iterator[str]:
-        """reply() as text pieces; result: a Result to fill as it goes (token ids, timings, cached_tokens)."""
+    def reply_stream(self, result=None, region=None, referring: str | None = None, **generation) -> Iterator[str]:
+        """reply() as text pieces; result: a Result to fill as it goes (token ids, timings, cached_tokens,
+        referring)."""
+        yield from self._pieces(*self._prepare(region, referring, result, generation))
+
+    def _prepare(self, region, method, result, generation: dict) -> tuple:
+        """-> (generation args, the Result to fill, (this turn's image, a Steering or None)). The image is the
+        conversation's, or it with the region drawn (overlay); result.referring starts as the turn's report."""
         pipeline = self.pipeline
         args = pipeline.generation_args(*self._generation(**generation))
         result = pipeline.new_result() if result is None else result
-        with pipeline.request():
-            yield from text_pieces(pipeline.prompter, self._turn(args, result), result)
+        with typed_errors("the referring region"):
+            image, steering, report = prepare_referring(pipeline, self.image, region, method)
+        result.referring = None if report is None else report.to_dict()
+        return args, result, (image, steering)
+
+    def _answer(self, args, result, steer):
+        with self.pipeline.request():
+            result.token_ids = list(self._turn(args, result, *steer))
+        result.text = self.pipeline.prompter.decode(result.token_ids)
+        return result
+
+    def _pieces(self, args, result, steer) -> Iterator[str]:
+        with self.pipeline.request():
+            yield from text_pieces(self.pipeline.prompter, self._turn(args, result, *steer), result)
 
     @staticmethod
     def _generation(max_new_tokens=None, temperature=None, top_p=None, seed=None, min_new_tokens=None):
@@ -296,16 +321,18 @@ class Conversation:
             self.image_question = question
         self.messages.append({"role": "user", "content": content})
 
-    def _encode_image(self) -> None:
+    def _encode(self, image):
         pipeline = self.pipeline
-        pixel_values = preprocess(self.image, pipeline.preprocessing)
+        pixel_values = preprocess(image, pipeline.preprocessing)
         vector = None
         if pipeline.prompt_vector_spec is not None:
             vector = pipeline.encode_prompt(self.image_question or "Describe the image.")
-        self.vision = pipeline.backend.vision(pixel_values, vector)
+        return pipeline.backend.vision(pixel_values, vector)
 
-    def _turn(self, args, result) -> Iterator[int]:
-        """Render, prefill what the cache lacks, generate; on completion the answer joins the conversation."""
+    def _turn(self, args, result, image=None, steering=None) -> Iterator[int]:
+        """Render, prefill what the cache lacks, generate; on completion the answer joins the conversation.
+        image: this turn's (the region drawn on it: overlay) when not the conversation's; steering: a region's
+        latent for this turn's visual tokens (sdk/referring.py), optimised over the whole conversation."""
         pipeline, backend = self.pipeline, self.pipeline.backend
         t = result.timings
         start = time.perf_counter()
@@ -314,21 +341,34 @@ class Conversation:
         t["prompt_ms"] = (time.perf_counter() - start) * 1000.0
         stage = time.perf_counter()
         if self.vision is None:
-            self._encode_image()
+            self.vision = self._encode(self.image)
+        vision = self.vision if image is None or image is self.image else self._encode(image)
         t["vision_ms"] = (time.perf_counter() - stage) * 1000.0
 
         stage = time.perf_counter()
-        positions = pipeline.prefill_positions(len(ids), image_slots, self.vision)
+        positions = pipeline.prefill_positions(len(ids), image_slots, vision)
         positions = np.arange(len(ids), dtype=np.int64) if positions is None else positions[0]
+        whole = None
+        if steering is not None:  # the energy reads the whole conversation's attention to the image
+            whole = backend.embed(ids[None]).copy()
+            whole[0, image_slots] = vision.visual_tokens[0].astype(whole.dtype)
+            whole = steering(whole, image_slots, positions[None], vision)
+            result.referring = steering.report.to_dict()
+            t["referring_ms"] = (time.perf_counter() - stage) * 1000.0
+            visual = whole[0, image_slots]
+        else:
+            visual = vision.visual_tokens[0]
         keep = min(common_prefix(self.cached_ids, ids.tolist()), len(ids) - 1)  # prefill >= 1 token: its logits
+        if self.cached_visual is not None and not np.array_equal(self.cached_visual, visual):
+            keep = min(keep, int(image_slots[0]))  # the cache holds other visual tokens: prefill from the image on
         cache = self.cache if keep == len(self.cached_ids) else None
         if cache is None and keep > 0:
             cache = cut_cache(self.cache, keep, int(positions[keep - 1]) + 1)
         if cache is None:
             keep, cache = 0, backend.new_cache(1)
-        embeds = backend.embed(ids[None, keep:]).copy()
+        embeds = backend.embed(ids[None, keep:]).copy() if whole is None else whole[:, keep:]
         inside = image_slots >= keep
-        embeds[0, image_slots[inside] - keep] = self.vision.visual_tokens[0, inside].astype(embeds.dtype)
+        embeds[0, image_slots[inside] - keep] = visual[inside].astype(embeds.dtype)
         logits, _, cache = backend.decoder(embeds, cache, positions[None, keep:])
         result.cached_tokens, self.prefilled = keep, len(ids) - keep
         t["prefill_ms"] = (time.perf_counter() - stage) * 1000.0
@@ -339,7 +379,7 @@ class Conversation:
         except GeneratorExit:  # a stream closed early: the answer so far joins the conversation, the cache of
             self._answered(tokens)  # earlier turns stays valid and the next turn prefills the rest
             raise
-        self.cache = cache
+        self.cache, self.cached_visual = cache, visual
         self.cached_ids = ids.tolist() + tokens[:cache.length - len(ids)]  # a final EOS is never fed
         self._answered(tokens)
 

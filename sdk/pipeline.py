@@ -226,6 +226,7 @@ class Pipeline:
         positions = self.prefill_positions(len(ids), image_slots, vision)
         if steering is not None:  # referring: the latent joins the image rows before prefill
             embeds = steering(embeds, image_slots, positions, vision)
+            result.referring = steering.report.to_dict()
             t["referring_ms"] = _ms(stage)
         bias = None
         if inhibit > 0:
@@ -304,13 +305,18 @@ class Pipeline:
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result()
-        with typed_errors("the referring region"):
-            image, steering, report = prepare_referring(self, image, region, referring)
+        image, steering = self._referring(image, region, referring, result)
         with self.request():
             result.token_ids = list(self._tokens(image, prompt, args, result, fraction, steering))
         result.text = self.prompter.decode(result.token_ids)
-        result.referring = None if report is None else report.to_dict()
         return result
+
+    def _referring(self, image, region, referring, result: Result):
+        """-> (the image to encode, a Steering or None); result.referring starts as the request's report."""
+        with typed_errors("the referring region"):
+            image, steering, report = prepare_referring(self, image, region, referring)
+        result.referring = None if report is None else report.to_dict()
+        return image, steering
 
     def describe(self, image, prompt: str = "Describe the image.", **kwargs) -> str:
         return self.generate(image, prompt, **kwargs).text
@@ -328,15 +334,18 @@ class Pipeline:
 
     def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-               inhibit: float | None = None, min_new_tokens: int | None = None,
-               result: Result | None = None) -> Iterator[str]:
+               inhibit: float | None = None, min_new_tokens: int | None = None, region=None,
+               referring: str | None = None, result: Result | None = None) -> Iterator[str]:
         """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text).
-        result: a Result to fill as it goes (token_ids, finish_reason, timings; text stays empty)."""
+        region, referring: as generate (the latent is optimised before the first piece).
+        result: a Result to fill as it goes (token_ids, finish_reason, timings, referring; text stays empty)."""
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result() if result is None else result
+        image, steering = self._referring(image, region, referring, result)
         with self.request():
-            yield from text_pieces(self.prompter, self._tokens(image, prompt, args, result, fraction), result)
+            yield from text_pieces(self.prompter, self._tokens(image, prompt, args, result, fraction, steering),
+                                   result)
 
     # -- conversations (sdk/conversation.py) ------------------------------------------------------
 
@@ -346,10 +355,13 @@ class Pipeline:
         return Conversation(self, image=image, system=system)
 
     def chat(self, messages: list[dict], max_new_tokens: int | None = None, temperature: float | None = None,
-             top_p: float | None = None, seed: int | None = None, min_new_tokens: int | None = None) -> Result:
+             top_p: float | None = None, seed: int | None = None, min_new_tokens: int | None = None,
+             region=None, referring: str | None = None) -> Result:
         """OpenAI-style messages (roles system/user/assistant; content a string or parts {"type": "text",
         "text": ...} / {"type": "image", "image": path, PIL image or array}; one image, in a user turn; the last
-        message the user's) -> the assistant's reply."""
+        message the user's) -> the assistant's reply. region, referring: on the image, for this reply (as
+        generate; sdk/conversation.py)."""
         return Conversation.from_messages(self, messages).reply(max_new_tokens=max_new_tokens,
                                                                 temperature=temperature, top_p=top_p, seed=seed,
-                                                                min_new_tokens=min_new_tokens)
+                                                                min_new_tokens=min_new_tokens, region=region,
+                                                                referring=referring)

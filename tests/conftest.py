@@ -75,3 +75,17 @@ def chat_bundles(tmp_path_factory):
         return cache[case]
     return make
 
+
+
+@pytest.fixture(scope="session")
+def referring_bundle(bundles, checkpoints, tmp_path_factory):
+    """The PIP-MM prompt-topk bundle at patch positions (the default model's layout) with energy_grad added
+    (pipmm add-graphs --controlmllm: the decoder's weights moved to decoder.onnx.data and shared)."""
+    import shutil
+
+    from export.extra_graphs import add_graphs
+
+    out = tmp_path_factory.mktemp("referring") / "bundle"
+    shutil.copytree(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk", positions="patch"), out)
+    add_graphs(out, checkpoints["llama"], ("energy_grad",))
+    return out

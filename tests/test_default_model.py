@@ -50,3 +50,33 @@ def test_default_model_answers_test_scenes(default_pipeline, family):
 def test_sample_scene_caption(default_pipeline):
     text = default_pipeline.generate(ROOT / "samples" / "scene.png", "What color is the large cross?").text
     assert normalize(text) == "yellow"
+
+
+def test_default_bundle_ships_energy_grad_on_the_decoders_weights():
+    """Referring works on the embedded model: energy_grad holds no weight of its own (all in decoder.onnx.data)."""
+    manifest = json.loads((default_bundle_path() / "manifest.json").read_text())
+    sharing = manifest["graphs"]["energy_grad"]["sharing"]
+    assert sharing["shared_bytes"] == sharing["weight_bytes"] > 0
+    assert manifest["files"]["energy_grad.onnx"]["bytes"] < 1_000_000
+    assert manifest["referring"]["variants"]["controlmllm++"]["lr"] == 1.5  # docs/referring.md's settings
+
+
+def _referring_cases(n):
+    """The first n scenes of scripts/referring_table.py's color cases (test split, from index 100)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("referring_table", ROOT / "scripts" / "referring_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return [(scene, target, table.regions(scene, target)["box"]) for scene, target, _ in table.cases(n, "color", 100)]
+
+
+def test_default_model_answers_about_a_box(default_pipeline):
+    # docs/referring.md, 60 scenes: ControlMLLM++ with a box 88.3%, no referring 15.0%
+    plain = referred = 0
+    for scene, target, box in _referring_cases(10):
+        ask = lambda **kw: normalize(default_pipeline.generate(scene.image, "What color is the object?",
+                                                               max_new_tokens=6, **kw).text)
+        plain += ask() == target.color
+        referred += ask(region=box, referring="controlmllm++") == target.color
+    assert referred >= 6 and referred >= plain + 4, (referred, plain)  # 7 and 1 on the shipped bundle

@@ -18,7 +18,6 @@ from sdk.manifest import Manifest  # noqa: E402
 from sdk.preprocess import preprocess, transform_plane  # noqa: E402
 from sdk.referring import ReferringReport, optimise_latent  # noqa: E402
 from sdk.regions import RegionError, overlay  # noqa: E402
-from export.extra_graphs import add_graphs  # noqa: E402
 from export.model.checkpoint import load_checkpoint  # noqa: E402
 from export.model.energy import AttentionEnergy  # noqa: E402
 from tests.test_tensorrt_ops import AXES_INPUT, TABLE  # noqa: E402
@@ -28,12 +27,8 @@ BOX = sdk.Box(14, 6, 44, 36)  # inside the 45x61 test image's center crop
 
 
 @pytest.fixture(scope="module")
-def bundle(bundles, checkpoints, tmp_path_factory):
-    """The PIP-MM prompt-topk bundle at patch positions (the default model's layout) with energy_grad added."""
-    out = tmp_path_factory.mktemp("referring") / "bundle"
-    shutil.copytree(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk", positions="patch"), out)
-    add_graphs(out, checkpoints["llama"], ("energy_grad",))
-    return out
+def bundle(referring_bundle):
+    return referring_bundle
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,8 @@ def pool_pipe(bundle, bundles, tmp_path_factory):
     out, scratch = root / "bundle", root / "scratch"
     shutil.copytree(bundles("llama", pipmm=True, budget="half", reducer="pool"), out)
     scratch.mkdir()
-    shutil.copyfile(bundle / "energy_grad.onnx", scratch / "energy_grad.onnx")
+    # self-contained (its shared weights read back inline), as export_optional_graph writes it
+    onnx.save(onnx.load(str(bundle / "energy_grad.onnx")), str(scratch / "energy_grad.onnx"))
     attach_graphs(out, {"energy_grad": scratch / "energy_grad.onnx"})
     return sdk.load(out, device="cpu")
 
@@ -131,8 +127,11 @@ def test_manifest_records_graph_and_settings(bundle):
     assert [i["name"] for i in entry["inputs"]] == ["inputs_embeds", "position_ids", "mask", "image_weight",
                                                     "query_weights", "layer_weights"]
     assert [o["name"] for o in entry["outputs"]] == ["energy", "grad_inputs_embeds"]
-    # every matrix once, in the decoder's layout: all of the graph's weight bytes are the decoder's
-    assert entry["sharing"]["found_in_source_bytes"] == entry["sharing"]["weight_bytes"] > 0
+    # every matrix once, in the decoder's layout: all of the graph's weight bytes are the decoder's, and read from
+    # decoder.onnx.data (the decoder kept its weights inline; add-graphs moved them there)
+    sharing = entry["sharing"]
+    assert sharing["found_in_source_bytes"] == sharing["shared_bytes"] == sharing["weight_bytes"] > 0
+    assert "decoder.onnx.data" in d["files"] and "energy_grad.onnx.data" not in d["files"]
     assert settings["graph_layers"] == d["model"]["num_layers"]
     assert settings["variants"]["controlmllm"]["optimizer"] == "gradient-ema"
     assert settings["variants"]["controlmllm++"] == {**settings["variants"]["controlmllm++"], "optimizer": "adam",

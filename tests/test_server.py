@@ -14,6 +14,8 @@ from server_process import ServerProcess, data_url, png_bytes, user_turn
 
 openai = pytest.importorskip("openai")
 
+import sdk  # noqa: E402
+
 KEY = "test-key"
 TOKENS = 8
 
@@ -108,6 +110,15 @@ def test_sampling_options_stop_strings_and_extensions(client, model, frames, pip
     assert ask(client, model, url, prompt, extra_body={"visual_tokens": budget}).choices[0].message.content
     with pytest.raises(openai.BadRequestError, match=f"fixed at {budget}"):
         ask(client, model, url, prompt, extra_body={"visual_tokens": budget + 1})
+    # regions (tests/test_server_regions.py): overlay needs no graph; ControlMLLM needs energy_grad, which this lacks
+    box = sdk.Box(5, 5, 40, 40)
+    drawn = pipe.describe(path, prompt, max_new_tokens=TOKENS, region=box, referring="overlay")
+    regions = [{"type": "box", "box": [5, 5, 40, 40], "referring": "overlay"}]
+    assert ask(client, model, url, prompt, extra_body={"regions": regions}).choices[0].message.content == drawn
+    with pytest.raises(openai.BadRequestError, match="no energy_grad graph") as caught:
+        ask(client, model, url, prompt, extra_body={"regions": [{"type": "box", "box": [5, 5, 40, 40],
+                                                                 "referring": "controlmllm"}]})
+    assert caught.value.body["code"] == "unsupported_by_bundle"
 
 
 def test_models_health_and_metrics(server, client, model, frames):

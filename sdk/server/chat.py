@@ -8,7 +8,7 @@ from ..errors import PipmmError
 from .completion import Outcome, pieces
 from .errors import CLIENT_GONE, from_sdk
 from .parsing import parse_chat
-from .responses import chunk, completion, completion_id, usage_chunk
+from .responses import chunk, completion, completion_id, referring, usage_chunk
 
 
 
@@ -41,7 +41,7 @@ def stream_answer(handler, answer, request, outcome: Outcome, model: str) -> Non
             handler.send_event(chunk(cid, model, {"content": first}))
             for piece in answer:
                 handler.send_event(chunk(cid, model, {"content": piece}))
-        handler.send_event(chunk(cid, model, {}, outcome.finish_reason, timings=outcome.timings))
+        handler.send_event(chunk(cid, model, {}, outcome.finish_reason, timings=outcome.timings, **referring(outcome)))
         if request.include_usage:
             handler.send_event(usage_chunk(cid, model, outcome))
         handler.send_event("[DONE]")

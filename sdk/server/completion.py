@@ -21,6 +21,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict = field(default_factory=dict)
+    referring: dict | None = None  # a region's request: method, region, steps, energy per step (sdk/referring.py)
 
     @property
     def usage(self) -> dict:
@@ -84,6 +85,7 @@ def pieces(pipeline, request: ChatRequest, outcome: Outcome) -> Iterator[str]:
             outcome.prompt_tokens = result.cached_tokens + conversation.prefilled
         outcome.completion_tokens = len(result.token_ids)
         outcome.timings = llama_timings(result, outcome.prompt_tokens, (last - first) * 1000 if first else 0.0)
+        outcome.referring = result.referring
 
 
 def llama_timings(result: Result, prompt_n: int, measured_decode_ms: float) -> dict:

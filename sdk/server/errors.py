@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import (BackendError, BundleError, ContextOverflowError, GenerationArgumentError, ImageError,
                       PipelineBusyError, PipmmError, PromptError)
+from ..regions import RegionError
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ApiError(Exception):
 # Most specific first: the first isinstance match decides.
 STATUS_OF: list[tuple[type, int, str, str | None]] = [
     (ContextOverflowError, 400, "invalid_request_error", "context_length_exceeded"),
+    (RegionError, 400, "invalid_request_error", "invalid_region"),  # e.g. a box outside the image's center crop
     (PromptError, 400, "invalid_request_error", "invalid_prompt"),
     (ImageError, 400, "invalid_request_error", "invalid_image"),
     (GenerationArgumentError, 400, "invalid_request_error", "invalid_value"),

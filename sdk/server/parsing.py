@@ -14,6 +14,7 @@ from PIL import Image
 from .config import ServerConfig
 from .errors import ApiError, bad_request
 from .images import from_url
+from .regions import parse_regions
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -22,7 +23,7 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 class ChatRequest:
     prompt: str
     image: Image.Image
-    options: dict = field(default_factory=dict)  # Pipeline.stream keyword arguments
+    options: dict = field(default_factory=dict)  # Pipeline.stream keyword arguments (region, referring included)
     stream: bool = False
     include_usage: bool = False
     stop: list[str] = field(default_factory=list)
@@ -66,6 +67,7 @@ def parse_chat(body, config: ServerConfig, visual_tokens: int) -> ChatRequest:
         raise bad_request("stream_options must be an object", "stream_options")
     if turns is not None and options["inhibit"]:
         raise bad_request("inhibit applies to one-turn requests: a conversation is answered without CMAI", "inhibit")
+    options.update(parse_regions(body.get("regions"), image, config))
     return ChatRequest(prompt, image, options, stream, bool(stream_options.get("include_usage")),
                        stop_strings(body.get("stop"), config.max_stop_strings), turns)
 
