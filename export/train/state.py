@@ -115,7 +115,8 @@ def _name_of(params: dict, p) -> str:
 
 WITHOUT_VISION = "without_vision.safetensors"
 _VARIANT_FILES = ("config.json", "generation_config.json", "train_config.json", "log.jsonl", "prompt_mlp.json",
-                  "prompt_mlp.safetensors")  # besides WITHOUT_VISION; the prompt MLP only for PIP-MM variants
+                  "prompt_mlp.safetensors", "chat_template.jinja")
+# besides WITHOUT_VISION; the prompt MLP only for PIP-MM variants, the template only for prompt-first ones
 _SHARED_ASSETS = ("tokenizer.json", "preprocessor_config.json", "special_tokens.json")
 
 
