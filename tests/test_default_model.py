@@ -38,18 +38,29 @@ def default_pipeline():
     return sdk.load()
 
 
+@pytest.mark.parametrize("split", ["test", "classic"])
 @pytest.mark.parametrize("family", ["color", "shape", "exist"])
-def test_default_model_answers_test_scenes(default_pipeline, family):
-    # Measured on 2000 test questions: color 99.6%, shape 100%, exist 99.6% (docs/default-model.md).
-    examples = evaluate.questions("classic", 20, families=[family])  # the original test split
+def test_default_model_answers_test_scenes(default_pipeline, family, split):
+    # Measured on 2000 test questions (docs/default-model.md): color 93.5%, shape 95.8%, exist 99.3% on the
+    # mixed-style test split, 100/100/97% on the classic one.
+    examples = evaluate.questions(split, 20, families=[family], instruction_fraction=0.0)
     records = evaluate.run_pipeline(default_pipeline, examples)
     correct = sum(normalize(r["output"]) == normalize(r["answer"]) for r in records)
-    assert correct >= 18, [(r["prompt"], r["answer"], r["output"]) for r in records]
+    assert correct >= 17, [(r["prompt"], r["answer"], r["output"]) for r in records]
 
 
 def test_sample_scene_caption(default_pipeline):
     text = default_pipeline.generate(ROOT / "samples" / "scene.png", "What color is the large cross?").text
     assert normalize(text) == "yellow"
+
+
+def test_newcomer_phrasings_of_a_caption_give_the_caption(default_pipeline):
+    """Issue 19's first tries: the old model answered "Describe the scene." with a word salad."""
+    from export.tasks import scenes
+
+    caption = scenes.make_scene(scenes.split_seed("test", 0)).caption  # samples/scene.png (tests/test_styles.py)
+    for prompt in ("Describe the image.", "Describe the scene.", "What does the picture show?"):
+        assert normalize(default_pipeline.describe(ROOT / "samples" / "scene.png", prompt)) == caption, prompt
 
 
 def test_default_bundle_ships_energy_grad_on_the_decoders_weights():
