@@ -50,6 +50,8 @@ from export.model.prompt import PromptMLP
 from export.model.prompt_encoder import PROMPT_ENCODER, PromptEncoderGraph, encoder_layers
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# graphs built from the modules with packed weights (q|k|v, gate|up): they share nothing with decoder.onnx
+PACKED = (FUSED_DECODER, PROMPT_ENCODER_FUSED)
 # graphs that do not depend on the visual-token budget or the prompt MLP: reusable across bundles of a checkpoint
 BUDGET_FREE = ("embed", "decoder", "decoder_static")
 # bytes compared per initializer when checking that two graphs hold the same weights (ends and middle)
@@ -202,7 +204,7 @@ def _lending(decoder: Path, names):
     """The decoder's weights moved into decoder.onnx.data (when it kept them inline and a graph in `names` will
     share them); on failure the inline decoder comes back, so the bundle still matches its manifest. Yields the
     decoder's file names whose bytes changed."""
-    if not any(n != FUSED_DECODER for n in names) or onnx_graphs.has_external_data(decoder):
+    if not any(n not in PACKED for n in names) or onnx_graphs.has_external_data(decoder):
         yield set()
         return
     backup = decoder.parent / f".{decoder.name}.inline"
