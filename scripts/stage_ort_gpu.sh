@@ -4,8 +4,8 @@
 #   bash scripts/stage_ort_gpu.sh [GPU_COMMAND [LATER_COMMAND]]   # from the root of the checkout the calls send
 #
 # ../shared/device/stage-ort-gpu.sh cuts the wheel (about 256 MB) into 52 MB parts, but every call also sends the
-# tracked tree (51 MiB at 2026-12 with the default model, its variants and bundle), and a call carries 64 MiB. This script cuts
-# the same wheel into parts of (64 MiB - what travels anyway - 1 MiB) and prints one command per part; the last
+# tracked tree (51 MiB at 2026-12: the default model, its variants and bundle), and a call carries 64 MiB.
+# This script cuts the same wheel into parts of (64 MiB - what travels anyway - 1 MiB) and prints one command per part; the last
 # one installs it (ort-gpu-env.sh: sha256 check, pip --target /tmp/site, CUDA provider check) and runs
 # GPU_COMMAND, then LATER_COMMAND follows in calls of its own (defaults: scripts/referring_gpu.py builds its
 # 0.5B-shape checkpoint and bundle, then times). Send the calls back to back: the machine stays warm only about
