@@ -65,7 +65,11 @@ def images_and_prompt(args) -> tuple[list[str], str]:
     if args.prompt is not None:
         return inputs, args.prompt
     last = inputs[-1]
-    if len(inputs) > 1 and not Path(last).is_file() and not last.lower().endswith(IMAGE_SUFFIXES):
+    try:
+        is_file = Path(last).is_file()
+    except (OSError, ValueError):  # a long question is no file name
+        is_file = False
+    if len(inputs) > 1 and not is_file and not last.lower().endswith(IMAGE_SUFFIXES):
         return inputs[:-1], last
     return inputs, "Describe the image."
 

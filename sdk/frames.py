@@ -8,8 +8,9 @@ frames' visual tokens become the tokens the LLM sees (the manifest's multi_image
     qformer/mivpg:  padded to [1,N_max,K,D] with frame_mask [1,N_max] (1 = a frame, 0 = absent, zeros)
                     -> the adapter graph -> [1,R,D] into one placeholder of R slots
 
-A single image (path, PIL image, HxWx3 array) is one frame; a list or tuple of them (or an NxHxWx3 array) is
-several, in order. Every frame is preprocessed as a single image would be.
+A single image (path, PIL image, HxWx3 array) is one frame; a list or tuple of them is several, in order (an
+NxHxWx3 array is refused as an image of the wrong shape, as before: pass list(array)). Every frame is
+preprocessed as a single image would be.
 """
 
 from __future__ import annotations
@@ -27,12 +28,7 @@ class FrameCountError(ImageError):
 
 def as_frames(image) -> list:
     """A request's image argument -> its frames, in order (one image is one frame)."""
-    if isinstance(image, (list, tuple)):
-        frames = list(image)
-    elif isinstance(image, np.ndarray) and image.ndim == 4:
-        frames = list(image)
-    else:
-        frames = [image]
+    frames = list(image) if isinstance(image, (list, tuple)) else [image]
     if not frames:
         raise FrameCountError("no image given: pass one image, or a list of images (frames) in order")
     return frames
