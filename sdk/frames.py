@@ -19,7 +19,9 @@ import numpy as np
 
 from .errors import BundleError, ImageError
 from .manifest import Manifest
-from .manifest_multi import ADAPTER_MODES, MultiImage
+from .manifest_multi import ADAPTER_MODES, DEFAULT_N_MAX, MultiImage
+
+TEXT_ROOM = 32  # tokens of template and question a frame count must leave room for (bundles without the section)
 
 
 class FrameCountError(ImageError):
@@ -58,12 +60,20 @@ class Frames:
     """A bundle's way of combining frames (its manifest's multi_image section, or concat's defaults)."""
 
     def __init__(self, manifest: Manifest, source: str = ""):
-        self.spec = manifest.multi_image or MultiImage()
+        self.spec = manifest.multi_image or MultiImage(n_max=self.fitting(manifest))
         self.mode = self.spec.mode
         self.pooled = self.mode in ADAPTER_MODES
         self.per_frame = manifest.visual_tokens.count
         if self.pooled and manifest.graphs:
             self._check_graph(manifest, source)
+
+    @staticmethod
+    def fitting(manifest: Manifest, text: int = TEXT_ROOM) -> int:
+        """concat's n_max for a bundle without the section: the frames whose positions fit the context beside
+        `text` tokens (patch positions: every patch's, visual_tokens.positions), at most DEFAULT_N_MAX."""
+        per_frame = manifest.vision.num_patches if manifest.visual_tokens.positions == "patch" else \
+            manifest.visual_tokens.count
+        return max(1, min(DEFAULT_N_MAX, (manifest.model.max_context - text) // max(1, per_frame)))
 
     def _check_graph(self, manifest: Manifest, source: str) -> None:
         graph = manifest.graphs.get(self.spec.graph)
@@ -86,7 +96,8 @@ class Frames:
     def check(self, count: int) -> None:
         if count > self.spec.n_max:
             raise FrameCountError(f"{count} images, but this bundle takes at most {self.spec.n_max} per request "
-                                  f"(multi_image {self.mode}, n_max {self.spec.n_max}): send fewer frames")
+                                  f"(multi_image {self.mode}, n_max {self.spec.n_max}): send fewer frames, or see "
+                                  "docs/multi-image.md for bundles that take more")
 
     def slots(self, count: int) -> int:
         """The image slots of a turn with `count` frames: what the LLM sees."""

@@ -8,8 +8,9 @@
     qformer  the `graph` (adapter) pools the frames' tokens into `tokens` = R with learned queries, no CSA
     mivpg    the same with correlated self-attention among instances, hierarchical (export/model/mivpg.py)
 
-A bundle without the section combines frames by concat, DEFAULT_N_MAX at most, separator "\\n" (what LLaVA-1.5's
-template and ChatML write after each image). Written by export/multi_image.py, read by sdk/frames.py.
+A bundle without the section combines frames by concat, separator "\\n" (what LLaVA-1.5's template and ChatML write
+after each image), as many frames as fit its context beside a short question, DEFAULT_N_MAX at most
+(sdk.frames.Frames.fitting: the embedded default bundle puts tokens at patch positions, 256 a frame in 512: one). Written by export/multi_image.py, read by sdk/frames.py.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ from sdk.manifest_multi import DEFAULT_SEPARATOR, MODES
 from sdk.preprocess import config_from_processor, preprocess
 
 from export.model.mivpg import AdapterConfig, FrameAdapter, parameter_count
-from export.tasks import multiview
+from export.tasks import multiview, scenes
 from export.tasks.answers import normalize
-from export.train.data import IGNORE, SequenceSpec, pad_rows
+from export.train.data import IGNORE, SequenceSpec, pad_rows, scene_items
 from export.train.model import embed_sequence, encode_prompts, greedy_generate, make_vision, special_tokens
 from export.train.state import STATE_JSON, copy_assets, load_trainer_state, save_model, save_trainer_state
 
@@ -58,6 +58,9 @@ def add_arguments(p) -> None:
     p.add_argument("--adapter-set", action="append", default=[], metavar="KEY=VALUE",
                    help="stage mv: an AdapterConfig field, e.g. csa=full, frame_order=embedded, queries=64")
     p.add_argument("--llm-lr-scale", type=float, default=0.1, help="stage mv with --train-llm: LLM lr = lr * this")
+    p.add_argument("--single-fraction", type=float, default=0.25,
+                   help="stage mv: fraction of batches of one frame with the single-image families (scenes.py), so "
+                        "one frame stays answered as before")
 
 
 def adapter_config(args, d_llm: int) -> AdapterConfig:
@@ -91,27 +94,44 @@ class MultiViewBatches(torch.utils.data.IterableDataset):
     one question per family each. Worker w of W builds batches w, w + W, ... (the stream is the same for any W)."""
 
     def __init__(self, spec: SequenceSpec, preprocessing: dict, samples: int, size: int, frames: tuple[int, int],
-                 mode: str, slots: int, offset: int = 0, start: int = 0, split: str = "train", seed: int = 0):
+                 mode: str, slots: int, offset: int = 0, start: int = 0, split: str = "train", seed: int = 0,
+                 single_fraction: float = 0.0):
         super().__init__()
+        self.single_fraction = single_fraction
         self.spec, self.preprocessing, self.samples, self.size, self.frames = spec, preprocessing, samples, size, frames
         self.mode, self.slots, self.offset, self.start, self.split, self.seed = mode, slots, offset, start, split, seed
 
     def frame_count(self, index: int) -> int:
+        """Frames of batch `index`; 0: a batch of single frames with the single-image families."""
         lo, hi = self.frames
-        return int(np.random.Generator(np.random.PCG64([self.seed, index, 11])).integers(lo, hi + 1))
+        rng = np.random.Generator(np.random.PCG64([self.seed, index, 11]))
+        return 0 if rng.random() < self.single_fraction else int(rng.integers(lo, hi + 1))
+
+    def items(self, index: int, n: int) -> list[tuple[list, list]]:
+        """[(frames, [(prompt, answer, family index)])] of batch `index`; family indices past the multi-view ones
+        are scenes.FAMILIES (single frames, n == 0), scene indices of the split's single-frame stream."""
+        first = self.offset + index * self.samples
+        if n == 0:
+            return [([scene.image], [(q.prompt, q.answer, len(multiview.FAMILIES) + scenes.FAMILIES.index(q.family))
+                                     for q in questions])
+                    for scene, questions in scene_items(self.split, first, self.samples, self.size)]
+        out = []
+        for s in range(self.samples):
+            examples = multiview.sample(self.split, first + s, n, self.size)
+            out.append((examples[0].frames, [(e.prompt, e.answer, multiview.FAMILIES.index(e.family))
+                                             for e in examples]))
+        return out
 
     def batch(self, index: int, prompter=None, frames: int | None = None) -> dict:
         prompter = prompter or self.spec.prompter()
         n = self.frame_count(index) if frames is None else frames
-        first = self.offset + index * self.samples
         pixels, encoded, sample_index, family = [], [], [], []
-        for s in range(self.samples):
-            examples = multiview.sample(self.split, first + s, n, self.size)
-            pixels += [preprocess(f, self.preprocessing)[0] for f in examples[0].frames]
-            for e in examples:
-                encoded.append(sequence(prompter, e.prompt, e.answer, n, self.mode, self.slots))
+        for s, (images, questions) in enumerate(self.items(index, n)):
+            pixels += [preprocess(f, self.preprocessing)[0] for f in images]
+            for prompt, answer, which in questions:
+                encoded.append(sequence(prompter, prompt, answer, max(n, 1), self.mode, self.slots))
                 sample_index.append(s)
-                family.append(multiview.FAMILIES.index(e.family))
+                family.append(which)
         ids, labels, enc = (list(column) for column in zip(*encoded))
         pad = int(self.spec.special["pad"])
         return {"pixel_values": torch.from_numpy(np.stack(pixels)),                 # [S*n,3,H,W]
@@ -119,7 +139,7 @@ class MultiViewBatches(torch.utils.data.IterableDataset):
                 "encoder_ids": pad_rows(enc, pad),                                    # [Q,Te]
                 "encoder_lengths": torch.tensor([len(e) for e in enc]),               # [Q]
                 "sample_index": torch.tensor(sample_index), "family": torch.tensor(family),
-                "frames": torch.tensor(n)}
+                "frames": torch.tensor(max(n, 1))}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -269,7 +289,8 @@ def run(args) -> int:
     offset = args.data_offset if args.data_offset is not None else DATA_OFFSET + args.seed * SEED_STRIDE
     slots = adapter.config.queries if adapter is not None else vision.config.num_tokens
     data = MultiViewBatches(spec, preprocessing, samples, model.config.vision_config.image_size, (lo, hi),
-                            args.adapter, slots, offset=offset, start=start, seed=args.seed)
+                            args.adapter, slots, offset=offset, start=start, seed=args.seed,
+                            single_fraction=args.single_fraction)
     workers = args.workers if args.workers is not None else max(0, min(14, (os.cpu_count() or 2) - 2))
     config = {"stage": "mv", "init": str(init), "seed": args.seed, "adapter": args.adapter,
               "adapter_config": None if adapter is None else vars(adapter.config).copy(),
@@ -285,7 +306,10 @@ def run(args) -> int:
                             "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
               "loss": "cross-entropy on answer tokens + EOS (token mean)", "positions": "sequence",
               "data": {"split": "train", "families": list(multiview.FAMILIES), "kinds": list(multiview.KINDS),
-                       "questions_per_sample": "one per family the frames allow", "data_offset": offset},
+                       "questions_per_sample": "one per family the frames allow", "data_offset": offset,
+                       "single_fraction": args.single_fraction,
+                       "single": "one-frame batches of scenes.py's families (scene_items, train scenes from "
+                                 "data_offset on)"},
               "device": str(device), "workers": workers, "parent": parent}
     begin = time.perf_counter()
 
