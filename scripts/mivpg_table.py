@@ -13,8 +13,10 @@ patch positions) with its context raised to 4096 positions for these rows only (
 are the same, the LLM was never trained that long, so only time and memory are meaningful), or a PRESETS-shaped
 random checkpoint (export/synthetic.py; --preset). concat is that bundle as it is; qformer and mivpg are copies
 with random-weight adapters (export/model/mivpg.py, AdapterConfig defaults, N_max 8) attached. Each run is
-generate(frames, prompt, max_new_tokens=N, min_new_tokens=N, temperature=0) after one warm-up; reported: medians
-of ttft_ms and of the stages, the tokens the LLM saw, peak host RSS (and device memory on a GPU) of the process.
+generate(frames, prompt, max_new_tokens=N, min_new_tokens=N, temperature=0) after one warm-up, the three modes'
+requests interleaved in one process per frame count (a changing load falls on all alike); reported: medians of
+ttft_ms and of the stages, the tokens the LLM saw, and the peak host RSS (and device memory on a GPU) of a fresh
+process per row.
 The adapter graph has fixed shapes: it computes all N_max frame slots whatever the number of frames, so its cost
 is the same for 1 and 8 frames.
 """
@@ -77,10 +79,39 @@ def build(work: Path, preset: str | None, device: str, log=print) -> dict[str, P
     return bundles
 
 
-def one(bundle: str, frames: int, runs: int, new_tokens: int, device: str) -> dict:
-    """One (bundle, frame count) in this process: timings and peak memory."""
-    import numpy as np
+STAGES = ("ttft_ms", "preprocess_ms", "prompt_ms", "vision_ms", "adapter_ms", "prefill_ms", "decode_ms_per_token")
 
+
+def _request(pipeline, images, new_tokens: int):
+    return pipeline.generate(images, PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
+
+
+def timing(bundles: list[str], frames: int, runs: int, new_tokens: int, device: str) -> list[dict]:
+    """Every bundle loaded in this process, one warm-up each, then `runs` rounds of one request per bundle in
+    turn, so a load that changes during the measurement (a shared machine) falls on every mode alike."""
+    import sdk
+    from sdk.bench import bench_image
+
+    images = [bench_image(seed=i) for i in range(frames)]
+    pipelines = [sdk.load(b, device=device) for b in bundles]
+    results = [[_request(p, images, new_tokens)] for p in pipelines]
+    for _ in range(runs):
+        for p, out in zip(pipelines, results):
+            out.append(_request(p, images, new_tokens))
+    rows = []
+    for p, out in zip(pipelines, results):
+        out = out[1:]
+        rows.append({"frames": frames, "mode": p.frames.mode, "llm_visual_tokens": out[0].visual_tokens,
+                     "prompt_tokens": int(len(p.frames.prompt_ids(p.prompter, PROMPT, frames)[0])),
+                     **{s: statistics.median(r.timings.get(s, 0.0) for r in out) for s in STAGES},
+                     "ttft_ms_runs": [round(r.timings["ttft_ms"], 2) for r in out],
+                     "tokens_equal_across_runs": len({tuple(r.token_ids) for r in out}) == 1,
+                     "backend": p.backend.info() if hasattr(p.backend, "info") else {}})
+    return rows
+
+
+def memory(bundle: str, frames: int, new_tokens: int, device: str) -> dict:
+    """Peak memory of a fresh process that loads the bundle and answers one request (after a warm-up)."""
     import sdk
     from runtimes.device_info import MemorySampler
     from sdk.bench import bench_image
@@ -88,16 +119,17 @@ def one(bundle: str, frames: int, runs: int, new_tokens: int, device: str) -> di
     images = [bench_image(seed=i) for i in range(frames)]
     with MemorySampler("cpu" if device == "cpu" else "cuda") as sampler:
         pipeline = sdk.load(bundle, device=device)
-        results = [pipeline.generate(images, PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     temperature=0.0) for _ in range(runs + 1)][1:]  # one warm-up
-    stages = ("ttft_ms", "preprocess_ms", "prompt_ms", "vision_ms", "adapter_ms", "prefill_ms", "decode_ms_per_token")
-    return {"frames": frames, "mode": pipeline.frames.mode, "llm_visual_tokens": results[0].visual_tokens,
-            "prompt_tokens": int(len(pipeline.frames.prompt_ids(pipeline.prompter, PROMPT, frames)[0])),
-            **{s: statistics.median(r.timings.get(s, 0.0) for r in results) for s in stages},
-            "ttft_ms_runs": [round(r.timings["ttft_ms"], 2) for r in results], "memory": sampler.peaks(),
-            "backend": pipeline.backend.info() if hasattr(pipeline.backend, "info") else {},
-            "tokens_equal_across_runs": len({tuple(r.token_ids) for r in results}) == 1,
-            "image_shape": list(np.asarray(images[0]).shape)}
+        for _ in range(2):
+            _request(pipeline, images, new_tokens)
+    return sampler.peaks()
+
+
+def _child(args: list[str], threads: int | None) -> dict | list:
+    env = {**os.environ, **({"PIPMM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:3])} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure(args) -> None:
@@ -106,27 +138,28 @@ def measure(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     bundles = build(work, args.preset, args.device)
-    rows = []
+    rows, load = [], [os.getloadavg()[0]]
     for frames in args.frames:
-        for mode in MODES:
-            command = [sys.executable, __file__, "one", str(bundles[mode]), "--frames", str(frames), "--runs",
-                       str(args.runs), "--new-tokens", str(args.new_tokens), "--device", args.device]
-            env = {**os.environ, **({"PIPMM_THREADS": str(args.threads)} if args.threads else {})}
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-            if done.returncode != 0:
-                raise SystemExit(f"{mode} at {frames} frames failed: {done.stderr.strip().splitlines()[-1:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{mode:>8} {frames} frames: LLM sees {r['llm_visual_tokens']:>5} tokens, TTFT {r['ttft_ms']:8.1f} ms, "
-                  f"peak RSS {r['memory']['host_peak_rss_mb']} MB", flush=True)
+        common = ["--frames", str(frames), "--new-tokens", str(args.new_tokens), "--device", args.device]
+        timed = _child(["timing", *[str(bundles[m]) for m in MODES], "--runs", str(args.runs), *common], args.threads)
+        for row in timed:
+            row["memory"] = _child(["memory", str(bundles[row["mode"]]), *common], args.threads)
+            rows.append(row)
+            print(f"{row['mode']:>8} {frames} frames: LLM sees {row['llm_visual_tokens']:>5} tokens, TTFT "
+                  f"{row['ttft_ms']:8.1f} ms, peak RSS {row['memory']['host_peak_rss_mb']} MB", flush=True)
+        load.append(os.getloadavg()[0])
     manifest = json.loads((bundles["mivpg"] / "manifest.json").read_text())
     out = {"schema": "pipmm-mivpg-latency/1", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": " ".join(["python scripts/mivpg_table.py", *sys.argv[1:]]),
            "model": args.preset or "default_model (context raised to 4096 for these rows)", "device": describe(args.device),
            "weights": "shipped default model; random-weight adapters (AdapterConfig defaults)" if args.preset is None
            else f"random {args.preset} checkpoint and adapters", "prompt": PROMPT, "new_tokens": args.new_tokens,
-           "runs": args.runs, "intra_op_threads": args.threads or "onnxruntime's default", "adapters": {m: json.loads((bundles[m] / "manifest.json").read_text())["multi_image"]
-                                           for m in ("qformer", "mivpg")},
+           "runs": args.runs, "intra_op_threads": args.threads or "onnxruntime's default",
+           "load_average_1min": [round(v, 2) for v in load],
+           "timing": "one process per frame count, the three modes' requests interleaved; memory: one fresh "
+                     "process per row (load + warm-up + one request), peak host RSS",
+           "adapters": {m: json.loads((bundles[m] / "manifest.json").read_text())["multi_image"]
+                        for m in ("qformer", "mivpg")},
            "tokens_per_frame": manifest["visual_tokens"]["count"], "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
@@ -172,15 +205,16 @@ def main() -> None:
     m.add_argument("--preset", default=None, help="a PRESETS shape (export/synthetic.py), e.g. edge-0.5b")
     m.add_argument("--device", default="cpu")
     m.add_argument("--frames", type=int, nargs="+", default=list(FRAMES))
-    m.add_argument("--runs", type=int, default=5)
+    m.add_argument("--runs", type=int, default=7)
     m.add_argument("--new-tokens", type=int, default=8)
     m.add_argument("--threads", type=int, default=None, help="PIPMM_THREADS for the runs (default: ONNX Runtime's)")
-    o = sub.add_parser("one")
-    o.add_argument("bundle")
-    o.add_argument("--frames", type=int, required=True)
-    o.add_argument("--runs", type=int, default=3)
-    o.add_argument("--new-tokens", type=int, default=8)
-    o.add_argument("--device", default="cpu")
+    for name in ("timing", "memory"):
+        o = sub.add_parser(name)
+        o.add_argument("bundles", nargs="+")
+        o.add_argument("--frames", type=int, required=True)
+        o.add_argument("--runs", type=int, default=5)
+        o.add_argument("--new-tokens", type=int, default=8)
+        o.add_argument("--device", default="cpu")
     t = sub.add_parser("table")
     t.add_argument("--latency", default=None)
     t.add_argument("--accuracy", nargs="*", default=None, metavar="LABEL=JSON")
@@ -188,8 +222,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "measure":
         measure(args)
-    elif args.command == "one":
-        print(json.dumps(one(args.bundle, args.frames, args.runs, args.new_tokens, args.device)))
+    elif args.command == "timing":
+        print(json.dumps(timing(args.bundles, args.frames, args.runs, args.new_tokens, args.device)))
+    elif args.command == "memory":
+        print(json.dumps(memory(args.bundles[0], args.frames, args.new_tokens, args.device)))
     else:
         table(args)
 

@@ -10,7 +10,8 @@
 
 A bundle without the section combines frames by concat, separator "\\n" (what LLaVA-1.5's template and ChatML write
 after each image), as many frames as fit its context beside a short question, DEFAULT_N_MAX at most
-(sdk.frames.Frames.fitting: the embedded default bundle puts tokens at patch positions, 256 a frame in 512: one). Written by export/multi_image.py, read by sdk/frames.py.
+(sdk.frames.Frames.fitting: the embedded default bundle puts tokens at patch positions, 256 a frame in 512: one).
+Written by export/multi_image.py, read by sdk/frames.py.
 """
 
 from __future__ import annotations
