@@ -152,3 +152,13 @@ def test_adapter_graph_is_static_and_every_operator_is_in_tensorrts_table(case, 
         index = AXES_INPUT.get(node.op_type)
         if index is not None and len(node.input) > index and node.input[index]:
             assert node.input[index] in constants, f"{node.op_type} axes must be constant"
+
+
+def test_tensorrt_builds_the_adapter_at_its_one_shape(adapter_bundles):
+    """runtimes/tensorrt.py derives the adapter's profile from the manifest: fixed shapes, min = opt = max."""
+    from runtimes.tensorrt import ADAPTER, derive_profiles, limits_for
+    from sdk.bundle import load_bundle
+
+    manifest = load_bundle(adapter_bundles["mivpg-induced"][0]).manifest
+    profiles = derive_profiles(manifest, ADAPTER, limits_for(manifest))
+    assert profiles == [{"frame_tokens": ((1, N_MAX, 25, D),) * 3, "frame_mask": ((1, N_MAX),) * 3}]
