@@ -185,7 +185,8 @@ def table(args) -> None:
                  for f in FAMILIES]
         cells += [f"{100 * acc['order_free']['accuracy']:.1f}" if acc else "-",
                   f"**{100 * acc['overall']['accuracy']:.1f}**" if acc else "-"]
-        rows = {r["frames"]: r for r in latency["rows"] if r["mode"] == mode}
+        # latency rows are per mode, of the measured bundles: shown on the row labelled with that mode only
+        rows = {r["frames"]: r for r in latency["rows"] if r["mode"] == mode and label == mode}
         tokens = ", ".join(str(rows[n]["llm_visual_tokens"]) for n in FRAMES if n in rows) or "-"
         ttft = [f"{rows[n]['ttft_ms']:.0f}" if n in rows else "-" for n in FRAMES]
         rss = [f"{rows[n]['memory']['host_peak_rss_mb']:.0f}" if n in rows else "-" for n in FRAMES]
