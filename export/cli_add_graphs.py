@@ -1,12 +1,17 @@
 """`pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR`: add optional graphs (decoder_static, energy_grad) to a
-bundle; `--controlmllm` adds energy_grad, the referring graph (docs/referring.md)."""
+bundle; `--controlmllm` adds energy_grad, the referring graph (docs/referring.md).
+
+    pipmm add-graphs BUNDLE --adapter ADAPTER_DIR [--n-max 8]      the frame adapter (qformer/mivpg) for several frames
+    pipmm add-graphs BUNDLE --multi-image concat [--n-max 4]       concat's settings only (docs/multi-image.md)
+"""
 
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("bundle", help="bundle directory written by 'pipmm export' (fp32 or fp16)")
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint the bundle was exported from")
+    parser.add_argument("--checkpoint", default=None, help="the checkpoint the bundle was exported from (not needed "
+                        "for --adapter / --multi-image)")
     parser.add_argument("--graph", action="append", default=None, metavar="NAME",
                         help="optional graph to add (repeatable; default decoder_static: the static KV cache "
                              "decoder for CUDA graphs, docs/gpu.md; decoder_fused and prompt_encoder_fused: ONNX "
@@ -19,6 +24,12 @@ def add_arguments(parser) -> None:
                              "docs/referring.md)")
     parser.add_argument("--device", default="cpu", help="torch device to trace on (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="trace a graph again if the bundle has it")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="add the frame adapter in DIR (adapter.safetensors + adapter.json, pipmm train --stage mv)")
+    parser.add_argument("--multi-image", default=None, choices=("concat",), help="record concat's multi-image settings")
+    parser.add_argument("--n-max", type=int, default=None, help="frames per request at most (default: the adapter's "
+                        "max_frames; concat 8)")
+    parser.add_argument("--image-separator", default="\n", help="concat: text between two frames' placeholders")
 
 
 def referring_settings(pairs: list[str]) -> dict:
@@ -42,6 +53,22 @@ def referring_settings(pairs: list[str]) -> dict:
 
 def run(args) -> int:
     from export.extra_graphs import add_graphs
+    from sdk.errors import ExportError
+
+    if args.adapter or args.multi_image:
+        from export.multi_image import attach_adapter, set_concat
+
+        if args.adapter and args.multi_image:
+            raise ExportError("--adapter and --multi-image concat contradict each other: pass one")
+        if args.adapter:
+            attach_adapter(args.bundle, args.adapter, args.n_max, args.overwrite, args.image_separator)
+        else:
+            set_concat(args.bundle, args.n_max, args.image_separator)
+        section = "adapter" if args.adapter else "concat settings"
+        print(f"added {section} to {args.bundle}")
+        return 0
+    if args.checkpoint is None:
+        raise ExportError("pipmm add-graphs needs --checkpoint CHECKPOINT_DIR for the graphs it traces")
 
     asked = list(args.graph or []) + (["energy_grad"] if args.controlmllm else [])
     graphs = tuple(dict.fromkeys(asked or ["decoder_static"]))

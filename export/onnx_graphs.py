@@ -216,6 +216,15 @@ def share_transposed_copies(path: Path, module: torch.nn.Module) -> int:
     return sum(arrays[name].nbytes for name in replaced)
 
 
+def export_adapter(adapter, path: Path, n_max: int, tokens_per_frame: int) -> None:
+    """The frame adapter (export/model/mivpg.py) at fixed shapes, nothing dynamic (TensorRT builds it as is):
+    frame_tokens [1,N_max,K,D_llm], frame_mask [1,N_max] float (1 = a frame) -> visual_tokens [1,R,D_llm]."""
+    param = next(adapter.parameters())
+    tokens = torch.randn(1, n_max, tokens_per_frame, adapter.config.d_in, dtype=param.dtype, device=param.device)
+    mask = torch.ones(1, n_max, dtype=torch.float32, device=param.device)
+    _export(adapter, (tokens, mask), path, adapter.input_names, adapter.output_names, None)
+
+
 # graph name -> exporter(module, path, manifest["model"]); the bundle writer walks this in order.
 EXPORTERS = {"vision": export_vision, "embed": export_embed, "decoder": export_decoder}
 # Graphs a bundle may carry besides those, added on request (export/extra_graphs.py): same weights, other

@@ -8,7 +8,7 @@ So the reference and the runtime are compared (and benchmarked) by one loop over
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -62,6 +62,12 @@ class TorchBackend:
                     for name, out in zip(vision.output_names, outputs)}
         return VisionOutput.from_graph(as_numpy)
 
+    @torch.no_grad()
+    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
+        """The frame adapter (export/model/mivpg.py): [1,N_max,K,D], [1,N_max] -> [1,R,D]."""
+        adapter = self.modules["adapter"]
+        return adapter(self._t(frame_tokens, self.dtype), self._t(frame_mask, torch.float32)).float().cpu().numpy()
+
     def new_cache(self, batch: int = 1) -> TorchCache:
         empty = torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
         return TorchCache(past=(empty,) * (2 * self.num_layers), length=0)
@@ -110,11 +116,20 @@ class TorchBackend:
 
 def reference_pipeline(checkpoint_dir, prompt_mlp=None, budget="full", reducer="pool",
                        chat_template: ChatTemplate | None = None, visual_positions: str | None = None,
-                       reducer_options: dict | None = None, cmai: dict | None = None) -> Pipeline:
+                       reducer_options: dict | None = None, cmai: dict | None = None, adapter=None,
+                       n_max: int | None = None) -> Pipeline:
+    """adapter: a FrameAdapter folder (or module) for qformer/mivpg frames, n_max frames (export/multi_image.py)."""
+    from export.model.mivpg import FrameAdapter
+    from export.multi_image import multi_image_section
+
     checkpoint = load_checkpoint(checkpoint_dir)
     mlp = PromptMLP.load(prompt_mlp).eval() if prompt_mlp is not None else None
     modules = build_modules(checkpoint, mlp, budget=budget, reducer=reducer, reducer_options=reducer_options,
                             cmai=cmai)
     manifest = build_manifest(checkpoint, modules, mlp, chat_template, visual_positions=visual_positions)
+    if adapter is not None or n_max is not None:
+        if adapter is not None:
+            modules["adapter"] = adapter if isinstance(adapter, torch.nn.Module) else FrameAdapter.load(adapter)
+        manifest = replace(manifest, multi_image=multi_image_section(modules.get("adapter"), n_max))
     return Pipeline(manifest, checkpoint.tokenizer_file, TorchBackend(modules, manifest.model),
                     source=f"torch:{checkpoint_dir}")

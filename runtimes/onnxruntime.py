@@ -52,6 +52,7 @@ ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
 DEFAULT_MAX_CACHE = 4096
 KV_CACHES = ("numpy", "device", "static")
 STATIC_DECODER = "decoder_static"
+ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
 CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
@@ -172,7 +173,8 @@ class OnnxRuntimeBackend:
             # Weights straight into device memory, outside the arena: the arena then holds activations only.
             self.options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
         self.sessions = {}
-        for name in ("vision", "embed"):
+        # + the frame adapter of a qformer/mivpg bundle (sdk/frames.py)
+        for name in ("vision", "embed") + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
             self.sessions[name] = self._open(name)
         self.sessions[self.decoder_graph] = self._open_decoder()
         # PIP-MM's first-L-layers prompt encoder, when the bundle has one (runtimes/prompt_encoder.py)
@@ -310,6 +312,15 @@ class OnnxRuntimeBackend:
     def prompt_hidden(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """The prompt_encoder graph over [B,T,D] -> hidden [B,T,D] (only when prompt_encoder_graph is set)."""
         return run_prompt_encoder(self.sessions[self.prompt_encoder_graph], inputs_embeds, self.embed_dtype)
+
+    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
+        """[1,N_max,K,D], [1,N_max] (1 = a frame) -> visual_tokens [1,R,D] (qformer/mivpg bundles)."""
+        if "adapter" not in self.sessions:
+            raise BundleError(f"bundle {self.bundle.path} has no adapter graph: add one with 'pipmm add-graphs "
+                              "BUNDLE --adapter DIR'")
+        inputs = self.bundle.graphs["adapter"].inputs
+        feeds = {io.name: value.astype(_NUMPY_DTYPES[io.dtype]) for io, value in zip(inputs, (frame_tokens, frame_mask))}
+        return self.sessions["adapter"].run(["visual_tokens"], feeds)[0]
 
     def new_cache(self, batch: int = 1):
         return self._new_cache(batch)

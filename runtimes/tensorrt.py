@@ -43,6 +43,7 @@ from sdk.manifest import Manifest
 ENGINE_FORMAT = "pipmm-trt-engines/1"
 PRECISIONS = ("fp16", "int8", "fp32")
 GRAPHS = ("vision", "embed", "decoder")
+ADAPTER = "adapter"  # + the frame adapter, static shapes, when the bundle has it (sdk/frames.py)
 DEFAULT_WORKSPACE_GB = 4.0
 
 
@@ -206,7 +207,7 @@ def _ranges(limits: Limits, profile: str) -> dict[str, tuple[int, int, int]]:
             "total_sequence": (1, limits.opt_past + 1, c)}
 
 
-PROFILES = {"vision": ("all",), "embed": ("all",), "decoder": ("prefill", "decode")}
+PROFILES = {"vision": ("all",), "embed": ("all",), "decoder": ("prefill", "decode"), ADAPTER: ("all",)}
 
 
 def derive_profiles(manifest: Manifest, graph: str, limits: Limits) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
@@ -292,19 +293,20 @@ def build_engines(bundle_path, precision: str = "fp16", root=None, rebuild: bool
         raise BackendError(f"bundle {bundle_path} uses ONNX Runtime-only operators (MatMulNBits): export it for "
                            "TensorRT (docs/precision.md) or run it with --backend onnxruntime")
     key = current_key(bundle, precision, device_id, trt.__version__)
+    graphs = GRAPHS + ((ADAPTER,) if ADAPTER in bundle.graphs else ())
     limits = limits_for(bundle.manifest, max_batch, max_context)
     settings = {"limits": asdict(limits), "workspace_gb": workspace_gb}
     directory = engine_root(root) / key.dirname
     meta = read_meta(directory)
     if (meta is not None and not rebuild and key_of(meta) == key and meta.get("settings_digest") == _settings_digest(settings)
-            and all((directory / f"{g}.engine").is_file() for g in GRAPHS)):
+            and all((directory / f"{g}.engine").is_file() for g in graphs)):
         log(f"engines in {directory} are up to date ({key.describe()})")
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     timing_path = engine_root(root) / f"timing_{_slug(key.gpu)}_sm{key.compute_capability}_trt{key.tensorrt}.cache"
     logger = trt.Logger(trt.Logger.WARNING)
     profiles = {}
-    for graph in GRAPHS:
+    for graph in graphs:
         start = time.perf_counter()
         profiles[graph] = derive_profiles(bundle.manifest, graph, limits)
         engine = _build_one(trt, logger, bundle.graph_path(graph), profiles[graph], precision, workspace_gb, timing_path)
@@ -438,7 +440,7 @@ class TensorRTBackend:
         self.stream = int(_check(cudart.cudaStreamCreate()))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {g: _Engine(trt, runtime, self.directory / f"{g}.engine", len(PROFILES[g]), self.stream)
-                        for g in GRAPHS}
+                        for g in GRAPHS + ((ADAPTER,) if ADAPTER in bundle.graphs else ())}
         model = bundle.manifest.model
         self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
         decoder = self.engines["decoder"]
@@ -502,6 +504,9 @@ class TensorRTBackend:
         if prompt_vector is not None:
             feeds["prompt_vector"] = prompt_vector
         return VisionOutput.from_graph(self._execute("vision", 0, feeds))
+
+    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
+        return self._execute(ADAPTER, 0, {"frame_tokens": frame_tokens, "frame_mask": frame_mask})["visual_tokens"]
 
     def new_cache(self, batch: int = 1) -> TensorRTCache:
         if batch > self.max_batch:

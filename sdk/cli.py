@@ -22,8 +22,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "describe": ("sdk.cli_describe", "describe an image with a bundle (default: the embedded model)"),
     "export": ("export.cli_export", "export a LLaVA checkpoint (+ prompt MLP) to an ONNX bundle"),
     "scenes": ("export.tasks.scenes", "write generated scenes and LLaVA-style conversations"),
-    "train": ("export.train.train", "train the default model on generated scenes (stage 0 base, 1 prompt MLP, 2 budget)"),
-    "eval": ("export.train.evaluate", "exact-match accuracy per question family and latency of a bundle or checkpoint"),
+    "train": ("export.train.train", "train the default model on generated scenes (stage 0 base, 1 prompt MLP, 2 budget, "
+              "mv several frames)"),
+    "eval": ("export.train.evaluate", "exact-match accuracy per question family (--multiview: several frames) and "
+             "latency of a bundle or checkpoint"),
     "explain": ("sdk.cli_explain", "heat map of where the model looked for a prompt (T-CLS attention, kept patches)"),
     "bench": ("sdk.bench", "latency per stage and peak memory of a bundle on this device (table, JSON, chart)"),
     "build-engines": ("sdk.cli_build_engines", "build TensorRT engines of a bundle for this GPU (cached by GPU, "

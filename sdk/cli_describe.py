@@ -1,5 +1,8 @@
 """`pipmm describe IMAGE PROMPT`: one description, printed (or as JSON with --json).
 
+    pipmm describe head.jpg wrist.jpg rear.jpg --prompt "Is the red block in every view?"   (frames in order;
+    a last positional that is no file and has no image suffix is the prompt: IMAGE PROMPT still works)
+
     pipmm describe scene.png "What color is this?" --box 40,30,120,90 [--referring controlmllm|controlmllm++|overlay]
     --point x,y (repeatable) | --scribble "x,y;x,y;..." | --mask mask.png   (docs/referring.md)
 """
@@ -11,8 +14,11 @@ import sys
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("image", help="image file (png, jpg, ...)")
-    parser.add_argument("prompt", nargs="?", default="Describe the image.", help="the question about the image")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE [IMAGE ...] [PROMPT]",
+                        help="image files (png, jpg, ...; several are frames of one request, in order), then the "
+                             "question unless --prompt gives it")
+    parser.add_argument("--prompt", default=None, help="the question (default: a last positional that is no image "
+                                                       "file, else 'Describe the image.')")
     parser.add_argument("--bundle", default=None, help="bundle directory (default: the embedded model)")
     parser.add_argument("--backend", default="auto", help="auto or onnxruntime")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -47,6 +53,27 @@ def _numbers(text: str, count: int | None, flag: str) -> list[float]:
     return values
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def images_and_prompt(args) -> tuple[list[str], str]:
+    """The positionals -> (image files, prompt): the last one is the prompt when --prompt is not given, there is
+    more than one, and it is neither a file nor named like an image (a missing frame is reported, not asked)."""
+    from pathlib import Path
+
+    inputs = list(args.inputs)
+    if args.prompt is not None:
+        return inputs, args.prompt
+    last = inputs[-1]
+    try:
+        is_file = Path(last).is_file()
+    except (OSError, ValueError):  # a long question is no file name
+        is_file = False
+    if len(inputs) > 1 and not is_file and not last.lower().endswith(IMAGE_SUFFIXES):
+        return inputs[:-1], last
+    return inputs, "Describe the image."
+
+
 def region_of(args):
     """The --box / --point / --scribble / --mask argument as an sdk region, or None."""
     from .regions import Box, Mask, Point, Scribble
@@ -66,17 +93,19 @@ def run(args) -> int:
     from . import load
 
     pipeline = load(args.bundle, backend=args.backend, device=args.device)
+    images, prompt = images_and_prompt(args)
+    image = images[0] if len(images) == 1 else images
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    inhibit=args.inhibit)
     region = region_of(args)
     if region is not None or args.referring is not None:
         options.update(region=region, referring=args.referring)
     if args.stream and not args.json:
-        for piece in pipeline.stream(args.image, args.prompt, **options):
+        for piece in pipeline.stream(image, prompt, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    result = pipeline.generate(args.image, args.prompt, **options)
+    result = pipeline.generate(image, prompt, **options)
     print(json.dumps(result.to_dict()) if args.json else result.text)
     return 0

@@ -237,6 +237,9 @@ class Conversation:
     def __init__(self, pipeline, image, system: str | None = None):
         if image is None:
             raise PromptError("a conversation is about one image: pass it, e.g. pipeline.conversation('frame.jpg')")
+        if pipeline.frames.pooled:  # its turns would need the adapter's R slots in every rendering: not yet
+            raise BundleError(f"this bundle pools frames with an adapter ({pipeline.frames.mode}): multi-turn chat "
+                              "is for concat bundles; ask with generate(frames, question) instead")
         self.pipeline = pipeline
         self.renderer = Renderer(pipeline.manifest.chat_template.template, pipeline.prompter.template_variables())
         self.image = image

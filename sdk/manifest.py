@@ -22,6 +22,7 @@ from .errors import BundleError, PipmmError
 from .manifest_fields import (REEXPORT, Fields, Section, extra_field, is_dict, is_int, is_name, is_real, is_str,
                               list_of, map_of, omit_none, optional, show)
 from .generation import GenerationArgs
+from .manifest_multi import MultiImage
 from .manifest_referring import Referring
 from .preprocess import BadPreprocessing, normalize_config
 
@@ -417,6 +418,7 @@ class Manifest(Section):
     prompt_mlp: PromptMlp | None = None
     cmai: Cmai | None = None  # None: the decoder has no image_bias input nor attention output
     referring: Referring | None = omit_none()  # ControlMLLM over the energy_grad graph (sdk/manifest_referring.py)
+    multi_image: MultiImage | None = omit_none()  # how frames combine (sdk/manifest_multi.py); None: concat defaults
     created: Created | None = omit_none()
     tokenizer: str = "tokenizer.json"
     graphs: dict[str, Graph] = field(default_factory=dict)  # filled by the staged writer
@@ -430,7 +432,7 @@ class Manifest(Section):
         d = super().to_dict()
         order = ("format", "format_version", "min_sdk_version", "created", "model", "precision", "vision",
                  "visual_tokens", "prompt_vector", "prompt_mlp", "image_preprocessing", "chat_template",
-                 "special_tokens", "generation", "cmai", "referring", "tokenizer", "graphs", "files")
+                 "special_tokens", "generation", "cmai", "referring", "multi_image", "tokenizer", "graphs", "files")
         return {**{k: d.pop(k) for k in order if k in d}, **d}
 
     @property
@@ -474,6 +476,7 @@ class Manifest(Section):
             vision=Vision.from_dict(d["vision"], source),
             cmai=None if d.get("cmai") is None else Cmai.from_dict(d["cmai"], source),
             referring=None if d.get("referring") is None else Referring.from_dict(d["referring"], source),
+            multi_image=None if d.get("multi_image") is None else MultiImage.from_dict(d["multi_image"], source),
             created=None if d.get("created") is None else Created.from_dict(d["created"], source),
             format=FORMAT, format_version=version, min_sdk_version=str(needed),
             extra=r.extra(cls))

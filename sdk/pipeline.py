@@ -1,11 +1,12 @@
 """The Pipeline: image + prompt -> text, through a backend that runs the bundle's graphs.
 
-    image --preprocess--> pixel_values
+    image (or several frames, sdk/frames.py) --preprocess--> pixel_values [n,3,H,W]
     prompt --template, no image--> embed -> decoder (fresh cache) -> hidden -> prompt vector   (PIP-MM only;
            sdk/prompt_pass.py: or the first-L-layers prompt_encoder graph, or, prompt-first templates, the
            prefill's own prefix, whose KV cache the prefill then continues)
-    pixel_values (+ prompt vector) --vision--> visual tokens [K, D]
-    template with K image slots --embed--> embeddings, image slots := visual tokens
+    pixel_values (+ prompt vector) --vision--> visual tokens [n, K, D]
+    frames combined (manifest multi_image: concat -> [n*K, D]; qformer/mivpg: the adapter graph -> [R, D])
+    template with those image slots --embed--> embeddings, image slots := visual tokens
     prefill: decoder over the whole turn -> logits, KV cache
              (inhibit > 0, CMAI: [text, image] -> cache; the prompt's text -> attention -> focus -> image_bias;
               the prompt's text again with image_bias -> logits, cache. sdk/cmai.py)
@@ -30,6 +31,7 @@ from .bundle import default_bundle_path, load_bundle
 from .conversation import Conversation, text_pieces
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .explain import Explanation, explain, require_attention
+from .frames import FrameCountError, Frames, as_frames
 from .generation import GenerationArgs, sample, suppress
 from .manifest import Manifest
 from .preprocess import preprocess
@@ -56,10 +58,11 @@ class Result:
     inhibited: int = 0  # CMAI: visual tokens masked from the text's attention (per CMAI layer)
     cached_tokens: int = 0  # conversations: tokens of earlier turns taken from the KV cache, not prefilled again
     referring: dict | None = None  # region requests: method, region, steps, energy per step (sdk/referring.py)
+    frames: int = 1  # images of the request (sdk/frames.py); visual_tokens counts what the LLM saw of them all
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids,
-                "stats": {"visual_tokens": self.visual_tokens, "finish_reason": self.finish_reason,
+                "stats": {"visual_tokens": self.visual_tokens, "frames": self.frames, "finish_reason": self.finish_reason,
                           "inhibited_visual_tokens": self.inhibited, "cached_tokens": self.cached_tokens,
                           **({"referring": self.referring} if self.referring is not None else {}),
                           **self.timings}}
@@ -81,6 +84,7 @@ class Pipeline:
         self.defaults = manifest.generation
         self.visual_positions = manifest.visual_tokens.positions
         self.cmai = manifest.cmai  # None: the decoder has no image_bias input
+        self.frames = Frames(manifest, source)  # how several frames combine (sdk/frames.py)
         self.energy_graph = None  # referring's energy_grad session, opened on first use (sdk/referring.py)
         vision_outputs = [o.name for o in manifest.graphs["vision"].outputs] if manifest.graphs else []
         if self.visual_positions == "patch" and manifest.graphs and "kept_patches" not in vision_outputs:
@@ -120,17 +124,17 @@ class Pipeline:
         """Position ids [1,T] of the prefill when the manifest puts visual tokens at their patch
         positions (visual_tokens.positions == "patch"), else None (contiguous, runtimes/positions.py).
 
-        The vision graph's kept_patches [1,K] are the patches the reducer gathered, in raster order:
-        token k sits at first_slot + its patch index, and the text after the image at its full-budget
-        place, shifted by N - K.
+        The vision graph's kept_patches [n,K] are the patches the reducer gathered, in raster order:
+        token k of a frame sits at the frame's first slot + its patch index, and whatever follows the frame
+        (the next frame, the text) at its full-budget place, shifted by N - K per frame before it.
         """
         if self.visual_positions != "patch":
             return None
-        k, n = len(image_slots), vision.cls_attention.shape[-1]
-        kept = vision.kept_patches[0]
+        k, n = self.num_visual_tokens, vision.cls_attention.shape[-1]
         positions = np.arange(length, dtype=np.int64)
-        positions[image_slots] = image_slots[0] + kept
-        positions[image_slots[-1] + 1:] += n - k
+        for kept, slots in zip(vision.kept_patches, image_slots.reshape(-1, k)):
+            positions[slots] = positions[slots[0]] + kept
+            positions[slots[-1] + 1:] += n - k
         if positions[-1] + 1 >= self.max_context:  # prefill plus one new token must have positions
             raise ContextOverflowError(f"prompt needs positions up to {positions[-1] + 1} with the image's "
                                        f"{n} patch positions but the context holds {self.max_context}: "
@@ -204,11 +208,13 @@ class Pipeline:
         """Yields generated token ids one by one, filling result.timings as it goes."""
         t = result.timings
         start = time.perf_counter()
-        pixel_values = preprocess(image, self.preprocessing)
+        frames = as_frames(image)
+        self.frames.check(len(frames))
+        pixel_values = np.concatenate([preprocess(frame, self.preprocessing) for frame in frames])  # [n,3,H,W]
         t["preprocess_ms"] = _ms(start)
 
         stage = time.perf_counter()
-        ids, image_slots = self.prompter.prompt_ids(prompt)
+        ids, image_slots = self.frames.prompt_ids(self.prompter, prompt, len(frames))
         passed = prompt_pass.run(self, prompt, ids) if self.prompt_vector_spec is not None else None
         prompt_vector = passed.vector if passed is not None else None
         prefix = (passed.cache, passed.length) if passed is not None and passed.cache is not None else None
@@ -216,14 +222,21 @@ class Pipeline:
         if passed is not None:  # prefill ids taken from the prompt pass's KV cache (0: a separate pass)
             t["prompt_prefix_tokens"] = passed.length
 
-        stage = time.perf_counter()
-        vision = self.backend.vision(pixel_values, prompt_vector)
+        stage = time.perf_counter()  # every frame with the request's one prompt vector (PIP-MM's T-CLS)
+        vision = self.backend.vision(pixel_values, None if prompt_vector is None else
+                                     np.repeat(prompt_vector, len(frames), axis=0))
         t["vision_ms"] = _ms(stage)
+        stage = time.perf_counter()
+        visual = self.frames.combine(self.backend, vision.visual_tokens)  # [1, L, D]
+        if self.frames.pooled:
+            t["adapter_ms"] = _ms(stage)
+        result.visual_tokens, result.frames = len(image_slots), len(frames)
 
         stage = time.perf_counter()
         embeds = self.backend.embed(ids[None]).copy()
-        embeds[0, image_slots] = vision.visual_tokens[0].astype(embeds.dtype)
-        positions = self.prefill_positions(len(ids), image_slots, vision)
+        embeds[0, image_slots] = visual[0].astype(embeds.dtype)
+        # the adapter's R tokens have no patch of their own: sequence positions
+        positions = None if self.frames.pooled else self.prefill_positions(len(ids), image_slots, vision)
         if steering is not None:  # referring: the latent joins the image rows before prefill
             embeds = steering(embeds, image_slots, positions, vision)
             result.referring = steering.report.to_dict()
@@ -297,7 +310,9 @@ class Pipeline:
     def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, inhibit: float | None = None,
                  min_new_tokens: int | None = None, region=None, referring: str | None = None) -> Result:
-        """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off).
+        """image: one image (path, PIL image, HxWx3 uint8 array) or a list of them, frames in order (at most
+        manifest multi_image.n_max; sdk/frames.py). inhibit: CMAI, the fraction of visual tokens masked from the
+        text's attention (0 or None = off).
         min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0).
         region: sdk.Box / Point / Scribble / Mask the question refers to; referring: "controlmllm",
         "controlmllm++" (the bundle's energy_grad graph) or "overlay" (None: the bundle's default;
@@ -313,6 +328,8 @@ class Pipeline:
 
     def _referring(self, image, region, referring, result: Result):
         """-> (the image to encode, a Steering or None); result.referring starts as the request's report."""
+        if (region is not None or referring is not None) and len(as_frames(image)) != 1:
+            raise FrameCountError("referring to a region takes one image: pass a single frame with region=")
         with typed_errors("the referring region"):
             image, steering, report = prepare_referring(self, image, region, referring)
         result.referring = None if report is None else report.to_dict()

@@ -108,12 +108,21 @@ class Prompter:
             ids = [self.special.bos] + ids
         return ids
 
-    def prompt_ids(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        """-> (ids [T] int64 with K image slots, positions of the image slots [K])."""
-        text = self.template.prompt.replace("{prompt}", self.clean(prompt))
-        ids = self._encode(text)
-        self._check_no_injected_specials(ids)
-        return self._with_image_slots(ids, "prompt")
+    def prompt_ids(self, prompt: str, images: int = 1, separator: str = "\n",
+                   slots: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (ids [T] int64 with `slots` (default K) image slots per image, positions of the image slots
+        [images * slots], frame after frame). Several images (sdk/frames.py, concat): the template's placeholder
+        is repeated, `separator` between, as LLaVA's templates render one "<image>\\n" per image."""
+        template = self.template.prompt
+        if images != 1:
+            placeholder = self.template.image_placeholder
+            if template.count(placeholder) != 1:
+                raise BundleError(f"the bundle's chat template does not hold its image placeholder {placeholder!r} "
+                                  "as text once: it takes one image per request; re-export it for several")
+            template = template.replace(placeholder, separator.join([placeholder] * images))
+        ids = self._encode(template.replace("{prompt}", self.clean(prompt)))
+        self._check_no_injected_specials(ids, images)
+        return self._with_image_slots(ids, "prompt", slots)
 
     def conversation_ids(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """A whole rendered conversation (sdk/conversation.py; its texts already cleaned) -> (ids [T] int64 with
@@ -125,20 +134,29 @@ class Prompter:
                               "image, in a user turn")
         return self._with_image_slots(ids, "conversation")
 
-    def _with_image_slots(self, ids: list[int], what: str) -> tuple[np.ndarray, np.ndarray]:
-        image_id = self.special.image
-        at = ids.index(image_id)  # exactly one: the template's (checked at load), none from the prompt
-        ids = ids[:at] + [image_id] * self.num_visual_tokens + ids[at + 1:]
-        if len(ids) >= self.max_context:  # prefill plus at least one new token must fit
+    def _with_image_slots(self, ids: list[int], what: str, slots: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        # each placeholder (the template's, checked at load and in prompt_ids; none from the prompt) -> `slots` ids
+        image_id, per_image = self.special.image, self.num_visual_tokens if slots is None else slots
+        out, where = [], []
+        for token in ids:
+            if token == image_id:
+                where.extend(range(len(out), len(out) + per_image))
+                out.extend([image_id] * per_image)
+            else:
+                out.append(token)
+        if len(out) >= self.max_context:  # prefill plus at least one new token must fit
+            images = len(where) // per_image
             raise ContextOverflowError(
-                f"{what} needs {len(ids)} tokens with the image but the context holds {self.max_context}: "
-                f"shorten the {what}" + (" or start a new one" if what == "conversation" else ""))
-        return np.asarray(ids, np.int64), np.arange(at, at + self.num_visual_tokens)
+                f"{what} needs {len(out)} tokens with the {'image' if images == 1 else f'{images} images'} but the "
+                f"context holds {self.max_context}: shorten the {what}"
+                + (" or start a new one" if what == "conversation" else "") + (" or send fewer images" if images > 1 else ""))
+        return np.asarray(out, np.int64), np.asarray(where, np.int64)
 
-    def _check_no_injected_specials(self, ids: list[int]) -> None:
-        """The turn must hold exactly the special tokens of the template itself: the prompt adds none
-        (after clean(), only a normalizer mapping look-alike text onto a special token could)."""
-        if sorted(t for t in ids if t in self.special_ids) != self.template_specials:
+    def _check_no_injected_specials(self, ids: list[int], images: int = 1) -> None:
+        """The turn must hold exactly the special tokens of the template itself (its placeholder once per image):
+        the prompt adds none (after clean(), only a normalizer mapping look-alike text onto a special token could)."""
+        if sorted(t for t in ids if t in self.special_ids) != sorted(self.template_specials
+                                                                     + [self.special.image] * (images - 1)):
             raise PromptError("the prompt contains text the tokenizer reads as a special token (image slot, "
                               "end of turn...): remove markup such as '<image>' or '</s>' from it")
 

@@ -30,6 +30,7 @@ from sdk.errors import PipmmError
 from sdk.manifest import Manifest
 
 from export.tasks import instructions, scenes
+from export.train import evaluate_frames
 from export.tasks.answers import normalize
 
 MISTAKES_KEPT = 20
@@ -288,6 +289,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
                         help="print a markdown table of saved results (LABEL=FILE or FILE) and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate_frames.add_arguments(parser)
 
 
 def _device(name: str) -> str:
@@ -312,6 +314,8 @@ def run(args) -> int:
         return 0
     if args.n < 1:
         raise EvalError(f"--n must be at least 1, got {args.n}")
+    if args.multiview:
+        return evaluate_frames.run(args, EvalError)
     if args.bundle and args.checkpoint:
         raise EvalError("pass a BUNDLE or --checkpoint, not both")
     fraction = args.instruction_fraction

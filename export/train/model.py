@@ -278,7 +278,7 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
 
 @torch.no_grad()
 def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int = 64,
-                    patch_positions: bool = False) -> list[list[int]]:
+                    patch_positions: bool = False, tokens: torch.Tensor | None = None) -> list[list[int]]:
     """Greedy answers for every question of a batch (labels are ignored; ids stop at the prompt).
 
     Rows are right-padded: prefill the whole [Q,T], read each row's logits at its own last prompt
@@ -296,7 +296,8 @@ def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int
     width = int(lengths.max())
     ids = ids[:, :width]
     q = ids.shape[0]
-    tokens, attention = visual_tokens(model, vision, batch)
+    if tokens is None:  # given: the image slots' tokens [Q,L,D] (several frames, export/train/multiframe.py)
+        tokens, attention = visual_tokens(model, vision, batch)
     embeds = embed_sequence(model, ids, tokens)
     lm = model.model.language_model
     cache = DynamicCache(config=model.config.text_config)

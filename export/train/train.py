@@ -29,6 +29,7 @@ from sdk.preprocess import clip_processor_config
 from export.model.reducers import REDUCERS, resolve_budget
 from export.tasks import instructions, scenes
 from export.tasks.answers import normalize
+from export.train import multiframe
 from export.train.data import (SCENE_MIXES, SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, data_mix,
                                loader, scene_items)
 from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
@@ -55,7 +56,8 @@ class TrainError(PipmmError):
 
 def add_arguments(parser) -> None:
     p = parser
-    p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True, help="0 base model, 1 prompt MLP, 2 budget")
+    p.add_argument("--stage", type=lambda v: v if v == "mv" else int(v), choices=(0, 1, 2, "mv"), required=True,
+                   help="0 base model, 1 prompt MLP, 2 budget, mv several frames (export/train/multiframe.py)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--init", default=None, help="checkpoint to start from (stages 1 and 2; stage 0: continue one)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (stage default: 3000/600/600)")
@@ -120,6 +122,7 @@ def add_arguments(parser) -> None:
                    help="stages 1-2: weight of -log(T-CLS attention on the named objects' patches) (not in "
                         "the paper; 0 = the LM loss alone)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    multiframe.add_arguments(p)
 
 
 def _device(name: str) -> torch.device:
@@ -322,6 +325,8 @@ def validate(model, vision, spec: SequenceSpec, preprocessing: dict, n_scenes: i
 
 
 def run(args) -> int:
+    if args.stage == "mv":
+        return multiframe.run(args)
     out = Path(args.out)
     if out.exists() and any(out.glob("model*.safetensors")) and not args.resume:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")

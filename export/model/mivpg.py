@@ -1,0 +1,262 @@
+"""Frame adapters: several frames' visual tokens -> R tokens the LLM sees, however many frames (MIVPG, seed 001).
+
+    frame_tokens [B,F,K,D_llm] (the vision graph's output per frame, F = N_max slots), frame_mask [B,F] (1 = a frame)
+      -> LayerNorm -> Linear(D_llm, d) (+ a learned vector per frame slot when frame_order = "embedded")
+    qformer:  instances = all F*K patch tokens (absent frames' keys masked)
+              R learned queries x `layers` blocks [self-attention among queries, cross-attention to the
+              instances, MLP]                                               (BLIP-2's Q-Former, no CSA)
+    mivpg:    level 1, patches within each frame (B*F bags of K instances, no mask needed):
+                  CSA among the K patches, then R_f frame queries cross-attend -> [B*F, R_f, d]
+              level 2, frames within the sample (F*R_f instances, absent frames' keys masked):
+                  CSA among the frame instances, then the R queries' blocks as in qformer
+      -> LayerNorm -> Linear(d, D_llm) -> visual_tokens [B,R,D_llm]
+
+MIVPG (arXiv 2406.02987) as far as public sources describe it: a Q-Former is multi-instance pooling that treats
+instances as independent; MIVPG adds correlated self-attention (CSA) among the instances and pools
+hierarchically (patches within an image, then images within the sample). The paper's CSA equations are not
+in reachable sources; ours (every choice a field of AdapterConfig, saved beside the weights):
+
+    csa "induced": Set Transformer's induced set attention (Lee et al. 2019, ISAB): L learned points attend to
+                   the n instances, H = I + Attn(I, X); the instances attend to H, X += Attn(X, H); X += MLP(X).
+                   O(n L) for hundreds of patches; permutation equivariant; L = csa_points.
+    csa "full":    X += Attn(X, X); X += MLP(X). O(n^2).
+
+Frames enter no attention as a sequence: without frame_order "embedded" the output is invariant to the order
+of the frames (and of the patches within one), and an absent frame is masked out of every attention as a key,
+so F frames padded to N_max give the output of the F frames alone (tests/test_frames_adapter.py).
+The T-CLS output token is no instance: the vision graph drops it (LLaVA's "default" strategy); the CSA sees
+the patch tokens, which attended to the prompt's T-CLS in every ViT layer.
+
+Static for export: constant shapes (B = 1, F = N_max, K), masks by Where, only MatMul, Softmax,
+LayerNormalization, Erf (GELU), Reshape, Expand, Where, Add, Mul, Concat: TensorRT's ONNX parser takes them all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdk.errors import ExportError
+from sdk.manifest_multi import ADAPTER_MODES
+
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter.json"
+CSA_KINDS = ("induced", "full")
+FRAME_ORDERS = ("ignored", "embedded")
+NEG = -1.0e4  # score of a masked key: exp(NEG - max) is exactly 0 in fp32, and NEG fits fp16
+
+
+@dataclass
+class AdapterConfig:
+    mode: str = "mivpg"  # ADAPTER_MODES: "qformer" (no CSA, one level) or "mivpg" (CSA, hierarchical)
+    d_in: int = 256  # D_llm: width of the visual tokens in, and of the R tokens out
+    d_model: int = 192  # the adapter's own width
+    heads: int = 4
+    queries: int = 64  # R: the tokens the LLM sees
+    layers: int = 2  # sample-level query blocks
+    mlp_ratio: int = 2
+    frame_order: str = "ignored"  # FRAME_ORDERS: "embedded" adds a learned vector per frame slot (order-aware)
+    max_frames: int = 8  # frame slots with an order vector; a graph's N_max may not exceed it when embedded
+    # mivpg only
+    csa: str = "induced"  # CSA_KINDS
+    csa_points: int = 16  # L, induced points
+    frame_queries: int = 32  # R_f: tokens per frame after level 1
+
+    def __post_init__(self):
+        checks = [(self.mode in ADAPTER_MODES, f"mode {self.mode!r}: choose {' or '.join(ADAPTER_MODES)}"),
+                  (self.csa in CSA_KINDS, f"csa {self.csa!r}: choose {' or '.join(CSA_KINDS)}"),
+                  (self.frame_order in FRAME_ORDERS, f"frame_order {self.frame_order!r}: choose "
+                                                     f"{' or '.join(FRAME_ORDERS)}"),
+                  (self.d_model % self.heads == 0, f"d_model {self.d_model} is not a multiple of heads {self.heads}"),
+                  (min(self.d_in, self.queries, self.layers, self.csa_points, self.frame_queries,
+                       self.max_frames, self.mlp_ratio) >= 1, "every size must be at least 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ExportError(f"adapter config: {message}")
+
+    def settings(self) -> dict:
+        """What the manifest records (sdk/manifest_multi.py MultiImage.settings): every choice but the widths."""
+        d = asdict(self)
+        if self.mode == "qformer":  # the CSA settings do not apply
+            for key in ("csa", "csa_points", "frame_queries"):
+                d.pop(key)
+        return d
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x [B,Q,d] over memory [B,M,d]; key_mask [B,M] bool (True = attend) or None."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, 1.0 / math.sqrt(d // heads)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # [B,H,n,hd]
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._split(self.q(x)), self._split(self.k(memory)), self._split(self.v(memory))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B,H,Q,M]
+        if key_mask is not None:
+            scores = torch.where(key_mask[:, None, None, :], scores, torch.full_like(scores, NEG))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B,H,Q,hd]
+        return self.o(out.transpose(1, 2).reshape(x.shape))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, d: int, ratio: int):
+        super().__init__(nn.LayerNorm(d), nn.Linear(d, ratio * d), nn.GELU(), nn.Linear(ratio * d, d))
+
+
+class CrossBlock(nn.Module):
+    """x += Attn(ln(x), ln(memory)); x += MLP(x). Pre-norm, residual."""
+
+    def __init__(self, d: int, heads: int, ratio: int):
+        super().__init__()
+        self.norm_x, self.norm_m = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.mlp = Attention(d, heads), MLP(d, ratio)
+
+    def forward(self, x, memory, key_mask=None):
+        x = x + self.attn(self.norm_x(x), self.norm_m(memory), key_mask)
+        return x + self.mlp(x)
+
+
+class QueryBlock(nn.Module):
+    """One Q-Former block: self-attention among the queries, cross-attention to the instances, MLP."""
+
+    def __init__(self, d: int, heads: int, ratio: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.self_attn = Attention(d, heads)
+        self.cross = CrossBlock(d, heads, ratio)
+
+    def forward(self, q, instances, key_mask=None):
+        h = self.norm(q)
+        return self.cross(q + self.self_attn(h, h), instances, key_mask)
+
+
+class CorrelatedSelfAttention(nn.Module):
+    """CSA among instances x [B,n,d] (key_mask [B,n] or None): see the module docstring for the two kinds."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        d, heads = config.d_model, config.heads
+        self.kind = config.csa
+        if self.kind == "induced":
+            self.points = nn.Parameter(torch.randn(1, config.csa_points, d) * 0.02)
+            self.gather = CrossBlock(d, heads, config.mlp_ratio)  # points <- instances
+        self.norm_x, self.norm_m = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.mlp = Attention(d, heads), MLP(d, config.mlp_ratio)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "induced":
+            memory = self.gather(self.points.expand(x.shape[0], -1, -1), x, key_mask)  # [B,L,d]
+            x = x + self.attn(self.norm_x(x), self.norm_m(memory))  # the points are all present: no mask
+        else:
+            h = self.norm_x(x)
+            x = x + self.attn(h, h, key_mask)
+        return x + self.mlp(x)
+
+
+class FrameAdapter(nn.Module):
+    """frame_tokens [B,F,K,D_in], frame_mask [B,F] (float 1/0 or bool) -> visual_tokens [B,R,D_in]."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        d, heads, ratio = config.d_model, config.heads, config.mlp_ratio
+        self.norm_in, self.proj_in = nn.LayerNorm(config.d_in), nn.Linear(config.d_in, d)
+        if config.frame_order == "embedded":
+            self.frame_embedding = nn.Parameter(torch.randn(config.max_frames, d) * 0.02)
+        if config.mode == "mivpg":
+            self.patch_csa = CorrelatedSelfAttention(config)
+            self.frame_queries = nn.Parameter(torch.randn(1, config.frame_queries, d) * 0.02)
+            self.frame_pool = CrossBlock(d, heads, ratio)
+            self.frame_csa = CorrelatedSelfAttention(config)
+        self.queries = nn.Parameter(torch.randn(1, config.queries, d) * 0.02)
+        self.blocks = nn.ModuleList(QueryBlock(d, heads, ratio) for _ in range(config.layers))
+        self.norm_out, self.proj_out = nn.LayerNorm(d), nn.Linear(d, config.d_in)
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["frame_tokens", "frame_mask"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["visual_tokens"]
+
+    def instances(self, h: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B,F,K,d], present [B,F] bool -> (sample-level instances [B,n,d], their key mask [B,n])."""
+        b, f, k, d = h.shape
+        if self.config.mode == "qformer":
+            return h.reshape(b, f * k, d), present[:, :, None].expand(b, f, k).reshape(b, f * k)
+        x = self.patch_csa(h.reshape(b * f, k, d))  # level 1: the patches of each frame, frames apart
+        r = self.config.frame_queries
+        z = self.frame_pool(self.frame_queries.expand(b * f, -1, -1), x).reshape(b, f * r, d)
+        keys = present[:, :, None].expand(b, f, r).reshape(b, f * r)
+        return self.frame_csa(z, keys), keys  # level 2: the frames of the sample
+
+    def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        b, f = frame_tokens.shape[:2]
+        if self.config.frame_order == "embedded" and f > self.config.max_frames:
+            raise ExportError(f"{f} frame slots but the adapter has order vectors for {self.config.max_frames}")
+        present = frame_mask > 0.5 if frame_mask.dtype != torch.bool else frame_mask
+        h = self.proj_in(self.norm_in(frame_tokens))  # [B,F,K,d]
+        if self.config.frame_order == "embedded":
+            h = h + self.frame_embedding[:f][None, :, None, :]
+        instances, keys = self.instances(h, present)
+        q = self.queries.expand(b, -1, -1)
+        for block in self.blocks:
+            q = block(q, instances, keys)
+        return self.proj_out(self.norm_out(q))  # [B,R,D_in]
+
+    # -- files: adapter.safetensors + adapter.json beside it ---------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return directory / WEIGHTS_FILE
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FrameAdapter":
+        """From a directory holding adapter.safetensors + adapter.json, or from the safetensors file itself."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        weights = path / WEIGHTS_FILE if path.is_dir() else path
+        config_path = weights.with_name(CONFIG_FILE)
+        if not weights.is_file() or not config_path.is_file():
+            raise ExportError(f"adapter not found at {path}: pass the folder holding {WEIGHTS_FILE} and {CONFIG_FILE}")
+        try:
+            raw = json.loads(config_path.read_text())
+            known = {f.name for f in fields(AdapterConfig)}
+            config = AdapterConfig(**{k: v for k, v in raw.items() if k in known})
+        except (TypeError, ValueError) as err:
+            raise ExportError(f"adapter config {config_path} is invalid ({err}): re-save it with FrameAdapter.save") from err
+        adapter = cls(config)
+        try:
+            adapter.load_state_dict(load_file(str(weights)))
+        except Exception as err:  # wrong shapes or keys
+            raise ExportError(f"adapter weights {weights} do not match {config_path.name} ({err})") from err
+        return adapter.eval()
+
+
+def parameter_count(adapter: nn.Module) -> int:
+    return sum(p.numel() for p in adapter.parameters())
+
+
+def random_adapter(mode: str, d_in: int, seed: int = 0, **settings) -> FrameAdapter:
+    """An adapter with PyTorch's initialisation (tests, latency): its outputs are as large as a trained one's."""
+    torch.manual_seed(seed)
+    return FrameAdapter(AdapterConfig(mode=mode, d_in=d_in, **settings)).eval()

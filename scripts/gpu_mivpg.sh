@@ -1,0 +1,114 @@
+#!/bin/bash
+# Multi-image (issue 16) GPU runs, phase by phase; each phase fits one 10-minute device call, in this order:
+#
+#   bash scripts/gpu_mivpg.sh train [SECONDS]        stage mv for every row of $ROWS at once (one GPU, small models),
+#                                                    each stopping with a resumable state after SECONDS (default 480)
+#   bash scripts/gpu_mivpg.sh resume [SECONDS]       continue the rows that stopped early (same warm machine)
+#   bash scripts/gpu_mivpg.sh export                 bundles: quarter budget, prompt-topk, sequence positions (as
+#                                                    trained), + the adapter (N_max 8) or concat's section (N_max 4)
+#   bash scripts/gpu_mivpg.sh eval [FRAMES]          pipmm eval --multiview at FRAMES (default 4) frames, 2000 test
+#                                                    questions per row, 14 processes (ONNX Runtime CPU, the user path)
+#   bash scripts/gpu_mivpg.sh single                 the mivpg row's single-frame benchmark (scenes.py families, 2000)
+#   PYTHONPATH=/tmp/site bash scripts/gpu_mivpg.sh latency
+#                                                    TTFT / memory at edge-0.5b shapes, random weights, 1-8 frames,
+#                                                    on the GPU (needs onnxruntime-gpu staged: shared/device/README.md)
+#
+# Rows ($ROWS, default all): concat, qformer, mivpg (frame order embedded, so "which frame" and "compare" are
+# answerable), mivpg-inv (order ignored: permutation invariant), mivpg-full (CSA over all instances, not induced),
+# mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer). All start from the shipped default model
+# with the vision tower, projector and prompt MLP frozen and the LLM lightly tuned (--train-llm, lr x 0.1), on
+# 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
+#
+# Results go to $OUT (what comes back: at most 8 files, each < 16 MiB): small.tar.gz (configs, logs, eval JSONs,
+# adapters), and the mivpg row's model.safetensors + adapter (to ship as models/variants/mivpg).
+# Then, on the CPU machine: python scripts/mivpg_table.py table --latency docs/multi-image-results/latency-cpu.json \
+#   --accuracy concat=eval-concat-4f.json qformer=eval-qformer-4f.json mivpg=eval-mivpg-4f.json ... --out ...
+set -eo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+RUNS=${RUNS:-/tmp/pipmm-runs-mv}
+OUT=${OUT:-/tmp/pipmm-out}
+ROWS=${ROWS:-"concat qformer mivpg mivpg-inv mivpg-full mivpg-plain"}
+CLI="python3 -m sdk.cli"
+mkdir -p "$RUNS" "$OUT"
+phase=${1:?phase: train, resume, export, eval, single or latency}
+rows=($ROWS)
+workers=$(( 14 / ${#rows[@]} )); [ "$workers" -lt 1 ] && workers=1
+
+flags() {  # the stage-mv flags of a row
+  local common="--stage mv --budget quarter --frames 2 4 --n-max 8 --train-llm --steps 2000 --batch-size 64
+                --lr 1e-3 --save-every 1000000 --log-every 25 --val-scenes 64 --quiet --workers $workers"
+  case $1 in
+    concat)      echo "$common --adapter concat --init models/default_model" ;;
+    qformer)     echo "$common --adapter qformer --adapter-set frame_order=embedded --init models/default_model" ;;
+    mivpg)       echo "$common --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
+    mivpg-inv)   echo "$common --adapter mivpg --init models/default_model" ;;
+    mivpg-full)  echo "$common --adapter mivpg --adapter-set frame_order=embedded --adapter-set csa=full --init models/default_model" ;;
+    mivpg-plain) echo "$common --adapter mivpg --adapter-set frame_order=embedded --reducer pool --init $RUNS/plain" ;;
+    *) echo "unknown row $1" >&2; exit 2 ;;
+  esac
+}
+
+pack() {  # small files of every run -> one tar; listed files -> one file each
+  (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
+      --exclude='*.onnx*' --exclude='bundle-*/tokenizer.json' */ *.json 2>/dev/null) || true
+  for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
+}
+
+case $phase in
+train|resume)
+  nvidia-smi -L || true
+  if [[ " ${rows[*]} " == *" mivpg-plain "* ]] && [ ! -f "$RUNS/plain/model.safetensors" ]; then
+    python3 -c "from export.train.state import assemble_variant as a; a('models/default_model', 'models/default_model/plain-baseline', '$RUNS/plain')"
+  fi
+  for row in "${rows[@]}"; do
+    if [ "$phase" = resume ]; then
+      [ -f "$RUNS/mv-$row/trainer_state.json" ] || continue
+      python3 -c "import json,sys; c=json.load(open('$RUNS/mv-$row/train_config.json')); sys.exit(c['completed_steps'] < c['steps'])" && continue
+      extra="--resume"
+    else
+      rm -rf "$RUNS/mv-$row"; extra=""
+    fi
+    $CLI train $(flags "$row") --out "$RUNS/mv-$row" --stop-after-seconds "${2:-480}" $extra > "$RUNS/train-$row.log" 2>&1 &
+  done
+  wait
+  tail -n 3 "$RUNS"/train-*.log
+  pack mv-mivpg/model.safetensors mv-mivpg/adapter.safetensors
+  ;;
+export)
+  for row in "${rows[@]}"; do
+    (
+      reducer=prompt-topk; [ "$row" = mivpg-plain ] && reducer=pool
+      mlp="--prompt-mlp $RUNS/mv-$row"; [ "$row" = mivpg-plain ] && mlp="--no-prompt-mlp"
+      rm -rf "$RUNS/bundle-$row"
+      $CLI export "$RUNS/mv-$row" $mlp --visual-tokens quarter --reducer $reducer --visual-positions sequence \
+          --out "$RUNS/bundle-$row" --quiet
+      if [ "$row" = concat ]; then
+        $CLI add-graphs "$RUNS/bundle-$row" --multi-image concat --n-max 4
+      else
+        $CLI add-graphs "$RUNS/bundle-$row" --adapter "$RUNS/mv-$row" --n-max 8
+      fi
+    ) > "$RUNS/export-$row.log" 2>&1 &
+  done
+  wait
+  tail -n 2 "$RUNS"/export-*.log
+  ;;
+eval)
+  frames=${2:-4}
+  for row in "${rows[@]}"; do
+    $CLI eval "$RUNS/bundle-$row" --multiview --frames "$frames" --n 2000 --split test --jobs 14 --device cpu \
+        --max-new-tokens 8 --quiet --json "$RUNS/eval-$row-${frames}f.json" | tail -n 8
+  done
+  pack
+  ;;
+single)
+  $CLI eval "$RUNS/bundle-mivpg" --n 2000 --split test --jobs 14 --device cpu --quiet \
+      --json "$RUNS/eval-mivpg-single.json" | tail -n 12
+  pack
+  ;;
+latency)
+  python3 scripts/mivpg_table.py measure --preset edge-0.5b --device cuda --work "$RUNS/latency" \
+      --out "$RUNS/latency-gpu.json"
+  pack
+  ;;
+*) echo "unknown phase $phase" >&2; exit 2 ;;
+esac

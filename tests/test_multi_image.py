@@ -1,0 +1,153 @@
+"""Several frames per request (sdk/frames.py): concat against transformers' own multi-image generate, adapter
+bundles against the PyTorch reference, the errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdk
+from chat_checkpoints import NEW_TOKENS as HF_TOKENS, transformers_run
+from export.model.mivpg import random_adapter
+from export.multi_image import attach_adapter, set_concat
+from export.reference import reference_pipeline
+from helpers import edit_manifest, run_pipmm
+from sdk.errors import BundleError, ContextOverflowError, PipmmError
+from sdk.frames import FrameCountError
+from sdk.manifest_multi import MultiImage
+from sdk.pipeline import Pipeline
+
+QUESTION = "what is the color of the star left of the circle?"
+NEW_TOKENS = 16
+N_MAX = 4
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (30 + 3 * i, 40, 3), dtype=np.uint8) for i in range(n)]
+
+
+@pytest.mark.parametrize("case", ["llama-bos-llava15", "qwen2-chatml"])
+def test_concat_matches_transformers_generate_with_several_images(case, chat_bundles):
+    """Plain LLaVA, no multi_image section (concat by default): the processor's ids and greedy tokens, 2 and 3 images."""
+    checkpoint, bundle = chat_bundles(case)
+    pipeline = sdk.load(bundle, device="cpu")
+    assert pipeline.frames.mode == "concat"
+    for n in (2, 3):
+        images = frames(n, seed=n)
+        messages = [{"role": "user", "content": [*({"type": "image", "image": Image.fromarray(im)} for im in images),
+                                                 {"type": "text", "text": QUESTION}]}]
+        ids, expected = transformers_run(checkpoint, None, messages=messages)
+        assert pipeline.frames.prompt_ids(pipeline.prompter, QUESTION, n)[0].tolist() == ids
+        result = pipeline.generate(images, QUESTION, max_new_tokens=HF_TOKENS)
+        assert len(expected) == HF_TOKENS and result.token_ids == expected
+        assert result.frames == n and result.visual_tokens == n * pipeline.num_visual_tokens
+
+
+def test_concat_pipmm_patch_positions_matches_the_reference(checkpoints, prompt_mlp, bundles):
+    """PIP-MM at half budget, kept tokens at their patch positions: every frame gets its own T-CLS from the one
+    prompt vector and its own block of patch positions; the ONNX bundle and the PyTorch modules agree."""
+    options = dict(budget="half", reducer="prompt-topk")
+    onnx_pipe = sdk.load(bundles("llama", pipmm=True, positions="patch", **options), device="cpu")
+    ref_pipe = reference_pipeline(checkpoints["llama"], prompt_mlp=prompt_mlp, visual_positions="patch", **options)
+    images = frames(3)
+    got = onnx_pipe.generate(images, QUESTION, max_new_tokens=NEW_TOKENS)
+    assert got.token_ids == ref_pipe.generate(images, QUESTION, max_new_tokens=NEW_TOKENS).token_ids
+    assert got.visual_tokens == 3 * 25 and len(got.token_ids) > 0
+    # one frame, as an image or as a list of one: the single-image request of before
+    single = onnx_pipe.generate(images[0], QUESTION, max_new_tokens=NEW_TOKENS)
+    assert onnx_pipe.generate(images[:1], QUESTION, max_new_tokens=NEW_TOKENS).token_ids == single.token_ids
+    assert single.frames == 1 and single.visual_tokens == 25
+
+
+@pytest.fixture(scope="module")
+def adapter_bundle(bundles, tmp_path_factory):
+    """mode -> (bundle, adapter module): the PIP-MM half-budget bundle with a random adapter for N_MAX frames."""
+    source = bundles("llama", pipmm=True, budget="half", reducer="prompt-topk")
+    made = {}
+
+    def make(mode):
+        if mode not in made:
+            path = tmp_path_factory.mktemp(mode) / "bundle"
+            shutil.copytree(source, path)
+            module = random_adapter(mode, 64, seed=2, d_model=32, queries=6, frame_queries=4, csa_points=3,
+                                    max_frames=N_MAX)
+            attach_adapter(path, module, n_max=N_MAX)
+            made[mode] = path, module
+        return made[mode]
+    return make
+
+
+@pytest.mark.parametrize("mode", ["qformer", "mivpg"])
+def test_adapter_bundle_matches_the_reference(mode, adapter_bundle, checkpoints, prompt_mlp):
+    path, module = adapter_bundle(mode)
+    onnx_pipe = sdk.load(path, device="cpu")
+    spec = onnx_pipe.manifest.multi_image
+    assert (spec.mode, spec.n_max, spec.tokens, spec.graph) == (mode, N_MAX, 6, "adapter")
+    assert spec.settings["frame_order"] == "ignored" and ("csa" in spec.settings) == (mode == "mivpg")
+    ref_pipe = reference_pipeline(checkpoints["llama"], prompt_mlp=prompt_mlp, budget="half", reducer="prompt-topk",
+                                  adapter=module, n_max=N_MAX)
+    for n in (1, 3):
+        images = frames(n, seed=10 + n)
+        got = onnx_pipe.generate(images, QUESTION, max_new_tokens=NEW_TOKENS)
+        assert got.token_ids == ref_pipe.generate(images, QUESTION, max_new_tokens=NEW_TOKENS).token_ids
+        assert got.visual_tokens == 6 and got.frames == n and "adapter_ms" in got.timings
+    pieces = list(onnx_pipe.stream(frames(2), QUESTION, max_new_tokens=NEW_TOKENS))
+    assert "".join(pieces) == onnx_pipe.describe(frames(2), QUESTION, max_new_tokens=NEW_TOKENS)
+
+
+def test_frame_count_errors(adapter_bundle, bundles, tmp_path):
+    pipeline = sdk.load(adapter_bundle("mivpg")[0], device="cpu")
+    with pytest.raises(FrameCountError, match="no image given"):
+        pipeline.generate([], QUESTION)
+    with pytest.raises(FrameCountError, match=f"5 images, but this bundle takes at most {N_MAX}") as err:
+        pipeline.generate(frames(5), QUESTION)
+    assert "\n" not in str(err.value) and isinstance(err.value, PipmmError)
+    with pytest.raises(FrameCountError, match="takes one image"):
+        pipeline.generate(frames(2), QUESTION, region=sdk.Box(0, 0, 5, 5))
+    with pytest.raises(BundleError, match="multi-turn chat is for concat bundles"):
+        pipeline.conversation(frames(1)[0])
+    with pytest.raises(FrameCountError, match="at most 8"):  # a bundle without the section: concat, 8 frames
+        sdk.load(bundles("llama"), device="cpu").generate(frames(9), QUESTION)
+    shutil.copytree(bundles("llama"), tmp_path / "concat")
+    concat = sdk.load(set_concat(tmp_path / "concat", n_max=12), device="cpu")  # 49 tokens a frame, context 512
+    with pytest.raises(ContextOverflowError, match="with the 11 images .* or send fewer images"):
+        concat.generate(frames(11), QUESTION)
+
+
+def test_the_manifest_section_is_checked(adapter_bundle, tmp_path):
+    with pytest.raises(BundleError, match="'graph' and 'tokens' must be given for mode 'mivpg'"):
+        MultiImage.from_dict({"mode": "mivpg", "n_max": 4}, "m.json")
+    with pytest.raises(BundleError, match="'mode' must be"):
+        MultiImage.from_dict({"mode": "perceiver"}, "m.json")
+    path = tmp_path / "bundle"
+    shutil.copytree(adapter_bundle("qformer")[0], path)
+    edit_manifest(path, lambda m: m["multi_image"].update(n_max=6))
+    with pytest.raises(BundleError, match=r"graph 'adapter' takes \[1, 4, 25, 64\]"):
+        Pipeline.load(path, device="cpu")
+    set_concat(path, n_max=2)  # the section rewritten, the files re-hashed: concat again, two frames
+    pipeline = sdk.load(path, device="cpu")
+    assert pipeline.frames.mode == "concat" and pipeline.frames.n_max == 2
+    assert pipeline.generate(frames(2), QUESTION, max_new_tokens=2).visual_tokens == 50
+
+
+def test_cli_takes_several_images_and_the_single_image_form(adapter_bundle, tmp_path):
+    bundle = adapter_bundle("mivpg")[0]
+    files = []
+    for i, image in enumerate(frames(3)):
+        files.append(tmp_path / f"f{i}.png")
+        Image.fromarray(image).save(files[-1])
+    many = run_pipmm("describe", *files, "--prompt", QUESTION, "--bundle", bundle, "--json", "--max-new-tokens", 4)
+    assert many.returncode == 0, many.stderr
+    stats = json.loads(many.stdout)["stats"]
+    assert (stats["frames"], stats["visual_tokens"]) == (3, 6)
+    one = run_pipmm("describe", files[0], QUESTION, "--bundle", bundle, "--json", "--max-new-tokens", 4)
+    assert one.returncode == 0 and json.loads(one.stdout)["stats"]["frames"] == 1
+    missing = run_pipmm("describe", files[0], tmp_path / "absent.png", "--bundle", bundle)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "absent.png" in missing.stderr
+    too_many = run_pipmm("describe", *files, *files, "--prompt", QUESTION, "--bundle", bundle)
+    assert too_many.returncode == 1 and "at most 4" in too_many.stderr
