@@ -21,7 +21,7 @@ from .errors import PipmmError
 VERBS: dict[str, tuple[str, str]] = {
     "describe": ("sdk.cli_describe", "describe an image with a bundle (default: the embedded model)"),
     "export": ("export.cli_export", "export a LLaVA checkpoint (+ prompt MLP) to an ONNX bundle"),
-    "scenes": ("export.tasks.scenes", "write generated scenes and LLaVA-style conversations"),
+    "scenes": ("export.tasks.sheet", "write generated scenes and LLaVA-style conversations"),
     "train": ("export.train.train", "train the default model on generated scenes (stage 0 base, 1 prompt MLP, 2 budget, "
               "mv several frames)"),
     "eval": ("export.train.evaluate", "exact-match accuracy per question family (--multiview: several frames) and "

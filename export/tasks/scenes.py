@@ -426,17 +426,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="train", choices=tuple(SPLITS), help="seed range (default: train)")
     parser.add_argument("--size", default=224, type=int, help="image side in pixels (default: 224)")
     parser.add_argument("--seed-offset", default=0, type=int, help="first scene index within the split")
-    parser.add_argument("--contact-sheet", default=None, metavar="PNG",
-                        help="instead: write a contact sheet of every style (export/tasks/sheet.py) and exit")
 
 
 def run(args) -> int:
-    if args.contact_sheet:
-        from export.tasks.sheet import contact_sheet
-
-        contact_sheet(args.contact_sheet)
-        print(f"wrote a contact sheet of {len(STYLES)} styles to {args.contact_sheet}")
-        return 0
     if args.out is None or args.n is None:
         raise SceneArgumentError("pass --out DIR and --n N (or --contact-sheet PNG)")
     path = write_dataset(args.out, args.n, args.split, args.size, seed_offset=args.seed_offset)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from export.tasks import scenes
 from export.tasks.scenes import STYLES, TRAIN_STYLES, make_scene, make_questions
 
 TILE = 224
@@ -66,6 +67,21 @@ def write_samples(folder) -> Path:
     path = folder / "frames.json"
     path.write_text(json.dumps(sample_records(), indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def add_arguments(parser) -> None:
+    """`pipmm scenes`: scenes.py's dataset arguments, plus the contact sheet."""
+    scenes.add_arguments(parser)
+    parser.add_argument("--contact-sheet", default=None, metavar="PNG",
+                        help="instead: write a contact sheet of every style and exit")
+
+
+def run(args) -> int:
+    if args.contact_sheet:
+        contact_sheet(args.contact_sheet)
+        print(f"wrote a contact sheet of {len(STYLES)} styles to {args.contact_sheet}")
+        return 0
+    return scenes.run(args)
 
 
 if __name__ == "__main__":
