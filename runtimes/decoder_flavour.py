@@ -1,7 +1,7 @@
 """Which decoder graph ONNX Runtime runs, and how its CPU threads wait: the traced `decoder`, or `decoder_fused` (export/fused.py: the same
 weights as ONNX Runtime's fused contrib ops, for the CPU).
 
-    decoder_flavour  "auto" (default): decoder_fused on CPU with the numpy KV cache when the bundle has it
+    decoder_flavour  "auto" (default): decoder_fused on CPU (in-place or numpy KV cache) when the bundle has it
                      "plain": the traced decoder always;  "fused": decoder_fused, refused where it cannot run
     PIPMM_DECODER    the same choice from the environment (the argument wins)
     PIPMM_SPINNING   1/0: intra-op threads spin between runs or sleep (default: sleep on CPU, spin on GPUs)
@@ -16,6 +16,7 @@ from sdk.errors import BackendError
 
 FUSED_DECODER = "decoder_fused"
 DECODER_FLAVOURS = ("auto", "plain", "fused")
+CPU_CACHES = ("numpy", "inplace")  # runtimes/onnxruntime.py: the CPU's KV cache kinds
 
 
 def choose_flavour(bundle: Bundle, device: str, kv_cache: str, flavour: str | None = None) -> tuple[bool, str | None]:
@@ -27,14 +28,14 @@ def choose_flavour(bundle: Bundle, device: str, kv_cache: str, flavour: str | No
     if flavour == "fused" and not has_fused:
         raise BackendError(f"bundle {bundle.path} has no {FUSED_DECODER} graph: add it with 'pipmm add-graphs BUNDLE "
                            f"--checkpoint CHECKPOINT_DIR --graph {FUSED_DECODER}', or use decoder_flavour='plain'")
-    if flavour == "fused" and kv_cache != "numpy":
-        raise BackendError(f"{FUSED_DECODER} runs with the CPU's numpy KV cache, not kv_cache={kv_cache!r} on "
+    if flavour == "fused" and kv_cache not in CPU_CACHES:
+        raise BackendError(f"{FUSED_DECODER} runs with the CPU's KV caches, not kv_cache={kv_cache!r} on "
                            f"{device}: use device='cpu' or decoder_flavour='plain'")
     if flavour == "plain":
         return False, "plain decoder asked for (decoder_flavour='plain' or PIPMM_DECODER=plain)"
     if not has_fused:
         return False, f"the bundle has no {FUSED_DECODER} (pipmm add-graphs BUNDLE --graph {FUSED_DECODER})"
-    if kv_cache != "numpy":
+    if kv_cache not in CPU_CACHES:
         return False, f"{FUSED_DECODER} is the CPU's flavour (GroupQueryAttention on CUDA is FP16 only); {device} " \
                       "runs the plain decoder"
     return True, None

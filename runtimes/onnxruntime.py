@@ -1,8 +1,10 @@
 """ONNX Runtime backend: one InferenceSession per graph, on the device asked for.
 
-Three ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first that fits):
+Four ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first that fits):
 
-    numpy    (cpu, the default there)  a list of numpy arrays that each decoder call returns grown by T
+    inplace  (cpu with decoder_fused, the default there) one preallocated buffer per layer and part, read as
+             past and written as present by GroupQueryAttention: no copy per token (runtimes/inplace_cache.py)
+    numpy    (cpu, plain decoder)  a list of numpy arrays that each decoder call returns grown by T
     device   (cuda/tensorrt, bundle without decoder_static, or kv_cache="device")
              ORT-owned device tensors, [B,H_kv,P,hd], fed back through IO binding: no host copy of the
              cache, but shapes grow per token, so no CUDA graph
@@ -12,16 +14,14 @@ Three ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first
              decode step has the same shapes and addresses and is captured once as a CUDA graph
              (ONNX Runtime's enable_cuda_graph) and replayed; prefill runs outside the graph (gpu_graph_id -1)
 
-Per decode step only the token's embedding row goes to the device, and the logits row [1,V] (plus the
-hidden row [1,D]) come back; the sampled id is chosen on the host. S defaults to min(max_context, 4096)
-(`max_cache`): decode reads all S slots, so a cache sized to the request reads less.
+Per decode step only the token's embedding row goes to the device, the logits [1,V] and hidden [1,D] rows come
+back. S = min(max_context, 4096) or `max_cache` (static: decode reads all S slots; inplace: grows when full).
 
 ONNX Runtime's own graph optimizations run at load (ORT_ENABLE_ALL); on the dynamo-traced decoder they leave
 about 74 nodes per layer (RMSNorm stays Pow/ReduceMean/Sqrt/Reciprocal, rotary Slice/Neg/Concat, attention
-MatMul/Softmax). On CPU the numpy cache runs `decoder_fused` instead when the bundle has it (export/fused.py:
-GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, packed projections; same inputs and
-outputs): decoder_flavour="plain" (or PIPMM_DECODER=plain) forces the traced graph. The bundle keeps the plain
-graphs, which TensorRT reads too. See docs/gpu.md.
+MatMul/Softmax). On CPU `decoder_fused` runs instead when the bundle has it (export/fused.py: ONNX Runtime's
+fused contrib ops; same inputs and outputs), with the in-place cache: decoder_flavour="plain" (or
+PIPMM_DECODER=plain) forces the traced graph and the numpy cache. TensorRT reads the plain graphs. docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from functools import partial
 import numpy as np
 
 from .decoder_flavour import FUSED_DECODER, choose_flavour, spinning_default
+from .inplace_cache import InPlaceCaches
 from .positions import following, step_positions
 from .vision_output import VisionOutput
 
@@ -49,7 +50,7 @@ PROVIDERS: dict[str, list[str]] = {
 # where OrtValues of a device live
 ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
 DEFAULT_MAX_CACHE = 4096
-KV_CACHES = ("numpy", "device", "static")
+KV_CACHES = ("inplace", "numpy", "device", "static")
 STATIC_DECODER = "decoder_static"
 CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
 
@@ -129,13 +130,14 @@ class OnnxRuntimeBackend:
         self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
         self.max_context = model.max_context
         has_static = STATIC_DECODER in bundle.graphs
+        asked_cache = kv_cache
         if kv_cache == "auto":
             # TensorRT reads input and output as separate buffers: the in-place static cache is for CUDA.
             kv_cache = "numpy" if self.device == "cpu" else ("static" if has_static and self.device == "cuda" else "device")
         if kv_cache not in KV_CACHES:
             raise BackendError(f"kv_cache {kv_cache!r}: choose auto, {', '.join(KV_CACHES)}")
-        if kv_cache == "numpy" and self.device != "cpu":
-            raise BackendError(f"kv_cache 'numpy' is the CPU's; on {self.device} choose 'device' or 'static'")
+        if kv_cache in ("numpy", "inplace") and self.device != "cpu":
+            raise BackendError(f"kv_cache {kv_cache!r} is the CPU's; on {self.device} choose 'device' or 'static'")
         if kv_cache == "static" and not has_static:
             raise BackendError(f"bundle {bundle.path} has no {STATIC_DECODER} graph for a static KV cache: add it "
                                "with 'pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR', or use kv_cache='device'")
@@ -147,14 +149,15 @@ class OnnxRuntimeBackend:
         self.cuda_graph = bool(self.static_cache and self.device == "cuda" if cuda_graph is None else cuda_graph)
         self.cuda_graph_note: str | None = None
         self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
-        self.cache_slots = None
-        if self.static_cache:
-            wanted = max_cache or int(os.environ.get("PIPMM_MAX_CACHE", 0)) or min(self.max_context, DEFAULT_MAX_CACHE)
-            self.cache_slots = max(2, min(int(wanted), self.max_context))
+        wanted = max_cache or int(os.environ.get("PIPMM_MAX_CACHE", 0)) or min(self.max_context, DEFAULT_MAX_CACHE)
+        self.cache_slots = max(2, min(int(wanted), self.max_context))  # static: fixed; inplace: the first size
         self.engine_cache = engine_cache
         fused, self.decoder_flavour_note = choose_flavour(bundle, self.device, kv_cache, decoder_flavour)
         if fused:
             self.decoder_graph = FUSED_DECODER
+        elif kv_cache == "inplace":
+            raise BackendError(f"kv_cache 'inplace' needs {FUSED_DECODER} (GroupQueryAttention writes the shared "
+                               f"buffer) and this backend runs the plain decoder: {self.decoder_flavour_note}")
 
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
@@ -174,6 +177,10 @@ class OnnxRuntimeBackend:
         for name in ("vision", "embed"):
             self.sessions[name] = self._open(name)
         self.sessions[self.decoder_graph] = self._open_decoder()
+        cpu_auto = self.device == "cpu" and asked_cache in ("auto", "inplace")  # inplace: decoder_fused only
+        self.kv_cache = ("inplace" if self.decoder_graph == FUSED_DECODER else "numpy") if cpu_auto else self.kv_cache
+        self.kv_cache_note = f"the in-place cache needs {FUSED_DECODER}: {self.decoder_flavour_note}" \
+            if cpu_auto and self.kv_cache == "numpy" else None  # the plain decoder's present is concat(past, new)
         decoder_inputs = {i.name: i for i in bundle.graphs[self.decoder_graph].inputs}
         self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"].dtype]
         self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"].dtype]
@@ -188,15 +195,19 @@ class OnnxRuntimeBackend:
         bias = decoder_inputs.get("image_bias")
         self.bias_layers = int(bias.shape[1]) if bias else 0
         self.bias_dtype = _NUMPY_DTYPES[bias.dtype] if bias else None
+        # zeros for calls without a bias, fed as views (read-only for the graph) rather than new arrays per token
+        self._zero_bias = np.zeros(self.bias_layers * self.max_context, self.bias_dtype) if bias else None
         self.has_attention = "attention" in decoder_outputs
         self.step_outputs = ["logits", "hidden", *self._kv_names("present")]  # what a generation step reads
         self.vocab_size = model.vocab_size
         # The cache kind's constructor and decode step, chosen once here rather than per call by the cache's type.
-        self._new_cache, self._decode_step = {
-            "numpy": (self._new_dynamic_cache, self._decode_numpy),
-            "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device),
-            "static": (self._new_static_cache, self._decode_static),
-        }[kv_cache]
+        kinds = {"numpy": (self._new_dynamic_cache, self._decode_numpy),
+                 "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device),
+                 "static": (self._new_static_cache, self._decode_static)}
+        if self.kv_cache == "inplace":
+            self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
+            kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
+        self._new_cache, self._decode_step = kinds[self.kv_cache]
         if self.static_cache:
             self._init_static()
 
@@ -275,15 +286,14 @@ class OnnxRuntimeBackend:
     def info(self) -> dict:
         """What runs where, for benchmarks and bug reports."""
         ort = _ort()
-        kv_bytes = None
-        if self.cache_slots:
-            kv_bytes = 2 * self.num_layers * self.num_kv_heads * self.cache_slots * self.head_dim * \
-                np.dtype(self.kv_dtype).itemsize
+        kv_bytes = 2 * self.num_layers * self.num_kv_heads * self.cache_slots * self.head_dim * \
+            np.dtype(self.kv_dtype).itemsize if self.static_cache else None
         return {"backend": self.name, "onnxruntime": ort.__version__, "device": self.device,
                 "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
                 "decoder_graph": self.decoder_graph, "decoder_flavour_note": self.decoder_flavour_note,
-                "kv_cache": self.kv_cache,
-                "static_cache_slots": self.cache_slots, "static_cache_bytes": kv_bytes,
+                "kv_cache": self.kv_cache, "kv_cache_note": self.kv_cache_note,
+                "static_cache_slots": self.cache_slots if self.static_cache else None, "static_cache_bytes": kv_bytes,
+                "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
                 "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
                 "spinning": self.spinning}
@@ -317,7 +327,9 @@ class OnnxRuntimeBackend:
                                   "re-export it with 'pipmm export', or run without inhibit")
             return None
         if image_bias is None:
-            return np.zeros((batch, self.bias_layers, total), self.bias_dtype)
+            if batch != 1 or total > self.max_context:
+                return np.zeros((batch, self.bias_layers, total), self.bias_dtype)
+            return self._zero_bias[:self.bias_layers * total].reshape(1, self.bias_layers, total)
         if image_bias.shape != (batch, self.bias_layers, total):
             raise BackendError(f"image_bias has shape {image_bias.shape}, the call needs {(batch, self.bias_layers, total)}")
         return np.ascontiguousarray(image_bias, self.bias_dtype)
@@ -331,7 +343,8 @@ class OnnxRuntimeBackend:
 
     def attention(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None) -> np.ndarray:
         """CMAI's probe: attention [B,L_c,T,P+T] of this call's queries at the CMAI layers (no bias); the
-        grown cache is dropped, `cache` stays valid (numpy and device caches are never written in place)."""
+        grown cache is dropped, `cache` stays valid (numpy and device caches are never written in place, the
+        in-place one only after `cache.length`)."""
         if not self.has_attention:
             raise BundleError(f"the {self.decoder_graph} graph of bundle {self.bundle.path} has no attention output "
                               "(exported before CMAI or with --cmai-layers none, or a static KV cache): re-export "
@@ -346,7 +359,7 @@ class OnnxRuntimeBackend:
         bias = self._image_bias(b, cache.length + t, image_bias)
         return self._decode_step(inputs_embeds, cache, positions, bias, attention)
 
-    # -- numpy cache (CPU) ------------------------------------------------------------------------
+    # -- numpy cache (CPU, plain decoder; the in-place one is runtimes/inplace_cache.py) -------------
 
     def _decode_numpy(self, inputs_embeds: np.ndarray, cache: KVCache, positions: np.ndarray,
                       bias: np.ndarray | None, attention: bool):

@@ -180,7 +180,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def cut_cache(cache, length: int, next_position: int):
     """The cache's first `length` tokens, or None where its kind cannot be cut here (device or static caches:
-    the caller prefills again). numpy caches (the CPU's) are cut by slicing."""
+    the caller prefills again). numpy caches are cut by slicing; caches with a cut() (the CPU's in-place one,
+    runtimes/inplace_cache.py) cut themselves."""
+    if hasattr(cache, "cut"):
+        return cache.cut(length, next_position)
     past = getattr(cache, "past", None)
     if not (isinstance(past, list) and all(isinstance(p, np.ndarray) for p in past)) or not hasattr(cache, "mask"):
         return None
