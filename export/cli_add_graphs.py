@@ -1,12 +1,18 @@
 """`pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR`: add optional graphs (decoder_static, energy_grad) to a
-bundle; `--controlmllm` adds energy_grad, the referring graph (docs/referring.md)."""
+bundle; `--controlmllm` adds energy_grad, the referring graph (docs/referring.md). `pipmm add-graphs BUNDLE
+--pixel-input uint8` makes the vision graph take uint8 pixels and normalise them itself (export/pixel_input.py;
+no checkpoint needed)."""
 
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("bundle", help="bundle directory written by 'pipmm export' (fp32 or fp16)")
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint the bundle was exported from")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the checkpoint the bundle was exported from (needed to trace graphs)")
+    parser.add_argument("--pixel-input", choices=("uint8",), default=None,
+                        help="the vision graph takes the resized, cropped uint8 pixels [B,H,W,3] and rescales and "
+                             "normalises them inside (no host float work; docs/gpu.md, CPU)")
     parser.add_argument("--graph", action="append", default=None, metavar="NAME",
                         help="optional graph to add (repeatable; default decoder_static: the static KV cache "
                              "decoder for CUDA graphs, docs/gpu.md)")
@@ -41,8 +47,18 @@ def referring_settings(pairs: list[str]) -> dict:
 
 def run(args) -> int:
     from export.extra_graphs import add_graphs
+    from sdk.errors import ExportError
 
     asked = list(args.graph or []) + (["energy_grad"] if args.controlmllm else [])
+    if args.pixel_input:
+        from export.pixel_input import convert_bundle
+
+        convert_bundle(args.bundle)
+        print(f"the vision graph of {args.bundle} takes {args.pixel_input} pixels")
+        if not asked:
+            return 0
+    if args.checkpoint is None:
+        raise ExportError("pass --checkpoint CHECKPOINT_DIR (the checkpoint the bundle was exported from) to trace graphs")
     graphs = tuple(dict.fromkeys(asked or ["decoder_static"]))
     add_graphs(args.bundle, args.checkpoint, graphs, device=args.device, overwrite=args.overwrite,
                referring_settings=referring_settings(args.referring_set))

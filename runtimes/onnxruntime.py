@@ -5,21 +5,18 @@ Four ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first 
     inplace  (cpu with decoder_fused, the default there) one preallocated buffer per layer and part, read as
              past and written as present by GroupQueryAttention: no copy per token (runtimes/inplace_cache.py)
     numpy    (cpu, plain decoder)  a list of numpy arrays that each decoder call returns grown by T
-    device   (cuda/tensorrt, bundle without decoder_static, or kv_cache="device")
-             ORT-owned device tensors, [B,H_kv,P,hd], fed back through IO binding: no host copy of the
-             cache, but shapes grow per token, so no CUDA graph
-    static   (cuda, bundle with decoder_static: the default there)
-             one preallocated [1,H_kv,S,hd] buffer per layer and part, bound as both the graph's past input
-             and its present output (the graph writes the new slots in place, export/model/decoder.py), so every
-             decode step has the same shapes and addresses and is captured once as a CUDA graph
-             (ONNX Runtime's enable_cuda_graph) and replayed; prefill runs outside the graph (gpu_graph_id -1)
+    device   (cuda/tensorrt, bundle without decoder_static, or kv_cache="device") ORT-owned device tensors,
+             [B,H_kv,P,hd], fed back through IO binding: no host copy, but shapes grow per token (no CUDA graph)
+    static   (cuda, bundle with decoder_static: the default there) one preallocated [1,H_kv,S,hd] buffer per
+             layer and part, bound as past and present (written in place, export/model/decoder.py): every decode
+             step has the same shapes and addresses, captured once as a CUDA graph (enable_cuda_graph) and
+             replayed; prefill runs outside the graph (gpu_graph_id -1)
 
-Per decode step only the token's embedding row goes to the device, the logits [1,V] and hidden [1,D] rows come
-back. S = min(max_context, 4096) or `max_cache` (static: decode reads all S slots; inplace: grows when full).
+Per decode step the token's embedding row goes in, the logits [1,V] and hidden [1,D] rows come back. S =
+min(max_context, 4096) or `max_cache` (static: decode reads all S slots; inplace: grows when full).
 
-ONNX Runtime's own graph optimizations run at load (ORT_ENABLE_ALL); on the dynamo-traced decoder they leave
-about 74 nodes per layer (RMSNorm stays Pow/ReduceMean/Sqrt/Reciprocal, rotary Slice/Neg/Concat, attention
-MatMul/Softmax). On CPU `decoder_fused` runs instead when the bundle has it (export/fused.py: ONNX Runtime's
+ORT_ENABLE_ALL at load leaves about 74 nodes per layer of the dynamo-traced decoder (RMSNorm as
+Pow/ReduceMean/Sqrt/Reciprocal, rotary Slice/Neg/Concat, attention MatMul/Softmax). On CPU `decoder_fused` runs instead when the bundle has it (export/fused.py: ONNX Runtime's
 fused contrib ops; same inputs and outputs), with the in-place cache: decoder_flavour="plain" (or
 PIPMM_DECODER=plain) forces the traced graph and the numpy cache. TensorRT reads the plain graphs. docs/gpu.md.
 """
@@ -54,7 +51,7 @@ KV_CACHES = ("inplace", "numpy", "device", "static")
 STATIC_DECODER = "decoder_static"
 CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
 def _ort():
@@ -304,6 +301,9 @@ class OnnxRuntimeBackend:
         return self.sessions["embed"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
 
     def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None) -> VisionOutput:
+        if (pixel_values.dtype == np.uint8) != (self.pixel_dtype == np.uint8):  # never cast pixels across the two
+            raise BackendError(f"the vision graph takes {np.dtype(self.pixel_dtype).name} pixels, not "
+                               f"{pixel_values.dtype}: make them with sdk.preprocess.pixel_input(image, preprocessing)")
         feeds = {"pixel_values": pixel_values.astype(self.pixel_dtype)}
         if prompt_vector is not None:
             feeds["prompt_vector"] = prompt_vector.astype(self.embed_dtype)

@@ -38,7 +38,7 @@ from datetime import datetime
 import numpy as np
 
 from .errors import BundleError, PromptError
-from .preprocess import preprocess
+from .preprocess import pixel_input
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image")
@@ -301,7 +301,7 @@ class Conversation:
 
     def _encode_image(self) -> None:
         pipeline = self.pipeline
-        pixel_values = preprocess(self.image, pipeline.preprocessing)
+        pixel_values = pixel_input(self.image, pipeline.preprocessing)
         vector = None
         if pipeline.prompt_vector_spec is not None:
             vector = pipeline.encode_prompt(self.image_question or "Describe the image.")

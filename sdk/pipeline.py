@@ -30,7 +30,7 @@ from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmE
 from .explain import Explanation, explain, require_attention
 from .generation import GenerationArgs, sample, suppress
 from .manifest import Manifest
-from .preprocess import preprocess
+from .preprocess import pixel_input
 from .prompting import Prompter
 from .referring import prepare as prepare_referring
 
@@ -200,7 +200,7 @@ class Pipeline:
         """Yields generated token ids one by one, filling result.timings as it goes."""
         t = result.timings
         start = time.perf_counter()
-        pixel_values = preprocess(image, self.preprocessing)
+        pixel_values = pixel_input(image, self.preprocessing)  # uint8 [1,H,W,3] where the graph normalises
         t["preprocess_ms"] = _ms(start)
 
         stage = time.perf_counter()
