@@ -244,6 +244,7 @@ def fused_entry(path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     layers = sum(1 for node in model.graph.node if node.op_type == "GroupQueryAttention")
     return {"flavour_of": "decoder", "preferred_by": {"onnxruntime": ["cpu"]},
+            "query_seqlens": True,  # a mask as wide as the KV buffer reads right (runtimes/inplace_cache.py)
             "ops": fused_ops(model), "nodes": len(model.graph.node),
             "nodes_per_layer": round(len(model.graph.node) / max(layers, 1), 1),
             "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed; not shared with decoder)"}

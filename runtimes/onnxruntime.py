@@ -30,7 +30,7 @@ from functools import partial
 import numpy as np
 
 from .decoder_flavour import FUSED_DECODER, choose_flavour, spinning_default
-from .inplace_cache import InPlaceCaches
+from .inplace_cache import InPlaceCaches, cpu_cache
 from .positions import following, step_positions
 from .vision_output import VisionOutput
 
@@ -174,10 +174,9 @@ class OnnxRuntimeBackend:
         for name in ("vision", "embed"):
             self.sessions[name] = self._open(name)
         self.sessions[self.decoder_graph] = self._open_decoder()
-        cpu_auto = self.device == "cpu" and asked_cache in ("auto", "inplace")  # inplace: decoder_fused only
-        self.kv_cache = ("inplace" if self.decoder_graph == FUSED_DECODER else "numpy") if cpu_auto else self.kv_cache
-        self.kv_cache_note = f"the in-place cache needs {FUSED_DECODER}: {self.decoder_flavour_note}" \
-            if cpu_auto and self.kv_cache == "numpy" else None  # the plain decoder's present is concat(past, new)
+        self.kv_cache_note = None  # why the CPU runs the numpy cache, where it does
+        if self.device == "cpu" and asked_cache in ("auto", "inplace"):
+            self.kv_cache, self.kv_cache_note = cpu_cache(bundle, self.decoder_graph, self.decoder_flavour_note)
         decoder_inputs = {i.name: i for i in bundle.graphs[self.decoder_graph].inputs}
         self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"].dtype]
         self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"].dtype]

@@ -257,8 +257,10 @@ def test_inplace_cache_serves_conversations_and_cmai_like_the_numpy_cache(fused_
     assert runs["inplace"] == runs["numpy"] and runs["inplace"][2] > 0
 
 
-def test_inplace_cache_needs_decoder_fused_and_says_why_it_is_not_used(fused_bundle, bundles):
+def test_inplace_cache_needs_decoder_fused_and_says_why_it_is_not_used(fused_bundle, bundles, tmp_path):
+    from helpers import edit_manifest
     from runtimes.onnxruntime import OnnxRuntimeBackend
+    from sdk.bundle import load_bundle
 
     plain_bundle = sdk.load(bundles("llama"), device="cpu").backend.bundle
     info = OnnxRuntimeBackend(plain_bundle, device="cpu").info()
@@ -269,3 +271,9 @@ def test_inplace_cache_needs_decoder_fused_and_says_why_it_is_not_used(fused_bun
     forced = OnnxRuntimeBackend(fused, device="cpu", decoder_flavour="plain").info()
     assert forced["kv_cache"] == "numpy" and "plain" in forced["kv_cache_note"]
     assert OnnxRuntimeBackend(fused, device="cpu", kv_cache="inplace").info()["kv_cache_note"] is None
+    older = tmp_path / "older"  # a decoder_fused of before query_seqlens reads only masks of P + T slots
+    shutil.copytree(fused.path, older)
+    edit_manifest(older, lambda m: m["graphs"]["decoder_fused"].pop("query_seqlens"))
+    info = OnnxRuntimeBackend(load_bundle(older, verify=False), device="cpu").info()
+    assert info["decoder_graph"] == "decoder_fused" and info["kv_cache"] == "numpy"
+    assert "--overwrite" in info["kv_cache_note"]
