@@ -138,14 +138,16 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     one = g.const("const.one", np.array([1], np.int64))
     seqlens = g.op("Sub", [g.op("ReduceSum", ["attention_mask", one], keepdims=0), one])
     seqlens = g.op("Cast", [seqlens], to=TensorProto.INT32)
-    total = g.op("Cast", [g.op("Squeeze", [g.op("Shape", ["attention_mask"], start=1, end=2)])], to=TensorProto.INT32)
-    rows = g.op("Cast", [g.op("Shape", ["inputs_embeds"], start=1, end=2)], to=TensorProto.INT32)
-    rows = g.op("Expand", [rows, g.op("Shape", ["inputs_embeds"], start=0, end=1)])
-    bias_shape = None
-    if spec.cmai_layers:  # image_bias [B,L_c,P+T] -> per CMAI layer [B,1,T,P+T]: every query row of the call
-        bias_shape = g.op("Concat", [g.op("Shape", ["inputs_embeds"], start=0, end=1), one,
-                                     g.op("Shape", ["inputs_embeds"], start=1, end=2),
-                                     g.op("Shape", ["attention_mask"], start=1, end=2)], axis=0)
+    batch, tokens = g.op("Shape", ["inputs_embeds"], start=0, end=1), g.op("Shape", ["inputs_embeds"], start=1, end=2)
+    width = g.op("Shape", ["attention_mask"], start=1, end=2)  # [1]: P+T, or the in-place buffer's S
+    total = g.op("Cast", [g.op("Squeeze", [width])], to=TensorProto.INT32)
+    rows = g.op("Expand", [g.op("Cast", [tokens], to=TensorProto.INT32), batch])
+    biases = None
+    if spec.cmai_layers:  # image_bias [B,L_c,P+T] -> [B,L_c,T,P+T] once (every query row of the call), sliced per layer
+        shape = g.op("Concat", [batch, g.const("const.cmai_layers", np.array([len(spec.cmai_layers)], np.int64)),
+                                tokens, width], axis=0)
+        biases = g.op("Expand", [g.op("Unsqueeze", ["image_bias", g.const("const.two", np.array([2], np.int64))]),
+                                 shape])
     splits_mlp = g.const("const.split_mlp", np.array([config.intermediate_size] * 2, np.int64))
 
     states = ["inputs_embeds"]  # transformers' hidden_states: embeddings, then each layer's output
@@ -173,8 +175,7 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
         if column is not None:
             start, end = g.const(f"const.c{column}", np.array([column], np.int64)), \
                 g.const(f"const.c{column + 1}", np.array([column + 1], np.int64))
-            bias = g.op("Unsqueeze", [g.op("Slice", ["image_bias", start, end, one]), one])  # [B,1,1,P+T]
-            bias = g.op("Expand", [bias, bias_shape])  # [B,1,T,P+T]
+            bias = g.op("Slice", [biases, start, end, one])  # [B,1,T,P+T]
             outputs.append(g.name("qk"))
             extra["qk_output"] = 2  # probabilities after softmax: CMAI's focus reads them
         gqa_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,

@@ -29,7 +29,7 @@ from functools import partial
 
 import numpy as np
 
-from .decoder_flavour import FUSED_DECODER, choose_flavour, spinning_default
+from .decoder_flavour import FUSED_DECODER, choose_flavour, decoder_threads, session_options, spinning_default
 from .inplace_cache import InPlaceCaches, cpu_cache
 from .positions import following, step_positions
 from .vision_output import VisionOutput
@@ -156,20 +156,13 @@ class OnnxRuntimeBackend:
             raise BackendError(f"kv_cache 'inplace' needs {FUSED_DECODER} (GroupQueryAttention writes the shared "
                                f"buffer) and this backend runs the plain decoder: {self.decoder_flavour_note}")
 
-        self.options = ort.SessionOptions()
-        self.options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            self.options.intra_op_num_threads = threads
-        elif os.environ.get("PIPMM_THREADS"):
-            self.options.intra_op_num_threads = int(os.environ["PIPMM_THREADS"])
         self.spinning = spinning_default(self.device) if spinning is None else bool(spinning)
-        # Idle intra-op threads spin by default; with three sessions on a shared CPU they steal the cores the
-        # running graph needs (docs/gpu.md, CPU: chosen by measurement).
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        if self.ort_device == "cuda":
-            # Weights straight into device memory, outside the arena: the arena then holds activations only.
-            self.options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        threads = threads or int(os.environ.get("PIPMM_THREADS", 0)) or None
+        self.options = session_options(ort, self.ort_device, threads, self.spinning)
+        # a small decoder on CPU runs on one thread (runtimes/decoder_flavour.py decoder_threads: measured)
+        self.decoder_threads = decoder_threads(bundle, self.decoder_graph, self.device, threads)
+        self.decoder_options = self.options if self.decoder_threads == threads else \
+            session_options(ort, self.ort_device, self.decoder_threads, self.spinning)
         self.sessions = {}
         for name in ("vision", "embed"):
             self.sessions[name] = self._open(name)
@@ -245,9 +238,10 @@ class OnnxRuntimeBackend:
         spec = self.bundle.graphs[name]
         graph_capture = self.cuda_graph and name == self.decoder_graph
         path = str(self.bundle.graph_path(name))
+        options = self.decoder_options if name.startswith("decoder") else self.options
         try:
             try:
-                session = ort.InferenceSession(path, sess_options=self.options,
+                session = ort.InferenceSession(path, sess_options=options,
                                                providers=self._provider_options(name, graph_capture))
             except Exception as err:
                 if not graph_capture:
@@ -255,7 +249,7 @@ class OnnxRuntimeBackend:
                 # ORT refuses graph capture when some node runs on the CPU with a copy in between: run without.
                 self.cuda_graph, graph_capture = False, False
                 self.cuda_graph_note = f"CUDA graph refused by onnxruntime: {one_line(err, 300)}"
-                session = ort.InferenceSession(path, sess_options=self.options,
+                session = ort.InferenceSession(path, sess_options=options,
                                                providers=self._provider_options(name, False))
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BundleError(f"graph {name} ({spec.file}) cannot be loaded by onnxruntime: "
@@ -292,6 +286,7 @@ class OnnxRuntimeBackend:
                 "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
                 "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
+                "decoder_intra_op_threads": self.decoder_threads or "default",
                 "spinning": self.spinning}
 
     # -- graphs -----------------------------------------------------------------------------------
