@@ -65,7 +65,8 @@ class KVBuffer:
         self.writes = 0
         c = caches
         self.embeds = np.zeros((1, 1, c.hidden_size), c.embed_dtype)
-        self.position = np.zeros((1, 1), np.int64)
+        self.position, self.token = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+        self.embed_binding = None  # the embed graph's, writing into self.embeds (InPlaceCaches.token_step)
         self.outputs = {"logits": np.zeros((1, c.vocab_size), c.logits_dtype),
                         "hidden": np.zeros((1, 1, c.hidden_size), c.hidden_dtype)}
         self.arrays = self.mask = self.bias = self.stamps = None
@@ -138,6 +139,8 @@ class InPlaceCaches:
         self.past_names = [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
         self.present_names = [f"present.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
         self.pool: list[KVBuffer] = []
+        embed_out = backend.bundle.graphs["embed"].outputs[0]  # bound straight into the decoder's input row
+        self.embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
 
     @property
     def nbytes(self) -> int:
@@ -167,6 +170,27 @@ class InPlaceCaches:
             binding.bind_ortvalue_output("hidden", self.ort.OrtValue.ortvalue_from_numpy(buffer.outputs["hidden"]))
             buffer.decode_binding = binding
         return buffer.decode_binding
+
+    def token_step(self, embed_session, token_id: int, cache: InPlaceKVCache):
+        """A decode step from a token id, no CMAI bias: the embed graph writes the row into the decoder's bound
+        input, then the decoder runs -> (logits [1,V], the grown cache)."""
+        end = cache.length + 1
+        self._check(cache, end)
+        buffer = cache.buffer
+        buffer.set_length(end)
+        if buffer.bias is not None:
+            buffer.bias[:, :, :end] = 0
+        if buffer.embed_binding is None:
+            buffer.embed_binding = embed_session.io_binding()
+            buffer.embed_binding.bind_cpu_input("input_ids", buffer.token)
+            buffer.embed_binding.bind_ortvalue_output("inputs_embeds", self.ort.OrtValue.ortvalue_from_numpy(
+                buffer.embeds))
+        buffer.token[0, 0], buffer.position[0, 0] = token_id, cache.next_position
+        embed_session.run_with_iobinding(buffer.embed_binding)
+        self.session.run_with_iobinding(self._decode_binding(buffer))
+        buffer.writes += 1
+        buffer.stamps[cache.length] = buffer.writes
+        return buffer.outputs["logits"], InPlaceKVCache(buffer, cache.lease, end, cache.next_position + 1, buffer.writes)
 
     def _check(self, cache: InPlaceKVCache, end: int) -> None:
         buffer = cache.buffer

@@ -328,12 +328,18 @@ class OnnxRuntimeBackend:
             raise BackendError(f"image_bias has shape {image_bias.shape}, the call needs {(batch, self.bias_layers, total)}")
         return np.ascontiguousarray(image_bias, self.bias_dtype)
 
+    def decode_token(self, token_id: int, cache, image_bias: np.ndarray | None = None):
+        """Pipeline.decode's embed + decoder -> (logits [1,V], cache + 1); in place on bound arrays where it can."""
+        if self.kv_cache == "inplace" and image_bias is None and self._inplace.embed_binds:
+            return self._inplace.token_step(self.sessions["embed"], token_id, cache)
+        logits, _, cache = self.decoder(self.embed(np.asarray([[token_id]], np.int64)), cache, image_bias=image_bias)
+        return logits, cache
+
     def decoder(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None,
                 image_bias: np.ndarray | None = None):
         """[B,T,D] -> (logits [B,V], hidden [B,T,D], grown cache); position_ids [B,T] or contiguous;
         image_bias [B,L_c,P+T] (CMAI bundles; None = zeros)."""
-        logits, hidden, grown, _ = self._decoder(inputs_embeds, cache, position_ids, image_bias, attention=False)
-        return logits, hidden, grown
+        return self._decoder(inputs_embeds, cache, position_ids, image_bias, attention=False)[:3]
 
     def attention(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None) -> np.ndarray:
         """CMAI's probe: attention [B,L_c,T,P+T] of this call's queries at the CMAI layers (no bias); the

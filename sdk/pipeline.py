@@ -174,6 +174,9 @@ class Pipeline:
 
     def decode(self, token_id: int, cache, image_bias: np.ndarray | None = None):
         """One new token -> (logits [1,V], cache grown by one); image_bias [1,L_c,P+1] (CMAI) or None."""
+        fused = getattr(self.backend, "decode_token", None)  # embed + decoder in one backend call, where offered
+        if fused is not None:
+            return fused(token_id, cache, image_bias)
         embeds = self.backend.embed(np.asarray([[token_id]], np.int64))
         logits, _, cache = self.backend.decoder(embeds, cache, image_bias=image_bias)
         return logits, cache

@@ -186,6 +186,7 @@ def test_inplace_decode_step_copies_no_cache_and_allocates_nothing_per_token(fus
     got, _ = _decode_steps(inplace, 12)
     for step, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"step {step}")
+    last = {}
     for name, backend in (("inplace", inplace), ("numpy", copying)):
         _, cache = _decode_steps(backend, 2)
         token = backend.embed(np.asarray([[3]], np.int64))
@@ -194,10 +195,14 @@ def test_inplace_decode_step_copies_no_cache_and_allocates_nothing_per_token(fus
         addresses = [a.ctypes.data for a in kept]
         tracemalloc.start()
         before = tracemalloc.take_snapshot()
-        for _ in range(16):
-            logits_again, _, cache = backend.decoder(token, cache)
+        for step in range(16):  # through decoder(), then through decode_token() (Pipeline.decode's path)
+            if step < 8:
+                logits_again, _, cache = backend.decoder(token, cache)
+            else:
+                logits_again, cache = backend.decode_token(3, cache)
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
+        last[name] = logits_again.copy()
         if name == "inplace":
             per_token = sum(d.size_diff for d in after.compare_to(before, "filename") if d.size_diff > 0) / 16
             assert per_token < 1024
@@ -206,6 +211,7 @@ def test_inplace_decode_step_copies_no_cache_and_allocates_nothing_per_token(fus
             assert cache.buffer.slots == inplace.cache_slots
         else:
             assert not any(np.shares_memory(a, b) for a in cache.past for b in kept)  # every layer's cache is new
+    np.testing.assert_allclose(last["inplace"], last["numpy"], atol=1e-5, rtol=0)
 
 
 def test_inplace_cache_views_share_one_buffer_and_refuse_overwritten_slots(fused_bundle):
