@@ -1,5 +1,7 @@
 """`pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR`: add optional graphs (decoder_static, energy_grad) to a
-bundle; `--controlmllm` adds energy_grad, the referring graph (docs/referring.md).
+bundle; `--controlmllm` adds energy_grad, the referring graph (docs/referring.md). `pipmm add-graphs BUNDLE
+--pixel-input uint8` makes the vision graph take uint8 pixels and normalise them itself (export/pixel_input.py;
+no checkpoint needed).
 
     pipmm add-graphs BUNDLE --adapter ADAPTER_DIR [--n-max 8]      the frame adapter (qformer/mivpg) for several frames
     pipmm add-graphs BUNDLE --multi-image concat [--n-max 4]       concat's settings only (docs/multi-image.md)
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     parser.add_argument("bundle", help="bundle directory written by 'pipmm export' (fp32 or fp16)")
-    parser.add_argument("--checkpoint", default=None, help="the checkpoint the bundle was exported from (not needed "
-                        "for --adapter / --multi-image)")
+    parser.add_argument("--checkpoint", default=None, help="the checkpoint the bundle was exported from (needed to "
+                        "trace graphs; not for --adapter / --multi-image / --pixel-input)")
+    parser.add_argument("--pixel-input", choices=("uint8",), default=None,
+                        help="the vision graph takes the resized, cropped uint8 pixels [B,H,W,3] and rescales and "
+                             "normalises them inside (no host float work; docs/gpu.md, CPU)")
     parser.add_argument("--graph", action="append", default=None, metavar="NAME",
                         help="optional graph to add (repeatable; default decoder_static: the static KV cache "
                              "decoder for CUDA graphs, docs/gpu.md; decoder_fused and prompt_encoder_fused: ONNX "
@@ -67,10 +72,17 @@ def run(args) -> int:
         section = "adapter" if args.adapter else "concat settings"
         print(f"added {section} to {args.bundle}")
         return 0
-    if args.checkpoint is None:
-        raise ExportError("pipmm add-graphs needs --checkpoint CHECKPOINT_DIR for the graphs it traces")
 
     asked = list(args.graph or []) + (["energy_grad"] if args.controlmllm else [])
+    if args.pixel_input:
+        from export.pixel_input import convert_bundle
+
+        convert_bundle(args.bundle)
+        print(f"the vision graph of {args.bundle} takes {args.pixel_input} pixels")
+        if not asked:
+            return 0
+    if args.checkpoint is None:
+        raise ExportError("pass --checkpoint CHECKPOINT_DIR (the checkpoint the bundle was exported from) to trace graphs")
     graphs = tuple(dict.fromkeys(asked or ["decoder_static"]))
     add_graphs(args.bundle, args.checkpoint, graphs, device=args.device, overwrite=args.overwrite,
                referring_settings=referring_settings(args.referring_set))

@@ -1,11 +1,11 @@
 """`decoder_fused`: the decoder as ONNX Runtime's fused contrib ops, for ONNX Runtime on CPU.
 
-Same inputs and outputs as `decoder` (export/model/decoder.py), same weights, about 14 nodes per layer
-instead of the ~74 that ONNX Runtime's own load-time optimisation leaves of the dynamo trace:
+Same inputs and outputs as `decoder` (export/model/decoder.py), same weights, 10 nodes per layer (Llama; ORT
+GenAI's builder writes 10 too) instead of the ~74 that ONNX Runtime's own load-time optimisation leaves of the
+dynamo trace:
 
-    x ─ SimplifiedLayerNormalization ─ MatMul(W_qkv packed) [+ Add b_qkv] ─ Split ─┬ q ─ RotaryEmbedding ┐
-                                                                                  ├ k ─ RotaryEmbedding ┼ GroupQueryAttention ─ MatMul(W_o)
-                                                                                  └ v ──────────────────┘  (+ image_bias, probs: CMAI layers)
+    x ─ SimplifiedLayerNormalization ─ MatMul(W_q|W_k|W_v packed) [+ Add b_qkv] ─ GroupQueryAttention ─ MatMul(W_o)
+          (packed q|k|v in, rotary inside at every position id; + image_bias, probs: CMAI layers)
       ─ SkipSimplifiedLayerNormalization (residual add + norm) ─ MatMul(W_gate|W_up packed) ─ Split ─ QuickGelu(1) * up ─ MatMul(W_down)
       ─ SkipSimplifiedLayerNormalization of the next layer (its 4th output is this layer's hidden state)
 
@@ -13,10 +13,12 @@ Why written here rather than by a tool: onnxruntime.transformers' optimizer on o
 norms only (SkipSimplifiedLayerNormalization); its rotary and attention fusions match older exporters'
 patterns, not torch 2.x dynamo's, and ORT GenAI's builder takes token ids, derives positions from the mask and
 has no bias or attention-probability output. So the graph is emitted directly from the checkpoint's
-modules with onnx.helper, as GenAI's builder does. Rotary is a separate RotaryEmbedding per q and k (it
-reads every position id; GroupQueryAttention's own rotary reads only the first one of a prompt), so
-arbitrary position ids (visual positions) work. GroupQueryAttention is causal in sequence order, as
-transformers' mask is; it reads lengths, not the mask's pattern: the runtime's masks are all ones
+modules with onnx.helper, as GenAI's builder does. Rotary is GroupQueryAttention's own (do_rotary) on the
+packed projection, fed position_ids and query_seqlens (= T): with query_seqlens the kernel rotates every row
+at its own position id, in a first prompt too (without it a first prompt reads only position_ids[:, 0]), so
+arbitrary position ids (visual positions) work; the SwiGLU contrib op that would take gate|up whole has no
+CPU kernel in onnxruntime 1.32, hence Split + QuickGelu + Mul. GroupQueryAttention is causal in sequence
+order, as transformers' mask is; it reads lengths, not the mask's pattern: the runtime's masks are all ones
 (runtimes/onnxruntime.py), and seqlens_k = sum(mask) - 1.
 
 Its weights are packed (q|k|v, gate|up), so they are not shared with decoder.onnx: a bundle holds the LLM's
@@ -131,18 +133,21 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     cos, sin = _rotary_caches(spec, hd, dtype)
     cos_cache, sin_cache = g.weight("rotary.cos_cache", cos), g.weight("rotary.sin_cache", sin)
 
-    # seqlens_k [B] int32 = tokens per sequence - 1; total_sequence_length: scalar int32
+    # seqlens_k [B] int32 = tokens per sequence - 1; total_sequence_length: scalar int32; query_seqlens [B] int32
+    # = T, the call's tokens (every row valid: it only switches the kernel's rotary to every row's position id)
     one = g.const("const.one", np.array([1], np.int64))
     seqlens = g.op("Sub", [g.op("ReduceSum", ["attention_mask", one], keepdims=0), one])
     seqlens = g.op("Cast", [seqlens], to=TensorProto.INT32)
-    total = g.op("Cast", [g.op("Squeeze", [g.op("Shape", ["attention_mask"], start=1, end=2)])], to=TensorProto.INT32)
-    bias_shape = None
-    if spec.cmai_layers:  # image_bias [B,L_c,P+T] -> per CMAI layer [B,1,T,P+T]: every query row of the call
-        bias_shape = g.op("Concat", [g.op("Shape", ["inputs_embeds"], start=0, end=1), one,
-                                     g.op("Shape", ["inputs_embeds"], start=1, end=2),
-                                     g.op("Shape", ["attention_mask"], start=1, end=2)], axis=0)
-    q_size, kv_size = heads * hd, kv_heads * hd
-    splits_qkv = g.const("const.split_qkv", np.array([q_size, kv_size, kv_size], np.int64))
+    batch, tokens = g.op("Shape", ["inputs_embeds"], start=0, end=1), g.op("Shape", ["inputs_embeds"], start=1, end=2)
+    width = g.op("Shape", ["attention_mask"], start=1, end=2)  # [1]: P+T, or the in-place buffer's S
+    total = g.op("Cast", [g.op("Squeeze", [width])], to=TensorProto.INT32)
+    rows = g.op("Expand", [g.op("Cast", [tokens], to=TensorProto.INT32), batch])
+    biases = None
+    if spec.cmai_layers:  # image_bias [B,L_c,P+T] -> [B,L_c,T,P+T] once (every query row of the call), sliced per layer
+        shape = g.op("Concat", [batch, g.const("const.cmai_layers", np.array([len(spec.cmai_layers)], np.int64)),
+                                tokens, width], axis=0)
+        biases = g.op("Expand", [g.op("Unsqueeze", ["image_bias", g.const("const.two", np.array([2], np.int64))]),
+                                 shape])
     splits_mlp = g.const("const.split_mlp", np.array([config.intermediate_size] * 2, np.int64))
 
     states = ["inputs_embeds"]  # transformers' hidden_states: embeddings, then each layer's output
@@ -160,22 +165,23 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
         qkv = g.op("MatMul", [normed, w_qkv])
         if b_qkv is not None:
             qkv = g.op("Add", [qkv, b_qkv])
-        q, k, v = g.op("Split", [qkv, splits_qkv], 3, axis=-1)
-        q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], domain=MS, num_heads=heads)
-        k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], domain=MS, num_heads=kv_heads)
-        gqa_inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+        # query (packed q|k|v), key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
+        # sin_cache, position_ids, attention_bias, head_sink, k_scale, v_scale, q_norm_weight, k_norm_weight,
+        # query_seqlens
+        bias = ""
         column = spec.cmai_layers.index(i) if i in spec.cmai_layers else None
         outputs = [g.name("attn"), f"present.{i}.key", f"present.{i}.value"]
         extra = {}
         if column is not None:
             start, end = g.const(f"const.c{column}", np.array([column], np.int64)), \
                 g.const(f"const.c{column + 1}", np.array([column + 1], np.int64))
-            bias = g.op("Unsqueeze", [g.op("Slice", ["image_bias", start, end, one]), one])  # [B,1,1,P+T]
-            gqa_inputs += ["", "", "", g.op("Expand", [bias, bias_shape])]  # cos, sin, position_ids, attention_bias
+            bias = g.op("Slice", [biases, start, end, one])  # [B,1,T,P+T]
             outputs.append(g.name("qk"))
             extra["qk_output"] = 2  # probabilities after softmax: CMAI's focus reads them
+        gqa_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
+                      cos_cache, sin_cache, "position_ids", bias, "", "", "", "", "", rows]
         g.op("GroupQueryAttention", gqa_inputs, outputs, domain=MS, num_heads=heads, kv_num_heads=kv_heads,
-             scale=float(hd ** -0.5), **extra)
+             scale=float(hd ** -0.5), do_rotary=1, **extra)
         if column is not None:
             probs.append(g.op("ReduceMean", [outputs[3], one], keepdims=1))  # mean over heads: [B,1,T,P+T]
         attn_out = g.op("MatMul", [outputs[0], g.weight(f"layers.{i}.o_proj.weight", attn.o_proj.weight.t())])
@@ -239,6 +245,7 @@ def fused_entry(path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     layers = sum(1 for node in model.graph.node if node.op_type == "GroupQueryAttention")
     return {"flavour_of": "decoder", "preferred_by": {"onnxruntime": ["cpu"]},
+            "query_seqlens": True,  # a mask as wide as the KV buffer reads right (runtimes/inplace_cache.py)
             "ops": fused_ops(model), "nodes": len(model.graph.node),
             "nodes_per_layer": round(len(model.graph.node) / max(layers, 1), 1),
             "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed; not shared with decoder)"}

@@ -27,7 +27,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights go to a side file above 1 GiB (protobuf
 WEIGHT_BYTES = 4096  # initializers from this size on are weights (shared between graphs); smaller ones are constants
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.UINT8: "uint8",
                 onnx.TensorProto.BOOL: "bool", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 

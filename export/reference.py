@@ -55,6 +55,8 @@ class TorchBackend:
 
     @torch.no_grad()
     def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None) -> VisionOutput:
+        if pixel_values.dtype == np.uint8:  # the reference's manifest is build_manifest's: float pixels only
+            raise BundleError("the PyTorch reference takes float pixel_values [B,3,H,W] (sdk.preprocess.preprocess)")
         prompt = None if prompt_vector is None else self._t(prompt_vector, self.dtype)
         vision = self.modules["vision"]
         outputs = vision(self._t(pixel_values, self.dtype), prompt)

@@ -1,10 +1,12 @@
 """Which decoder graph ONNX Runtime runs, and how its CPU threads wait: the traced `decoder`, or `decoder_fused` (export/fused.py: the same
 weights as ONNX Runtime's fused contrib ops, for the CPU).
 
-    decoder_flavour  "auto" (default): decoder_fused on CPU with the numpy KV cache when the bundle has it
+    decoder_flavour  "auto" (default): decoder_fused on CPU (in-place or numpy KV cache) when the bundle has it
                      "plain": the traced decoder always;  "fused": decoder_fused, refused where it cannot run
     PIPMM_DECODER    the same choice from the environment (the argument wins)
     PIPMM_SPINNING   1/0: intra-op threads spin between runs or sleep (default: sleep on CPU, spin on GPUs)
+    PIPMM_THREADS    intra-op threads of every session (default: ONNX Runtime's, one per core; threads=)
+    PIPMM_DECODER_THREADS  the decoder's alone (default: 1 on CPU for a decoder of at most SMALL_DECODER_BYTES)
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from sdk.bundle import Bundle
 from sdk.errors import BackendError
 
 FUSED_DECODER = "decoder_fused"
+# A decoder this small runs on one intra-op thread on CPU: its ops are too small to split, and a second thread
+# only adds a wake-up per op (default model, 9.4 MB: decode 1.5x faster on one thread, docs/gpu.md CPU). Larger
+# ones (0.5B: 2 GB read per token) keep ONNX Runtime's one per core, which the memory bandwidth needs.
+SMALL_DECODER_BYTES = 64 << 20
 DECODER_FLAVOURS = ("auto", "plain", "fused")
+CPU_CACHES = ("numpy", "inplace")  # runtimes/onnxruntime.py: the CPU's KV cache kinds
 
 
 def choose_flavour(bundle: Bundle, device: str, kv_cache: str, flavour: str | None = None) -> tuple[bool, str | None]:
@@ -27,14 +34,14 @@ def choose_flavour(bundle: Bundle, device: str, kv_cache: str, flavour: str | No
     if flavour == "fused" and not has_fused:
         raise BackendError(f"bundle {bundle.path} has no {FUSED_DECODER} graph: add it with 'pipmm add-graphs BUNDLE "
                            f"--checkpoint CHECKPOINT_DIR --graph {FUSED_DECODER}', or use decoder_flavour='plain'")
-    if flavour == "fused" and kv_cache != "numpy":
-        raise BackendError(f"{FUSED_DECODER} runs with the CPU's numpy KV cache, not kv_cache={kv_cache!r} on "
+    if flavour == "fused" and kv_cache not in CPU_CACHES:
+        raise BackendError(f"{FUSED_DECODER} runs with the CPU's KV caches, not kv_cache={kv_cache!r} on "
                            f"{device}: use device='cpu' or decoder_flavour='plain'")
     if flavour == "plain":
         return False, "plain decoder asked for (decoder_flavour='plain' or PIPMM_DECODER=plain)"
     if not has_fused:
         return False, f"the bundle has no {FUSED_DECODER} (pipmm add-graphs BUNDLE --graph {FUSED_DECODER})"
-    if kv_cache != "numpy":
+    if kv_cache not in CPU_CACHES:
         return False, f"{FUSED_DECODER} is the CPU's flavour (GroupQueryAttention on CUDA is FP16 only); {device} " \
                       "runs the plain decoder"
     return True, None
@@ -48,3 +55,31 @@ def spinning_default(device: str) -> bool:
     if given is not None:
         return given.strip() not in ("0", "", "false", "no")
     return device != "cpu"
+
+
+def session_options(ort, ort_device: str, threads: int | None, spinning: bool):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    # Idle intra-op threads spin by default; with three sessions on a shared CPU they steal the cores the
+    # running graph needs (docs/gpu.md, CPU: chosen by measurement).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if ort_device == "cuda":
+        # Weights straight into device memory, outside the arena: the arena then holds activations only.
+        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    return options
+
+
+def decoder_threads(bundle: Bundle, graph: str, device: str, threads: int | None) -> int | None:
+    """The decoder session's intra-op threads: PIPMM_DECODER_THREADS, else `threads` when given, else 1 on CPU
+    for a decoder of at most SMALL_DECODER_BYTES of files, else None (ONNX Runtime's default)."""
+    given = os.environ.get("PIPMM_DECODER_THREADS")
+    if given:
+        return int(given)
+    if threads or device != "cpu":
+        return threads
+    name = bundle.graphs[graph].file
+    size = sum(r.bytes for f, r in bundle.manifest.files.items() if f == name or f.startswith(name + "."))
+    return 1 if size <= SMALL_DECODER_BYTES else None

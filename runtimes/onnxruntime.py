@@ -1,38 +1,36 @@
 """ONNX Runtime backend: one InferenceSession per graph, on the device asked for.
 
-Three ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first that fits):
+Four ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first that fits):
 
-    numpy    (cpu, the default there)  a list of numpy arrays that each decoder call returns grown by T
-    device   (cuda/tensorrt, bundle without decoder_static, or kv_cache="device")
-             ORT-owned device tensors, [B,H_kv,P,hd], fed back through IO binding: no host copy of the
-             cache, but shapes grow per token, so no CUDA graph
-    static   (cuda, bundle with decoder_static: the default there)
-             one preallocated [1,H_kv,S,hd] buffer per layer and part, bound as both the graph's past input
-             and its present output (the graph writes the new slots in place, export/model/decoder.py), so every
-             decode step has the same shapes and addresses and is captured once as a CUDA graph
-             (ONNX Runtime's enable_cuda_graph) and replayed; prefill runs outside the graph (gpu_graph_id -1)
+    inplace  (cpu with decoder_fused, the default there) one preallocated buffer per layer and part, read as
+             past and written as present by GroupQueryAttention: no copy per token (runtimes/inplace_cache.py)
+    numpy    (cpu, plain decoder)  a list of numpy arrays that each decoder call returns grown by T
+    device   (cuda/tensorrt, bundle without decoder_static, or kv_cache="device") ORT-owned device tensors,
+             [B,H_kv,P,hd], fed back through IO binding: no host copy, but shapes grow per token (no CUDA graph)
+    static   (cuda, bundle with decoder_static: the default there) one preallocated [1,H_kv,S,hd] buffer per
+             layer and part, bound as past and present (written in place, export/model/decoder.py): every decode
+             step has the same shapes and addresses, captured once as a CUDA graph (enable_cuda_graph) and
+             replayed; prefill runs outside the graph (gpu_graph_id -1)
 
-Per decode step only the token's embedding row goes to the device, and the logits row [1,V] (plus the
-hidden row [1,D]) come back; the sampled id is chosen on the host. S defaults to min(max_context, 4096)
-(`max_cache`): decode reads all S slots, so a cache sized to the request reads less.
+Per decode step the token's embedding row goes in, the logits [1,V] and hidden [1,D] rows come back. S =
+min(max_context, 4096) or `max_cache` (static: decode reads all S slots; inplace: grows when full).
 
-ONNX Runtime's own graph optimizations run at load (ORT_ENABLE_ALL); on the dynamo-traced decoder they leave
-about 74 nodes per layer (RMSNorm stays Pow/ReduceMean/Sqrt/Reciprocal, rotary Slice/Neg/Concat, attention
-MatMul/Softmax). On CPU the numpy cache runs `decoder_fused` instead when the bundle has it (export/fused.py:
-GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, packed projections; same inputs and
-outputs): decoder_flavour="plain" (or PIPMM_DECODER=plain) forces the traced graph. The bundle keeps the plain
-graphs, which TensorRT reads too. See docs/gpu.md.
+ORT_ENABLE_ALL at load leaves about 74 nodes per layer of the dynamo-traced decoder (RMSNorm as
+Pow/ReduceMean/Sqrt/Reciprocal, rotary Slice/Neg/Concat, attention MatMul/Softmax). On CPU `decoder_fused` runs instead when the bundle has it (export/fused.py: ONNX Runtime's
+fused contrib ops; same inputs and outputs), with the in-place cache: decoder_flavour="plain" (or
+PIPMM_DECODER=plain) forces the traced graph and the numpy cache. TensorRT reads the plain graphs. docs/gpu.md.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 
-from .decoder_flavour import FUSED_DECODER, choose_flavour, spinning_default
+from .decoder_flavour import FUSED_DECODER, choose_flavour, decoder_threads, session_options, spinning_default
+from .inplace_cache import InPlaceCaches, cpu_cache
+from .kv_caches import DeviceKVCache, KVCache, StaticKVCache
 from .positions import following, step_positions
 from .prompt_encoder import choose_prompt_encoder, run_prompt_encoder
 from .vision_output import VisionOutput
@@ -50,12 +48,12 @@ PROVIDERS: dict[str, list[str]] = {
 # where OrtValues of a device live
 ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
 DEFAULT_MAX_CACHE = 4096
-KV_CACHES = ("numpy", "device", "static")
+KV_CACHES = ("inplace", "numpy", "device", "static")
 STATIC_DECODER = "decoder_static"
 ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
 CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
 def _ort():
@@ -64,36 +62,6 @@ def _ort():
     except ImportError as err:
         raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from err
     return onnxruntime
-
-
-@dataclass
-class KVCache:
-    past: list[np.ndarray]  # 2 per layer (key, value), each [B, H_kv, length, head_dim]
-    length: int = 0
-    mask: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))  # [B, length]
-    next_position: int = 0  # runtimes/positions.py
-
-
-@dataclass
-class DeviceKVCache:
-    past: list  # OrtValues on the device (or numpy while empty), [B, H_kv, length, head_dim]
-    length: int = 0
-    mask: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))
-    next_position: int = 0
-
-
-@dataclass
-class StaticKVCache:
-    """A view of the backend's one static buffer: slots [0, length) hold this sequence. Any number of
-    these may share a generation (each a prefix of the next); new_cache() starts a new generation and
-    the older ones are refused, since the new sequence overwrites their slots."""
-    length: int  # slots [0, length) may be in use: the static graph writes token p to slot p (its position)
-    mask: np.ndarray  # [1, S] int64, 1 = slot in use
-    generation: int
-
-    @property
-    def next_position(self) -> int:
-        return self.length
 
 
 class OnnxRuntimeBackend:
@@ -131,13 +99,14 @@ class OnnxRuntimeBackend:
         self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
         self.max_context = model.max_context
         has_static = STATIC_DECODER in bundle.graphs
+        asked_cache = kv_cache
         if kv_cache == "auto":
             # TensorRT reads input and output as separate buffers: the in-place static cache is for CUDA.
             kv_cache = "numpy" if self.device == "cpu" else ("static" if has_static and self.device == "cuda" else "device")
         if kv_cache not in KV_CACHES:
             raise BackendError(f"kv_cache {kv_cache!r}: choose auto, {', '.join(KV_CACHES)}")
-        if kv_cache == "numpy" and self.device != "cpu":
-            raise BackendError(f"kv_cache 'numpy' is the CPU's; on {self.device} choose 'device' or 'static'")
+        if kv_cache in ("numpy", "inplace") and self.device != "cpu":
+            raise BackendError(f"kv_cache {kv_cache!r} is the CPU's; on {self.device} choose 'device' or 'static'")
         if kv_cache == "static" and not has_static:
             raise BackendError(f"bundle {bundle.path} has no {STATIC_DECODER} graph for a static KV cache: add it "
                                "with 'pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR', or use kv_cache='device'")
@@ -149,29 +118,23 @@ class OnnxRuntimeBackend:
         self.cuda_graph = bool(self.static_cache and self.device == "cuda" if cuda_graph is None else cuda_graph)
         self.cuda_graph_note: str | None = None
         self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
-        self.cache_slots = None
-        if self.static_cache:
-            wanted = max_cache or int(os.environ.get("PIPMM_MAX_CACHE", 0)) or min(self.max_context, DEFAULT_MAX_CACHE)
-            self.cache_slots = max(2, min(int(wanted), self.max_context))
+        wanted = max_cache or int(os.environ.get("PIPMM_MAX_CACHE", 0)) or min(self.max_context, DEFAULT_MAX_CACHE)
+        self.cache_slots = max(2, min(int(wanted), self.max_context))  # static: fixed; inplace: the first size
         self.engine_cache = engine_cache
         fused, self.decoder_flavour_note = choose_flavour(bundle, self.device, kv_cache, decoder_flavour)
         if fused:
             self.decoder_graph = FUSED_DECODER
+        elif kv_cache == "inplace":
+            raise BackendError(f"kv_cache 'inplace' needs {FUSED_DECODER} (GroupQueryAttention writes the shared "
+                               f"buffer) and this backend runs the plain decoder: {self.decoder_flavour_note}")
 
-        self.options = ort.SessionOptions()
-        self.options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            self.options.intra_op_num_threads = threads
-        elif os.environ.get("PIPMM_THREADS"):
-            self.options.intra_op_num_threads = int(os.environ["PIPMM_THREADS"])
         self.spinning = spinning_default(self.device) if spinning is None else bool(spinning)
-        # Idle intra-op threads spin by default; with three sessions on a shared CPU they steal the cores the
-        # running graph needs (docs/gpu.md, CPU: chosen by measurement).
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        if self.ort_device == "cuda":
-            # Weights straight into device memory, outside the arena: the arena then holds activations only.
-            self.options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        threads = threads or int(os.environ.get("PIPMM_THREADS", 0)) or None
+        self.options = session_options(ort, self.ort_device, threads, self.spinning)
+        # a small decoder on CPU runs on one thread (runtimes/decoder_flavour.py decoder_threads: measured)
+        self.decoder_threads = decoder_threads(bundle, self.decoder_graph, self.device, threads)
+        self.decoder_options = self.options if self.decoder_threads == threads else \
+            session_options(ort, self.ort_device, self.decoder_threads, self.spinning)
         self.sessions = {}
         # + the frame adapter of a qformer/mivpg bundle (sdk/frames.py)
         for name in ("vision", "embed") + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
@@ -181,6 +144,9 @@ class OnnxRuntimeBackend:
         self.prompt_encoder_graph, self.prompt_encoder_note = choose_prompt_encoder(bundle, self.decoder_graph)
         if self.prompt_encoder_graph:
             self.sessions[self.prompt_encoder_graph] = self._open(self.prompt_encoder_graph)
+        self.kv_cache_note = None  # why the CPU runs the numpy cache, where it does
+        if self.device == "cpu" and asked_cache in ("auto", "inplace"):
+            self.kv_cache, self.kv_cache_note = cpu_cache(bundle, self.decoder_graph, self.decoder_flavour_note)
         decoder_inputs = {i.name: i for i in bundle.graphs[self.decoder_graph].inputs}
         self.kv_dtype = _NUMPY_DTYPES[decoder_inputs["past_key_values.0.key"].dtype]
         self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"].dtype]
@@ -195,15 +161,19 @@ class OnnxRuntimeBackend:
         bias = decoder_inputs.get("image_bias")
         self.bias_layers = int(bias.shape[1]) if bias else 0
         self.bias_dtype = _NUMPY_DTYPES[bias.dtype] if bias else None
+        # zeros for calls without a bias, fed as views (read-only for the graph) rather than new arrays per token
+        self._zero_bias = np.zeros(self.bias_layers * self.max_context, self.bias_dtype) if bias else None
         self.has_attention = "attention" in decoder_outputs
         self.step_outputs = ["logits", "hidden", *self._kv_names("present")]  # what a generation step reads
         self.vocab_size = model.vocab_size
         # The cache kind's constructor and decode step, chosen once here rather than per call by the cache's type.
-        self._new_cache, self._decode_step = {
-            "numpy": (self._new_dynamic_cache, self._decode_numpy),
-            "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device),
-            "static": (self._new_static_cache, self._decode_static),
-        }[kv_cache]
+        kinds = {"numpy": (self._new_dynamic_cache, self._decode_numpy),
+                 "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device),
+                 "static": (self._new_static_cache, self._decode_static)}
+        if self.kv_cache == "inplace":
+            self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
+            kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
+        self._new_cache, self._decode_step = kinds[self.kv_cache]
         if self.static_cache:
             self._init_static()
 
@@ -245,9 +215,10 @@ class OnnxRuntimeBackend:
         spec = self.bundle.graphs[name]
         graph_capture = self.cuda_graph and name == self.decoder_graph
         path = str(self.bundle.graph_path(name))
+        options = self.decoder_options if name.startswith("decoder") else self.options
         try:
             try:
-                session = ort.InferenceSession(path, sess_options=self.options,
+                session = ort.InferenceSession(path, sess_options=options,
                                                providers=self._provider_options(name, graph_capture))
             except Exception as err:
                 if not graph_capture:
@@ -255,7 +226,7 @@ class OnnxRuntimeBackend:
                 # ORT refuses graph capture when some node runs on the CPU with a copy in between: run without.
                 self.cuda_graph, graph_capture = False, False
                 self.cuda_graph_note = f"CUDA graph refused by onnxruntime: {one_line(err, 300)}"
-                session = ort.InferenceSession(path, sess_options=self.options,
+                session = ort.InferenceSession(path, sess_options=options,
                                                providers=self._provider_options(name, False))
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BundleError(f"graph {name} ({spec.file}) cannot be loaded by onnxruntime: "
@@ -282,18 +253,18 @@ class OnnxRuntimeBackend:
     def info(self) -> dict:
         """What runs where, for benchmarks and bug reports."""
         ort = _ort()
-        kv_bytes = None
-        if self.cache_slots:
-            kv_bytes = 2 * self.num_layers * self.num_kv_heads * self.cache_slots * self.head_dim * \
-                np.dtype(self.kv_dtype).itemsize
+        kv_bytes = 2 * self.num_layers * self.num_kv_heads * self.cache_slots * self.head_dim * \
+            np.dtype(self.kv_dtype).itemsize if self.static_cache else None
         return {"backend": self.name, "onnxruntime": ort.__version__, "device": self.device,
                 "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
                 "decoder_graph": self.decoder_graph, "decoder_flavour_note": self.decoder_flavour_note,
                 "prompt_encoder_graph": self.prompt_encoder_graph, "prompt_encoder_note": self.prompt_encoder_note,
-                "kv_cache": self.kv_cache,
-                "static_cache_slots": self.cache_slots, "static_cache_bytes": kv_bytes,
+                "kv_cache": self.kv_cache, "kv_cache_note": self.kv_cache_note,
+                "static_cache_slots": self.cache_slots if self.static_cache else None, "static_cache_bytes": kv_bytes,
+                "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
                 "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
+                "decoder_intra_op_threads": self.decoder_threads or "default",
                 "spinning": self.spinning}
 
     # -- graphs -----------------------------------------------------------------------------------
@@ -302,6 +273,9 @@ class OnnxRuntimeBackend:
         return self.sessions["embed"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
 
     def vision(self, pixel_values: np.ndarray, prompt_vector: np.ndarray | None) -> VisionOutput:
+        if (pixel_values.dtype == np.uint8) != (self.pixel_dtype == np.uint8):  # never cast pixels across the two
+            raise BackendError(f"the vision graph takes {np.dtype(self.pixel_dtype).name} pixels, not "
+                               f"{pixel_values.dtype}: make them with sdk.preprocess.pixel_input(image, preprocessing)")
         feeds = {"pixel_values": pixel_values.astype(self.pixel_dtype)}
         if prompt_vector is not None:
             feeds["prompt_vector"] = prompt_vector.astype(self.embed_dtype)
@@ -338,21 +312,30 @@ class OnnxRuntimeBackend:
                                   "re-export it with 'pipmm export', or run without inhibit")
             return None
         if image_bias is None:
-            return np.zeros((batch, self.bias_layers, total), self.bias_dtype)
+            if batch != 1 or total > self.max_context:
+                return np.zeros((batch, self.bias_layers, total), self.bias_dtype)
+            return self._zero_bias[:self.bias_layers * total].reshape(1, self.bias_layers, total)
         if image_bias.shape != (batch, self.bias_layers, total):
             raise BackendError(f"image_bias has shape {image_bias.shape}, the call needs {(batch, self.bias_layers, total)}")
         return np.ascontiguousarray(image_bias, self.bias_dtype)
+
+    def decode_token(self, token_id: int, cache, image_bias: np.ndarray | None = None):
+        """Pipeline.decode's embed + decoder -> (logits [1,V], cache + 1); in place on bound arrays where it can."""
+        if self.kv_cache == "inplace" and image_bias is None and self._inplace.embed_binds:
+            return self._inplace.token_step(self.sessions["embed"], token_id, cache)
+        logits, _, cache = self.decoder(self.embed(np.asarray([[token_id]], np.int64)), cache, image_bias=image_bias)
+        return logits, cache
 
     def decoder(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None,
                 image_bias: np.ndarray | None = None):
         """[B,T,D] -> (logits [B,V], hidden [B,T,D], grown cache); position_ids [B,T] or contiguous;
         image_bias [B,L_c,P+T] (CMAI bundles; None = zeros)."""
-        logits, hidden, grown, _ = self._decoder(inputs_embeds, cache, position_ids, image_bias, attention=False)
-        return logits, hidden, grown
+        return self._decoder(inputs_embeds, cache, position_ids, image_bias, attention=False)[:3]
 
     def attention(self, inputs_embeds: np.ndarray, cache, position_ids: np.ndarray | None = None) -> np.ndarray:
         """CMAI's probe: attention [B,L_c,T,P+T] of this call's queries at the CMAI layers (no bias); the
-        grown cache is dropped, `cache` stays valid (numpy and device caches are never written in place)."""
+        grown cache is dropped, `cache` stays valid (numpy and device caches are never written in place, the
+        in-place one only after `cache.length`)."""
         if not self.has_attention:
             raise BundleError(f"the {self.decoder_graph} graph of bundle {self.bundle.path} has no attention output "
                               "(exported before CMAI or with --cmai-layers none, or a static KV cache): re-export "
@@ -367,7 +350,7 @@ class OnnxRuntimeBackend:
         bias = self._image_bias(b, cache.length + t, image_bias)
         return self._decode_step(inputs_embeds, cache, positions, bias, attention)
 
-    # -- numpy cache (CPU) ------------------------------------------------------------------------
+    # -- numpy cache (CPU, plain decoder; the in-place one is runtimes/inplace_cache.py) -------------
 
     def _decode_numpy(self, inputs_embeds: np.ndarray, cache: KVCache, positions: np.ndarray,
                       bias: np.ndarray | None, attention: bool):

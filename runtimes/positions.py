@@ -18,8 +18,8 @@ import numpy as np
 def step_positions(next_position: int, batch: int, length: int, position_ids: np.ndarray | None = None) -> np.ndarray:
     """[B,T] int64 position ids of the next call: the given ones, or next_position + 0..T-1."""
     if position_ids is None:
-        return np.broadcast_to(np.arange(next_position, next_position + length, dtype=np.int64),
-                               (batch, length)).copy()
+        row = np.arange(next_position, next_position + length, dtype=np.int64)
+        return row[None] if batch == 1 else np.broadcast_to(row, (batch, length)).copy()
     position_ids = np.asarray(position_ids, np.int64)
     if position_ids.shape != (batch, length):
         raise ValueError(f"position_ids has shape {position_ids.shape}, the call feeds {(batch, length)} tokens")

@@ -8,7 +8,9 @@ The peer is built with GenAI's own model builder (`python -m onnxruntime_genai.m
 -p fp32 -e cpu`) from the checkpoint's text model, extracted with transformers into a plain
 LlamaForCausalLM/Qwen2ForCausalLM directory (the LLaVA's language model + lm_head, the same tensors). pipmm runs
 through the path users run, sdk/bench.py bench() (Pipeline.generate with min_new_tokens, so every run decodes N
-tokens), on the bundle as given ("plain": PIPMM_DECODER=plain) and on a copy with decoder_fused added ("fused").
+tokens), on the bundle as given ("plain": PIPMM_DECODER=plain) and on a copy with decoder_fused added: "fused"
+(the CPU default: decoder_fused with the in-place KV cache, runtimes/inplace_cache.py) and "fused-numpy"
+(decoder_fused with the numpy cache that grows and copies every step, what the in-place cache replaced).
 GenAI gets a text prompt of the same length as pipmm's prefill (image slots included) and decodes N tokens
 (min_length). Variants are interleaved, their order rotated per round; medians over rounds are reported.
 
@@ -36,7 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("plain", "fused", "genai")
+# variant -> (bundle: the plain one as given or its fused copy, kv_cache, PIPMM_DECODER); "genai" is the peer
+PIPMM_VARIANTS = {"plain": ("plain", "auto", "plain"), "fused-numpy": ("fused", "numpy", "auto"),
+                  "fused": ("fused", "auto", "auto")}
+VARIANTS = (*PIPMM_VARIANTS, "genai")
 METRICS = ("prefill_ms", "ttft_ms", "decode_tokens_per_s")
 
 
@@ -96,12 +101,20 @@ def fused_copy(bundle: Path, checkpoint_dir: Path, work: Path) -> Path:
     from export.extra_graphs import add_graphs
     from sdk.bundle import load_bundle
 
-    if "decoder_fused" in load_bundle(bundle, verify=False).graphs:
+    from runtimes.inplace_cache import CAPACITY_MASK
+
+    def current(path: Path) -> bool:  # a decoder_fused of this export/fused.py (older ones lack the mark)
+        graphs = load_bundle(path, verify=False).graphs
+        return "decoder_fused" in graphs and bool(graphs["decoder_fused"].extra.get(CAPACITY_MASK))
+
+    if current(bundle):
         return bundle
     out = work / "bundle-fused"
+    if out.exists() and not current(out):
+        shutil.rmtree(out)
     if not out.exists():
         shutil.copytree(bundle, out)
-        add_graphs(out, checkpoint_dir, graphs=("decoder_fused",))
+        add_graphs(out, checkpoint_dir, graphs=("decoder_fused",), overwrite=True)
     return out
 
 
@@ -162,13 +175,15 @@ def same_weights_check(bundle: Path, genai_model, ids: np.ndarray, tokens: int =
     return {"tokens": tokens, "pipmm": ours, "genai": theirs, "identical": ours == theirs}
 
 
-def pipmm_run(bundle: Path, flavour: str, new_tokens: int, runs: int) -> dict:
+def pipmm_run(bundle: Path, variant: str, new_tokens: int, runs: int) -> dict:
     from sdk.bench import bench
 
-    os.environ["PIPMM_DECODER"] = "plain" if flavour == "plain" else "auto"
+    _, kv_cache, decoder = PIPMM_VARIANTS[variant]
+    os.environ["PIPMM_DECODER"] = decoder
     result = bench(bundle, backend="onnxruntime", device="cpu", new_tokens=new_tokens, runs=runs, warmup=1,
-                   log=lambda *a, **k: None)
-    assert result["backend"]["decoder_graph"] == ("decoder" if flavour == "plain" else "decoder_fused")
+                   kv_cache=kv_cache, log=lambda *a, **k: None)
+    assert result["backend"]["decoder_graph"] == ("decoder" if variant == "plain" else "decoder_fused")
+    assert result["backend"]["kv_cache"] == {"plain": "numpy", "fused-numpy": "numpy", "fused": "inplace"}[variant]
     out = {name: result["stages"][name]["median"] for name in METRICS}
     return out, result["config"]["prompt_tokens"], result
 
@@ -205,13 +220,14 @@ def main(argv=None) -> int:
     rounds = {name: [] for name in VARIANTS}
     load = [os.getloadavg()[0]]
     for r in range(args.rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
         for name in order:
             if name == "genai":
                 runs = [genai_run(model, ids, args.new_tokens)[0] for _ in range(args.runs)]
                 got = {m: float(np.median([run[m] for run in runs])) for m in METRICS}
             else:
-                got = pipmm_run(args.bundle if name == "plain" else fused, name, args.new_tokens, args.runs)[0]
+                bundle = args.bundle if PIPMM_VARIANTS[name][0] == "plain" else fused
+                got = pipmm_run(bundle, name, args.new_tokens, args.runs)[0]
             rounds[name].append(got)
         load.append(os.getloadavg()[0])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
@@ -237,6 +253,7 @@ def main(argv=None) -> int:
         "medians": medians, "rounds": rounds,
         "ratios": {"fused_over_genai_decode": ratio("fused", "genai", "decode_tokens_per_s"),
                    "fused_over_plain_decode": ratio("fused", "plain", "decode_tokens_per_s"),
+                   "fused_over_fused_numpy_decode": ratio("fused", "fused-numpy", "decode_tokens_per_s"),
                    "genai_prefill_over_fused_prefill": ratio("genai", "fused", "prefill_ms"),
                    "genai_ttft_over_fused_ttft": ratio("genai", "fused", "ttft_ms")},
     }

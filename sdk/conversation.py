@@ -45,7 +45,7 @@ from datetime import datetime
 import numpy as np
 
 from .errors import BundleError, PromptError, typed_errors
-from .preprocess import preprocess
+from .preprocess import pixel_input
 from .referring import prepare as prepare_referring
 
 ROLES = ("system", "user", "assistant")
@@ -188,7 +188,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def cut_cache(cache, length: int, next_position: int):
     """The cache's first `length` tokens, or None where its kind cannot be cut here (device or static caches:
-    the caller prefills again). numpy caches (the CPU's) are cut by slicing."""
+    the caller prefills again). numpy caches are cut by slicing; caches with a cut() (the CPU's in-place one,
+    runtimes/inplace_cache.py) cut themselves."""
+    if hasattr(cache, "cut"):
+        return cache.cut(length, next_position)
     past = getattr(cache, "past", None)
     if not (isinstance(past, list) and all(isinstance(p, np.ndarray) for p in past)) or not hasattr(cache, "mask"):
         return None
@@ -326,7 +329,7 @@ class Conversation:
 
     def _encode(self, image):
         pipeline = self.pipeline
-        pixel_values = preprocess(image, pipeline.preprocessing)
+        pixel_values = pixel_input(image, pipeline.preprocessing)
         vector = None
         if pipeline.prompt_vector_spec is not None:
             vector = pipeline.encode_prompt(self.image_question or "Describe the image.")

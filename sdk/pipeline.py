@@ -34,7 +34,7 @@ from .explain import Explanation, explain, require_attention
 from .frames import FrameCountError, Frames, as_frames
 from .generation import GenerationArgs, sample, suppress
 from .manifest import Manifest
-from .preprocess import preprocess
+from .preprocess import pixel_input
 from .prompting import Prompter
 from .referring import prepare as prepare_referring
 
@@ -182,6 +182,9 @@ class Pipeline:
 
     def decode(self, token_id: int, cache, image_bias: np.ndarray | None = None):
         """One new token -> (logits [1,V], cache grown by one); image_bias [1,L_c,P+1] (CMAI) or None."""
+        fused = getattr(self.backend, "decode_token", None)  # embed + decoder in one backend call, where offered
+        if fused is not None:
+            return fused(token_id, cache, image_bias)
         embeds = self.backend.embed(np.asarray([[token_id]], np.int64))
         logits, _, cache = self.backend.decoder(embeds, cache, image_bias=image_bias)
         return logits, cache
@@ -210,7 +213,8 @@ class Pipeline:
         start = time.perf_counter()
         frames = as_frames(image)
         self.frames.check(len(frames))
-        pixel_values = np.concatenate([preprocess(frame, self.preprocessing) for frame in frames])  # [n,3,H,W]
+        # [n,3,H,W] float, or uint8 [n,H,W,3] where the vision graph normalises
+        pixel_values = np.concatenate([pixel_input(frame, self.preprocessing) for frame in frames])
         t["preprocess_ms"] = _ms(start)
 
         stage = time.perf_counter()

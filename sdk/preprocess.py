@@ -11,6 +11,10 @@ module reproduces it bit for bit on the device, where neither torch nor transfor
     rescale: float64 * factor, then cast to float32
     normalize: (x - mean) / std in float32            -> float32 [1, 3, H, W]
 
+A bundle whose preprocessing says pixel_input "uint8-nhwc" takes the uint8 crop itself, [1, H, W, 3]
+(pixel_input()): its vision graph rescales and normalises in one folded x * (factor / std) - mean / std
+(export/pixel_input.py; within 1e-6 of the float path, tests/test_pixel_input.py), so the host does no float work.
+
 Never import torch or transformers here.
 """
 
@@ -63,6 +67,10 @@ PROCESSOR_DEFAULTS = {
     # resize; transformers/models/llava/image_processing_pil_llava.py), off by default as there
     "LlavaImageProcessor": {**DEFAULTS, "do_pad": False},
 }
+# The vision graph's input: "float32-nchw" (preprocess(), every bundle before it) or "uint8-nhwc" (resized and
+# cropped uint8 pixels; rescale and normalise are the graph's first nodes, export/pixel_input.py)
+UINT8_NHWC = "uint8-nhwc"
+PIXEL_INPUTS = ("float32-nchw", UINT8_NHWC)
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 # Images above this many pixels are refused before decoding (decompression bombs, absurd frames).
@@ -102,6 +110,10 @@ def normalize_config(d: dict, error, defaults: dict = DEFAULTS) -> dict:
 
     if d.get("do_pad"):  # kept only where asked: manifests without it read as before
         cfg["do_pad"] = True
+    if d.get("pixel_input") is not None:  # likewise: the vision graph's own pixel format (pixel_input())
+        if d["pixel_input"] not in PIXEL_INPUTS:
+            raise error(f"pixel_input must be one of {', '.join(PIXEL_INPUTS)}, got {d['pixel_input']!r}")
+        cfg["pixel_input"] = d["pixel_input"]
     for key in ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         cfg[key] = bool(cfg[key])
     if "do_pad" in cfg and not cfg["do_pad"]:
@@ -288,6 +300,22 @@ def _short(err: Exception) -> str:
 def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
     """Any image load_image accepts -> float32 pixel_values [1, 3, H, W]."""
     cfg = normalize_config(config, BadPreprocessing)
+    return normalized(rescaled(resized_pixels(image, cfg, max_pixels), cfg), cfg)
+
+
+def pixel_input(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
+    """What the bundle's vision graph takes: uint8 [1, H, W, 3] after resize and crop where its preprocessing says
+    pixel_input "uint8-nhwc" (the graph rescales and normalises, export/pixel_input.py), else preprocess()'s
+    float32 [1, 3, H, W]."""
+    cfg = normalize_config(config, BadPreprocessing)
+    if cfg.get("pixel_input") == UINT8_NHWC:
+        return np.ascontiguousarray(resized_pixels(image, cfg, max_pixels)[None])
+    return preprocess(image, cfg, max_pixels)
+
+
+def resized_pixels(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
+    """preprocess up to its float steps: RGB, pad to a square (do_pad), resize, center crop -> uint8 H x W x 3."""
+    cfg = normalize_config(config, BadPreprocessing)
     # Always RGB: the vision graph takes 3 channels. (With do_convert_rgb=False transformers keeps
     # the PIL mode, which only differs for non-RGB images, and then its 3-value normalize fails.)
     img = load_image(image, max_pixels)
@@ -307,12 +335,19 @@ def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray
 
     if crop is not None:
         pixels = _center_crop(pixels, *crop)
+    return pixels
 
-    # Rescale, then normalize (two steps, in transformers' dtypes, so the float32 results match).
+
+def rescaled(pixels: np.ndarray, cfg: dict) -> np.ndarray:
+    """uint8 H x W x 3 -> float32 H x W x 3: float64 * rescale_factor, then cast (transformers' dtypes, so the
+    float32 results match)."""
     if cfg["do_rescale"]:
-        out = (pixels.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
-    else:
-        out = pixels.astype(np.float32)
+        return (pixels.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
+    return pixels.astype(np.float32)
+
+
+def normalized(out: np.ndarray, cfg: dict) -> np.ndarray:
+    """float32 H x W x 3 -> (x - mean) / std in float32 -> pixel_values [1, 3, H, W]."""
     if cfg["do_normalize"]:
         mean = np.asarray(cfg["image_mean"], dtype=np.float32)
         std = np.asarray(cfg["image_std"], dtype=np.float32)

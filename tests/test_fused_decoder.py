@@ -47,8 +47,12 @@ def test_fused_greedy_tokens_match_plain_decoder_and_transformers_generate(arch,
     expected = hf_generate(checkpoints[arch], fused, image, PROMPT, NEW_TOKENS)
     assert len(expected) == NEW_TOKENS
     assert got == expected
-    fused.backend = plain
-    assert fused.generate(image, PROMPT, max_new_tokens=NEW_TOKENS).token_ids == expected
+    assert fused.backend.info()["kv_cache"] == "inplace" and plain.info()["kv_cache"] == "numpy"
+    copying = fused.backend.__class__(fused.backend.bundle, device="cpu", kv_cache="numpy")
+    assert copying.info()["decoder_graph"] == "decoder_fused" and copying.info()["kv_cache"] == "numpy"
+    for backend in (plain, copying):
+        fused.backend = backend
+        assert fused.generate(image, PROMPT, max_new_tokens=NEW_TOKENS).token_ids == expected
 
 
 def _random_call(rng, model, past: int, new: int, positions=None, cmai_layers=0):
@@ -149,3 +153,134 @@ def test_pipmm_add_graphs_adds_decoder_fused(bundles, checkpoints, tmp_path):
     assert backend.info()["decoder_graph"] == "decoder_fused"
     again = run_pipmm("add-graphs", out, "--checkpoint", checkpoints["qwen2"], "--graph", "decoder_fused", timeout=300)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+# -- the in-place CPU cache (runtimes/inplace_cache.py) ------------------------------------------------------
+
+
+def _decode_steps(backend, steps: int, prompt: int = 9, seed: int = 0):
+    """A prefill of random embeddings, then `steps` greedy decode steps -> (logits per call, the last cache)."""
+    rng = np.random.default_rng(seed)
+    embeds = rng.standard_normal((1, prompt, backend.hidden_size)).astype(np.float32)
+    logits, _, cache = backend.decoder(embeds, backend.new_cache(1))
+    out = [logits.copy()]
+    for _ in range(steps):
+        token = np.asarray([[int(out[-1][0].argmax())]], np.int64)
+        logits, _, cache = backend.decoder(backend.embed(token), cache)
+        out.append(logits.copy())
+    return out, cache
+
+
+def test_inplace_decode_step_copies_no_cache_and_allocates_nothing_per_token(fused_bundle):
+    """Every step writes the same buffers (same addresses, the logits buffer reused) and allocates no numpy memory
+    beyond a few small objects (tracemalloc sees numpy's own allocations); the numpy cache gets a new grown copy
+    of every layer's cache every step. Logits equal."""
+    import tracemalloc
+
+    from runtimes.onnxruntime import OnnxRuntimeBackend
+
+    bundle = sdk.load(fused_bundle("qwen2"), device="cpu").backend.bundle
+    inplace = OnnxRuntimeBackend(bundle, device="cpu")
+    copying = OnnxRuntimeBackend(bundle, device="cpu", kv_cache="numpy")
+    want, _ = _decode_steps(copying, 12)
+    got, _ = _decode_steps(inplace, 12)
+    for step, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"step {step}")
+    last = {}
+    for name, backend in (("inplace", inplace), ("numpy", copying)):
+        _, cache = _decode_steps(backend, 2)
+        token = backend.embed(np.asarray([[3]], np.int64))
+        logits, _, cache = backend.decoder(token, cache)
+        kept = list(cache.buffer.arrays if name == "inplace" else cache.past)  # alive: their memory is not reused
+        addresses = [a.ctypes.data for a in kept]
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        for step in range(16):  # through decoder(), then through decode_token() (Pipeline.decode's path)
+            if step < 8:
+                logits_again, _, cache = backend.decoder(token, cache)
+            else:
+                logits_again, cache = backend.decode_token(3, cache)
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        last[name] = logits_again.copy()
+        if name == "inplace":
+            per_token = sum(d.size_diff for d in after.compare_to(before, "filename") if d.size_diff > 0) / 16
+            assert per_token < 1024
+            assert np.shares_memory(logits, logits_again)  # one logits buffer per sequence
+            assert [a.ctypes.data for a in cache.buffer.arrays] == addresses  # the same KV buffers
+            assert cache.buffer.slots == inplace.cache_slots
+        else:
+            assert not any(np.shares_memory(a, b) for a in cache.past for b in kept)  # every layer's cache is new
+    np.testing.assert_allclose(last["inplace"], last["numpy"], atol=1e-5, rtol=0)
+
+
+def test_inplace_cache_views_share_one_buffer_and_refuse_overwritten_slots(fused_bundle):
+    from runtimes.onnxruntime import OnnxRuntimeBackend
+    from sdk.errors import BackendError
+
+    bundle = sdk.load(fused_bundle("llama"), device="cpu").backend.bundle
+    backend = OnnxRuntimeBackend(bundle, device="cpu", max_cache=8)  # small: the buffer grows (copying) past it
+    copying = OnnxRuntimeBackend(bundle, device="cpu", kv_cache="numpy")
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.standard_normal((1, t, backend.hidden_size)).astype(np.float32) for t in (6, 4, 3))
+    _, _, short = backend.decoder(a, backend.new_cache(1))
+    _, _, reference = copying.decoder(a, copying.new_cache(1))
+    # a call from the shorter cache writes only after it: `short` stays valid, twice over
+    for extra in (b, c, b):
+        logits, _, longer = backend.decoder(extra, short)
+        want, _, _ = copying.decoder(extra, reference)
+        np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+    assert longer.length == 10 and longer.buffer.slots >= 10 and backend.info()["kv_cache"] == "inplace"
+    logits = backend.decoder(c, longer.cut(7, 7))[0]
+    np.testing.assert_allclose(logits, copying.decoder(c, copying.decoder(b[:, :1], reference)[2])[0], atol=1e-5)
+    with pytest.raises(BackendError, match="overwritten"):  # slot 7 now holds c, not b's second row
+        backend.decoder(c, longer)
+    # a finished sequence gives its buffer back: the next request reuses it, a live one gets its own
+    buffer_bytes = sum(a.nbytes for a in longer.buffer.arrays)
+    del short, longer
+    first = backend.new_cache(1)
+    assert backend.info()["inplace_cache_bytes"] == buffer_bytes  # one buffer, reused
+    second = backend.new_cache(1)
+    assert second.buffer is not first.buffer and backend.info()["inplace_cache_bytes"] > buffer_bytes
+    with pytest.raises(BackendError, match="batch 1"):
+        backend.new_cache(2)
+
+
+def test_inplace_cache_serves_conversations_and_cmai_like_the_numpy_cache(fused_bundle, image):
+    """Multi-turn (the cache kept and cut between turns) and CMAI's probe + re-run from one shorter cache."""
+    pipe = sdk.load(fused_bundle("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
+    inplace = pipe.backend
+    copying = inplace.__class__(inplace.bundle, device="cpu", kv_cache="numpy")
+    runs = {}
+    for name, backend in (("inplace", inplace), ("numpy", copying)):
+        pipe.backend = backend
+        conv = pipe.conversation(image)
+        first = conv.ask(PROMPT, max_new_tokens=8)
+        conv.messages[-1]["content"][0]["text"] = "red"  # re-tokenizes differently: the cache is cut back
+        second = conv.ask("how many squares are there?", max_new_tokens=8)
+        inhibited = pipe.generate(image, PROMPT, max_new_tokens=8, inhibit=0.5)
+        runs[name] = (first.token_ids, second.token_ids, second.cached_tokens, inhibited.token_ids)
+    assert inplace.info()["kv_cache"] == "inplace"
+    assert runs["inplace"] == runs["numpy"] and runs["inplace"][2] > 0
+
+
+def test_inplace_cache_needs_decoder_fused_and_says_why_it_is_not_used(fused_bundle, bundles, tmp_path):
+    from helpers import edit_manifest
+    from runtimes.onnxruntime import OnnxRuntimeBackend
+    from sdk.bundle import load_bundle
+
+    plain_bundle = sdk.load(bundles("llama"), device="cpu").backend.bundle
+    info = OnnxRuntimeBackend(plain_bundle, device="cpu").info()
+    assert info["kv_cache"] == "numpy" and "decoder_fused" in info["kv_cache_note"]
+    with pytest.raises(BackendError, match="needs decoder_fused"):
+        OnnxRuntimeBackend(plain_bundle, device="cpu", kv_cache="inplace")
+    fused = sdk.load(fused_bundle("llama"), device="cpu").backend.bundle
+    forced = OnnxRuntimeBackend(fused, device="cpu", decoder_flavour="plain").info()
+    assert forced["kv_cache"] == "numpy" and "plain" in forced["kv_cache_note"]
+    assert OnnxRuntimeBackend(fused, device="cpu", kv_cache="inplace").info()["kv_cache_note"] is None
+    older = tmp_path / "older"  # a decoder_fused of before query_seqlens reads only masks of P + T slots
+    shutil.copytree(fused.path, older)
+    edit_manifest(older, lambda m: m["graphs"]["decoder_fused"].pop("query_seqlens"))
+    info = OnnxRuntimeBackend(load_bundle(older, verify=False), device="cpu").info()
+    assert info["decoder_graph"] == "decoder_fused" and info["kv_cache"] == "numpy"
+    assert "--overwrite" in info["kv_cache_note"]

@@ -21,7 +21,8 @@ from export.model.checkpoint import load_checkpoint  # noqa: E402
 from export.model.decoder import DecoderGraph, StaticDecoderGraph  # noqa: E402
 from export.extra_graphs import add_graphs, export_direct  # noqa: E402
 from export.synthetic import build_tiny_llava  # noqa: E402
-from runtimes.onnxruntime import OnnxRuntimeBackend, StaticKVCache  # noqa: E402
+from runtimes.kv_caches import StaticKVCache  # noqa: E402
+from runtimes.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from sdk.bundle import load_bundle  # noqa: E402
 from sdk.errors import BackendError, ExportError  # noqa: E402
 from sdk.pipeline import Pipeline  # noqa: E402
