@@ -38,7 +38,6 @@ from datetime import datetime
 import numpy as np
 
 from .errors import BundleError, PromptError
-from .preprocess import preprocess
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image")
@@ -298,7 +297,7 @@ class Conversation:
 
     def _encode_image(self) -> None:
         pipeline = self.pipeline
-        pixel_values = preprocess(self.image, pipeline.preprocessing)
+        pixel_values = pipeline.pixel_values(self.image)  # framed by the pipeline's visual prompt, if any
         vector = None
         if pipeline.prompt_vector_spec is not None:
             vector = pipeline.encode_prompt(self.image_question or "Describe the image.")

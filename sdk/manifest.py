@@ -23,6 +23,7 @@ from .manifest_fields import (REEXPORT, Fields, Section, extra_field, is_dict, i
                               list_of, map_of, omit_none, optional, show)
 from .generation import GenerationArgs
 from .manifest_referring import Referring
+from .manifest_visual_prompt import VisualPromptSection
 from .preprocess import BadPreprocessing, normalize_config
 
 FORMAT = "pipmm-bundle"
@@ -407,6 +408,7 @@ class Manifest(Section):
     prompt_mlp: PromptMlp | None = None
     cmai: Cmai | None = None  # None: the decoder has no image_bias input nor attention output
     referring: Referring | None = omit_none()  # ControlMLLM over the energy_grad graph (sdk/manifest_referring.py)
+    visual_prompt: VisualPromptSection | None = omit_none()  # a TVP pixel frame (sdk/manifest_visual_prompt.py)
     created: Created | None = omit_none()
     tokenizer: str = "tokenizer.json"
     graphs: dict[str, Graph] = field(default_factory=dict)  # filled by the staged writer
@@ -420,7 +422,7 @@ class Manifest(Section):
         d = super().to_dict()
         order = ("format", "format_version", "min_sdk_version", "created", "model", "precision", "vision",
                  "visual_tokens", "prompt_vector", "prompt_mlp", "image_preprocessing", "chat_template",
-                 "special_tokens", "generation", "cmai", "referring", "tokenizer", "graphs", "files")
+                 "special_tokens", "generation", "cmai", "referring", "visual_prompt", "tokenizer", "graphs", "files")
         return {**{k: d.pop(k) for k in order if k in d}, **d}
 
     @property
@@ -464,11 +466,15 @@ class Manifest(Section):
             vision=Vision.from_dict(d["vision"], source),
             cmai=None if d.get("cmai") is None else Cmai.from_dict(d["cmai"], source),
             referring=None if d.get("referring") is None else Referring.from_dict(d["referring"], source),
+            visual_prompt=None if d.get("visual_prompt") is None else VisualPromptSection.from_dict(
+                d["visual_prompt"], source),
             created=None if d.get("created") is None else Created.from_dict(d["created"], source),
             format=FORMAT, format_version=version, min_sdk_version=str(needed),
             extra=r.extra(cls))
         manifest.generation.check(model.max_context, source)
         manifest.check_visual_count(source)
+        if manifest.visual_prompt is not None:
+            manifest.visual_prompt.check_files(manifest.files, source)
         return manifest
 
     def check_visual_count(self, source: str) -> None:

@@ -33,6 +33,7 @@ from .manifest import Manifest
 from .preprocess import preprocess
 from .prompting import Prompter
 from .referring import prepare as prepare_referring
+from .visual_prompt import VisualPrompt, VisualPromptError, resolve as resolve_visual_prompt
 
 
 @dataclass
@@ -67,12 +68,15 @@ def _ms(start: float) -> float:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, tokenizer_path, backend, source: str = ""):
+    def __init__(self, manifest: Manifest, tokenizer_path, backend, source: str = "", visual_prompt=None):
         self.manifest = manifest
         self.backend = backend
         self.source = source
         self.prompter = Prompter.for_manifest(tokenizer_path, manifest)
         self.preprocessing = manifest.image_preprocessing
+        # TVP (sdk/visual_prompt.py): a pixel frame added in preprocessing; a request's visual_prompt= overrides it
+        self.visual_prompt = None
+        self.visual_prompt = self.framing(visual_prompt)
         self.prompt_vector_spec = manifest.prompt_vector
         self.max_context = manifest.model.max_context
         self.defaults = manifest.generation
@@ -90,14 +94,19 @@ class Pipeline:
         self._owner: int | None = None  # thread id holding _lock (to refuse re-entry instead of deadlocking)
 
     @classmethod
-    def load(cls, bundle=None, backend: str = "auto", device: str = "auto", verify: bool = True) -> "Pipeline":
+    def load(cls, bundle=None, backend: str = "auto", device: str = "auto", verify: bool = True,
+             visual_prompt=None) -> "Pipeline":
+        """visual_prompt: a prompt directory or VisualPrompt instead of the bundle's own, False for none."""
         from runtimes import backend_class
 
         path = default_bundle_path() if bundle is None else Path(bundle)
         loaded = load_bundle(path, verify=verify)
+        section = loaded.manifest.visual_prompt
+        attached = VisualPrompt.from_section(path, section) if section is not None and visual_prompt is None else None
         try:
             runner = backend_class(backend)(loaded, device=device)
-            return cls(loaded.manifest, loaded.tokenizer_path, runner, source=str(path))
+            return cls(loaded.manifest, loaded.tokenizer_path, runner, source=str(path),
+                       visual_prompt=attached if visual_prompt is None else visual_prompt)
         except PipmmError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # a manifest field of the wrong form
@@ -108,6 +117,19 @@ class Pipeline:
         return self.manifest.visual_tokens.count
 
     # -- stages ---------------------------------------------------------------------------------
+
+    def framing(self, visual_prompt=None) -> VisualPrompt | None:
+        """The TVP prompt a request uses: None = the pipeline's, False = none, or a prompt directory / VisualPrompt
+        (refused in one line when its input size is not the bundle's)."""
+        prompt = resolve_visual_prompt(visual_prompt, self.visual_prompt)
+        if prompt is not None and prompt is not self.visual_prompt:
+            prompt.check_fits(self.preprocessing, f"bundle {self.source or '(in memory)'}")
+        return prompt
+
+    def pixel_values(self, image, visual_prompt=None) -> np.ndarray:
+        """pixel_values [1,3,H,W]: the bundle's preprocessing, framed by the visual prompt when one applies."""
+        prompt = self.framing(visual_prompt)
+        return preprocess(image, self.preprocessing) if prompt is None else prompt.preprocess(image, self.preprocessing)
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
         """PIP-MM's prompt vector [1, D_llm]: the decoder's hidden state over the prompt, no image."""
@@ -196,11 +218,12 @@ class Pipeline:
                 self._owner = None
 
     def _tokens(self, image, prompt, args: GenerationArgs, result: Result, inhibit: float = 0.0,
-                steering=None) -> Iterator[int]:
-        """Yields generated token ids one by one, filling result.timings as it goes."""
+                steering=None, visual_prompt: VisualPrompt | None = None) -> Iterator[int]:
+        """Yields generated token ids one by one, filling result.timings as it goes (visual_prompt: the
+        request's, already resolved by framing(); None = no frame)."""
         t = result.timings
         start = time.perf_counter()
-        pixel_values = preprocess(image, self.preprocessing)
+        pixel_values = self.pixel_values(image, False if visual_prompt is None else visual_prompt)
         t["preprocess_ms"] = _ms(start)
 
         stage = time.perf_counter()
@@ -286,19 +309,25 @@ class Pipeline:
 
     def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, inhibit: float | None = None,
-                 min_new_tokens: int | None = None, region=None, referring: str | None = None) -> Result:
+                 min_new_tokens: int | None = None, region=None, referring: str | None = None,
+                 visual_prompt=None) -> Result:
         """inhibit: CMAI, the fraction of visual tokens masked from the text's attention (0 or None = off).
         min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0).
         region: sdk.Box / Point / Scribble / Mask the question refers to; referring: "controlmllm",
         "controlmllm++" (the bundle's energy_grad graph) or "overlay" (None: the bundle's default;
-        docs/referring.md)."""
+        docs/referring.md). visual_prompt: a TVP prompt directory or VisualPrompt for this request, False for
+        none (None: the pipeline's, docs/tvp.md)."""
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result()
+        framed = self.framing(visual_prompt)
         with typed_errors("the referring region"):
             image, steering, report = prepare_referring(self, image, region, referring)
+        if steering is not None and framed is not None:
+            raise VisualPromptError("referring by energy (controlmllm) maps the region onto unframed patches: pass "
+                                    "visual_prompt=False (--visual-prompt none) or referring='overlay'")
         with self.request():
-            result.token_ids = list(self._tokens(image, prompt, args, result, fraction, steering))
+            result.token_ids = list(self._tokens(image, prompt, args, result, fraction, steering, framed))
         result.text = self.prompter.decode(result.token_ids)
         result.referring = None if report is None else report.to_dict()
         return result
@@ -320,14 +349,16 @@ class Pipeline:
     def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                inhibit: float | None = None, min_new_tokens: int | None = None,
-               result: Result | None = None) -> Iterator[str]:
+               result: Result | None = None, visual_prompt=None) -> Iterator[str]:
         """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text).
         result: a Result to fill as it goes (token_ids, finish_reason, timings; text stays empty)."""
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result() if result is None else result
+        framed = self.framing(visual_prompt)
         with self.request():
-            yield from text_pieces(self.prompter, self._tokens(image, prompt, args, result, fraction), result)
+            yield from text_pieces(self.prompter, self._tokens(image, prompt, args, result, fraction,
+                                                               visual_prompt=framed), result)
 
     # -- conversations (sdk/conversation.py) ------------------------------------------------------
 

@@ -288,6 +288,13 @@ def _short(err: Exception) -> str:
 def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
     """Any image load_image accepts -> float32 pixel_values [1, 3, H, W]."""
     cfg = normalize_config(config, BadPreprocessing)
+    return normalized(rescaled(resized_pixels(image, cfg, max_pixels), cfg), cfg)
+
+
+def resized_pixels(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
+    """preprocess up to its float steps: RGB, pad to a square (do_pad), resize, center crop -> uint8 H x W x 3.
+    (A visual prompt, sdk/visual_prompt.py, runs this at its inner size and puts its frame around the result.)"""
+    cfg = normalize_config(config, BadPreprocessing)
     # Always RGB: the vision graph takes 3 channels. (With do_convert_rgb=False transformers keeps
     # the PIL mode, which only differs for non-RGB images, and then its 3-value normalize fails.)
     img = load_image(image, max_pixels)
@@ -307,12 +314,18 @@ def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray
 
     if crop is not None:
         pixels = _center_crop(pixels, *crop)
+    return pixels
 
-    # Rescale, then normalize (two steps, in transformers' dtypes, so the float32 results match).
+
+def rescaled(pixels: np.ndarray, cfg: dict) -> np.ndarray:
+    """uint8 H x W x 3 -> float32 H x W x 3: float64 * rescale_factor, then cast (transformers' dtypes)."""
     if cfg["do_rescale"]:
-        out = (pixels.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
-    else:
-        out = pixels.astype(np.float32)
+        return (pixels.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
+    return pixels.astype(np.float32)
+
+
+def normalized(out: np.ndarray, cfg: dict) -> np.ndarray:
+    """float32 H x W x 3 -> (x - mean) / std in float32 -> pixel_values [1, 3, H, W]."""
     if cfg["do_normalize"]:
         mean = np.asarray(cfg["image_mean"], dtype=np.float32)
         std = np.asarray(cfg["image_std"], dtype=np.float32)
