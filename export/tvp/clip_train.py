@@ -137,7 +137,7 @@ def run(args) -> int:
             record = {"step": step, "loss": loss.item(), "lr": lr, "seconds": round(time.perf_counter() - begin, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix_str(f"loss {float(loss):.3f}")
+            bar.set_postfix_str(f"loss {record['loss']:.3f}")
         bar.update(1)
     bar.close()
     log.close()
