@@ -106,3 +106,18 @@ def test_the_guide_ranks_captions_and_round_trips(tvp_inputs):
     ids = guide.tokens(captions + ["unknown words here"])
     assert ids.shape[0] == 3 and (ids[2, :3] == 1).all()  # <unk>
     assert guide.training_record["steps"] == 2
+
+
+def test_the_projector_fine_tune_changes_only_the_projector(checkpoints, tvp_inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    source = checkpoints["llama"]
+    assert main(["tvp", "finetune", "--source", str(source), "--data", str(tvp_inputs / "data"), "--out",
+                 str(tmp_path / "ft"), "--steps", "2", "--scenes-per-step", "1", "--lr", "1e-2", "--device", "cpu",
+                 "--quiet"]) == 0
+    before, after = load_file(str(source / "model.safetensors")), load_file(str(tmp_path / "ft" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k].to(torch.bfloat16), after[k].to(torch.bfloat16))}
+    assert changed and all("multi_modal_projector" in k for k in changed)
+    record = json.loads((tmp_path / "ft" / "train_config.json").read_text())["tvp_finetune"]
+    assert record["trainable_parameters"] == sum(v.numel() for k, v in before.items() if "multi_modal_projector" in k)
+    assert record["steps"] == 2 and record["seconds"] >= 0 and (tmp_path / "ft" / "tokenizer.json").is_file()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sdk.errors import PipmmError
+from sdk.preprocess import preprocess
 from sdk.visual_prompt import VisualPrompt
 
 from export.train.data import encode_example, text_tensors
@@ -61,14 +62,29 @@ def read_items(data_dir, limit: int | None = None) -> tuple[list[Item], Path]:
 
 
 class PromptData:
-    """Inner pixels [N, 3, h, w] of every image, the encoded questions, and the deterministic batch stream."""
+    """Every image's pixels [N, 3, h, w] (at the prompt's inner side: PromptData.framed), the encoded questions,
+    and the deterministic batch stream."""
 
-    def __init__(self, items: list[Item], prompt: VisualPrompt, preprocessing: dict, prompter, pad: int,
-                 scenes_per_step: int, seed: int = 0):
+    def __init__(self, items: list[Item], pixels: torch.Tensor, prompter, pad: int, scenes_per_step: int,
+                 seed: int = 0):
         self.items, self.prompter, self.pad, self.seed = items, prompter, pad, seed
         self.scenes_per_step = min(scenes_per_step, len(items))
-        self.inner = inner_batch([i.image for i in items], prompt, preprocessing)  # [N, 3, h, w] float32
+        self.pixels = pixels
         self.encoded = [[encode_example(prompter, q, a) for q, a in item.questions] for item in items]
+
+    @classmethod
+    def framed(cls, items: list[Item], prompt: VisualPrompt, preprocessing: dict, prompter, pad: int,
+               scenes_per_step: int, seed: int = 0) -> "PromptData":
+        """The images at the inner side of `prompt`'s geometry, rescaled, not padded (what TVP trains on)."""
+        inner = inner_batch([i.image for i in items], prompt, preprocessing)  # [N, 3, h, w] float32
+        return cls(items, inner, prompter, pad, scenes_per_step, seed)
+
+    @classmethod
+    def plain(cls, items: list[Item], preprocessing: dict, prompter, pad: int, scenes_per_step: int,
+              seed: int = 0) -> "PromptData":
+        """The images through the bundle's own preprocessing (normalised pixel_values: what a fine-tune sees)."""
+        pixels = torch.from_numpy(np.concatenate([preprocess(i.image, preprocessing) for i in items]))
+        return cls(items, pixels, prompter, pad, scenes_per_step, seed)
 
     @property
     def questions(self) -> int:
@@ -81,12 +97,12 @@ class PromptData:
         return order[at * self.scenes_per_step:(at + 1) * self.scenes_per_step].tolist()
 
     def batch(self, step: int) -> dict:
-        """Scenes of `step`: inner [S, 3, h, w], their questions' text tensors, scene_index [Q], captions [S]."""
+        """Scenes of `step`: pixels [S, 3, h, w], their questions' text tensors, scene_index [Q], captions [S]."""
         chosen = self.scene_indices(step)
         encoded, scene_index = [], []
         for s, i in enumerate(chosen):
             encoded += self.encoded[i]
             scene_index += [s] * len(self.encoded[i])
-        return {"inner": self.inner[chosen], **text_tensors(encoded, self.pad),
+        return {"pixels": self.pixels[chosen], **text_tensors(encoded, self.pad),
                 "scene_index": torch.tensor(scene_index, dtype=torch.int64),
                 "captions": [self.items[i].caption for i in chosen]}

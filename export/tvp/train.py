@@ -132,7 +132,7 @@ def resume_state(out: Path, settings: dict) -> tuple[torch.Tensor, dict]:
 def objective(source: SourceModel, guide, batch: dict, delta: torch.Tensor, frame: int, fca_weight: float,
               tse_weight: float, device: torch.device) -> dict:
     """The loss of one batch and its parts (see the module docstring)."""
-    inner = batch["inner"].to(device)
+    inner = batch["pixels"].to(device)
     raw = framed(inner, delta, frame)  # [S, 3, S, S], frame pixels = delta
     pixels = normalise(raw, source.stats)
     text = {k: batch[k].to(device) for k in ("input_ids", "labels", "encoder_ids", "encoder_lengths", "scene_index")}
@@ -177,8 +177,8 @@ def train(args) -> Path:
             raise TvpTrainError(f"--clip {args.clip} reads {guide.config.image_size} px images, the source "
                                 f"{source.image_size}: train the guide with --image-size {source.image_size}")
     items, list_path = read_items(args.data, args.images)
-    data = PromptData(items, source.geometry(args.frame), source.preprocessing, source.prompter, source.pad_id,
-                      args.scenes_per_step, args.seed)
+    data = PromptData.framed(items, source.geometry(args.frame), source.preprocessing, source.prompter,
+                             source.pad_id, args.scenes_per_step, args.seed)
     settings = settings_of(args, source, data, list_path, guide)
     size = source.image_size
     delta, progress, start = torch.zeros(3, size, size), {}, 0
