@@ -9,15 +9,18 @@ from .version import __version__
 _default_pipeline = None
 
 
-def load(bundle=None, backend: str = "auto", device: str = "auto"):
-    """Load a bundle directory (None: the embedded default model) and return a Pipeline."""
+def load(bundle=None, backend: str = "auto", device: str = "auto", visual_prompt=None):
+    """Load a bundle directory (None: the embedded default model) and return a Pipeline.
+    visual_prompt: a TVP prompt directory to frame every image with instead of the bundle's own, False for none
+    (docs/tvp.md)."""
     from .pipeline import Pipeline
 
-    return Pipeline.load(bundle, backend=backend, device=device)
+    return Pipeline.load(bundle, backend=backend, device=device, visual_prompt=visual_prompt)
 
 
 def describe(image, prompt: str = "Describe the image.", **kwargs) -> str:
-    """Describe `image` with the embedded default model (loaded once, then cached)."""
+    """Describe `image` with the embedded default model (loaded once, then cached); kwargs as
+    Pipeline.generate's (e.g. visual_prompt="my_prompt/")."""
     global _default_pipeline
     if _default_pipeline is None:
         _default_pipeline = load()

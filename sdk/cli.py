@@ -33,6 +33,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("sdk.cli_serve", "an OpenAI-compatible server (chat completions with images, /metrics, a web page)"),
     "add-graphs": ("export.cli_add_graphs", "add optional graphs to a bundle (decoder_static: static KV cache for "
                    "CUDA graphs)"),
+    "prompt": ("sdk.cli_prompt", "attach a TVP visual prompt to a bundle, detach it, or show it (docs/tvp.md)"),
+    "tvp": ("export.tvp.cli", "train a transferable visual prompt (and its image-text guide) on a new camera domain"),
 }
 
 # option dest -> (module, function); set on args.peers[dest] when the option is given

@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
     where.add_argument("--mask", metavar="FILE", help="refer to this mask (a PNG of the image's size, white = inside)")
     parser.add_argument("--referring", default=None, choices=("controlmllm", "controlmllm++", "overlay"),
                         help="how to refer (default: the bundle's, controlmllm when it has energy_grad, else overlay)")
+    parser.add_argument("--visual-prompt", default=None, metavar="DIR",
+                        help="frame the image with this TVP prompt directory instead of the bundle's own ('none': "
+                             "without the bundle's; docs/tvp.md)")
     parser.add_argument("--stream", action="store_true", help="print text as it is decoded")
     parser.add_argument("--json", action="store_true", help='print {"text", "token_ids", "stats"} as one JSON object')
 
@@ -89,10 +92,16 @@ def region_of(args):
     return None
 
 
+def visual_prompt_argument(value: str | None):
+    """--visual-prompt DIR | none -> sdk.load's visual_prompt= (None: the bundle's own; False: without it)."""
+    return False if value is not None and value.lower() == "none" else value
+
+
 def run(args) -> int:
     from . import load
 
-    pipeline = load(args.bundle, backend=args.backend, device=args.device)
+    pipeline = load(args.bundle, backend=args.backend, device=args.device,
+                    visual_prompt=visual_prompt_argument(args.visual_prompt))
     images, prompt = images_and_prompt(args)
     image = images[0] if len(images) == 1 else images
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,

@@ -45,7 +45,6 @@ from datetime import datetime
 import numpy as np
 
 from .errors import BundleError, PromptError, typed_errors
-from .preprocess import pixel_input
 from .referring import prepare as prepare_referring
 
 ROLES = ("system", "user", "assistant")
@@ -329,7 +328,7 @@ class Conversation:
 
     def _encode(self, image):
         pipeline = self.pipeline
-        pixel_values = pixel_input(image, pipeline.preprocessing)
+        pixel_values = pipeline.pixel_values(self.image)  # framed by the pipeline's visual prompt, if any
         vector = None
         if pipeline.prompt_vector_spec is not None:
             vector = pipeline.encode_prompt(self.image_question or "Describe the image.")

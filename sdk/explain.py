@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import BundleError, PromptError
-from .preprocess import load_image, normalize_config, pixel_input
+from .preprocess import load_image, normalize_config
 
 # Anchors of a perceptually ordered dark-to-bright map (close to matplotlib's "inferno"), value -> RGB.
 COLORMAP_ANCHORS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -58,7 +58,7 @@ def explain(pipeline, image, prompt: str, answer_ids: list[int] | None = None, a
     """An Explanation of `prompt` on `image` with a loaded Pipeline (its lock held by the caller).
     answer_ids: the answer's token ids to weigh the decoder's attention by (None: the vision encoder only)."""
     picture = load_image(image)
-    pixel_values = pixel_input(picture, pipeline.preprocessing)
+    pixel_values = pipeline.pixel_values(picture)  # framed by the pipeline's visual prompt, if any
     prompt_vector = pipeline.encode_prompt(prompt) if pipeline.prompt_vector_spec is not None else None
     vision = pipeline.backend.vision(pixel_values, prompt_vector)
     rows, cols = grid_shape(pipeline.manifest, vision.cls_attention.shape[-1])
@@ -68,6 +68,8 @@ def explain(pipeline, image, prompt: str, answer_ids: list[int] | None = None, a
     if answer_ids is not None:
         decoder_grid = unit_sum(answer_attention(pipeline, prompt, vision, answer_ids)).reshape(rows, cols)
     box = model_box(picture.width, picture.height, pipeline.preprocessing)
+    if pipeline.visual_prompt is not None:  # the picture fills the inner square; the grid covers the frame too
+        box = pipeline.visual_prompt.model_box(box)
     shown = grid if decoder_grid is None else decoder_grid
     png = overlay_png(picture, shown, kept, box, alpha)
     return Explanation(grid=grid, kept=kept, png_bytes=png, prompt=prompt, answer=answer, decoder_grid=decoder_grid)

@@ -1,9 +1,8 @@
 """The bundle manifest, typed: one frozen dataclass per section of manifest.json (docs/bundle.md).
 
-Written by the workstation's bundle writers through sdk.bundle.staged_bundle (to_dict), read by
-sdk.bundle.load_bundle (Manifest.from_dict), which checks every field once and raises a one-line
-BundleError naming the first bad one. Derived bundles (quantize, add-graphs) make a new Manifest
-with dataclasses.replace.
+Written by the bundle writers through sdk.bundle.staged_bundle (to_dict), read by sdk.bundle.load_bundle
+(Manifest.from_dict: every field checked once, a one-line BundleError naming the first bad one); derived
+bundles (quantize, add-graphs) make a new Manifest with dataclasses.replace.
 
 Version policy: FORMAT_VERSION changes only when a reader of the previous version would misread a new
 bundle. A key that an older reader may ignore is added without a bump, with a default here for bundles
@@ -24,6 +23,7 @@ from .manifest_fields import (REEXPORT, Fields, Section, extra_field, is_dict, i
 from .generation import GenerationArgs
 from .manifest_multi import MultiImage
 from .manifest_referring import Referring
+from .manifest_visual_prompt import VisualPromptSection
 from .preprocess import BadPreprocessing, normalize_config
 
 FORMAT = "pipmm-bundle"
@@ -419,6 +419,7 @@ class Manifest(Section):
     cmai: Cmai | None = None  # None: the decoder has no image_bias input nor attention output
     referring: Referring | None = omit_none()  # ControlMLLM over the energy_grad graph (sdk/manifest_referring.py)
     multi_image: MultiImage | None = omit_none()  # how frames combine (sdk/manifest_multi.py); None: concat defaults
+    visual_prompt: VisualPromptSection | None = omit_none()  # a TVP pixel frame (sdk/manifest_visual_prompt.py)
     created: Created | None = omit_none()
     tokenizer: str = "tokenizer.json"
     graphs: dict[str, Graph] = field(default_factory=dict)  # filled by the staged writer
@@ -432,7 +433,8 @@ class Manifest(Section):
         d = super().to_dict()
         order = ("format", "format_version", "min_sdk_version", "created", "model", "precision", "vision",
                  "visual_tokens", "prompt_vector", "prompt_mlp", "image_preprocessing", "chat_template",
-                 "special_tokens", "generation", "cmai", "referring", "multi_image", "tokenizer", "graphs", "files")
+                 "special_tokens", "generation", "cmai", "referring", "multi_image", "visual_prompt", "tokenizer",
+                 "graphs", "files")
         return {**{k: d.pop(k) for k in order if k in d}, **d}
 
     @property
@@ -477,11 +479,15 @@ class Manifest(Section):
             cmai=None if d.get("cmai") is None else Cmai.from_dict(d["cmai"], source),
             referring=None if d.get("referring") is None else Referring.from_dict(d["referring"], source),
             multi_image=None if d.get("multi_image") is None else MultiImage.from_dict(d["multi_image"], source),
+            visual_prompt=None if d.get("visual_prompt") is None else VisualPromptSection.from_dict(
+                d["visual_prompt"], source),
             created=None if d.get("created") is None else Created.from_dict(d["created"], source),
             format=FORMAT, format_version=version, min_sdk_version=str(needed),
             extra=r.extra(cls))
         manifest.generation.check(model.max_context, source)
         manifest.check_visual_count(source)
+        if manifest.visual_prompt is not None:
+            manifest.visual_prompt.check_files(manifest.files, source)
         return manifest
 
     def check_visual_count(self, source: str) -> None:

@@ -37,6 +37,7 @@ from .manifest import Manifest
 from .preprocess import pixel_input
 from .prompting import Prompter
 from .referring import prepare as prepare_referring
+from .visual_prompt import VisualPrompt, VisualPromptError, resolve as resolve_visual_prompt
 
 
 @dataclass
@@ -73,12 +74,15 @@ def _ms(start: float) -> float:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, tokenizer_path, backend, source: str = ""):
+    def __init__(self, manifest: Manifest, tokenizer_path, backend, source: str = "", visual_prompt=None):
         self.manifest = manifest
         self.backend = backend
         self.source = source
         self.prompter = Prompter.for_manifest(tokenizer_path, manifest)
         self.preprocessing = manifest.image_preprocessing
+        # TVP (sdk/visual_prompt.py): a pixel frame added in preprocessing; a request's visual_prompt= overrides it
+        self.visual_prompt = None
+        self.visual_prompt = self.framing(visual_prompt)
         self.prompt_vector_spec = manifest.prompt_vector
         self.max_context = manifest.model.max_context
         self.defaults = manifest.generation
@@ -97,14 +101,19 @@ class Pipeline:
         self._owner: int | None = None  # thread id holding _lock (to refuse re-entry instead of deadlocking)
 
     @classmethod
-    def load(cls, bundle=None, backend: str = "auto", device: str = "auto", verify: bool = True) -> "Pipeline":
+    def load(cls, bundle=None, backend: str = "auto", device: str = "auto", verify: bool = True,
+             visual_prompt=None) -> "Pipeline":
+        """visual_prompt: a prompt directory or VisualPrompt instead of the bundle's own, False for none."""
         from runtimes import backend_class
 
         path = default_bundle_path() if bundle is None else Path(bundle)
         loaded = load_bundle(path, verify=verify)
+        section = loaded.manifest.visual_prompt
+        attached = VisualPrompt.from_section(path, section) if section is not None and visual_prompt is None else None
         try:
             runner = backend_class(backend)(loaded, device=device)
-            return cls(loaded.manifest, loaded.tokenizer_path, runner, source=str(path))
+            return cls(loaded.manifest, loaded.tokenizer_path, runner, source=str(path),
+                       visual_prompt=attached if visual_prompt is None else visual_prompt)
         except PipmmError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # a manifest field of the wrong form
@@ -115,6 +124,26 @@ class Pipeline:
         return self.manifest.visual_tokens.count
 
     # -- stages ---------------------------------------------------------------------------------
+
+    def framing(self, visual_prompt=None) -> VisualPrompt | None:
+        """The TVP prompt a request uses: None = the pipeline's, False = none, or a prompt directory / VisualPrompt
+        (refused in one line when its input size is not the bundle's)."""
+        prompt = resolve_visual_prompt(visual_prompt, self.visual_prompt)
+        if prompt is not None and prompt is not self.visual_prompt:
+            prompt.check_fits(self.preprocessing, f"bundle {self.source or '(in memory)'}")
+        return prompt
+
+    def pixel_values(self, image, visual_prompt=None) -> np.ndarray:
+        """The vision graph's input for one image: float [1,3,H,W] (uint8 [1,H,W,3] where the graph normalises,
+        sdk.preprocess.pixel_input), framed by the visual prompt when one applies."""
+        prompt = self.framing(visual_prompt)
+        if prompt is None:
+            return pixel_input(image, self.preprocessing)
+        if self.preprocessing.get("pixel_input") is not None:  # the frame is float, added before normalising
+            raise VisualPromptError(f"bundle {self.source or '(in memory)'} takes uint8 pixels "
+                                    f"({self.preprocessing['pixel_input']}), which have no room for a visual prompt's "
+                                    "float frame: use a bundle with float pixel input")
+        return prompt.preprocess(image, self.preprocessing)
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
         """PIP-MM's prompt vector [1, D_llm]: the hidden state over the prompt, no image (sdk/prompt_pass.py)."""
@@ -207,14 +236,17 @@ class Pipeline:
                 self._owner = None
 
     def _tokens(self, image, prompt, args: GenerationArgs, result: Result, inhibit: float = 0.0,
-                steering=None) -> Iterator[int]:
-        """Yields generated token ids one by one, filling result.timings as it goes."""
+                steering=None, visual_prompt: VisualPrompt | None = None) -> Iterator[int]:
+        """Yields generated token ids one by one, filling result.timings as it goes (visual_prompt: the
+        request's, already resolved by framing(); None = no frame)."""
         t = result.timings
         start = time.perf_counter()
         frames = as_frames(image)
         self.frames.check(len(frames))
-        # [n,3,H,W] float, or uint8 [n,H,W,3] where the vision graph normalises
-        pixel_values = np.concatenate([pixel_input(frame, self.preprocessing) for frame in frames])
+        # [n,3,H,W] float, or uint8 [n,H,W,3] where the vision graph normalises; each frame framed by the
+        # request's visual prompt, if any
+        framing = False if visual_prompt is None else visual_prompt
+        pixel_values = np.concatenate([self.pixel_values(frame, framing) for frame in frames])
         t["preprocess_ms"] = _ms(start)
 
         stage = time.perf_counter()
@@ -313,29 +345,35 @@ class Pipeline:
 
     def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, inhibit: float | None = None,
-                 min_new_tokens: int | None = None, region=None, referring: str | None = None) -> Result:
+                 min_new_tokens: int | None = None, region=None, referring: str | None = None,
+                 visual_prompt=None) -> Result:
         """image: one image (path, PIL image, HxWx3 uint8 array) or a list of them, frames in order (at most
         manifest multi_image.n_max; sdk/frames.py). inhibit: CMAI, the fraction of visual tokens masked from the
         text's attention (0 or None = off).
         min_new_tokens: end-of-sequence is suppressed until this many tokens were generated (None = 0).
         region: sdk.Box / Point / Scribble / Mask the question refers to; referring: "controlmllm",
         "controlmllm++" (the bundle's energy_grad graph) or "overlay" (None: the bundle's default;
-        docs/referring.md)."""
+        docs/referring.md). visual_prompt: a TVP prompt directory or VisualPrompt for this request, False for
+        none (None: the pipeline's, docs/tvp.md)."""
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result()
-        image, steering = self._referring(image, region, referring, result)
+        framed = self.framing(visual_prompt)
+        image, steering = self._referring(image, region, referring, result, framed)
         with self.request():
-            result.token_ids = list(self._tokens(image, prompt, args, result, fraction, steering))
+            result.token_ids = list(self._tokens(image, prompt, args, result, fraction, steering, framed))
         result.text = self.prompter.decode(result.token_ids)
         return result
 
-    def _referring(self, image, region, referring, result: Result):
+    def _referring(self, image, region, referring, result: Result, framed: VisualPrompt | None = None):
         """-> (the image to encode, a Steering or None); result.referring starts as the request's report."""
         if (region is not None or referring is not None) and len(as_frames(image)) != 1:
             raise FrameCountError("referring to a region takes one image: pass a single frame with region=")
         with typed_errors("the referring region"):
             image, steering, report = prepare_referring(self, image, region, referring)
+        if steering is not None and framed is not None:
+            raise VisualPromptError("referring by energy (controlmllm) maps the region onto unframed patches: pass "
+                                    "visual_prompt=False (--visual-prompt none) or referring='overlay'")
         result.referring = None if report is None else report.to_dict()
         return image, steering
 
@@ -356,17 +394,18 @@ class Pipeline:
     def stream(self, image, prompt: str = "Describe the image.", max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                inhibit: float | None = None, min_new_tokens: int | None = None, region=None,
-               referring: str | None = None, result: Result | None = None) -> Iterator[str]:
+               referring: str | None = None, result: Result | None = None, visual_prompt=None) -> Iterator[str]:
         """Yields text pieces as tokens are decoded (their concatenation equals describe()'s text).
         region, referring: as generate (the latent is optimised before the first piece).
         result: a Result to fill as it goes (token_ids, finish_reason, timings, referring; text stays empty)."""
         args = self.generation_args(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         fraction = self._inhibit(inhibit)
         result = self.new_result() if result is None else result
-        image, steering = self._referring(image, region, referring, result)
+        framed = self.framing(visual_prompt)
+        image, steering = self._referring(image, region, referring, result, framed)
         with self.request():
-            yield from text_pieces(self.prompter, self._tokens(image, prompt, args, result, fraction, steering),
-                                   result)
+            yield from text_pieces(self.prompter, self._tokens(image, prompt, args, result, fraction, steering,
+                                                               framed), result)
 
     # -- conversations (sdk/conversation.py) ------------------------------------------------------
 

@@ -314,7 +314,8 @@ def pixel_input(image, config: dict, max_pixels: int | None = None) -> np.ndarra
 
 
 def resized_pixels(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
-    """preprocess up to its float steps: RGB, pad to a square (do_pad), resize, center crop -> uint8 H x W x 3."""
+    """preprocess up to its float steps: RGB, pad to a square (do_pad), resize, center crop -> uint8 H x W x 3.
+    (A visual prompt, sdk/visual_prompt.py, runs this at its inner size and puts its frame around the result.)"""
     cfg = normalize_config(config, BadPreprocessing)
     # Always RGB: the vision graph takes 3 channels. (With do_convert_rgb=False transformers keeps
     # the PIL mode, which only differs for non-RGB images, and then its 3-value normalize fails.)

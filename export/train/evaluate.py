@@ -82,11 +82,11 @@ def run_pipeline(pipeline, examples, max_new_tokens: int = 64, progress: bool = 
 _WORKER = {}
 
 
-def _worker_init(bundle: str, device: str):
+def _worker_init(bundle: str, device: str, visual_prompt=None):
     os.environ["PIPMM_THREADS"] = "1"  # one thread per process: many small requests scale by processes
     import sdk
 
-    _WORKER["pipeline"] = sdk.load(bundle, device=device)
+    _WORKER["pipeline"] = sdk.load(bundle, device=device, visual_prompt=visual_prompt)
 
 
 def _worker_run(job):
@@ -99,13 +99,15 @@ def _worker_run(job):
 
 
 def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_new_tokens: int = 64,
-               progress: bool = False, inhibit: float | None = None) -> tuple[list[dict], Manifest]:
+               progress: bool = False, inhibit: float | None = None,
+               visual_prompt=None) -> tuple[list[dict], Manifest]:
+    """visual_prompt: as sdk.load's (a TVP prompt directory, False for none, None for the bundle's own)."""
     import numpy as np
 
     import sdk
 
     if jobs <= 1:
-        pipeline = sdk.load(bundle, device=device)
+        pipeline = sdk.load(bundle, device=device, visual_prompt=visual_prompt)
         return run_pipeline(pipeline, examples, max_new_tokens, progress, inhibit), pipeline.manifest
     import multiprocessing as mp
 
@@ -114,7 +116,8 @@ def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_n
     work = [([(np.asarray(e.image), e.prompt, e.answer, e.family, e.scene_seed) for e in examples[i:i + chunk]],
              max_new_tokens, inhibit) for i in range(0, len(examples), chunk)]
     records = []
-    with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(str(bundle), device)) as pool:
+    with mp.get_context("spawn").Pool(jobs, initializer=_worker_init,
+                                     initargs=(str(bundle), device, visual_prompt)) as pool:
         for part in _progress(pool.imap(_worker_run, work), progress, total=len(work)):
             records += part
     return records, manifest
@@ -284,6 +287,9 @@ def add_arguments(parser) -> None:
                         help="question families (default: all the split asks)")
     parser.add_argument("--seed-offset", type=int, default=0, help="first scene index of the split")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--visual-prompt", default=None, metavar="DIR",
+                        help="bundle: frame every image with this TVP prompt instead of the bundle's own ('none': "
+                             "without it; docs/tvp.md)")
     parser.add_argument("--jobs", type=int, default=1, help="bundle: parallel processes (1 thread each)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the result (with mistakes) as JSON")
     parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
@@ -318,6 +324,8 @@ def run(args) -> int:
         return evaluate_frames.run(args, EvalError)
     if args.bundle and args.checkpoint:
         raise EvalError("pass a BUNDLE or --checkpoint, not both")
+    if args.checkpoint and args.visual_prompt:
+        raise EvalError("--visual-prompt frames a bundle's images: export the checkpoint and pass the BUNDLE")
     fraction = args.instruction_fraction
     fraction = DEFAULT_INSTRUCTION_FRACTION.get(args.split, 0.0) if fraction is None else fraction
     if not 0 <= fraction <= 1:
@@ -342,9 +350,12 @@ def run(args) -> int:
         import sdk.bundle
 
         bundle = args.bundle or str(sdk.bundle.default_bundle_path())
-        records, manifest = run_bundle(bundle, examples, args.device, args.jobs, args.max_new_tokens, progress)
+        from sdk.cli_describe import visual_prompt_argument
+
+        records, manifest = run_bundle(bundle, examples, args.device, args.jobs, args.max_new_tokens, progress,
+                                       visual_prompt=visual_prompt_argument(args.visual_prompt))
         source = {"kind": "bundle", "path": str(bundle), "device": args.device, "jobs": args.jobs,
-                  "threads_per_job": 1 if args.jobs > 1 else None}
+                  "threads_per_job": 1 if args.jobs > 1 else None, "visual_prompt": args.visual_prompt}
     meta = {"source": source, "seconds": round(time.perf_counter() - start, 1),
             "data": {"split": args.split, "n": len(examples), "families": families, "instruction_fraction": fraction,
                      "seed_offset": args.seed_offset, "scenes": len({e.scene_seed for e in examples}),
