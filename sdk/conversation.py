@@ -328,7 +328,7 @@ class Conversation:
 
     def _encode(self, image):
         pipeline = self.pipeline
-        pixel_values = pipeline.pixel_values(self.image)  # framed by the pipeline's visual prompt, if any
+        pixel_values = pipeline.pixel_values(image)  # framed by the pipeline's visual prompt, if any
         vector = None
         if pipeline.prompt_vector_spec is not None:
             vector = pipeline.encode_prompt(self.image_question or "Describe the image.")
