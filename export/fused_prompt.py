@@ -52,6 +52,8 @@ def build_fused_prompt_encoder(spec: FusedDecoderSpec, layers: int) -> onnx.Mode
     for node in full.graph.node:
         if node.op_type == "GroupQueryAttention":
             node.input[3] = node.input[4] = ""  # no past: the prompt pass starts from an empty cache
+            if len(node.input) > 16:  # query_seqlens needs a past (ORT); without one the rows rotate at 0..T-1,
+                node.input[16] = ""   # which are the prompt pass's positions
     model = prune(full, ["hidden"], PROMPT_ENCODER_FUSED)
     attention = sum(node.op_type == "GroupQueryAttention" for node in model.graph.node)
     if attention != layers:  # the cut must keep exactly the first L layers

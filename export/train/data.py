@@ -66,8 +66,8 @@ def conversation_texts(n_scenes: int, split: str = "train", template: str = DEFA
         prompt = None
 
 
-def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512, split: str = "train",
-                    template: str = DEFAULT_TEMPLATE):
+def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512, template: str = DEFAULT_TEMPLATE,
+                    split: str = "train"):
     from export.synthetic import train_tokenizer
 
     return train_tokenizer(conversation_texts(n_scenes, split, template), vocab_size=vocab_size)

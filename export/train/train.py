@@ -119,8 +119,8 @@ def setup(args):
 
             tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
         else:
-            tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size, SCENE_MIXES[args.scene_mix],
-                                        _template(args, None))
+            tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size, template=_template(args, None),
+                                        split=SCENE_MIXES[args.scene_mix])
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(out / "tokenizer.json"))
         sizes.vocab_size = tokenizer.get_vocab_size()

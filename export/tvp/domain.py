@@ -97,10 +97,12 @@ def split_seed(split: str, index: int) -> int:
 
 
 def iter_examples(split: str, n: int, size: int = 224, families: Sequence[str] = scenes.FAMILIES,
-                  seed_offset: int = 0) -> Iterator[scenes.Example]:
-    """scenes.iter_examples's questions (one per family, its own question stream) on shifted scenes."""
+                  seed_offset: int = 0, shifted: bool = True) -> Iterator[scenes.Example]:
+    """scenes.iter_examples's questions (one per family, its own question stream) on shifted scenes (shifted=False:
+    the same classic scenes and questions, unshifted)."""
     for i in range(seed_offset, seed_offset + n):
-        scene = shifted_scene(split_seed(split, i), size)
+        seed = split_seed(split, i)
+        scene = shifted_scene(seed, size) if shifted else scenes.make_scene(seed, size)
         for q in scenes.make_questions(scene, np.random.Generator(np.random.PCG64([scene.seed, 1])), families):
             yield scenes.Example(scene.image, q.prompt, q.answer, q.family, scene.seed)
 
@@ -110,11 +112,7 @@ def questions(split: str, n: int, size: int = 224, families: Sequence[str] = sce
     """The first n questions of the shifted `split` (clean=True: the same scenes unshifted)."""
     out = []
     scenes_needed = max(1, 4 * n // max(1, len(families)) + 8)
-    if clean:
-        base, offset = DOMAIN_SPLITS[split]
-        stream = scenes.iter_examples(base, scenes_needed, size, families=families, seed_offset=offset)
-    else:
-        stream = iter_examples(split, scenes_needed, size, families)
+    stream = iter_examples(split, scenes_needed, size, families, shifted=not clean)
     for example in stream:
         out.append(example)
         if len(out) == n:
