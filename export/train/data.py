@@ -243,7 +243,22 @@ def scene_items(split: str, first: int, count: int, size: int, families=None,
     return items
 
 
-class SceneBatches(torch.utils.data.IterableDataset):
+class IndexedBatches(torch.utils.data.IterableDataset):
+    """Batch i is a function of i alone (self.batch(i, prompter)): worker w of W builds start + w, start + w + W,
+    ..., forever, so any number of workers and a resume at step i give the same stream. Subclasses set
+    self.spec (a SequenceSpec) and self.start."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        prompter = self.spec.prompter()
+        index = self.start + worker
+        while True:
+            yield self.batch(index, prompter)
+            index += workers
+
+
+class SceneBatches(IndexedBatches):
     """Batches `start`, `start + 1`, ... of `scenes_per_batch` train scenes each, forever.
 
     Worker w of W builds batches start + w, start + w + W, ...; the DataLoader hands them back in
@@ -267,14 +282,6 @@ class SceneBatches(torch.utils.data.IterableDataset):
                             instruction_fraction=self.instruction_fraction)
         return collate_scenes(items, self.spec, prompter, self.preprocessing, self.grid)
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        prompter = self.spec.prompter()
-        index = self.start + worker
-        while True:
-            yield self.batch(index, prompter)
-            index += workers
 
 
 def loader(dataset: SceneBatches, workers: int):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from sdk.manifest import Manifest
 from export.tasks import instructions, scenes
 from export.train import evaluate_frames
 from export.tasks.answers import normalize
+from export.train.progress import progress as progress_bar
 
 MISTAKES_KEPT = 20
 
@@ -71,7 +71,7 @@ def run_pipeline(pipeline, examples, max_new_tokens: int = 64, progress: bool = 
     """One generate() per question, as a user would call it: [{family, prompt, answer, output, ms}]
     (inhibit: CMAI's fraction, sdk/cmai.py; None = off)."""
     records = []
-    iterator = _progress(examples, progress)
+    iterator = progress_bar(examples, progress)
     for ex in iterator:
         result = pipeline.generate(ex.image, ex.prompt, max_new_tokens=max_new_tokens, inhibit=inhibit)
         records.append({"family": ex.family, "prompt": ex.prompt, "answer": ex.answer, "output": result.text,
@@ -118,7 +118,7 @@ def run_bundle(bundle: str, examples, device: str = "auto", jobs: int = 1, max_n
     records = []
     with mp.get_context("spawn").Pool(jobs, initializer=_worker_init,
                                      initargs=(str(bundle), device, visual_prompt)) as pool:
-        for part in _progress(pool.imap(_worker_run, work), progress, total=len(work)):
+        for part in progress_bar(pool.imap(_worker_run, work), progress, total=len(work)):
             records += part
     return records, manifest
 
@@ -172,7 +172,7 @@ def run_batched(checkpoint, examples, prompt_mlp=None, budget="full", reducer="p
     prompter = pipeline.prompter  # K image slots of this budget, the SDK's own tokenization
     pad = manifest.special_tokens.pad
     records = []
-    for first in _progress(range(0, len(examples), batch_size), progress):
+    for first in progress_bar(range(0, len(examples), batch_size), progress):
         chunk = examples[first:first + batch_size]
         seqs = [encode_example(prompter, e.prompt, e.answer) for e in chunk]
         batch = {
@@ -253,15 +253,6 @@ def markdown_table(results: list[tuple[str, dict]]) -> str:
                      + f" | **{100 * r['overall']['accuracy']:.1f}** |")
     return "\n".join(lines)
 
-
-def _progress(iterable, enabled: bool, total: int | None = None):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc="eval", mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 # ----------------------------------------------------------------------------- CLI

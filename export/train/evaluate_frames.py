@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 
 from export.tasks import multiview
 from export.tasks.answers import normalize
+from export.train.progress import progress as progress_bar
 
 MISTAKES_KEPT = 20
 
 
 def run_pipeline(pipeline, examples, max_new_tokens: int = 16, progress: bool = False) -> list[dict]:
     records = []
-    for e in _progress(examples, progress):
+    for e in progress_bar(examples, progress, desc="eval mv"):
         result = pipeline.generate(e.frames, e.prompt, max_new_tokens=max_new_tokens)
         records.append({"family": e.family, "kind": e.kind, "prompt": e.prompt, "answer": e.answer,
                         "output": result.text, "ms": result.timings.get("total_ms"),
@@ -70,7 +70,7 @@ def run_bundle(bundle: str, split: str, n: int, frames: int, families, seed_offs
             for first in range(seed_offset, seed_offset + n, chunk)]
     records = []
     with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(str(bundle), device)) as pool:
-        for _, part in _progress(pool.imap(_worker_run, work), progress, total=len(work)):
+        for _, part in progress_bar(pool.imap(_worker_run, work), progress, total=len(work), desc="eval mv"):
             records += part
             if len(records) >= n:
                 break
@@ -118,15 +118,6 @@ def format_table(result: dict) -> str:
     lines.append(f"the LLM saw {result['llm_visual_tokens']} visual tokens per request ({result['source']['mode']})")
     return "\n".join(lines)
 
-
-def _progress(iterable, enabled: bool, total: int | None = None):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc="eval mv", mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 def add_arguments(parser) -> None:

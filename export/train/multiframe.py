@@ -37,7 +37,7 @@ from sdk.preprocess import config_from_processor, preprocess
 from export.model.mivpg import AdapterConfig, FrameAdapter, parameter_count
 from export.tasks import multiview, scenes
 from export.tasks.answers import normalize
-from export.train.data import IGNORE, SequenceSpec, pad_rows, scene_items
+from export.train.data import IGNORE, IndexedBatches, SequenceSpec, pad_rows, scene_items
 from export.train.model import embed_sequence, encode_prompts, greedy_generate, make_vision, special_tokens
 from export.train.state import STATE_JSON, copy_assets, load_trainer_state, save_model, save_trainer_state
 
@@ -89,7 +89,7 @@ def sequence(prompter, prompt: str, answer: str, frames: int, mode: str, slots: 
     return ids.tolist() + answer_ids, [IGNORE] * len(ids) + answer_ids, prompter.encoder_ids(prompt).tolist()
 
 
-class MultiViewBatches(torch.utils.data.IterableDataset):
+class MultiViewBatches(IndexedBatches):
     """Batch i: samples offset + i * S ... of `split`, all with the same frame count (drawn from the batch index),
     one question per family each. Worker w of W builds batches w, w + W, ... (the stream is the same for any W)."""
 
@@ -141,14 +141,6 @@ class MultiViewBatches(torch.utils.data.IterableDataset):
                 "sample_index": torch.tensor(sample_index), "family": torch.tensor(family),
                 "frames": torch.tensor(max(n, 1))}
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        prompter = self.spec.prompter()
-        index = self.start + worker
-        while True:
-            yield self.batch(index, prompter)
-            index += workers
 
 
 # ----------------------------------------------------------------------------- model
