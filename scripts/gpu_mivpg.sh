@@ -15,9 +15,10 @@
 #
 # Rows ($ROWS, default all): concat, qformer, mivpg (frame order embedded, so "which frame" and "compare" are
 # answerable), mivpg-inv (order ignored: permutation invariant), mivpg-full (CSA over all instances, not induced),
-# mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer). All start from the shipped default model
-# with the vision tower, projector and prompt MLP frozen and the LLM lightly tuned (--train-llm, lr x 0.1), on
-# 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
+# mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer), mivpg-frozen (the LLM frozen too: only the
+# adapter trains, so it ships as a few-MB file beside the default model). All start from the shipped default model
+# with the vision tower, projector and prompt MLP frozen and (except mivpg-frozen) the LLM lightly tuned
+# (--train-llm, lr x 0.1), on 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
 #
 # Results go to $OUT (what comes back: at most 8 files, each < 16 MiB): small.tar.gz (configs, logs, eval JSONs,
 # adapters), and the mivpg row's model.safetensors + adapter (to ship as models/variants/mivpg).
@@ -27,7 +28,7 @@ set -eo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 RUNS=${RUNS:-/tmp/pipmm-runs-mv}
 OUT=${OUT:-/tmp/pipmm-out}
-ROWS=${ROWS:-"concat qformer mivpg mivpg-inv mivpg-full mivpg-plain"}
+ROWS=${ROWS:-"concat qformer mivpg mivpg-inv mivpg-full mivpg-plain mivpg-frozen"}
 CLI="python3 -m sdk.cli"
 mkdir -p "$RUNS" "$OUT"
 phase=${1:?phase: train, resume, export, eval, single or latency}
@@ -35,8 +36,9 @@ rows=($ROWS)
 workers=$(( 14 / ${#rows[@]} )); [ "$workers" -lt 1 ] && workers=1
 
 flags() {  # the stage-mv flags of a row
-  local common="--stage mv --budget quarter --frames 2 4 --n-max 8 --train-llm --steps 2000 --batch-size 64
+  local frozen="--stage mv --budget quarter --frames 2 4 --n-max 8 --steps 2000 --batch-size 64
                 --lr 1e-3 --save-every 1000000 --log-every 25 --val-scenes 64 --quiet --workers $workers"
+  local common="$frozen --train-llm"
   case $1 in
     concat)      echo "$common --adapter concat --init models/default_model" ;;
     qformer)     echo "$common --adapter qformer --adapter-set frame_order=embedded --init models/default_model" ;;
@@ -44,6 +46,7 @@ flags() {  # the stage-mv flags of a row
     mivpg-inv)   echo "$common --adapter mivpg --init models/default_model" ;;
     mivpg-full)  echo "$common --adapter mivpg --adapter-set frame_order=embedded --adapter-set csa=full --init models/default_model" ;;
     mivpg-plain) echo "$common --adapter mivpg --adapter-set frame_order=embedded --reducer pool --init $RUNS/plain" ;;
+    mivpg-frozen) echo "$frozen --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -72,7 +75,7 @@ train|resume)
   done
   wait
   tail -n 3 "$RUNS"/train-*.log
-  pack mv-mivpg/model.safetensors mv-mivpg/adapter.safetensors
+  pack mv-mivpg/model.safetensors mv-mivpg/adapter.safetensors mv-mivpg-frozen/adapter.safetensors
   ;;
 export)
   for row in "${rows[@]}"; do
