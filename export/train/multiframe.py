@@ -118,8 +118,9 @@ class MultiViewBatches(IndexedBatches):
         out = []
         for s in range(self.samples):
             examples = multiview.sample(self.split, first + s, n, self.size)
-            out.append((examples[0].frames, [(e.prompt, e.answer, multiview.FAMILIES.index(e.family))
-                                             for e in examples]))
+            if examples:  # a sample whose frames allow no family's question is skipped: the batch is one smaller
+                out.append((examples[0].frames, [(e.prompt, e.answer, multiview.FAMILIES.index(e.family))
+                                                 for e in examples]))
         return out
 
     def batch(self, index: int, prompter=None, frames: int | None = None) -> dict:
