@@ -92,15 +92,16 @@ def _window(rng: np.random.Generator, scene) -> tuple[int, int, int] | None:
     return None
 
 
-def _views(rng, split: str, index: int, n: int, size: int) -> tuple[list, list[Seen]]:
-    """n crops of one scene (another scene of the sample's range if a crowded one leaves no clean window)."""
+def _views(rng, split: str, index: int, n: int, size: int) -> tuple[list, list[Seen]] | None:
+    """n crops of one scene (another scene of the sample's range if a crowded one leaves no clean window); None
+    when every scene of the range is too crowded (rare with the mixed styles' big objects: the sample is skipped)."""
     for frame in range(_STRIDE):
         scene = scenes.make_scene(_scene_seed(split, index, frame), size)
         windows = [_window(rng, scene) for _ in range(n)]
         if all(w is not None for w in windows):
             break
     else:
-        raise RuntimeError(f"no clean views of sample {index}")  # never seen: scenes are sparse enough
+        return None
     frames, seen = [], []
     for x0, y0, side in windows:
         frames.append(scene.image.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.BICUBIC))
@@ -168,7 +169,10 @@ def sample(split: str, index: int, frames: int, size: int = 224, families: Seque
     seed = _scene_seed(split, index, 0)
     rng = np.random.Generator(np.random.PCG64([seed, 7]))
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
-    images, seen = _scenes(split, index, frames, size) if kind == "scenes" else _views(rng, split, index, frames, size)
+    drawn = _scenes(split, index, frames, size) if kind == "scenes" else _views(rng, split, index, frames, size)
+    if drawn is None:
+        return []
+    images, seen = drawn
     out = []
     for family in families:
         asked = _ask(family, kind, seen, rng)
