@@ -110,7 +110,7 @@ FORMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"^what (\w+) is the ({n})(.*?)" + _END, ("Tell me what {1} the {2}{3} is.", "Say what {1} the {2}{3} is.")),
     (r"^where(?:'s| is) the ({n})(.*?)" + _END, ("Tell me where the {1} is{2}.",)),
     (r"^is (there|the {a}|{n}) (.+?)" + _END, ("Tell me whether {1} is {2}.", "Check whether {1} is {2}.")),
-    (r"^count the ({n})(.*?)" + _END, ("How many {1}{2}?", "How many {1}{2} are there?")),
+    (r"^count the ({n})(.*?)" + _END, ("How many {1}{2}?", "How many {1} are there{2}?")),
 )
 _FORMS = [(re.compile(p.replace("{n}", r"\{n\}").replace("{a}", r"\{a\}"), re.IGNORECASE), r) for p, r in FORMS]
 
