@@ -138,3 +138,20 @@ def test_train_records_the_fraction_and_refuses_it_where_it_makes_no_sense(tmp_p
     assert "--paraphrase-fraction 2.0 is outside 0-1" in capsys.readouterr().err
     assert main(["train", "--stage", "mv", "--out", str(tmp_path / "y"), "--paraphrase-fraction", "0.5", *fast]) != 0
     assert "stage mv" in capsys.readouterr().err
+
+
+def test_reworded_prompts_keep_the_prompt_first_prefix_with_the_shipped_tokenizer():
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from export.train.data import SequenceSpec, scene_items
+    from export.train.model import special_tokens
+    from export.train.templates import prefix_failures
+
+    path = Path(__file__).resolve().parent.parent / "models/default_model/tokenizer.json"
+    spec = SequenceSpec(str(path), special_tokens(Tokenizer.from_file(str(path))), 8, 512, "prompt-first")
+    items = scene_items("val", 0, 40, 112, instruction_fraction=0.5, paraphrase_fraction=1.0)
+    prompts = [q.prompt for _, qs in items for q in qs]
+    assert len(prompts) > 200 and prefix_failures(spec.prompter(), prompts) == []

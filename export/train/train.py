@@ -306,8 +306,9 @@ def run(args) -> int:
     template = _template(args, parent)
     spec = SequenceSpec(str(out / "tokenizer.json"), special, vision.config.num_tokens, sizes.max_positions, template)
     if TEMPLATES[template].prompt_first:  # the device reuses the prompt pass's KV cache: its ids must be a prefix
-        items = scene_items("val", 0, 64, 112, instruction_fraction=1.0) + scene_items("val", 0, 64, 112) + \
-            scene_items("val", 0, 64, 112, instruction_fraction=0.5, paraphrase_fraction=1.0)
+        items = scene_items("val", 0, 64, 112, instruction_fraction=1.0) + scene_items("val", 0, 64, 112)
+        if args.paraphrase_fraction:  # reworded prompts end in other characters (spaces, '??', 'Thanks!')
+            items += scene_items("val", 0, 64, 112, instruction_fraction=0.5, paraphrase_fraction=1.0)
         check_prefix(spec.prompter(), [q.prompt for _, qs in items for q in qs], template)
     write_template(out, template)
     preprocessing = _preprocessing(out)
