@@ -5,13 +5,9 @@ from __future__ import annotations
 import re
 
 from export.tasks import instructions
+from export.tasks.paraphrase import norm  # what "the same template" means, here and for the paraphrase refusal
 from export.tasks.phrasings import HELD_OUT, LEGACY, TRAIN
 from export.tasks.questions import FAMILIES, templates
-
-
-def norm(text: str) -> str:
-    """Case, punctuation and whitespace removed: 'What's in this image?' == "whats in this image"."""
-    return " ".join(re.sub(r"[^a-z0-9{} ]", "", text.lower()).split())
 
 
 def test_every_family_has_many_train_and_some_held_out_phrasings():

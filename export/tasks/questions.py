@@ -18,12 +18,13 @@ With phrasing "legacy" every question draws from the stream exactly as the origi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from sdk.errors import PipmmError
 
+from export.tasks import paraphrase as _paraphrase
 from export.tasks.objects import COLORS, PLURALS, POSITIONS, SHAPES, SIZES, Region, Scene, SceneObject, region_of
 from export.tasks.phrasings import COUNT_NOUNS, PHRASINGS
 
@@ -91,11 +92,18 @@ def position_answer(scene: Scene, o: SceneObject) -> str | None:
     return cell
 
 
+@dataclass(frozen=True)
+class _Asked:
+    question: Question
+    template: str                               # the template it was rendered from
+    fill: dict = field(default_factory=dict)    # slot -> text ({n}: "red star")
+
+
 def _refer_answer(kind: str, o: SceneObject) -> str:
     return {"color": o.color, "shape": o.shape, "what": o.phrase}[kind]
 
 
-def _ask(family: str, scene: Scene, rng: np.random.Generator, phrasing: str = "train") -> Question | None:
+def _ask(family: str, scene: Scene, rng: np.random.Generator, phrasing: str = "train") -> _Asked | None:
     objs, size = scene.objects, scene.image_size
     shapes = SHAPES if phrasing != "legacy" else SHAPES[:6]
     colors = list(COLORS) if phrasing != "legacy" else list(COLORS)[:8]
@@ -107,18 +115,21 @@ def _ask(family: str, scene: Scene, rng: np.random.Generator, phrasing: str = "t
     def pick(seq):
         return seq[int(rng.integers(len(seq)))] if seq else None
 
+    def asked(answer: str, **fill) -> _Asked:
+        return _Asked(Question(family, tpl.format(**fill) if fill else tpl, answer), tpl, fill)
+
     if family == "describe":
-        return Question(family, tpl, scene.caption)
+        return asked(scene.caption)
     if family == "refer":  # only where unambiguous without a pointer
-        return Question(family, tpl, _refer_answer(template_kind(family, tpl), objs[0])) if len(objs) == 1 else None
+        return asked(_refer_answer(template_kind(family, tpl), objs[0])) if len(objs) == 1 else None
     if family == "count":
         if rng.random() < 0.5:
             shape = pick([o.shape for o in objs]) if rng.random() < 0.7 else pick(shapes)
-            return Question(family, tpl.format(n=PLURALS[shape]), str(sum(o.shape == shape for o in objs)))
+            return asked(str(sum(o.shape == shape for o in objs)), n=PLURALS[shape])
         color = pick([o.color for o in objs]) if rng.random() < 0.7 else pick(colors)
         nouns = COUNT_NOUNS[phrasing]
         noun = nouns[0] if len(nouns) == 1 else pick(nouns)
-        return Question(family, tpl.format(n=f"{color} {noun}"), str(sum(o.color == color for o in objs)))
+        return asked(str(sum(o.color == color for o in objs)), n=f"{color} {noun}")
     if family == "exist":
         o = pick(objs)
         shape, color, sz = (o.shape, o.color, o.size) if rng.random() < 0.5 else (
@@ -127,13 +138,13 @@ def _ask(family: str, scene: Scene, rng: np.random.Generator, phrasing: str = "t
         yes = any(p.shape == shape and p.color == color and (not with_size or p.size == sz) for p in objs)
         name = f"{sz} {color} {shape}" if with_size else f"{color} {shape}"
         article = "an" if name[0] in "aeiou" else "a"
-        return Question(family, tpl.format(n=f"{article} {name}"), "yes" if yes else "no")
+        return asked("yes" if yes else "no", n=f"{article} {name}")
 
-    def about(named: list, answer) -> Question | None:  # named: (object, unique name) pairs
+    def about(named: list, answer) -> _Asked | None:  # named: (object, unique name) pairs
         if not named:
             return None
         o, n = pick(named)
-        return Question(family, tpl.format(n=n), answer(o))
+        return asked(answer(o), n=n)
 
     if family == "color":  # named without its colour
         return about([(o, n) for o in objs for n in _names(o, objs, (("shape",), ("size", "shape")))],
@@ -158,29 +169,41 @@ def _ask(family: str, scene: Scene, rng: np.random.Generator, phrasing: str = "t
             return None
         (a, na), (b, nb) = pick(pairs)
         truth = {"left": a.x < b.x, "right": a.x > b.x, "above": a.y < b.y, "below": a.y > b.y}
-        return Question(family, tpl.format(a=na, b=nb), "yes" if truth[word] else "no")
+        return asked("yes" if truth[word] else "no", a=na, b=nb)
     raise ValueError(f"unknown question family {family!r}")
 
 
 def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES, per_family: int = 1,
-                   phrasing: str = "train") -> list[Question]:
-    """Up to `per_family` distinct questions of each family (fewer when the scene has none to ask)."""
+                   phrasing: str = "train", paraphrase: float = 0.0,
+                   paraphrase_rng: np.random.Generator | None = None) -> list[Question]:
+    """Up to `per_family` distinct questions of each family (fewer when the scene has none to ask).
+
+    paraphrase: the chance that a question's template is reworded first (export/tasks/paraphrase.py; same
+    meaning and answer), drawn from `paraphrase_rng` (None: the main stream). The questions asked (content and
+    answers) are those of paraphrase 0 whenever paraphrase_rng is given; at 0 nothing is drawn for it at all."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families or per_family < 1 or phrasing not in PHRASINGS:
         raise QuestionArgumentError(f"bad families {list(families)}, per_family {per_family} or phrasing "
                                     f"{phrasing!r}: use families from {', '.join(FAMILIES)}, per_family >= 1 and "
                                     f"a phrasing of {', '.join(PHRASINGS)}")
+    if not 0 <= paraphrase <= 1 or (paraphrase > 0 and phrasing == "held_out"):
+        raise QuestionArgumentError(f"paraphrase {paraphrase} with phrasing {phrasing!r}: use 0-1, and 0 for "
+                                    "held_out (its templates are never reworded)")
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else \
         np.random.Generator(np.random.PCG64(rng_or_seed))
+    reword_rng = rng if paraphrase_rng is None else paraphrase_rng
     out: list[Question] = []
     for family in families:
         seen: set[str] = set()
         for _ in range(4 * per_family):
             if len(seen) == per_family:
                 break
-            q = _ask(family, scene, rng, phrasing)
-            if q is not None and q.prompt not in seen:
-                seen.add(q.prompt)
+            a = _ask(family, scene, rng, phrasing)
+            if a is not None and a.question.prompt not in seen:  # distinct in content, whatever the wording
+                seen.add(a.question.prompt)
+                q = a.question
+                if paraphrase > 0 and reword_rng.random() < paraphrase:
+                    q = replace(q, prompt=_paraphrase.rewrite(a.template, reword_rng).format(**a.fill))
                 out.append(q)
     return out
 

@@ -334,13 +334,18 @@ def split_families(split: str, families: Sequence[str] | None = None) -> tuple[s
 
 
 def scene_questions(scene: Scene, questions_per_scene: int | None, families, phrasing: str = "train",
-                    per_family: int = 1) -> list[Question]:
-    """The questions of a scene; own stream per scene: they never shift the pixels, nor other scenes' questions."""
+                    per_family: int = 1, paraphrase: float = 0.0) -> list[Question]:
+    """The questions of a scene; own stream per scene: they never shift the pixels, nor other scenes' questions.
+    paraphrase: the fraction reworded (export/tasks/paraphrase.py), from the scene's stream [seed, 3], so the
+    questions asked are the same for any fraction."""
     rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))
+    reword = {"paraphrase": paraphrase, "paraphrase_rng": np.random.Generator(np.random.PCG64([scene.seed, 3]))} \
+        if paraphrase > 0 else {}
     if questions_per_scene is None:
-        return make_questions(scene, rng, families, per_family=per_family, phrasing=phrasing)
+        return make_questions(scene, rng, families, per_family=per_family, phrasing=phrasing, **reword)
     k = questions_per_scene
-    qs = make_questions(scene, rng, families, per_family=max(1, -(-k // len(families))), phrasing=phrasing)
+    qs = make_questions(scene, rng, families, per_family=max(1, -(-k // len(families))), phrasing=phrasing,
+                        **reword)
     # Round-robin over families, starting at a scene-dependent family, so families stay balanced.
     by_family = [[q for q in qs if q.family == f] for f in families]
     start = int(rng.integers(len(families)))

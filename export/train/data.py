@@ -227,16 +227,19 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
 
 
 def scene_items(split: str, first: int, count: int, size: int, families=None,
-                questions_per_family: int = 1, instruction_fraction: float = 0.0) -> list[tuple]:
+                questions_per_family: int = 1, instruction_fraction: float = 0.0,
+                paraphrase_fraction: float = 0.0) -> list[tuple]:
     """[(scene, [Question])] for scenes first..first+count-1 of `split` (its styles, phrasings and families;
-    scenes.SPLITS); a fraction of the questions gets an answer-form instruction (export/tasks/instructions.py)
-    from its own stream, so the scenes and questions are the same for any fraction."""
+    scenes.SPLITS); a fraction of the questions is reworded (export/tasks/paraphrase.py) and a fraction gets an
+    answer-form instruction (export/tasks/instructions.py), each from its own stream, so the scenes and the
+    questions asked are the same for any fractions."""
     spec = scenes.SPLITS[split]
     families = scenes.split_families(split, families)
     items = []
     for i in range(first, first + count):
         scene = scenes.split_scene(split, i, size)
-        questions = scenes.scene_questions(scene, None, families, spec.phrasing, per_family=questions_per_family)
+        questions = scenes.scene_questions(scene, None, families, spec.phrasing, per_family=questions_per_family,
+                                           paraphrase=paraphrase_fraction)
         instruct_rng = np.random.Generator(np.random.PCG64([scene.seed, 2]))
         items.append((scene, instructions.maybe_instruct(questions, instruct_rng, instruction_fraction,
                                                          spec.instruction_phrasing)))
@@ -267,9 +270,9 @@ class SceneBatches(IndexedBatches):
 
     def __init__(self, spec: SequenceSpec, preprocessing: dict, scenes_per_batch: int, image_size: int, grid: int,
                  seed_offset: int = 0, start: int = 0, split: str = "train", families=None,
-                 instruction_fraction: float = 0.0):
+                 instruction_fraction: float = 0.0, paraphrase_fraction: float = 0.0):
         super().__init__()
-        self.instruction_fraction = instruction_fraction
+        self.instruction_fraction, self.paraphrase_fraction = instruction_fraction, paraphrase_fraction
         self.spec, self.preprocessing, self.grid = spec, preprocessing, grid
         self.scenes_per_batch, self.image_size = scenes_per_batch, image_size
         self.seed_offset, self.start, self.split = seed_offset, start, split
@@ -279,7 +282,8 @@ class SceneBatches(IndexedBatches):
         prompter = prompter or self.spec.prompter()
         first = self.seed_offset + index * self.scenes_per_batch
         items = scene_items(self.split, first, self.scenes_per_batch, self.image_size, self.families,
-                            instruction_fraction=self.instruction_fraction)
+                            instruction_fraction=self.instruction_fraction,
+                            paraphrase_fraction=self.paraphrase_fraction)
         return collate_scenes(items, self.spec, prompter, self.preprocessing, self.grid)
 
 

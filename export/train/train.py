@@ -27,7 +27,7 @@ from sdk.errors import PipmmError
 from sdk.preprocess import clip_processor_config
 
 from export.model.reducers import resolve_budget
-from export.tasks import instructions, scenes
+from export.tasks import instructions, paraphrase, scenes
 from export.tasks.answers import normalize
 from export.train import multiframe
 from export.train.train_args import add_arguments  # noqa: F401  (sdk/cli.py's VERBS read it here)
@@ -205,6 +205,8 @@ def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) 
         "precision": "fp32 master weights, bf16 autocast on CUDA; checkpoint weights saved in bf16",
         "data": {**data_mix(args.scene_mix), "questions_per_scene": "one per family",
                  "instruction_fraction": args.instruction_fraction,
+                 "paraphrase_fraction": args.paraphrase_fraction,
+                 "paraphrase": paraphrase.settings() if args.paraphrase_fraction else None,
                  "instructions": {n: list(i.texts) for n, i in instructions.TRAINED.items()}
                  if args.instruction_fraction else None,
                  "tokenizer_scenes": args.tokenizer_scenes if args.stage == 0 else None},
@@ -256,7 +258,12 @@ def validate(model, vision, spec: SequenceSpec, preprocessing: dict, n_scenes: i
 
 def run(args) -> int:
     if args.stage == "mv":
+        if args.paraphrase_fraction:
+            raise TrainError("--paraphrase-fraction is for stages 0-2: --stage mv asks its own multi-frame "
+                             "questions (export/tasks/multiview.py), which it does not reword")
         return multiframe.run(args)
+    if not 0 <= args.paraphrase_fraction <= 1:
+        raise TrainError(f"--paraphrase-fraction {args.paraphrase_fraction} is outside 0-1")
     out = Path(args.out)
     if out.exists() and any(out.glob("model*.safetensors")) and not args.resume:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
@@ -300,13 +307,16 @@ def run(args) -> int:
     spec = SequenceSpec(str(out / "tokenizer.json"), special, vision.config.num_tokens, sizes.max_positions, template)
     if TEMPLATES[template].prompt_first:  # the device reuses the prompt pass's KV cache: its ids must be a prefix
         items = scene_items("val", 0, 64, 112, instruction_fraction=1.0) + scene_items("val", 0, 64, 112)
+        if args.paraphrase_fraction:  # reworded prompts end in other characters (spaces, '??', 'Thanks!')
+            items += scene_items("val", 0, 64, 112, instruction_fraction=0.5, paraphrase_fraction=1.0)
         check_prefix(spec.prompter(), [q.prompt for _, qs in items for q in qs], template)
     write_template(out, template)
     preprocessing = _preprocessing(out)
     grid = sizes.image_size // sizes.patch_size
     offset = args.data_offset if args.data_offset is not None else DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
     data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start,
-                        split=SCENE_MIXES[args.scene_mix], instruction_fraction=args.instruction_fraction)
+                        split=SCENE_MIXES[args.scene_mix], instruction_fraction=args.instruction_fraction,
+                        paraphrase_fraction=args.paraphrase_fraction)
     resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,
                 "batch_size": batch_size, "scenes_per_batch": scenes_per_batch, "lr": lr, "warmup": warmup,
                 "data_offset": offset, "workers": workers, "device": str(device)}
