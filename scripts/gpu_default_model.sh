@@ -11,6 +11,11 @@
 #        when the machine was replaced (its trainer state is lost): continue stage 0 from the bf16
 #        weights that came back (DIR), fresh optimizer, cosine from LR over SECONDS ($EXTRA0: more
 #        train flags, e.g. EXTRA0="--reduced-fraction 0.5")
+#   [PARA=F] bash scripts/gpu_default_model.sh cont2 DIR [SECONDS] [LR]
+#        more PIP-MM stage 2 (MLP + projector + LLM at half, prompt-topk, patch positions, 20% instructions) from a
+#        shipped checkpoint DIR (e.g. models/default_model) on fresh scenes (data offset 250M), the questions
+#        reworded with probability PARA (default 0.5, export/tasks/paraphrase.py), then the GPU eval of the result
+#        on the test / phrasing / style / classic splits (2000 questions each) -> $RUNS/c2, $RUNS/evals
 #   [PATCH=1] [INSTR=F] [MERGE=1] [S0=DIR] bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
 #        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
@@ -29,7 +34,7 @@ RUNS=${RUNS:-/tmp/pipmm-runs}
 OUT=${OUT:-/tmp/pipmm-out}
 T="python3 -m sdk.cli train"
 mkdir -p "$RUNS" "$OUT"
-phase=${1:?phase: stage0, resume0, cont0 or finetune}
+phase=${1:?phase: stage0, resume0, cont0, cont2 or finetune}
 
 pack() {  # small files of every run -> one tar; listed weights -> one file each
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
@@ -56,6 +61,27 @@ cont0)
      --warmup 100 --batch-size 256 --lr "${4:-6e-4}" --data-offset 5000000 --save-every 1000000 --log-every 50 \
      --val-scenes 64 --quiet $EXTRA0
   pack s0/model.safetensors
+  ;;
+cont2)
+  rm -rf "$RUNS/c2" "$RUNS/evals"; mkdir -p "$RUNS/evals"
+  $T --stage 2 --init "${2:?DIR with a PIP-MM checkpoint}" --out "$RUNS/c2" --seed 0 --steps 100000 \
+     --time-budget "${3:-420}" --lr "${4:-2e-4}" --warmup 50 --batch-size 128 --workers 14 --val-scenes 0 --quiet \
+     --log-every 50 --grounding-weight 0.25 --train-llm --budget half --reducer prompt-topk --patch-positions \
+     --instruction-fraction 0.2 --paraphrase-fraction "${PARA:-0.5}" --data-offset 250000000
+  E="python3 -m sdk.cli eval --quiet --batch-size 250 --device cuda --n 2000 --checkpoint $RUNS/c2 --prompt-mlp $RUNS/c2"
+  for sp in test phrasing style classic; do
+    $E --split $sp --budget half --reducer prompt-topk --visual-positions patch --json "$RUNS/evals/c2-$sp.json" \
+       > /dev/null 2>&1 &
+  done
+  wait
+  python3 - "$RUNS/evals" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    r = json.load(open(f))
+    print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
+          {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
+PY
+  pack c2/model.safetensors
   ;;
 finetune)
   # PIP-MM stage 1 (prompt MLP alone, full budget) then stage 2 (MLP + projector + LLM at half,
