@@ -109,8 +109,6 @@ def test_frame_count_errors(adapter_bundle, bundles, tmp_path):
     assert "\n" not in str(err.value) and isinstance(err.value, PipmmError)
     with pytest.raises(FrameCountError, match="takes one image"):
         pipeline.generate(frames(2), QUESTION, region=sdk.Box(0, 0, 5, 5))
-    with pytest.raises(BundleError, match="multi-turn chat is for concat bundles"):
-        pipeline.conversation(frames(1)[0])
     with pytest.raises(FrameCountError, match="at most 8"):  # a bundle without the section: concat, 8 frames
         sdk.load(bundles("llama"), device="cpu").generate(frames(9), QUESTION)
     shutil.copytree(bundles("llama"), tmp_path / "concat")

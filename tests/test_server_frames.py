@@ -120,3 +120,22 @@ def test_a_bundle_that_takes_one_frame_refuses_several(bundles, tmp_path, pngs):
     single = parse_chat({**body, "messages": frames_turn(QUESTION, pngs[:1])}, config, one.num_visual_tokens,
                         one.frames)
     assert isinstance(single.image, Image.Image) and single.turns is None
+
+
+@pytest.mark.parametrize("mode", ["concat", "mivpg"])
+def test_a_conversation_about_several_frames(mode, served, pngs):
+    """The frames in the first user message, a follow-up question: answered as Pipeline.chat on the same messages
+    (the SDK's Conversation over the whole conversation), whole and streamed."""
+    client, model, pipeline = served[mode]
+    first = pipeline.describe(decoded(pngs[:2]), QUESTION, max_new_tokens=TOKENS)
+    sdk_messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                                 *({"type": "image", "image": im} for im in decoded(pngs[:2]))]},
+                    {"role": "assistant", "content": first}, {"role": "user", "content": "Which frame is darker?"}]
+    expected = pipeline.chat(sdk_messages, max_new_tokens=TOKENS)
+    messages = [*frames_turn(QUESTION, pngs[:2]), {"role": "assistant", "content": first},
+                {"role": "user", "content": "Which frame is darker?"}]
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=TOKENS)
+    assert whole.choices[0].message.content == expected.text
+    assert whole.to_dict()["timings"]["visual_tokens"] == expected.visual_tokens == (6 if mode == "mivpg" else 50)
+    streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=TOKENS, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected.text
