@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 import sdk  # noqa: E402
 from chat_checkpoints import transformers_run  # noqa: E402
+from helpers import frames  # noqa: E402
 from export.model.mivpg import random_adapter  # noqa: E402
 from export.multi_image import attach_adapter  # noqa: E402
 from export.reference import reference_pipeline  # noqa: E402
@@ -24,11 +25,6 @@ FIRST = "what is the color of the star left of the circle?"
 SECOND = "how many squares are there?"
 NEW = 12
 N_MAX = 4
-
-
-def frames(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (30 + 3 * i, 40, 3), dtype=np.uint8) for i in range(n)]
 
 
 def messages(images, answer: str | None = None, pil: bool = False) -> list[dict]:

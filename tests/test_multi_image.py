@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,7 +14,7 @@ from chat_checkpoints import NEW_TOKENS as HF_TOKENS, transformers_run
 from export.model.mivpg import random_adapter
 from export.multi_image import attach_adapter, set_concat
 from export.reference import reference_pipeline
-from helpers import edit_manifest, run_pipmm
+from helpers import edit_manifest, frames, run_pipmm
 from sdk.errors import BundleError, ContextOverflowError, PipmmError
 from sdk.frames import FrameCountError
 from sdk.manifest_multi import MultiImage
@@ -24,11 +23,6 @@ from sdk.pipeline import Pipeline
 QUESTION = "what is the color of the star left of the circle?"
 NEW_TOKENS = 16
 N_MAX = 4
-
-
-def frames(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (30 + 3 * i, 40, 3), dtype=np.uint8) for i in range(n)]
 
 
 @pytest.mark.parametrize("case", ["llama-bos-llava15", "qwen2-chatml"])
