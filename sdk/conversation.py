@@ -1,10 +1,12 @@
-"""Multi-turn chat about one image: every turn reuses the KV cache of the turns before it, the image included.
+"""Multi-turn chat about one image, or several frames: every turn reuses the KV cache of the turns before it,
+the image included.
 
     conv = pipeline.conversation("frame.jpg")
     conv.ask("What is on the table?").text
     conv.ask("Is it left of the cup?").text      # its prefill covers only this turn's new tokens
     pipeline.chat([{"role": "user", "content": [{"type": "image", "image": "frame.jpg"},
                                                 {"type": "text", "text": "What is on the table?"}]}])
+    conv = pipeline.conversation(["head.jpg", "wrist.jpg"])   # frames (docs/multi-image.md), in its first turn
 
 Each turn renders the whole conversation with the bundle's chat template and tokenizes it as transformers'
 processor tokenizes a whole conversation (`apply_chat_template`), so the ids are exactly transformers'. The
@@ -21,10 +23,19 @@ with the tokenizer's special tokens as variables (bos_token, eos_token, ...). Bu
 LLaVA-1.5 fallback, bundles exported before templates) use LLaVA-1.5's conversation:
 "USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:" (a system prompt first, followed by a space).
 
-PIP-MM: the image is encoded once per conversation, with the prompt vector of the question in the image's turn
-(manifest prompt_vector.conversation = "first-question"). Re-encoding it per question would change the
-visual tokens in the cache, so every later turn would prefill the whole conversation again; the first
-question is the one the frame was taken for, and the visual tokens stay what the model answered it with.
+Frames (sdk/frames.py): several images, all in one user turn (the first question's, for conversation()), at
+most the bundle's multi_image.n_max. concat: the turn holds one image part per frame, which the template
+renders as it renders several images (transformers' way; the manifest's separator is for single-turn
+requests), each placeholder K slots, the frames' tokens in order. qformer/mivpg: the turn holds one image
+part, its placeholder the adapter's R slots (the single-turn request's layout). Either way the frames are
+encoded once and the combined tokens are cached as the image's tokens, so follow-up turns prefill only their
+own text.
+
+PIP-MM: the image (every frame) is encoded once per conversation, with the prompt vector of the question in the
+image's turn (manifest prompt_vector.conversation = "first-question"; image_question records it). Re-encoding it
+per question would change the visual tokens in the cache, so every later turn would prefill the whole
+conversation again; the first question is the one the frame was taken for, and the visual tokens stay what the
+model answered it with.
 
 Regions (docs/referring.md): a turn may point at part of the image, `conv.ask("What color is this?",
 region=sdk.Box(...), referring="controlmllm")`, for that turn only. ControlMLLM's latent is optimised over the
@@ -45,6 +56,7 @@ from datetime import datetime
 import numpy as np
 
 from .errors import BundleError, PromptError, typed_errors
+from .frames import FrameCountError, as_frames
 from .referring import prepare as prepare_referring
 
 ROLES = ("system", "user", "assistant")
@@ -139,9 +151,10 @@ def _parts(message: dict, index: int) -> list:
     return content
 
 
-def split_image(messages) -> tuple[list[dict], object, int, str]:
-    """OpenAI-style messages -> (messages for the template, with {"type": "image"} in the image's place; the
-    image; the index of its message; that message's text). Exactly one image, in a user turn."""
+def split_image(messages) -> tuple[list[dict], list, int, str]:
+    """OpenAI-style messages -> (messages for the template, with {"type": "image"} in each image's place; the
+    images (frames) in order; the index of their message; that message's text). One image or several, all in
+    one user turn."""
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out, images = [], []
@@ -161,12 +174,25 @@ def split_image(messages) -> tuple[list[dict], object, int, str]:
         content = message["content"] if isinstance(message["content"], str) else [
             {"type": "image"} if p["type"] == "image" else {"type": "text", "text": p.get("text", "")} for p in parts]
         out.append({"role": role, "content": content})
-    if len(images) != 1:
-        raise PromptError(f"the conversation holds {len(images)} images: give exactly one, in a user turn "
-                          "(several images per conversation are not supported yet)")
-    image, at = images[0]
+    turns = sorted({index for _, index in images})
+    if not images:
+        raise PromptError("the conversation holds 0 images: give one (or several frames, in order), in a user turn")
+    if len(turns) > 1:
+        raise PromptError(f"the images are in {len(turns)} user turns (messages {', '.join(map(str, turns))}): "
+                          "several images are frames of one turn and belong in one user message, in order")
+    at = turns[0]
     question = " ".join(p["text"] for p in _parts(out[at], at) if p["type"] == "text")
-    return out, image, at, question
+    return out, [image for image, _ in images], at, question
+
+
+def _placeholders(message: dict, keep: int) -> dict:
+    """The image turn with its first `keep` image parts only (an adapter's turn renders one for all frames)."""
+    parts, seen = [], 0
+    for part in message["content"]:
+        seen += part["type"] == "image"
+        if part["type"] != "image" or seen <= keep:
+            parts.append(part)
+    return {**message, "content": parts}
 
 
 def _cleaned(prompter, message: dict) -> dict:
@@ -233,33 +259,35 @@ def text_pieces(prompter, tokens: Iterator[int], result) -> Iterator[str]:
 
 
 class Conversation:
-    """One image, many turns. `messages` holds the conversation as the template sees it (the image as
-    {"type": "image"}); `cached_ids` the token ids whose keys and values are in `cache`."""
+    """One image (or several frames), many turns. `messages` holds the conversation as the template sees it (the
+    image as {"type": "image"}, once per frame for concat, once for an adapter's R tokens); `cached_ids` the token
+    ids whose keys and values are in `cache`."""
 
     def __init__(self, pipeline, image, system: str | None = None):
         if image is None:
-            raise PromptError("a conversation is about one image: pass it, e.g. pipeline.conversation('frame.jpg')")
-        if pipeline.frames.pooled:  # its turns would need the adapter's R slots in every rendering: not yet
-            raise BundleError(f"this bundle pools frames with an adapter ({pipeline.frames.mode}): multi-turn chat "
-                              "is for concat bundles; ask with generate(frames, question) instead")
+            raise PromptError("a conversation is about one image: pass it, e.g. pipeline.conversation('frame.jpg'), "
+                              "or a list of frames")
+        self.frames = as_frames(image)  # [f1..fn]: one image is one frame
+        pipeline.frames.check(len(self.frames))
         self.pipeline = pipeline
         self.renderer = Renderer(pipeline.manifest.chat_template.template, pipeline.prompter.template_variables())
         self.image = image
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.image_question: str | None = None  # PIP-MM: the prompt vector's question
-        self.vision = None  # the vision graph's output, once per conversation
+        self.vision = None  # (the vision graph's output [n,K,D], the combined tokens [L,D]), once per conversation
         self.cache = None
         self.cached_ids: list[int] = []
-        self.cached_visual = None  # the visual tokens [K, D] in the cache (a region's turn steers them)
+        self.cached_visual = None  # the visual tokens [L, D] in the cache (a region's turn steers them)
         self.prefilled = 0  # tokens the last turn's prefill covered
 
     @classmethod
     def from_messages(cls, pipeline, messages) -> "Conversation":
-        rendered, image, at, question = split_image(messages)
+        rendered, images, at, question = split_image(messages)
         if rendered[-1]["role"] != "user":
             raise PromptError("the last message must be the user's: chat() answers it")
-        conversation = cls(pipeline, image)
-        conversation.messages = rendered
+        conversation = cls(pipeline, images[0] if len(images) == 1 else images)
+        keep = pipeline.frames.placeholders(len(images))
+        conversation.messages = [_placeholders(m, keep) if i == at else m for i, m in enumerate(rendered)]
         conversation.image_question = question
         return conversation
 
@@ -297,8 +325,14 @@ class Conversation:
         pipeline = self.pipeline
         args = pipeline.generation_args(*self._generation(**generation))
         result = pipeline.new_result() if result is None else result
+        if (region is not None or method is not None) and len(self.frames) != 1:
+            raise FrameCountError("referring to a region takes one image: this conversation holds "
+                                  f"{len(self.frames)} frames")
         with typed_errors("the referring region"):
             image, steering, report = prepare_referring(pipeline, self.image, region, method)
+        if steering is not None and pipeline.frames.pooled:
+            raise BundleError(f"referring by energy steers a frame's own visual tokens, but this bundle pools frames "
+                              f"with an adapter ({pipeline.frames.mode}): use referring='overlay'")
         result.referring = None if report is None else report.to_dict()
         return args, result, (image, steering)
 
@@ -321,18 +355,23 @@ class Conversation:
         if self.messages and self.messages[-1]["role"] == "user":
             raise PromptError("the last user turn has no answer yet: call reply() before asking again")
         content = [{"type": "text", "text": question}]
-        if self.image_question is None:  # the first question: its turn holds the image
-            content.insert(0, {"type": "image"})
+        if self.image_question is None:  # the first question: its turn holds the image (the frames)
+            content[:0] = [{"type": "image"}] * self.pipeline.frames.placeholders(len(self.frames))
             self.image_question = question
         self.messages.append({"role": "user", "content": content})
 
-    def _encode(self, image):
+    def _encode(self, image) -> tuple:
+        """The image or frames -> (the vision graph's output [n,K,D], the turn's visual tokens [L,D]): every frame
+        with the image question's prompt vector (PIP-MM), combined as the bundle says (sdk/frames.py)."""
         pipeline = self.pipeline
-        pixel_values = pipeline.pixel_values(image)  # framed by the pipeline's visual prompt, if any
+        frames = as_frames(image)
+        # [n,3,H,W], each frame framed by the pipeline's visual prompt, if any
+        pixel_values = np.concatenate([pipeline.pixel_values(frame) for frame in frames])
         vector = None
         if pipeline.prompt_vector_spec is not None:
-            vector = pipeline.encode_prompt(self.image_question or "Describe the image.")
-        return pipeline.backend.vision(pixel_values, vector)
+            vector = np.repeat(pipeline.encode_prompt(self.image_question or "Describe the image."), len(frames), 0)
+        vision = pipeline.backend.vision(pixel_values, vector)
+        return vision, pipeline.frames.combine(pipeline.backend, vision.visual_tokens)[0]
 
     def _turn(self, args, result, image=None, steering=None) -> Iterator[int]:
         """Render, prefill what the cache lacks, generate; on completion the answer joins the conversation.
@@ -342,27 +381,27 @@ class Conversation:
         t = result.timings
         start = time.perf_counter()
         messages = [_cleaned(pipeline.prompter, m) for m in self.messages]
-        ids, image_slots = pipeline.prompter.conversation_ids(self.renderer.render(messages))
+        ids, image_slots = pipeline.frames.conversation_ids(pipeline.prompter, self.renderer.render(messages),
+                                                            len(self.frames))
+        result.visual_tokens, result.frames = len(image_slots), len(self.frames)
         t["prompt_ms"] = (time.perf_counter() - start) * 1000.0
         stage = time.perf_counter()
         if self.vision is None:
             self.vision = self._encode(self.image)
-        vision = self.vision if image is None or image is self.image else self._encode(image)
+        vision, visual = self.vision if image is None or image is self.image else self._encode(image)
         t["vision_ms"] = (time.perf_counter() - stage) * 1000.0
 
-        stage = time.perf_counter()
-        positions = pipeline.prefill_positions(len(ids), image_slots, vision)
+        stage = time.perf_counter()  # the adapter's R tokens have no patch of their own: sequence positions
+        positions = None if pipeline.frames.pooled else pipeline.prefill_positions(len(ids), image_slots, vision)
         positions = np.arange(len(ids), dtype=np.int64) if positions is None else positions[0]
         whole = None
         if steering is not None:  # the energy reads the whole conversation's attention to the image
             whole = backend.embed(ids[None]).copy()
-            whole[0, image_slots] = vision.visual_tokens[0].astype(whole.dtype)
+            whole[0, image_slots] = visual.astype(whole.dtype)
             whole = steering(whole, image_slots, positions[None], vision)
             result.referring = steering.report.to_dict()
             t["referring_ms"] = (time.perf_counter() - stage) * 1000.0
             visual = whole[0, image_slots]
-        else:
-            visual = vision.visual_tokens[0]
         keep = min(common_prefix(self.cached_ids, ids.tolist()), len(ids) - 1)  # prefill >= 1 token: its logits
         if self.cached_visual is not None and not np.array_equal(self.cached_visual, visual):
             keep = min(keep, int(image_slots[0]))  # the cache holds other visual tokens: prefill from the image on

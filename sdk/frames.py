@@ -109,6 +109,14 @@ class Frames:
             return prompter.prompt_ids(prompt, 1, slots=self.spec.tokens)
         return prompter.prompt_ids(prompt, count, self.spec.separator)
 
+    def placeholders(self, count: int) -> int:
+        """Image placeholders a turn with `count` frames renders: one per frame (concat), one for the adapter's R."""
+        return 1 if self.pooled else count
+
+    def conversation_ids(self, prompter, text: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """A rendered conversation whose image turn holds placeholders(count) -> (ids [T], image slots [L])."""
+        return prompter.conversation_ids(text, self.placeholders(count), self.spec.tokens if self.pooled else None)
+
     def combine(self, backend, tokens: np.ndarray) -> np.ndarray:
         """The vision graph's tokens of the frames [n,K,D] -> the turn's visual tokens [1,L,D]."""
         return COMBINERS[self.mode](backend, tokens, self.spec)

@@ -410,15 +410,17 @@ class Pipeline:
     # -- conversations (sdk/conversation.py) ------------------------------------------------------
 
     def conversation(self, image, system: str | None = None) -> Conversation:
-        """A multi-turn chat about one image: conv.ask(question) -> Result, conv.stream(question); each turn
-        reuses the KV cache of the turns before it, the image included."""
+        """A multi-turn chat about one image, or a list of frames (at most multi_image.n_max, in the first
+        question's turn): conv.ask(question) -> Result, conv.stream(question); each turn reuses the KV cache of
+        the turns before it, the image (the frames' combined tokens) included."""
         return Conversation(self, image=image, system=system)
 
     def chat(self, messages: list[dict], max_new_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, seed: int | None = None, min_new_tokens: int | None = None,
              region=None, referring: str | None = None) -> Result:
         """OpenAI-style messages (roles system/user/assistant; content a string or parts {"type": "text",
-        "text": ...} / {"type": "image", "image": path, PIL image or array}; one image, in a user turn; the last
+        "text": ...} / {"type": "image", "image": path, PIL image or array}; one image, or several frames in order,
+        all in one user turn; the last
         message the user's) -> the assistant's reply. region, referring: on the image, for this reply (as
         generate; sdk/conversation.py)."""
         return Conversation.from_messages(self, messages).reply(max_new_tokens=max_new_tokens,

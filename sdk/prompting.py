@@ -124,15 +124,16 @@ class Prompter:
         self._check_no_injected_specials(ids, images)
         return self._with_image_slots(ids, "prompt", slots)
 
-    def conversation_ids(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """A whole rendered conversation (sdk/conversation.py; its texts already cleaned) -> (ids [T] int64 with
-        K image slots, positions of the image slots [K]), tokenized as transformers' processor does."""
+    def conversation_ids(self, text: str, images: int = 1, slots: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A whole rendered conversation (sdk/conversation.py; its texts already cleaned) with `images` image
+        placeholders -> (ids [T] int64 with `slots` (default K) image slots per placeholder, positions of the image
+        slots [images * slots], frame after frame), tokenized as transformers' processor does."""
         ids = self._encode(text)
         found = ids.count(self.special.image)
-        if found != 1:
-            raise PromptError(f"the conversation renders {found} image placeholders, not one: give exactly one "
-                              "image, in a user turn")
-        return self._with_image_slots(ids, "conversation")
+        if found != images:
+            raise PromptError(f"the conversation renders {found} image placeholders, not {images}: give the image "
+                              "(or the frames), in one user turn")
+        return self._with_image_slots(ids, "conversation", slots)
 
     def _with_image_slots(self, ids: list[int], what: str, slots: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         # each placeholder (the template's, checked at load and in prompt_ids; none from the prompt) -> `slots` ids

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,3 +24,9 @@ def edit_manifest(bundle_dir: Path, change) -> None:
     manifest = json.loads(path.read_text())
     change(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    """n random uint8 frames of different sizes (each preprocessed as its own image)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (30 + 3 * i, 40, 3), dtype=np.uint8) for i in range(n)]

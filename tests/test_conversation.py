@@ -155,8 +155,8 @@ def test_old_bundle_without_template_variables_converses(bundles, tmp_path, imag
 
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "user", "content": "hello"}], "holds 0 images"),
-    ([{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"}]}],
-     "holds 2 images"),
+    ([{"role": "user", "content": [{"type": "image", "image": "a.png"}]}, {"role": "assistant", "content": "x"},
+      {"role": "user", "content": [{"type": "image", "image": "b.png"}]}], "images are in 2 user turns"),
     ([{"role": "robot", "content": "hi"}], "role 'robot'"),
     ([{"role": "user", "content": [{"type": "image", "image": "a.png"}]}, {"role": "assistant", "content": "x"}],
      "last message must be the user's"),

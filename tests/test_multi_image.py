@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,7 +14,7 @@ from chat_checkpoints import NEW_TOKENS as HF_TOKENS, transformers_run
 from export.model.mivpg import random_adapter
 from export.multi_image import attach_adapter, set_concat
 from export.reference import reference_pipeline
-from helpers import edit_manifest, run_pipmm
+from helpers import edit_manifest, frames, run_pipmm
 from sdk.errors import BundleError, ContextOverflowError, PipmmError
 from sdk.frames import FrameCountError
 from sdk.manifest_multi import MultiImage
@@ -24,11 +23,6 @@ from sdk.pipeline import Pipeline
 QUESTION = "what is the color of the star left of the circle?"
 NEW_TOKENS = 16
 N_MAX = 4
-
-
-def frames(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (30 + 3 * i, 40, 3), dtype=np.uint8) for i in range(n)]
 
 
 @pytest.mark.parametrize("case", ["llama-bos-llava15", "qwen2-chatml"])
@@ -109,8 +103,6 @@ def test_frame_count_errors(adapter_bundle, bundles, tmp_path):
     assert "\n" not in str(err.value) and isinstance(err.value, PipmmError)
     with pytest.raises(FrameCountError, match="takes one image"):
         pipeline.generate(frames(2), QUESTION, region=sdk.Box(0, 0, 5, 5))
-    with pytest.raises(BundleError, match="multi-turn chat is for concat bundles"):
-        pipeline.conversation(frames(1)[0])
     with pytest.raises(FrameCountError, match="at most 8"):  # a bundle without the section: concat, 8 frames
         sdk.load(bundles("llama"), device="cpu").generate(frames(9), QUESTION)
     shutil.copytree(bundles("llama"), tmp_path / "concat")

@@ -17,7 +17,7 @@ def chat_completions(handler) -> None:
     pool = service.ready()
     start = time.perf_counter()
     body = handler.read_json()
-    request = parse_chat(body, service.config, pool.first.num_visual_tokens)  # the image is decoded here
+    request = parse_chat(body, service.config, pool.first.num_visual_tokens, pool.first.frames)  # images decoded here
     model = service.config.served_model
     outcome = Outcome()
     with pool.acquire() as pipeline:

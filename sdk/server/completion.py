@@ -57,7 +57,8 @@ def pieces(pipeline, request: ChatRequest, outcome: Outcome) -> Iterator[str]:
     result = pipeline.new_result()
     conversation = None
     if request.turns is None:
-        ids, _ = pipeline.prompter.prompt_ids(request.prompt)  # a bad prompt fails here, before any graph runs
+        count = len(request.image) if isinstance(request.image, list) else 1  # frames (sdk/frames.py)
+        ids, _ = pipeline.frames.prompt_ids(pipeline.prompter, request.prompt, count)  # a bad prompt fails here
         outcome.prompt_tokens = len(ids)
         stream = pipeline.stream(request.image, request.prompt, result=result, **request.options)
     else:

@@ -1,6 +1,7 @@
 """A /v1/chat/completions body -> ChatRequest, or an ApiError saying what is wrong with it.
 
-One image per conversation, in a user message. One user turn: answered with Pipeline.stream (prompt = its
+One image per conversation, in a user message, or several (frames, in order: sdk/frames.py), all in one user
+message and at most the bundle's multi_image.n_max. One user turn: answered with Pipeline.stream (prompt = its
 text). Several turns (system, earlier user and assistant messages): answered with the SDK's Conversation
 (sdk/conversation.py), which renders the whole conversation with the bundle's chat template.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from ..frames import FrameCountError, Frames
 from .config import ServerConfig
 from .errors import ApiError, bad_request
 from .images import from_url
@@ -22,7 +24,7 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 @dataclass
 class ChatRequest:
     prompt: str
-    image: Image.Image
+    image: Image.Image | list[Image.Image]  # one image, or several frames in order (the SDK's image argument)
     options: dict = field(default_factory=dict)  # Pipeline.stream keyword arguments (region, referring included)
     stream: bool = False
     include_usage: bool = False
@@ -37,7 +39,9 @@ def optional(body: dict, name: str, kinds: tuple[type, ...], what: str):
     return value
 
 
-def parse_chat(body, config: ServerConfig, visual_tokens: int) -> ChatRequest:
+def parse_chat(body, config: ServerConfig, visual_tokens: int, frames: Frames | None = None) -> ChatRequest:
+    """frames: the bundle's way of combining frames (Pipeline.frames), whose n_max bounds the images of a request;
+    None: one image per request (explain)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
@@ -51,7 +55,7 @@ def parse_chat(body, config: ServerConfig, visual_tokens: int) -> ChatRequest:
         raise bad_request(f"visual_tokens={budget} is not available: this bundle's visual-token budget is fixed "
                           f"at {visual_tokens} (export another budget with 'pipmm export --visual-tokens')",
                           "visual_tokens")
-    prompt, image, turns = conversation(body.get("messages"), config)
+    prompt, image, turns = conversation(body.get("messages"), config, frames)
     max_tokens = optional(body, "max_completion_tokens", (int,), "an integer")
     if max_tokens is None:
         max_tokens = optional(body, "max_tokens", (int,), "an integer")
@@ -67,6 +71,9 @@ def parse_chat(body, config: ServerConfig, visual_tokens: int) -> ChatRequest:
         raise bad_request("stream_options must be an object", "stream_options")
     if turns is not None and options["inhibit"]:
         raise bad_request("inhibit applies to one-turn requests: a conversation is answered without CMAI", "inhibit")
+    if isinstance(image, list) and body.get("regions") is not None:
+        raise bad_request(f"a region refers to one image, but the messages hold {len(image)}: send one image with "
+                          "regions", "regions", "invalid_region")
     options.update(parse_regions(body.get("regions"), image, config))
     return ChatRequest(prompt, image, options, stream, bool(stream_options.get("include_usage")),
                        stop_strings(body.get("stop"), config.max_stop_strings), turns)
@@ -79,40 +86,57 @@ def stop_strings(stop, limit: int) -> list[str]:
     return stops
 
 
-def conversation(messages, config: ServerConfig) -> tuple[str, Image.Image, list[dict] | None]:
-    """-> (the last user text, the image, the conversation in the SDK's message form when it has more than one
-    turn, else None)."""
+def conversation(messages, config: ServerConfig, frames: Frames | None = None
+                 ) -> tuple[str, Image.Image | list[Image.Image], list[dict] | None]:
+    """-> (the last user text, the image or the frames in order, the conversation in the SDK's message form when
+    it has more than one turn, else None)."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
-    prompt, images, turns = None, [], []
+    prompt, urls, holders, turns = None, [], set(), []
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise bad_request(f"each message needs a role of {sorted(ROLES)}", "messages")
         role = "system" if message["role"] == "developer" else message["role"]
         if role not in ("system", "user", "assistant"):
             continue  # tool messages: this server runs no tools
-        text, urls = content_parts(message.get("content"))
+        text, found = content_parts(message.get("content"))
         if role == "user":
             prompt = text
-            images += urls
-        elif urls:
+            urls += found
+            holders |= {len(turns)} if found else set()
+        elif found:
             raise bad_request(f"an image belongs in a user message, not a {role} message", "messages")
         turns.append({"role": role, "content": ordered_parts(message.get("content"))})
     if prompt is None or turns[-1]["role"] != "user":
         raise bad_request("the last message must be the user's, with the question", "messages")
-    if not images:
+    if not urls:
         raise bad_request("no image in the messages: add a content part {\"type\": \"image_url\", \"image_url\": "
                           "{\"url\": \"data:image/png;base64,...\"}}", "messages", "image_required")
-    if len(images) > 1:
-        raise bad_request(f"the messages hold {len(images)} images: this server answers about one image per "
-                          "conversation", "messages", "too_many_images")
-    image = from_url(images[0], config)
+    check_count(len(urls), len(holders), frames)
+    images = [from_url(url, config) for url in urls]  # in the order sent: frame after frame
+    image = images[0] if len(images) == 1 else images
     if len(turns) == 1:
         return prompt, image, None
-    for turn in turns:  # the SDK's form: the decoded image in its place
-        turn["content"] = [{"type": "image", "image": image} if part["type"] == "image_url" else part
+    decoded = iter(images)
+    for turn in turns:  # the SDK's form: each decoded image in its place
+        turn["content"] = [{"type": "image", "image": next(decoded)} if part["type"] == "image_url" else part
                            for part in turn["content"]]
     return prompt, image, turns
+
+
+def check_count(count: int, messages: int, frames: Frames | None) -> None:
+    """Several images are frames of one user message, at most the bundle's n_max (400 too_many_images)."""
+    if messages > 1:
+        raise bad_request(f"the images are in {messages} user messages: several images are frames of one request "
+                          "and belong in one user message, in order", "messages", "too_many_images")
+    if count > 1 and frames is None:
+        raise bad_request(f"the messages hold {count} images: this endpoint takes one image", "messages",
+                          "too_many_images")
+    try:
+        if frames is not None:
+            frames.check(count)
+    except FrameCountError as err:
+        raise bad_request(str(err), "messages", "too_many_images") from None
 
 
 def ordered_parts(content) -> list[dict]:
