@@ -330,9 +330,7 @@ class Conversation:
                                   f"{len(self.frames)} frames")
         with typed_errors("the referring region"):
             image, steering, report = prepare_referring(pipeline, self.image, region, method)
-        if steering is not None and pipeline.frames.pooled:
-            raise BundleError(f"referring by energy steers a frame's own visual tokens, but this bundle pools frames "
-                              f"with an adapter ({pipeline.frames.mode}): use referring='overlay'")
+        pipeline.frames.check_steering(steering)
         result.referring = None if report is None else report.to_dict()
         return args, result, (image, steering)
 

@@ -99,6 +99,12 @@ class Frames:
                                   f"(multi_image {self.mode}, n_max {self.spec.n_max}): send fewer frames, or see "
                                   "docs/multi-image.md for bundles that take more")
 
+    def check_steering(self, steering) -> None:
+        """Energy referring steers one frame's own K visual tokens; an adapter bundle's LLM sees R pooled ones."""
+        if steering is not None and self.pooled:
+            raise BundleError(f"referring by energy steers a frame's own visual tokens, but this bundle pools frames "
+                              f"with an adapter ({self.mode}): use referring='overlay'")
+
     def slots(self, count: int) -> int:
         """The image slots of a turn with `count` frames: what the LLM sees."""
         return self.spec.tokens if self.pooled else count * self.per_frame

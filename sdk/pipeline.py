@@ -371,6 +371,7 @@ class Pipeline:
             raise FrameCountError("referring to a region takes one image: pass a single frame with region=")
         with typed_errors("the referring region"):
             image, steering, report = prepare_referring(self, image, region, referring)
+        self.frames.check_steering(steering)
         if steering is not None and framed is not None:
             raise VisualPromptError("referring by energy (controlmllm) maps the region onto unframed patches: pass "
                                     "visual_prompt=False (--visual-prompt none) or referring='overlay'")
