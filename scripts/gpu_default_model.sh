@@ -15,7 +15,8 @@
 #        more PIP-MM stage 2 (MLP + projector + LLM at half, prompt-topk, patch positions, 20% instructions) from a
 #        shipped checkpoint DIR (e.g. models/default_model) on fresh scenes (data offset 250M), the questions
 #        reworded with probability PARA (default 0.5, export/tasks/paraphrase.py), then the GPU eval of the result
-#        on the test / phrasing / style / classic splits (2000 questions each) -> $RUNS/c2, $RUNS/evals
+#        on the test / phrasing / style / classic splits (2000 questions each) -> $RUNS/c2, $RUNS/evals ($W2: data
+#        workers, default 14)
 #   [PATCH=1] [INSTR=F] [MERGE=1] [S0=DIR] bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
 #        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
@@ -65,7 +66,7 @@ cont0)
 cont2)
   rm -rf "$RUNS/c2" "$RUNS/evals"; mkdir -p "$RUNS/evals"
   $T --stage 2 --init "${2:?DIR with a PIP-MM checkpoint}" --out "$RUNS/c2" --seed 0 --steps 100000 \
-     --time-budget "${3:-420}" --lr "${4:-2e-4}" --warmup 50 --batch-size 128 --workers 14 --val-scenes 0 --quiet \
+     --time-budget "${3:-420}" --lr "${4:-2e-4}" --warmup 50 --batch-size 128 --workers "${W2:-14}" --val-scenes 0 --quiet \
      --log-every 50 --grounding-weight 0.25 --train-llm --budget half --reducer prompt-topk --patch-positions \
      --instruction-fraction 0.2 --paraphrase-fraction "${PARA:-0.5}" --data-offset 250000000
   E="python3 -m sdk.cli eval --quiet --batch-size 250 --device cuda --n 2000 --checkpoint $RUNS/c2 --prompt-mlp $RUNS/c2"
