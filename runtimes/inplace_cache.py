@@ -139,8 +139,6 @@ class InPlaceCaches:
         self.past_names = [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
         self.present_names = [f"present.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
         self.pool: list[KVBuffer] = []
-        embed_out = backend.bundle.graphs["embed"].outputs[0]  # bound straight into the decoder's input row
-        self.embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
 
     @property
     def nbytes(self) -> int:

@@ -331,9 +331,10 @@ class _QuietRoot:
         logging.getLogger().setLevel(self.level)
 
 
-def _matmul_nbits(model: onnx.ModelProto, bits: int, block: int, exclude=(), include=None) -> onnx.ModelProto:
+def _matmul_nbits(model: onnx.ModelProto, bits: int, block: int, exclude=(), include=None,
+                  accuracy_level: int | None = None) -> onnx.ModelProto:
     nbits = _nbits_module()
-    level = ACCURACY_LEVEL[bits]
+    level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits, accuracy_level=level,
                                                 op_types_to_quantize=("MatMul",))
     quantizer = nbits.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=level,
