@@ -46,7 +46,11 @@ def cpu_cache(bundle, decoder_graph: str, flavour_note: str | None) -> tuple[str
     plain decoder's present is concat(past, new): it has no buffer to share."""
     if decoder_graph != FUSED_DECODER:
         return "numpy", f"the in-place cache needs {FUSED_DECODER}: {flavour_note}"
-    if not bundle.graphs[FUSED_DECODER].extra.get(CAPACITY_MASK):
+    extra = bundle.graphs[FUSED_DECODER].extra
+    if extra.get("target", "cpu") != "cpu":  # export/fused.py FUSED_TARGETS: no query_seqlens in the CUDA one
+        return "numpy", f"{FUSED_DECODER} is the {extra['target']} target (no query_seqlens): the numpy cache, or " \
+                        "kv_cache='static' for its device-buffer cache (runtimes/fused_device.py)"
+    if not extra.get(CAPACITY_MASK):
         return "numpy", f"{FUSED_DECODER} predates query_seqlens: re-add it (--overwrite) for the in-place cache"
     return "inplace", None
 
