@@ -29,8 +29,8 @@ from sdk.errors import ExportError
 from sdk.manifest import Manifest
 
 from export.onnx_graphs import save_graph
-from export.precision.quantize import (ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, LM_HEAD_BITS_IN_INT4, _matmul_nbits,
-                                       _ort_version)
+from export.precision.quantize import (ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, LM_HEAD_BITS_IN_INT4, matmul_nbits,
+                                       ort_version)
 
 FUSED_WEIGHTS = {"int4": 4, "int8": 8}  # weight precision -> MatMulNBits bits
 LM_HEAD_WEIGHT = "lm_head.weight"  # export/fused.py's name of the vocabulary projection
@@ -62,9 +62,9 @@ def quantize_fused(path: Path, settings: dict) -> dict:
     if not lm_head:
         raise ExportError(f"{path.name}: no MatMul reads {LM_HEAD_WEIGHT}; is it export/fused.py's graph?")
     bits, block, level = settings["bits"], settings["block_size"], settings["accuracy_level"]
-    model = _matmul_nbits(model, bits, block, exclude=lm_head, accuracy_level=level)
+    model = matmul_nbits(model, bits, block, exclude=lm_head, accuracy_level=level)
     if settings["lm_head_bits"]:
-        model = _matmul_nbits(model, settings["lm_head_bits"], block, include=lm_head, accuracy_level=level)
+        model = matmul_nbits(model, settings["lm_head_bits"], block, include=lm_head, accuracy_level=level)
     quantized = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
     left = [n.name for n in model.graph.node if n.op_type == "MatMul"
             and any(i.name == n.input[1] for i in model.graph.initializer)]
@@ -72,7 +72,7 @@ def quantize_fused(path: Path, settings: dict) -> dict:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     save_graph(model, path)
     return {"precision": settings["precision"], "tool": "onnxruntime.quantization.matmul_nbits_quantizer."
-            f"MatMulNBitsQuantizer (onnxruntime {_ort_version()})",
+            f"MatMulNBitsQuantizer (onnxruntime {ort_version()})",
             "method": f"weight-only, round-to-nearest, {bits}-bit symmetric, block-wise along K",
             "bits": bits, "block_size": block, "accuracy_level": level, "quantized_nodes": quantized,
             "lm_head": f"{settings['lm_head_bits']}-bit MatMulNBits" if settings["lm_head_bits"] else "float",
