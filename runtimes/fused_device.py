@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .inplace_cache import set_mask_length
 from .positions import following
 
 from sdk.errors import BackendError, one_line
@@ -122,11 +123,7 @@ class FusedDeviceCaches:
                                f"the backend with a larger max_cache (up to {self.max_context})")
 
     def _set_length(self, end: int) -> None:
-        if end > self.mask_length:
-            self.mask[0, self.mask_length:end] = 1
-        else:
-            self.mask[0, end:self.mask_length] = 0
-        self.mask_length = end
+        self.mask_length = set_mask_length(self.mask, self.mask_length, end)
 
     def _run_step(self) -> None:
         """The bound decode step: replayed as a CUDA graph where it can be, else run eagerly."""

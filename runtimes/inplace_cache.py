@@ -55,6 +55,15 @@ def cpu_cache(bundle, decoder_graph: str, flavour_note: str | None) -> tuple[str
     return "inplace", None
 
 
+def set_mask_length(mask: np.ndarray, length: int, end: int) -> int:
+    """mask [1,S]: slots [0, end) = 1, the rest 0, changing only what differs from `length` (the last call's) -> end."""
+    if end > length:
+        mask[0, length:end] = 1
+    else:
+        mask[0, end:length] = 0
+    return end
+
+
 class _Lease:
     """Held by every cache view of one sequence: its buffer is free when no view is alive."""
 
@@ -95,12 +104,7 @@ class KVBuffer:
         return self.arrays[0].shape[2]
 
     def set_length(self, end: int) -> None:
-        """mask[0, :end] = 1, the rest 0 (changing only what differs from the last call's)."""
-        if end > self.mask_length:
-            self.mask[0, self.mask_length:end] = 1
-        else:
-            self.mask[0, end:self.mask_length] = 0
-        self.mask_length = end
+        self.mask_length = set_mask_length(self.mask, self.mask_length, end)
 
     def bind_fixed(self, binding) -> None:
         """The inputs and outputs every call shares: the cache (past and present alike), mask, bias, logits."""
