@@ -89,28 +89,44 @@ def _graphs(bundle: Path) -> dict:
     return json.loads(path.read_text())["graphs"] if path.exists() else {}
 
 
+def _int4_copy(float_dir: Path, int4_dir: Path) -> None:
+    """int4_dir: the float bundle without decoder_fused, its graphs hard-linked (add_graphs writes decoder_fused's
+    files anew, never into a linked one), its manifest a copy."""
+    shutil.rmtree(int4_dir, ignore_errors=True)
+    int4_dir.mkdir()
+    for path in float_dir.iterdir():
+        if not path.name.startswith("decoder_fused"):
+            (os.link if path.suffix in (".onnx", ".data") else shutil.copyfile)(path, int4_dir / path.name)
+    manifest = json.loads((int4_dir / "manifest.json").read_text())
+    if manifest["graphs"].pop("decoder_fused", None) is not None:  # a resumed run: float has it already
+        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("decoder_fused")}
+        manifest["precision"]["graphs"].pop("decoder_fused", None)
+        (int4_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def stage_pipmm(work: Path, device: str) -> None:
-    """The float bundle with decoder_fused (CUDA target), then its INT4 copy."""
+    """The float bundle, then (in parallel) its decoder_fused (CUDA target) and an INT4 copy's (stage int4)."""
     from export.extra_graphs import add_graphs, export_direct
 
     ckpt, float_dir, int4_dir = work / "ckpt", work / "float", work / "int4"
     if not _graphs(float_dir):
         export_direct(ckpt, float_dir, no_prompt_mlp=True, dtype=SETUPS[device].dtype, device="cpu",
                       graphs=("vision", "embed", "decoder"), overwrite=True, log=log)
+    int4 = None
+    if _graphs(int4_dir).get("decoder_fused", {}).get("weights") != "int4":
+        _int4_copy(float_dir, int4_dir)
+        int4 = subprocess.Popen([sys.executable, __file__, "--device", device, "--work", str(work.parent),
+                                 "--preset", work.name, "--stage", "int4"], cwd=ROOT)
     if "decoder_fused" not in _graphs(float_dir):
         add_graphs(float_dir, ckpt, ("decoder_fused",), fused_target="cuda")
-    if "decoder_fused" not in _graphs(int4_dir) or \
-            _graphs(int4_dir)["decoder_fused"].get("weights") != "int4":
-        shutil.rmtree(int4_dir, ignore_errors=True)
-        int4_dir.mkdir()
-        for path in float_dir.iterdir():  # graphs hard-linked (add_graphs replaces decoder_fused's files, never
-            if path.name.startswith("decoder_fused"):  # writes into them); the manifest is copied
-                continue
-            (os.link if path.suffix in (".onnx", ".data") else shutil.copyfile)(path, int4_dir / path.name)
-        shutil.copyfile(float_dir / "decoder_fused.onnx", int4_dir / "decoder_fused.onnx")
-        for extra in float_dir.glob("decoder_fused.onnx.*"):
-            shutil.copyfile(extra, int4_dir / extra.name)
-        add_graphs(int4_dir, ckpt, ("decoder_fused",), overwrite=True, fused_target="cuda", fused_weights="int4")
+    if int4 is not None and int4.wait():
+        raise SystemExit("the INT4 decoder_fused failed (its output is above)")
+
+
+def stage_int4(work: Path, device: str) -> None:
+    from export.extra_graphs import add_graphs
+
+    add_graphs(work / "int4", work / "ckpt", ("decoder_fused",), fused_target="cuda", fused_weights="int4")
 
 
 def stage_genai(work: Path, device: str) -> None:
@@ -139,7 +155,8 @@ def attach_static(work: Path) -> None:
         attach_graphs(work / "float", {"decoder_static": static}, verify=False)
 
 
-STAGES = {"checkpoint": stage_checkpoint, "static": stage_static, "pipmm": stage_pipmm, "genai": stage_genai}
+STAGES = {"checkpoint": stage_checkpoint, "static": stage_static, "pipmm": stage_pipmm, "int4": stage_int4,
+          "genai": stage_genai}
 
 
 def child(args, *extra) -> subprocess.Popen:
@@ -322,7 +339,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=450, help="start no new step after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=420, help="start no new step after this many seconds")
     parser.add_argument("--stage", default=None, choices=tuple(STAGES) + ("measure",), help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--agree", action="store_true", help=argparse.SUPPRESS)
@@ -366,7 +383,7 @@ def main(argv=None) -> int:
                 (["--agree"] if r == 0 else [])
             proc = child(args, *extra)
             try:
-                out, _ = proc.communicate(timeout=max(30, deadline - time.monotonic() + 60))
+                out, _ = proc.communicate(timeout=max(30, deadline - time.monotonic() + 45))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
