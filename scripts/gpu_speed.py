@@ -52,12 +52,15 @@ class Setup:
 
 SETUPS = {"cuda": Setup("fp16", ("fp16", "cuda"), ("int4", "cuda"), "auto", "float16"),
           "cpu": Setup("fp32", ("fp32", "cpu"), ("int4", "cpu"), "static", "float32")}
-# variant -> (kind, what it runs on, PIPMM_DECODER, kv_cache); in order of importance
-VARIANTS = {"plain+graph": ("pipmm", "float", "plain", "auto"),
-            "fused": ("pipmm", "float", "fused", "fused"),
-            "genai": ("genai", "genai-float", None, None),
-            "fused-int4": ("pipmm", "int4", "fused", "fused"),
-            "genai-int4": ("genai", "genai-int4", None, None)}
+# variant -> (kind, what it runs on, PIPMM_DECODER, kv_cache, CUDA graph: None = the backend's default); in order
+# of importance; DEFAULT_VARIANTS run unless --variants says otherwise ("fused-eager": a diagnosis of the graph)
+VARIANTS = {"plain+graph": ("pipmm", "float", "plain", "auto", None),
+            "fused": ("pipmm", "float", "fused", "fused", None),
+            "genai": ("genai", "genai-float", None, None, None),
+            "fused-int4": ("pipmm", "int4", "fused", "fused", None),
+            "genai-int4": ("genai", "genai-int4", None, None, None),
+            "fused-eager": ("pipmm", "float", "fused", "fused", False)}
+DEFAULT_VARIANTS = ("plain+graph", "fused", "genai", "fused-int4", "genai-int4")
 PAIRS = [("plain+graph", "genai"), ("fused", "genai"), ("fused-int4", "genai-int4")]  # token agreement
 
 
@@ -221,7 +224,7 @@ def greedy_ours(bundle: Path, device: str, decoder: str, kv_cache: str, ids: np.
 
 
 def measure(args, work: Path, variant: str) -> dict:
-    kind, target, decoder, kv_cache = VARIANTS[variant]
+    kind, target, decoder, kv_cache, cuda_graph = VARIANTS[variant]
     setup = SETUPS[args.device]
     kv_cache = setup.fused_kv_cache if kv_cache == "fused" else kv_cache
     ids_file = work / "ids.npy"
@@ -230,7 +233,8 @@ def measure(args, work: Path, variant: str) -> dict:
 
         os.environ["PIPMM_DECODER"] = decoder
         result = bench(work / target, backend="onnxruntime", device=args.device, new_tokens=args.new_tokens,
-                       runs=args.runs, warmup=args.warmup, kv_cache=kv_cache, verify=False, log=lambda *a, **k: None)
+                       runs=args.runs, warmup=args.warmup, kv_cache=kv_cache, cuda_graph=cuda_graph, verify=False,
+                       log=lambda *a, **k: None)
         out = {"stages": {k: v["median"] for k, v in result["stages"].items()}, "memory": result["memory"],
                "backend": {k: result["backend"].get(k) for k in ("decoder_graph", "decoder_flavour_note", "kv_cache",
                                                                   "kv_cache_note", "cuda_graph", "cuda_graph_note",
@@ -339,12 +343,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=420, help="start no new step after this many seconds")
     parser.add_argument("--stage", default=None, choices=tuple(STAGES) + ("measure",), help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--agree", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {', '.join(sorted(unknown))}: choose from {', '.join(VARIANTS)}")
     work = args.work / args.preset
     work.mkdir(parents=True, exist_ok=True)
     if args.stage == "measure":  # a child: one round of one variant -> --result
@@ -364,12 +372,12 @@ def main(argv=None) -> int:
            "command": "python scripts/gpu_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "config": {"new_tokens": args.new_tokens, "rounds": args.rounds, "runs": args.runs, "warmup": args.warmup,
                       "setup": SETUPS[args.device].__dict__},
-           "export": {}, "variants": {name: {"rounds": []} for name in VARIANTS}}
+           "export": {}, "variants": {name: {"rounds": []} for name in args.variants.split(",")}}
     export_all(args, work, doc, deadline)
     write(doc, args.out)
     if not (work / "ids.npy").exists() and _graphs(work / "float"):
         np.save(work / "ids.npy", prompt_ids(work / "float"))
-    names = list(VARIANTS)
+    names = list(doc["variants"])
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             if time.monotonic() > deadline:
