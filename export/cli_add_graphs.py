@@ -27,6 +27,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--referring-set", action="append", default=[], metavar="VARIANT.KEY=VALUE",
                         help="a referring setting over the defaults, e.g. controlmllm.lr=100 (repeatable; "
                              "docs/referring.md)")
+    parser.add_argument("--fused-target", default="cpu", choices=("cpu", "cuda"),
+                        help="decoder_fused for ONNX Runtime on this device (export/fused.py: cuda = RotaryEmbedding "
+                             "ops, no CMAI, loads in onnxruntime 1.31; build it in an fp16 bundle)")
+    parser.add_argument("--fused-weights", default=None, choices=("int4", "int8"),
+                        help="decoder_fused's MatMuls as MatMulNBits (default: as the bundle's decoder, so int4/int8 "
+                             "bundles get a quantized one; export/fused_quant.py)")
     parser.add_argument("--device", default="cpu", help="torch device to trace on (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="trace a graph again if the bundle has it")
     parser.add_argument("--adapter", default=None, metavar="DIR",
@@ -85,6 +91,7 @@ def run(args) -> int:
         raise ExportError("pass --checkpoint CHECKPOINT_DIR (the checkpoint the bundle was exported from) to trace graphs")
     graphs = tuple(dict.fromkeys(asked or ["decoder_static"]))
     add_graphs(args.bundle, args.checkpoint, graphs, device=args.device, overwrite=args.overwrite,
-               referring_settings=referring_settings(args.referring_set))
+               referring_settings=referring_settings(args.referring_set), fused_target=args.fused_target,
+               fused_weights=args.fused_weights)
     print(f"added {', '.join(graphs)} to {args.bundle}")
     return 0

@@ -42,6 +42,7 @@ from sdk.manifest_referring import defaults_for, with_settings
 from export import onnx_graphs
 from export.fused import FUSED_DECODER, FusedDecoderSpec, fused_entry
 from export.fused_prompt import PROMPT_ENCODER_FUSED
+from export.fused_quant import FUSED_WEIGHTS, quantize_fused, weight_settings
 from export.writer import PROMPT_ENCODER_NOTE, build_manifest, build_modules, export_bundle, graph_entry
 from export.model.checkpoint import load_checkpoint
 from export.model.decoder import StaticDecoderGraph
@@ -85,10 +86,10 @@ def _encoder_layers(checkpoint, prompt_layer: int) -> int:
     return layers
 
 
-def optional_module(name: str, checkpoint, prompt_layer: int, cmai_layers=()) -> torch.nn.Module:
+def optional_module(name: str, checkpoint, prompt_layer: int, cmai_layers=(), fused_target: str = "cpu"):
     if name == FUSED_DECODER:  # built from the modules, not traced (export/fused.py); CMAI layers as the decoder's
         return FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
-                                prompt_layer, list(cmai_layers))
+                                prompt_layer, list(cmai_layers), fused_target)
     if name == PROMPT_ENCODER_FUSED:  # cut out of the fused decoder (export/fused_prompt.py)
         return (FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config),
                 _encoder_layers(checkpoint, prompt_layer))
@@ -227,8 +228,12 @@ def _refuse_quantized(precision: str) -> None:
                           "or fp16 bundle of the checkpoint")
 
 
-def _bundle_precision(manifest: Manifest) -> str:
+def _bundle_precision(manifest: Manifest, graphs=()) -> str:
+    """The float dtype the optional graphs are built in. An int4/int8 bundle takes decoder_fused alone: built in
+    fp32 (its decoder's activations), then quantized as its decoder is (export/fused_quant.py)."""
     precision = manifest.precision.graphs.get("decoder", manifest.precision.default)
+    if precision in FUSED_WEIGHTS and graphs and set(graphs) <= {FUSED_DECODER}:
+        return "fp32"
     _refuse_quantized(precision)
     return precision
 
@@ -268,16 +273,20 @@ def export_optional_graph(checkpoint_dir, name: str, out_path, dtype: str = "fp3
     return out_path
 
 
-def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_settings: dict | None = None) -> Path:
+def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_settings: dict | None = None,
+                  quantized: dict | None = None) -> Path:
     """Move already exported optional graphs {name: path.onnx (+ path.onnx.data)} into a bundle: weights shared
     with the decoder's external data where equal, then the manifest (hashing only the new files). referring:
-    settings of the referring variants over the defaults ({"controlmllm": {"lr": 100.0}}, sdk/manifest_referring.py)."""
+    settings of the referring variants over the defaults ({"controlmllm": {"lr": 100.0}}, sdk/manifest_referring.py).
+    quantized: {name: export/fused_quant.py's record} of graphs whose weights were quantized after the export."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=verify)
     manifest = bundle.manifest
-    precision = _bundle_precision(manifest)
+    quantized = quantized or {}
+    precision = _bundle_precision(manifest, exported)
     decoder_file = bundle.graph_path("decoder")
     graphs, graph_precision, moved = dict(manifest.graphs), dict(manifest.precision.graphs), []
+    details = dict(manifest.precision.details)
     with _lending(decoder_file, exported) as changed:
         try:
             for name, path in exported.items():
@@ -290,7 +299,10 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_set
                         shutil.move(str(src), str(dst))
                         moved.append(dst)
                 graphs[name] = _entry_of_optional(name, out, decoder_file)
-                graph_precision[name] = precision
+                graph_precision[name] = quantized[name]["precision"] if name in quantized else precision
+                if name in quantized:
+                    details[name] = quantized[name]
+                    graphs[name] = replace(graphs[name], extra={**graphs[name].extra, "weights": quantized[name]["precision"]})
         except BaseException:
             for path in moved:  # the manifest was not touched: leave no stray file either
                 path.unlink(missing_ok=True)
@@ -304,19 +316,23 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_set
         if prompt_vector is not None and {PROMPT_ENCODER, PROMPT_ENCODER_FUSED} & set(exported):
             prompt_vector = replace(prompt_vector, encoder_layers=prompt_vector.layer + 1)
         write_manifest(bundle_dir, replace(manifest, graphs=graphs, files=file_records(bundle_dir, known),
-                                           precision=replace(manifest.precision, graphs=graph_precision),
+                                           precision=replace(manifest.precision, graphs=graph_precision,
+                                                             details=details),
                                            referring=referring, prompt_vector=prompt_vector))
     return bundle_dir
 
 
 def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: str = "cpu",
-               overwrite: bool = False, referring_settings: dict | None = None) -> Path:
+               overwrite: bool = False, referring_settings: dict | None = None, fused_target: str = "cpu",
+               fused_weights: str | None = None) -> Path:
     """Trace the optional `graphs` from the checkpoint the bundle was exported from and add them to the bundle
-    (files first, the manifest last and atomically)."""
+    (files first, the manifest last and atomically). decoder_fused: written for `fused_target` (export/fused.py
+    FUSED_TARGETS), its weights `fused_weights` ('int4'/'int8'; None: as the bundle's decoder, export/fused_quant.py)."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=True)
     manifest = bundle.manifest
-    precision = _bundle_precision(manifest)
+    precision = _bundle_precision(manifest, graphs)
+    weights = weight_settings(manifest, fused_weights) if FUSED_DECODER in graphs else None
     _check_names(graphs)
     for name in graphs:
         if name in manifest.graphs and not overwrite:
@@ -326,14 +342,17 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
     prompt_layer = manifest.prompt_vector.layer if manifest.prompt_vector is not None else -1
     cmai_layers = manifest.cmai.layers if manifest.cmai is not None else ()
     with tempfile.TemporaryDirectory(prefix=f".{bundle_dir.name}.graphs-", dir=bundle_dir.parent) as scratch:
-        exported = {}
+        exported, quantized = {}, {}
         for name in graphs:
             out = Path(scratch) / f"{name}.onnx"
-            onnx_graphs.OPTIONAL_EXPORTERS[name](optional_module(name, checkpoint, prompt_layer, cmai_layers), out,
-                                                 manifest.model.to_dict())
+            module = optional_module(name, checkpoint, prompt_layer, cmai_layers, fused_target)
+            onnx_graphs.OPTIONAL_EXPORTERS[name](module, out, manifest.model.to_dict())
+            if name == FUSED_DECODER and weights:
+                quantized[name] = quantize_fused(out, weights)
             exported[name] = out
         # verified above
-        return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings)
+        return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings,
+                             quantized=quantized)
 
 
 def export_with_graphs(checkpoint_dir, out_dir, graphs=("energy_grad",), referring_settings: dict | None = None,

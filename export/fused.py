@@ -23,6 +23,17 @@ order, as transformers' mask is; it reads lengths, not the mask's pattern: the r
 
 Its weights are packed (q|k|v, gate|up), so they are not shared with decoder.onnx: a bundle holds the LLM's
 weights twice when it carries this graph.
+
+Two targets (FUSED_TARGETS; the manifest entry records which, `target`, and `preferred_by` follows it):
+
+    cpu   the above: GroupQueryAttention's own rotary with query_seqlens (onnxruntime >= 1.32), CMAI's
+          attention_bias and post-softmax output. The CPU's in-place cache (runtimes/inplace_cache.py).
+    cuda  GroupQueryAttention's CUDA kernel has no attention_bias and no probability output, and onnxruntime 1.31
+          (the GPU machine's) has no query_seqlens input: a Split and one RotaryEmbedding per q and k (which
+          rotates every row at its own position id, visual positions included) before a GroupQueryAttention
+          without rotary, and no image_bias/attention (CMAI falls back as on decoder_static). FP16 (or INT4
+          MatMulNBits over FP16, export/fused_quant.py), run with one preallocated device KV buffer bound as
+          past and present and a CUDA-graph decode step (runtimes/fused_device.py).
 """
 
 from __future__ import annotations
@@ -40,8 +51,23 @@ from export.model.decoder import kv_names
 FUSED_DECODER = "decoder_fused"  # the graph's name in the bundle
 MS = "com.microsoft"
 FUSED_OPSET = 18
+# onnx's make_model writes its newest IR version (14 with onnx 1.20); onnxruntime 1.31 (the GPU machine's) reads
+# up to 13. Opset 18 needs IR 8: write 10, what torch.onnx writes for the plain graphs.
+FUSED_IR_VERSION = 10
 _ONNX_TYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class FusedTarget:
+    """How the graph is written for one kind of ONNX Runtime execution provider."""
+    rotary_in_attention: bool  # GroupQueryAttention's do_rotary + query_seqlens, else RotaryEmbedding on q and k
+    cmai: bool  # image_bias in, attention out (GroupQueryAttention's attention_bias and qk_output)
+    devices: tuple[str, ...]  # the manifest's preferred_by.onnxruntime
+
+
+FUSED_TARGETS = {"cpu": FusedTarget(True, True, ("cpu",)), "cuda": FusedTarget(False, False, ("cuda",))}
+TARGET_KEY = "pipmm.fused_target"  # the model's metadata_props entry naming its target
 
 
 @dataclass
@@ -52,6 +78,7 @@ class FusedDecoderSpec:
     text_config: object
     prompt_layer: int = -1
     cmai_layers: list[int] = field(default_factory=list)
+    target: str = "cpu"  # FUSED_TARGETS
 
 
 class _Graph:
@@ -122,6 +149,10 @@ def _packed(g: _Graph, name: str, linears: list[torch.nn.Module]) -> tuple[str, 
 
 def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     _check(spec)
+    if spec.target not in FUSED_TARGETS:
+        raise ExportError(f"decoder_fused target {spec.target!r}: choose {', '.join(FUSED_TARGETS)}")
+    target = FUSED_TARGETS[spec.target]
+    cmai_layers = list(spec.cmai_layers) if target.cmai else []
     config, lm = spec.text_config, spec.language_model
     n, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -141,10 +172,12 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     batch, tokens = g.op("Shape", ["inputs_embeds"], start=0, end=1), g.op("Shape", ["inputs_embeds"], start=1, end=2)
     width = g.op("Shape", ["attention_mask"], start=1, end=2)  # [1]: P+T, or the in-place buffer's S
     total = g.op("Cast", [g.op("Squeeze", [width])], to=TensorProto.INT32)
-    rows = g.op("Expand", [g.op("Cast", [tokens], to=TensorProto.INT32), batch])
+    rows = g.op("Expand", [g.op("Cast", [tokens], to=TensorProto.INT32), batch]) if target.rotary_in_attention else None
+    splits_qkv = None if target.rotary_in_attention else \
+        g.const("const.split_qkv", np.array([heads * hd, kv_heads * hd, kv_heads * hd], np.int64))
     biases = None
-    if spec.cmai_layers:  # image_bias [B,L_c,P+T] -> [B,L_c,T,P+T] once (every query row of the call), sliced per layer
-        shape = g.op("Concat", [batch, g.const("const.cmai_layers", np.array([len(spec.cmai_layers)], np.int64)),
+    if cmai_layers:  # image_bias [B,L_c,P+T] -> [B,L_c,T,P+T] once (every query row of the call), sliced per layer
+        shape = g.op("Concat", [batch, g.const("const.cmai_layers", np.array([len(cmai_layers)], np.int64)),
                                 tokens, width], axis=0)
         biases = g.op("Expand", [g.op("Unsqueeze", ["image_bias", g.const("const.two", np.array([2], np.int64))]),
                                  shape])
@@ -169,7 +202,7 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
         # sin_cache, position_ids, attention_bias, head_sink, k_scale, v_scale, q_norm_weight, k_norm_weight,
         # query_seqlens
         bias = ""
-        column = spec.cmai_layers.index(i) if i in spec.cmai_layers else None
+        column = cmai_layers.index(i) if i in cmai_layers else None
         outputs = [g.name("attn"), f"present.{i}.key", f"present.{i}.value"]
         extra = {}
         if column is not None:
@@ -178,10 +211,16 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
             bias = g.op("Slice", [biases, start, end, one])  # [B,1,T,P+T]
             outputs.append(g.name("qk"))
             extra["qk_output"] = 2  # probabilities after softmax: CMAI's focus reads them
-        gqa_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
-                      cos_cache, sin_cache, "position_ids", bias, "", "", "", "", "", rows]
+        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+        if target.rotary_in_attention:
+            gqa_inputs = [qkv, "", "", *past, cos_cache, sin_cache, "position_ids", bias, "", "", "", "", "", rows]
+        else:  # cuda: rotary as its own op on q and k (every row at its own position id), no query_seqlens
+            q, k, v = g.op("Split", [qkv, splits_qkv], 3, axis=-1)
+            q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], domain=MS, num_heads=heads)
+            k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], domain=MS, num_heads=kv_heads)
+            gqa_inputs = [q, k, v, *past]
         g.op("GroupQueryAttention", gqa_inputs, outputs, domain=MS, num_heads=heads, kv_num_heads=kv_heads,
-             scale=float(hd ** -0.5), do_rotary=1, **extra)
+             scale=float(hd ** -0.5), do_rotary=int(target.rotary_in_attention), **extra)
         if column is not None:
             probs.append(g.op("ReduceMean", [outputs[3], one], keepdims=1))  # mean over heads: [B,1,T,P+T]
         attn_out = g.op("MatMul", [outputs[0], g.weight(f"layers.{i}.o_proj.weight", attn.o_proj.weight.t())])
@@ -222,13 +261,15 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]), *kv_in]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.vocab_size]),
                helper.make_tensor_value_info("hidden", elem, ["batch", "sequence", d]), *kv_out]
-    if spec.cmai_layers:
-        inputs.append(helper.make_tensor_value_info("image_bias", elem, ["batch", len(spec.cmai_layers), "total_sequence"]))
-        outputs.append(helper.make_tensor_value_info("attention", elem, ["batch", len(spec.cmai_layers), "sequence",
+    if cmai_layers:
+        inputs.append(helper.make_tensor_value_info("image_bias", elem, ["batch", len(cmai_layers), "total_sequence"]))
+        outputs.append(helper.make_tensor_value_info("attention", elem, ["batch", len(cmai_layers), "sequence",
                                                                           "past_sequence + sequence"]))
     graph = helper.make_graph(g.nodes, "decoder_fused", inputs, outputs, g.initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS, 1)],
-                             producer_name="pipmm-edge export/fused.py")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="pipmm-edge export/fused.py", ir_version=FUSED_IR_VERSION)
+    helper.set_model_props(model, {TARGET_KEY: spec.target})
+    return model
 
 
 def fused_ops(model: onnx.ModelProto) -> dict:
@@ -244,8 +285,11 @@ def fused_entry(path) -> dict:
     """The manifest entry's extra fields: what the flavour is, its ops, and which runtime prefers it."""
     model = onnx.load(str(path), load_external_data=False)
     layers = sum(1 for node in model.graph.node if node.op_type == "GroupQueryAttention")
-    return {"flavour_of": "decoder", "preferred_by": {"onnxruntime": ["cpu"]},
-            "query_seqlens": True,  # a mask as wide as the KV buffer reads right (runtimes/inplace_cache.py)
+    name = {p.key: p.value for p in model.metadata_props}.get(TARGET_KEY, "cpu")
+    target = FUSED_TARGETS[name]
+    return {"flavour_of": "decoder", "preferred_by": {"onnxruntime": list(target.devices)}, "target": name,
+            # a mask as wide as the CPU's in-place KV buffer reads right (runtimes/inplace_cache.py)
+            "query_seqlens": target.rotary_in_attention, "cmai": target.cmai,
             "ops": fused_ops(model), "nodes": len(model.graph.node),
             "nodes_per_layer": round(len(model.graph.node) / max(layers, 1), 1),
             "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed; not shared with decoder)"}

@@ -40,7 +40,8 @@ def prune(model: onnx.ModelProto, outputs: list[str], name: str) -> onnx.ModelPr
     graph = helper.make_graph(nodes, name, [i for i in g.input if i.name in used],
                               [o for o in g.output if o.name in outputs],
                               [t for t in g.initializer if t.name in used])
-    return helper.make_model(graph, opset_imports=list(model.opset_import), producer_name=model.producer_name)
+    return helper.make_model(graph, opset_imports=list(model.opset_import), producer_name=model.producer_name,
+                             ir_version=model.ir_version)
 
 
 def build_fused_prompt_encoder(spec: FusedDecoderSpec, layers: int) -> onnx.ModelProto:

@@ -1,7 +1,9 @@
 """Which decoder graph ONNX Runtime runs, and how its CPU threads wait: the traced `decoder`, or `decoder_fused` (export/fused.py: the same
 weights as ONNX Runtime's fused contrib ops, for the CPU).
 
-    decoder_flavour  "auto" (default): decoder_fused on CPU (in-place or numpy KV cache) when the bundle has it
+    decoder_flavour  "auto" (default): decoder_fused where it runs: on CPU (in-place or numpy KV cache, or the
+                     device cache with kv_cache='static'), on CUDA when it is the CUDA target in FP16/INT4
+                     (export/fused.py FUSED_TARGETS; runtimes/fused_device.py)
                      "plain": the traced decoder always;  "fused": decoder_fused, refused where it cannot run
     PIPMM_DECODER    the same choice from the environment (the argument wins)
     PIPMM_SPINNING   1/0: intra-op threads spin between runs or sleep (default: sleep on CPU, spin on GPUs)
@@ -22,11 +24,40 @@ FUSED_DECODER = "decoder_fused"
 # ones (0.5B: 2 GB read per token) keep ONNX Runtime's one per core, which the memory bandwidth needs.
 SMALL_DECODER_BYTES = 64 << 20
 DECODER_FLAVOURS = ("auto", "plain", "fused")
-CPU_CACHES = ("numpy", "inplace")  # runtimes/onnxruntime.py: the CPU's KV cache kinds
+CPU_CACHES = ("numpy", "inplace", "auto")  # runtimes/onnxruntime.py: the CPU's KV cache kinds
+FUSED_DEVICE_CACHES = ("static", "auto")  # decoder_fused's one device buffer (runtimes/fused_device.py)
+CUDA_DTYPES = ("float16", "bfloat16")  # GroupQueryAttention's CUDA kernel
+
+
+def fused_devices(bundle: Bundle) -> list[str]:
+    """Where the bundle's decoder_fused is meant to run (its manifest entry's preferred_by, export/fused.py)."""
+    return list(bundle.graphs[FUSED_DECODER].extra.get("preferred_by", {}).get("onnxruntime", ["cpu"]))
+
+
+def _why_not(bundle: Bundle, device: str, kv_cache: str) -> str | None:
+    """None where decoder_fused can run on `device` with `kv_cache`, else why not (one line)."""
+    devices = fused_devices(bundle)
+    if device == "cpu":  # both targets run on the CPU; the device cache (kv_cache='static') is the CUDA one's
+        return None if kv_cache in CPU_CACHES + FUSED_DEVICE_CACHES else \
+            f"{FUSED_DECODER} on cpu runs with kv_cache 'inplace', 'numpy' or 'static', not {kv_cache!r}"
+    if device != "cuda":
+        return f"{FUSED_DECODER} is ONNX Runtime contrib ops, which TensorRT cannot parse: {device} runs the plain decoder"
+    if "cuda" not in devices:
+        return f"this bundle's {FUSED_DECODER} is the {', '.join(devices)} target (GroupQueryAttention with " \
+               "attention_bias/query_seqlens: no CUDA kernel in onnxruntime 1.31); add the CUDA one with 'pipmm " \
+               f"add-graphs BUNDLE --checkpoint CKPT --graph {FUSED_DECODER} --fused-target cuda --overwrite'"
+    kv_dtype = next(i.dtype for i in bundle.graphs[FUSED_DECODER].inputs if i.name == "past_key_values.0.key")
+    if kv_dtype not in CUDA_DTYPES:
+        return f"GroupQueryAttention on CUDA is FP16/BF16 only and this {FUSED_DECODER} is {kv_dtype}: add it to " \
+               "an FP16 bundle (pipmm add-graphs ... --fused-target cuda)"
+    if kv_cache not in FUSED_DEVICE_CACHES:
+        return f"{FUSED_DECODER} on CUDA runs with its one device KV buffer (kv_cache 'static'), not {kv_cache!r}"
+    return None
 
 
 def choose_flavour(bundle: Bundle, device: str, kv_cache: str, flavour: str | None = None) -> tuple[bool, str | None]:
-    """-> (run decoder_fused, why not when it is not run: for the backend's info())."""
+    """-> (run decoder_fused, why not when it is not run: for the backend's info()). kv_cache: as asked ('auto'
+    included)."""
     flavour = flavour or os.environ.get("PIPMM_DECODER") or "auto"
     if flavour not in DECODER_FLAVOURS:
         raise BackendError(f"decoder_flavour {flavour!r}: choose {', '.join(DECODER_FLAVOURS)}")
@@ -34,17 +65,14 @@ def choose_flavour(bundle: Bundle, device: str, kv_cache: str, flavour: str | No
     if flavour == "fused" and not has_fused:
         raise BackendError(f"bundle {bundle.path} has no {FUSED_DECODER} graph: add it with 'pipmm add-graphs BUNDLE "
                            f"--checkpoint CHECKPOINT_DIR --graph {FUSED_DECODER}', or use decoder_flavour='plain'")
-    if flavour == "fused" and kv_cache not in CPU_CACHES:
-        raise BackendError(f"{FUSED_DECODER} runs with the CPU's KV caches, not kv_cache={kv_cache!r} on "
-                           f"{device}: use device='cpu' or decoder_flavour='plain'")
     if flavour == "plain":
         return False, "plain decoder asked for (decoder_flavour='plain' or PIPMM_DECODER=plain)"
     if not has_fused:
         return False, f"the bundle has no {FUSED_DECODER} (pipmm add-graphs BUNDLE --graph {FUSED_DECODER})"
-    if kv_cache not in CPU_CACHES:
-        return False, f"{FUSED_DECODER} is the CPU's flavour (GroupQueryAttention on CUDA is FP16 only); {device} " \
-                      "runs the plain decoder"
-    return True, None
+    why = _why_not(bundle, device, kv_cache)
+    if why and flavour == "fused":
+        raise BackendError(f"decoder_flavour='fused' cannot run here: {why}")
+    return why is None, why
 
 
 def spinning_default(device: str) -> bool:

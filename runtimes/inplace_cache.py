@@ -46,9 +46,22 @@ def cpu_cache(bundle, decoder_graph: str, flavour_note: str | None) -> tuple[str
     plain decoder's present is concat(past, new): it has no buffer to share."""
     if decoder_graph != FUSED_DECODER:
         return "numpy", f"the in-place cache needs {FUSED_DECODER}: {flavour_note}"
-    if not bundle.graphs[FUSED_DECODER].extra.get(CAPACITY_MASK):
+    extra = bundle.graphs[FUSED_DECODER].extra
+    if extra.get("target", "cpu") != "cpu":  # export/fused.py FUSED_TARGETS: no query_seqlens in the CUDA one
+        return "numpy", f"{FUSED_DECODER} is the {extra['target']} target (no query_seqlens): the numpy cache, or " \
+                        "kv_cache='static' for its device-buffer cache (runtimes/fused_device.py)"
+    if not extra.get(CAPACITY_MASK):
         return "numpy", f"{FUSED_DECODER} predates query_seqlens: re-add it (--overwrite) for the in-place cache"
     return "inplace", None
+
+
+def set_mask_length(mask: np.ndarray, length: int, end: int) -> int:
+    """mask [1,S]: slots [0, end) = 1, the rest 0, changing only what differs from `length` (the last call's) -> end."""
+    if end > length:
+        mask[0, length:end] = 1
+    else:
+        mask[0, end:length] = 0
+    return end
 
 
 class _Lease:
@@ -91,12 +104,7 @@ class KVBuffer:
         return self.arrays[0].shape[2]
 
     def set_length(self, end: int) -> None:
-        """mask[0, :end] = 1, the rest 0 (changing only what differs from the last call's)."""
-        if end > self.mask_length:
-            self.mask[0, self.mask_length:end] = 1
-        else:
-            self.mask[0, end:self.mask_length] = 0
-        self.mask_length = end
+        self.mask_length = set_mask_length(self.mask, self.mask_length, end)
 
     def bind_fixed(self, binding) -> None:
         """The inputs and outputs every call shares: the cache (past and present alike), mask, bias, logits."""
@@ -139,8 +147,6 @@ class InPlaceCaches:
         self.past_names = [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
         self.present_names = [f"present.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
         self.pool: list[KVBuffer] = []
-        embed_out = backend.bundle.graphs["embed"].outputs[0]  # bound straight into the decoder's input row
-        self.embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
 
     @property
     def nbytes(self) -> int:

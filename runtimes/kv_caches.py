@@ -7,6 +7,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sdk.errors import BackendError
+
+STATIC_DECODER = "decoder_static"
+
+
+def resolve_cache(bundle, device: str, kv_cache: str, fused_device: bool) -> str:
+    """kv_cache as asked ('auto' included) -> the kind that runs, or BackendError where it cannot.
+    fused_device: decoder_fused runs over one device buffer (runtimes/fused_device.py), which is 'static'."""
+    has_static = STATIC_DECODER in bundle.graphs
+    if kv_cache == "auto":
+        # TensorRT reads input and output as separate buffers: the in-place static cache is for CUDA.
+        kv_cache = "numpy" if device == "cpu" else \
+            ("static" if (has_static or fused_device) and device == "cuda" else "device")
+    if kv_cache in ("numpy", "inplace") and device != "cpu":
+        raise BackendError(f"kv_cache {kv_cache!r} is the CPU's; on {device} choose 'device' or 'static'")
+    if kv_cache == "static" and not (has_static or fused_device):
+        raise BackendError(f"bundle {bundle.path} has no {STATIC_DECODER} graph for a static KV cache: add it "
+                           "with 'pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR', or use kv_cache='device'")
+    return kv_cache
+
 
 @dataclass
 class KVCache:

@@ -7,18 +7,17 @@ Four ways to hold the KV cache, chosen at load (kv_cache="auto" picks the first 
     numpy    (cpu, plain decoder)  a list of numpy arrays that each decoder call returns grown by T
     device   (cuda/tensorrt, bundle without decoder_static, or kv_cache="device") ORT-owned device tensors,
              [B,H_kv,P,hd], fed back through IO binding: no host copy, but shapes grow per token (no CUDA graph)
-    static   (cuda, bundle with decoder_static: the default there) one preallocated [1,H_kv,S,hd] buffer per
-             layer and part, bound as past and present (written in place, export/model/decoder.py): every decode
-             step has the same shapes and addresses, captured once as a CUDA graph (enable_cuda_graph) and
-             replayed; prefill runs outside the graph (gpu_graph_id -1)
+    static   (cuda with decoder_static or the CUDA decoder_fused: the default there) one preallocated [1,H_kv,S,hd]
+             buffer per layer and part, bound as past and present (written in place): every decode step has the
+             same shapes and addresses, captured once as a CUDA graph and replayed; prefill runs outside it
 
 Per decode step the token's embedding row goes in, the logits [1,V] and hidden [1,D] rows come back. S =
 min(max_context, 4096) or `max_cache` (static: decode reads all S slots; inplace: grows when full).
 
-ORT_ENABLE_ALL at load leaves about 74 nodes per layer of the dynamo-traced decoder (RMSNorm as
-Pow/ReduceMean/Sqrt/Reciprocal, rotary Slice/Neg/Concat, attention MatMul/Softmax). On CPU `decoder_fused` runs instead when the bundle has it (export/fused.py: ONNX Runtime's
-fused contrib ops; same inputs and outputs), with the in-place cache: decoder_flavour="plain" (or
-PIPMM_DECODER=plain) forces the traced graph and the numpy cache. TensorRT reads the plain graphs. docs/gpu.md.
+decoder_fused (export/fused.py: ONNX Runtime's fused contrib ops, same inputs and outputs; ~10 nodes per layer
+against ~74 of the traced decoder after ORT's load) runs instead where runtimes/decoder_flavour.py says: on CPU
+with the in-place cache, on CUDA (its CUDA target) with one device buffer (runtimes/fused_device.py: kv_cache
+'static', CUDA graph). decoder_flavour="plain" / PIPMM_DECODER=plain forces the traced graphs. docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -29,8 +28,9 @@ from functools import partial
 import numpy as np
 
 from .decoder_flavour import FUSED_DECODER, choose_flavour, decoder_threads, session_options, spinning_default
+from .fused_device import CUDA_GRAPH_ID, FusedDeviceCaches
 from .inplace_cache import InPlaceCaches, cpu_cache
-from .kv_caches import DeviceKVCache, KVCache, StaticKVCache
+from .kv_caches import STATIC_DECODER, DeviceKVCache, KVCache, StaticKVCache, resolve_cache
 from .positions import following, step_positions
 from .prompt_encoder import choose_prompt_encoder, run_prompt_encoder
 from .vision_output import VisionOutput
@@ -49,9 +49,7 @@ PROVIDERS: dict[str, list[str]] = {
 ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
 DEFAULT_MAX_CACHE = 4096
 KV_CACHES = ("inplace", "numpy", "device", "static")
-STATIC_DECODER = "decoder_static"
 ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
-CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
@@ -98,33 +96,24 @@ class OnnxRuntimeBackend:
         model = bundle.manifest.model
         self.num_layers, self.num_kv_heads, self.head_dim = model.num_layers, model.num_kv_heads, model.head_dim
         self.max_context = model.max_context
-        has_static = STATIC_DECODER in bundle.graphs
         asked_cache = kv_cache
-        if kv_cache == "auto":
-            # TensorRT reads input and output as separate buffers: the in-place static cache is for CUDA.
-            kv_cache = "numpy" if self.device == "cpu" else ("static" if has_static and self.device == "cuda" else "device")
-        if kv_cache not in KV_CACHES:
+        if kv_cache not in KV_CACHES + ("auto",):
             raise BackendError(f"kv_cache {kv_cache!r}: choose auto, {', '.join(KV_CACHES)}")
-        if kv_cache in ("numpy", "inplace") and self.device != "cpu":
-            raise BackendError(f"kv_cache {kv_cache!r} is the CPU's; on {self.device} choose 'device' or 'static'")
-        if kv_cache == "static" and not has_static:
-            raise BackendError(f"bundle {bundle.path} has no {STATIC_DECODER} graph for a static KV cache: add it "
-                               "with 'pipmm add-graphs BUNDLE --checkpoint CHECKPOINT_DIR', or use kv_cache='device'")
-        self.kv_cache = kv_cache
+        fused, self.decoder_flavour_note = choose_flavour(bundle, self.device, kv_cache, decoder_flavour)
+        # decoder_fused over one device KV buffer (runtimes/fused_device.py): CUDA, or the CPU with kv_cache='static'
+        self.fused_device = fused and (self.device != "cpu" or kv_cache == "static")
+        self.kv_cache = kv_cache = resolve_cache(bundle, self.device, kv_cache, self.fused_device)
         self.static_cache = kv_cache == "static"
         if cuda_graph and not (self.static_cache and self.device == "cuda"):
             raise BackendError("cuda_graph=True needs device='cuda' and the static KV cache (a bundle with "
                                f"{STATIC_DECODER}, kv_cache 'static' or 'auto')")
         self.cuda_graph = bool(self.static_cache and self.device == "cuda" if cuda_graph is None else cuda_graph)
         self.cuda_graph_note: str | None = None
-        self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
+        self.decoder_graph = FUSED_DECODER if fused else (STATIC_DECODER if self.static_cache else "decoder")
         wanted = max_cache or int(os.environ.get("PIPMM_MAX_CACHE", 0)) or min(self.max_context, DEFAULT_MAX_CACHE)
         self.cache_slots = max(2, min(int(wanted), self.max_context))  # static: fixed; inplace: the first size
         self.engine_cache = engine_cache
-        fused, self.decoder_flavour_note = choose_flavour(bundle, self.device, kv_cache, decoder_flavour)
-        if fused:
-            self.decoder_graph = FUSED_DECODER
-        elif kv_cache == "inplace":
+        if not fused and kv_cache == "inplace":
             raise BackendError(f"kv_cache 'inplace' needs {FUSED_DECODER} (GroupQueryAttention writes the shared "
                                f"buffer) and this backend runs the plain decoder: {self.decoder_flavour_note}")
 
@@ -170,12 +159,20 @@ class OnnxRuntimeBackend:
         kinds = {"numpy": (self._new_dynamic_cache, self._decode_numpy),
                  "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device),
                  "static": (self._new_static_cache, self._decode_static)}
+        embed_out = bundle.graphs["embed"].outputs[0]  # bound straight into the decoder's input row where it fits
+        embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
+        self._token_step, self._fused = None, None  # decode_token's in-place path (token id -> logits)
         if self.kv_cache == "inplace":
             self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
-        self._new_cache, self._decode_step = kinds[self.kv_cache]
-        if self.static_cache:
+            self._token_step = self._inplace.token_step if embed_binds else None
+        if self.static_cache and self.decoder_graph == FUSED_DECODER:
+            self._fused = FusedDeviceCaches(ort, self.sessions[FUSED_DECODER], self, self.cuda_graph)
+            kinds["static"] = (self._fused.new_cache, self._fused.step)
+            self._token_step = self._fused.token_step if embed_binds else None
+        elif self.static_cache:
             self._init_static()
+        self._new_cache, self._decode_step = kinds[self.kv_cache]
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -199,16 +196,20 @@ class OnnxRuntimeBackend:
         if self.decoder_graph != FUSED_DECODER:
             return self._open(self.decoder_graph)
         plain, fused = self.bundle.graphs["decoder"], self.bundle.graphs[FUSED_DECODER]
-        if [(i.name, i.dtype) for i in plain.inputs] != [(i.name, i.dtype) for i in fused.inputs] or \
-                [o.name for o in plain.outputs] != [o.name for o in fused.outputs]:
+        cmai = () if fused.extra.get("cmai", True) else ("image_bias", "attention")  # the CUDA target has no CMAI
+        if [(i.name, i.dtype) for i in plain.inputs if i.name not in cmai] != [(i.name, i.dtype) for i in fused.inputs] or \
+                [o.name for o in plain.outputs if o.name not in cmai] != [o.name for o in fused.outputs]:
             reason = f"{FUSED_DECODER}'s inputs/outputs differ from decoder's (re-add it with --overwrite)"
         else:
             try:
                 return self._open(FUSED_DECODER)
             except (BundleError, BackendError) as err:
                 reason = f"{FUSED_DECODER} did not load: {one_line(err, 200)}"
-        self.decoder_graph, self.decoder_flavour_note = "decoder", reason
-        return self._open("decoder")
+        self.decoder_flavour_note = reason
+        if self.static_cache and STATIC_DECODER not in self.bundle.graphs:  # the fused device cache's fallback
+            self.kv_cache, self.static_cache, self.cuda_graph = "device", False, False
+        self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
+        return self._open(self.decoder_graph)
 
     def _open(self, name: str):
         ort = _ort()
@@ -262,7 +263,8 @@ class OnnxRuntimeBackend:
                 "kv_cache": self.kv_cache, "kv_cache_note": self.kv_cache_note,
                 "static_cache_slots": self.cache_slots if self.static_cache else None, "static_cache_bytes": kv_bytes,
                 "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
-                "cuda_graph": self.cuda_graph, "cuda_graph_note": self.cuda_graph_note,
+                "cuda_graph": self._fused.cuda_graph if self._fused else self.cuda_graph,
+                "cuda_graph_note": self._fused.cuda_graph_note if self._fused else self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
                 "decoder_intra_op_threads": self.decoder_threads or "default",
                 "spinning": self.spinning}
@@ -321,8 +323,8 @@ class OnnxRuntimeBackend:
 
     def decode_token(self, token_id: int, cache, image_bias: np.ndarray | None = None):
         """Pipeline.decode's embed + decoder -> (logits [1,V], cache + 1); in place on bound arrays where it can."""
-        if self.kv_cache == "inplace" and image_bias is None and self._inplace.embed_binds:
-            return self._inplace.token_step(self.sessions["embed"], token_id, cache)
+        if image_bias is None and self._token_step is not None:
+            return self._token_step(self.sessions["embed"], token_id, cache)
         logits, _, cache = self.decoder(self.embed(np.asarray([[token_id]], np.int64)), cache, image_bias=image_bias)
         return logits, cache
 

@@ -3,6 +3,7 @@
     pip install -e .[genai]
     python scripts/compare_genai.py                                  # the default model and bundle
     python scripts/compare_genai.py --checkpoint CKPT --bundle BUNDLE --json docs/gpu-results/cpu-genai-X.json
+    python scripts/compare_genai.py --precision int4   # the bundle quantized (int4, + its INT4 decoder_fused) vs -p int4
 
 The peer is built with GenAI's own model builder (`python -m onnxruntime_genai.models.builder -i TEXT -o OUT
 -p fp32 -e cpu`) from the checkpoint's text model, extracted with transformers into a plain
@@ -83,18 +84,32 @@ def extract_text_model(checkpoint_dir: Path, out: Path) -> tuple[Path, str | Non
     return out, note
 
 
-def build_genai(checkpoint_dir: Path, work: Path) -> tuple[Path, str | None]:
-    out = work / "genai"
+def build_genai(checkpoint_dir: Path, work: Path, precision: str = "fp32") -> tuple[Path, str | None]:
+    out = work / ("genai" if precision == "fp32" else f"genai-{precision}")
     if (out / "genai_config.json").exists():
         return out, (out / "pipmm-note.txt").read_text() if (out / "pipmm-note.txt").exists() else None
-    text, note = extract_text_model(checkpoint_dir, work / "text")
-    print(f"building the GenAI model from {text} (onnxruntime_genai.models.builder, fp32, cpu)", flush=True)
+    text = work / "text"
+    if (text / "config.json").exists():
+        note = (work / "genai" / "pipmm-note.txt").read_text() if (work / "genai" / "pipmm-note.txt").exists() else None
+    else:
+        text, note = extract_text_model(checkpoint_dir, text)
+    print(f"building the GenAI model from {text} (onnxruntime_genai.models.builder, {precision}, cpu)", flush=True)
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(text), "-o", str(out),
-                    "-p", "fp32", "-e", "cpu", "-c", str(work / "builder-cache")], check=True,
+                    "-p", precision, "-e", "cpu", "-c", str(work / f"builder-cache-{precision}")], check=True,
                    stdout=subprocess.DEVNULL)
     if note:
         (out / "pipmm-note.txt").write_text(note)
     return out, note
+
+
+def quantized_copy(bundle: Path, work: Path, precision: str) -> Path:
+    """The bundle at `precision` (export/precision/quantize.py, as `pipmm export --precision` makes it)."""
+    from export.precision.quantize import quantize_bundle
+
+    out = work / f"bundle-{precision}"
+    if not (out / "manifest.json").exists():
+        quantize_bundle(bundle, out, precision, overwrite=True, progress=False)
+    return out
 
 
 def fused_copy(bundle: Path, checkpoint_dir: Path, work: Path) -> Path:
@@ -109,7 +124,7 @@ def fused_copy(bundle: Path, checkpoint_dir: Path, work: Path) -> Path:
 
     if current(bundle):
         return bundle
-    out = work / "bundle-fused"
+    out = work / f"{bundle.name}-fused"  # bundle-fused / bundle-int4-fused: decoder_fused at the bundle's precision
     if out.exists() and not current(out):
         shutil.rmtree(out)
     if not out.exists():
@@ -196,7 +211,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over them)")
     parser.add_argument("--runs", type=int, default=3, help="requests per variant per round (their median)")
     parser.add_argument("--work", type=Path, default=None, help="where the GenAI model and the fused copy go")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "gpu-results" / "cpu-genai-default.json")
+    parser.add_argument("--json", type=Path, default=None, help="default docs/gpu-results/cpu-genai-default[-int4].json")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int4"),
+                        help="int4: the bundle quantized (MatMulNBits decoder and decoder_fused, int8 embedding "
+                             "gather) against GenAI's -p int4 -e cpu")
     args = parser.parse_args(argv)
     import onnxruntime
     import onnxruntime_genai as og
@@ -205,7 +223,11 @@ def main(argv=None) -> int:
 
     work = args.work or Path.home() / ".cache" / "pipmm" / "compare_genai" / args.checkpoint.resolve().name
     work.mkdir(parents=True, exist_ok=True)
-    genai_dir, peer_note = build_genai(args.checkpoint, work)
+    args.json = args.json or ROOT / "docs" / "gpu-results" / \
+        f"cpu-genai-default{'' if args.precision == 'fp32' else '-' + args.precision}.json"
+    genai_dir, peer_note = build_genai(args.checkpoint, work, args.precision)
+    if args.precision != "fp32":
+        args.bundle = quantized_copy(args.bundle, work, args.precision)
     fused = fused_copy(args.bundle, args.checkpoint, work)
     model = og.Model(str(genai_dir))
     manifest = load_bundle(args.bundle, verify=False).manifest
@@ -245,7 +267,7 @@ def main(argv=None) -> int:
         "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": og.__version__},
         "checkpoint": str(args.checkpoint), "bundle": str(args.bundle), "model": manifest.model.to_dict(),
         "config": {"prompt_tokens": int(prompt_tokens), "new_tokens": args.new_tokens, "rounds": args.rounds,
-                   "runs_per_round": args.runs, "pipmm_prompt": first["config"]["prompt"], "precision": "fp32"},
+                   "runs_per_round": args.runs, "pipmm_prompt": first["config"]["prompt"], "precision": args.precision},
         "same_weights": check, "peer_note": peer_note,
         "nodes_per_layer": {"plain": nodes_per_layer(args.bundle / "decoder.onnx", layers),
                             "fused": nodes_per_layer(fused / "decoder_fused.onnx", layers),

@@ -103,7 +103,7 @@ class PrecisionError(ExportError):
     """A precision option does not fit (unknown precision, bad block size, ...)."""
 
 
-def _ort_version() -> str:
+def ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
@@ -214,7 +214,7 @@ def to_fp16(name: str, src: Path, dst: Path, ctx: dict) -> dict:
     _skip_float16_round_trips(model)
     OnnxModel(model).topological_sort()
     save_graph(model, dst)
-    return {"tool": f"onnxruntime.transformers.float16.convert_float_to_float16 (onnxruntime {_ort_version()})",
+    return {"tool": f"onnxruntime.transformers.float16.convert_float_to_float16 (onnxruntime {ort_version()})",
             "method": "float16 weights and activations; kept ops run in float32 behind Cast nodes",
             "block_size": None, "kept_float": {"op_types": op_block, "nodes": node_block},
             "float32_outputs": keep_io,
@@ -296,7 +296,7 @@ def int8_static(name: str, src: Path, dst: Path, ctx: dict) -> dict:
                                        "MatMulConstBOnly": "attention" in keep, "CalibTensorRangeSymmetric": True,
                                        # biases stay float: TensorRT dequantizes INT8/INT4/FP8, not int32
                                        "QuantizeBias": False})
-    return {"tool": f"onnxruntime.quantization.quantize_static (onnxruntime {_ort_version()})",
+    return {"tool": f"onnxruntime.quantization.quantize_static (onnxruntime {ort_version()})",
             "method": "static, QDQ; weights int8 symmetric per channel; activations int8 symmetric per tensor; "
                       "MinMax calibration",
             "block_size": None, "quantized_op_types": op_types,
@@ -331,9 +331,10 @@ class _QuietRoot:
         logging.getLogger().setLevel(self.level)
 
 
-def _matmul_nbits(model: onnx.ModelProto, bits: int, block: int, exclude=(), include=None) -> onnx.ModelProto:
+def matmul_nbits(model: onnx.ModelProto, bits: int, block: int, exclude=(), include=None,
+                  accuracy_level: int | None = None) -> onnx.ModelProto:
     nbits = _nbits_module()
-    level = ACCURACY_LEVEL[bits]
+    level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits, accuracy_level=level,
                                                 op_types_to_quantize=("MatMul",))
     quantizer = nbits.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=level,
@@ -348,16 +349,16 @@ def _weight_only(bits: int):
         model = _load(src)
         block = ctx["block_size"]
         lm_head = _lm_head_nodes(model)
-        model = _matmul_nbits(model, bits, block, exclude=lm_head)
+        model = matmul_nbits(model, bits, block, exclude=lm_head)
         lm_head_as = "float32"
         if bits == 4 and "lm_head" not in ctx["keep"]:
             if all(_gemm_as_matmul(model, n) for n in lm_head):
-                model = _matmul_nbits(model, LM_HEAD_BITS_IN_INT4, block, include=lm_head)
+                model = matmul_nbits(model, LM_HEAD_BITS_IN_INT4, block, include=lm_head)
                 lm_head_as = f"{LM_HEAD_BITS_IN_INT4}-bit MatMulNBits, block_size={block}"
         save_graph(model, dst)
         count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
         return {"tool": f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer "
-                        f"(onnxruntime {_ort_version()})",
+                        f"(onnxruntime {ort_version()})",
                 "method": f"weight-only, round-to-nearest, {bits}-bit symmetric, block-wise along K",
                 "block_size": block, "accuracy_level": ACCURACY_LEVEL[bits], "quantized_nodes": count,
                 "kept_float": {"op_types": ["everything but MatMul with a constant weight"],

@@ -1,0 +1,188 @@
+"""`decoder_fused` with one preallocated KV buffer on the device (kv_cache="static" with decoder_fused: the CUDA
+default when the bundle's decoder_fused is the CUDA target, export/fused.py FUSED_TARGETS).
+
+GroupQueryAttention reads past and writes present in one buffer when both are bound to the same OrtValue
+(share-buffer mode, as ORT GenAI's generator binds its KV cache): per layer and part one [1,H_kv,S,hd] OrtValue
+on the device, bound as past_key_values.i.* and present.i.*. A call of T tokens writes slots [P, P+T), P =
+seqlens_k + 1 - T, seqlens_k = sum(mask) - 1: the mask is [1,S], 1 for the slots in use (slot = order in the
+cache, not position id: visual positions may repeat or jump), so total_sequence_length (the mask's width, read
+on the host) is S in every call and every decode step has the same shapes and addresses.
+
+    decode (T == 1)  one binding made once: embeds [1,1,D], mask [1,S], position [1,1] and logits [1,V],
+                     hidden [1,1,D] are fixed device OrtValues updated in place (update_inplace), and with
+                     cuda_graph the step is captured once as a CUDA graph (gpu_graph_id CUDA_GRAPH_ID) and
+                     replayed; seqlens_k is computed on the device from the bound mask, so the replay reads it
+                     there. decode_token() also binds the embed graph's output straight into the decoder's
+                     embeds OrtValue (no host round trip for the embedding row).
+    prefill (T > 1)  its own binding, outside the graph (gpu_graph_id -1): host inputs, the same cache.
+
+One sequence per backend (batch 1), as the plain static cache: new_cache() starts a new generation and older
+caches are refused; a cache cut to a shorter prefix (a conversation turn, sdk/conversation.py) continues in the
+same buffer, and a view whose slots a later call rewrote is refused in one line (per-slot write stamps).
+The same code runs on the CPU execution provider with OrtValues in host memory: that is how CI tests it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .inplace_cache import set_mask_length
+from .positions import following
+
+from sdk.errors import BackendError, one_line
+
+CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
+
+
+@dataclass
+class FusedDeviceCache:
+    """A view of the backend's one device buffer: slots [0, length) hold this sequence."""
+    length: int
+    next_position: int  # runtimes/positions.py
+    generation: int
+    write: int  # the buffer's write count when this view was made
+
+    def cut(self, length: int, next_position: int) -> "FusedDeviceCache":
+        if not 0 <= length <= self.length:
+            raise BackendError(f"cannot cut a cache of {self.length} tokens to {length}")
+        return FusedDeviceCache(length, next_position, self.generation, self.write)
+
+
+class FusedDeviceCaches:
+    """new_cache(), the decoder step and the token step of decoder_fused over one device KV buffer."""
+
+    def __init__(self, ort, session, backend, cuda_graph: bool):
+        self.ort, self.session, self.cuda_graph = ort, session, cuda_graph
+        self.device, self.device_id = backend.ort_device, backend.device_id
+        self.slots, self.max_context = backend.cache_slots, backend.max_context
+        self.embed_dtype, self.kv_dtype = backend.embed_dtype, backend.kv_dtype
+        self.cuda_graph_note: str | None = None
+        layers = backend.num_layers
+        self.past_names = [f"past_key_values.{i}.{p}" for i in range(layers) for p in ("key", "value")]
+        self.present_names = [f"present.{i}.{p}" for i in range(layers) for p in ("key", "value")]
+        shape = (1, backend.num_kv_heads, self.slots, backend.head_dim)
+        # zeros, not uninitialised memory: GroupQueryAttention never reads past seqlens_k, but NaNs must not hide
+        self.kv = [self.value(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
+        self.mask = np.zeros((1, self.slots), np.int64)  # host copy of the bound mask
+        self.mask_length = 0
+        self.stamps = np.zeros(self.slots, np.int64)
+        self.writes = self.generation = 0
+        self.step_in = {"inputs_embeds": self.value(np.zeros((1, 1, backend.hidden_size), self.embed_dtype)),
+                        "attention_mask": self.value(self.mask),
+                        "position_ids": self.value(np.zeros((1, 1), np.int64))}
+        self.step_out = {"logits": self.value(np.zeros((1, backend.vocab_size), backend.logits_dtype)),
+                         "hidden": self.value(np.zeros((1, 1, backend.hidden_size), backend.hidden_dtype))}
+        self.token = self.value(np.zeros((1, 1), np.int64))
+        self.eager_options, self.graph_options = ort.RunOptions(), ort.RunOptions()
+        if cuda_graph:
+            self.eager_options.add_run_config_entry("gpu_graph_id", "-1")
+            self.graph_options.add_run_config_entry("gpu_graph_id", CUDA_GRAPH_ID)
+        self.step_binding = self._step_binding()
+        self.embed_binding = None
+
+    def value(self, array: np.ndarray):
+        """An OrtValue on this backend's device holding a copy of `array` (its address fixed from now on)."""
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(v.shape())) for v in self.kv) * np.dtype(self.kv_dtype).itemsize
+
+    def _bind_cache(self, binding) -> None:
+        for past, present, value in zip(self.past_names, self.present_names, self.kv):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: GroupQueryAttention writes in place
+
+    def _step_binding(self):
+        binding = self.session.io_binding()
+        for name, value in self.step_in.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in self.step_out.items():
+            binding.bind_ortvalue_output(name, value)
+        self._bind_cache(binding)
+        return binding
+
+    def new_cache(self, batch: int) -> FusedDeviceCache:
+        if batch != 1:
+            raise BackendError(f"decoder_fused's device KV cache serves batch 1, not {batch}: load the backend "
+                               "with decoder_flavour='plain' and kv_cache='device' for batches")
+        self.generation += 1
+        return FusedDeviceCache(0, 0, self.generation, self.writes)
+
+    def _check(self, cache: FusedDeviceCache, end: int) -> None:
+        if cache.generation != self.generation:
+            raise BackendError("this KV cache was replaced by a newer new_cache() of the same backend (one device "
+                               "cache per backend): use the newest one, or one backend per concurrent sequence")
+        if cache.length and int(self.stamps[:cache.length].max()) > cache.write:
+            raise BackendError("this KV cache's slots were overwritten by a later call from a shorter cache of the "
+                               "same sequence: continue from the newest cache, or start one with new_cache()")
+        if end > self.slots:
+            raise BackendError(f"the device KV cache holds {self.slots} tokens and this sequence needs {end}: load "
+                               f"the backend with a larger max_cache (up to {self.max_context})")
+
+    def _set_length(self, end: int) -> None:
+        self.mask_length = set_mask_length(self.mask, self.mask_length, end)
+
+    def _run_step(self) -> None:
+        """The bound decode step: replayed as a CUDA graph where it can be, else run eagerly."""
+        if self.cuda_graph:
+            try:
+                self.session.run_with_iobinding(self.step_binding, self.graph_options)
+                return
+            except Exception as err:  # capture refused at run time: keep going without the graph
+                self.cuda_graph = False
+                self.cuda_graph_note = f"CUDA graph capture failed at run time: {one_line(err, 300)}"
+                self.step_binding = self._step_binding()
+        self.session.run_with_iobinding(self.step_binding, self.eager_options)
+
+    def _grown(self, cache: FusedDeviceCache, end: int, next_position: int) -> FusedDeviceCache:
+        self.writes += 1
+        self.stamps[cache.length:end] = self.writes
+        return FusedDeviceCache(end, next_position, cache.generation, self.writes)
+
+    def step(self, inputs_embeds: np.ndarray, cache: FusedDeviceCache, positions: np.ndarray,
+             bias: np.ndarray | None, attention: bool):
+        """inputs_embeds [1,T,D], positions [1,T] -> (logits [1,V], hidden [1,T,D], grown cache, None). bias and
+        attention never come (the CUDA target has neither input nor output; the backend refuses them first)."""
+        t = inputs_embeds.shape[1]
+        end = cache.length + t
+        self._check(cache, end)
+        self._set_length(end)
+        embeds = np.ascontiguousarray(inputs_embeds, self.embed_dtype)
+        if t == 1:
+            self.step_in["inputs_embeds"].update_inplace(embeds)
+            self.step_in["attention_mask"].update_inplace(self.mask)
+            self.step_in["position_ids"].update_inplace(positions)
+            self._run_step()
+            logits, hidden = self.step_out["logits"].numpy(), self.step_out["hidden"].numpy()
+        else:  # a prefill: outside the graph, host inputs, outputs to the host
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("inputs_embeds", embeds)
+            binding.bind_cpu_input("attention_mask", self.mask)
+            binding.bind_cpu_input("position_ids", positions)
+            binding.bind_output("logits", "cpu")
+            binding.bind_output("hidden", "cpu")
+            self._bind_cache(binding)
+            self.session.run_with_iobinding(binding, self.eager_options)
+            logits, hidden = (v.numpy() for v in binding.get_outputs()[:2])
+            self.step_in["attention_mask"].update_inplace(self.mask)  # the decode step's copy stays current
+        return logits, hidden, self._grown(cache, end, following(positions)), None
+
+    def token_step(self, embed_session, token_id: int, cache: FusedDeviceCache):
+        """A decode step from a token id: the embed graph writes its row into the bound embeds OrtValue, then the
+        decode step runs -> (logits [1,V], grown cache)."""
+        end = cache.length + 1
+        self._check(cache, end)
+        self._set_length(end)
+        if self.embed_binding is None:
+            self.embed_binding = embed_session.io_binding()
+            self.embed_binding.bind_ortvalue_input("input_ids", self.token)
+            self.embed_binding.bind_ortvalue_output("inputs_embeds", self.step_in["inputs_embeds"])
+        self.token.update_inplace(np.array([[token_id]], np.int64))
+        embed_session.run_with_iobinding(self.embed_binding)
+        self.step_in["attention_mask"].update_inplace(self.mask)
+        self.step_in["position_ids"].update_inplace(np.array([[cache.next_position]], np.int64))
+        self._run_step()
+        return self.step_out["logits"].numpy(), self._grown(cache, end, cache.next_position + 1)

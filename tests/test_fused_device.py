@@ -1,0 +1,164 @@
+"""decoder_fused's CUDA target (export/fused.py FUSED_TARGETS) and its one-device-buffer KV cache
+(runtimes/fused_device.py), run here on the CPU execution provider with OrtValues in host memory: the same
+binding logic CUDA runs (past and present bound to one buffer, a fixed decode-step binding, the embed graph
+written into the decoder's bound input). What only a GPU shows (the CUDA kernels, CUDA-graph capture) is measured
+by scripts/gpu_speed.py, not here."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import sdk
+from export.extra_graphs import add_graphs, export_direct, optional_module
+from export.fused import FUSED_IR_VERSION
+from export.model.checkpoint import load_checkpoint
+from export.model.decoder import DecoderGraph
+from export.onnx_graphs import export_decoder_fused
+from runtimes.decoder_flavour import choose_flavour
+from runtimes.onnxruntime import OnnxRuntimeBackend
+from sdk.bundle import load_bundle
+from sdk.errors import BackendError, BundleError
+from test_parity import PROMPT
+
+ATOL = {"logits": 1e-3, "hidden": 1e-4, "kv": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def cuda_target(bundles, checkpoints, tmp_path_factory):
+    """(dtype) -> a qwen2 bundle of that dtype with decoder_fused's CUDA target (fp32: a copy of the session's)."""
+    made = {}
+
+    def get(dtype="fp32"):
+        if dtype not in made:
+            out = tmp_path_factory.mktemp("cuda-target") / dtype
+            if dtype == "fp32":
+                shutil.copytree(bundles("qwen2"), out)
+            else:
+                export_direct(checkpoints["qwen2"], out, no_prompt_mlp=True, dtype=dtype, graphs=("vision", "embed",
+                              "decoder"), log=lambda *a: None)
+            made[dtype] = add_graphs(out, checkpoints["qwen2"], graphs=("decoder_fused",), fused_target="cuda")
+        return made[dtype]
+    return get
+
+
+def test_cuda_target_matches_the_torch_decoder_and_loads_in_older_onnxruntime(checkpoints, tmp_path):
+    """RotaryEmbedding ops (every row at its own position id), no query_seqlens input (onnxruntime 1.31 has
+    none), no CMAI, IR version 10; against the PyTorch module at arbitrary positions and after a cached prefix."""
+    import onnxruntime
+
+    checkpoint = load_checkpoint(checkpoints["qwen2"])
+    text = checkpoint.config.text_config
+    path = tmp_path / "decoder_fused.onnx"
+    export_decoder_fused(optional_module("decoder_fused", checkpoint, -1, [0, 1], "cuda"), path, {})
+    model = onnx.load(str(path))
+    assert model.ir_version == FUSED_IR_VERSION <= 13
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == text.num_hidden_layers and all(len(n.input) == 7 for n in gqa)
+    assert sum(n.op_type == "RotaryEmbedding" for n in model.graph.node) == 2 * text.num_hidden_layers
+    assert "image_bias" not in {i.name for i in model.graph.input}  # CUDA's GroupQueryAttention: no attention_bias
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    torch_decoder = DecoderGraph(checkpoint.language_model, checkpoint.model.lm_head, text, -1, None).eval()
+    heads, hd = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    rng = np.random.default_rng(2)
+    for past, positions in ((0, [0, 1, 1, 1, 2, 40]), (4, [4]), (3, [7, 7, 9])):
+        embeds = rng.standard_normal((1, len(positions), text.hidden_size)).astype(np.float32)
+        cache = [rng.standard_normal((1, heads, past, hd)).astype(np.float32) for _ in range(2 * text.num_hidden_layers)]
+        pos = np.asarray([positions], np.int64)
+        mask = np.ones((1, past + len(positions)), np.int64)
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,
+                 **{f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": c for i, c in enumerate(cache)}}
+        got = session.run(None, feeds)
+        with torch.no_grad():
+            want = torch_decoder(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(pos),
+                                 tuple(torch.from_numpy(c) for c in cache))
+        for name, g, w in zip(["logits", "hidden"] + ["kv"] * len(cache), got, want):
+            np.testing.assert_allclose(g, w.numpy(), atol=ATOL[name], rtol=0, err_msg=f"{name} at P={past}")
+
+
+def _steps(backend, steps: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    embeds = rng.standard_normal((1, 7, backend.hidden_size)).astype(backend.embed_dtype)
+    logits, _, cache = backend.decoder(embeds, backend.new_cache(1), position_ids=np.array([[0, 1, 2, 2, 2, 9, 10]]))
+    out = [logits.copy()]
+    for step in range(steps):
+        token = int(out[-1][0].argmax())
+        if step % 2:  # both decode paths: decoder() with an embedding, decode_token() with a token id
+            logits, _, cache = backend.decoder(backend.embed(np.array([[token]], np.int64)), cache)
+        else:
+            logits, cache = backend.decode_token(token, cache)
+        out.append(logits.copy())
+    return out, cache
+
+
+def test_device_buffer_cache_binds_one_buffer_and_matches_the_numpy_cache(cuda_target):
+    bundle = load_bundle(cuda_target(), verify=False)
+    device = OnnxRuntimeBackend(bundle, device="cpu", kv_cache="static", max_cache=32)
+    numpy_cache = OnnxRuntimeBackend(bundle, device="cpu")
+    info = device.info()
+    assert (info["decoder_graph"], info["kv_cache"]) == ("decoder_fused", "static")
+    assert numpy_cache.info()["kv_cache"] == "numpy" and "cuda target" in numpy_cache.info()["kv_cache_note"]
+    assert device._token_step is not None  # the embed graph writes into the decoder's bound input
+    addresses = [v.data_ptr() for v in device._fused.kv]
+    got, cache = _steps(device, 10)
+    want, _ = _steps(numpy_cache, 10)
+    for step, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"step {step}")
+    assert [v.data_ptr() for v in device._fused.kv] == addresses and cache.length == 17
+    assert info["static_cache_bytes"] == device._fused.nbytes
+
+    shorter = cache.cut(9, 12)  # a conversation's common prefix: continues in the same buffer
+    logits, _, grown = device.decoder(np.zeros((1, 2, device.hidden_size), np.float32), shorter)
+    assert grown.length == 11
+    with pytest.raises(BackendError, match="overwritten"):  # slots 9, 10 now hold the new call's tokens
+        device.decoder(np.zeros((1, 1, device.hidden_size), np.float32), cache)
+    with pytest.raises(BackendError, match="larger max_cache"):
+        device.decoder(np.zeros((1, 30, device.hidden_size), np.float32), grown)
+    device.new_cache(1)
+    with pytest.raises(BackendError, match="newer new_cache"):
+        device.decoder(np.zeros((1, 1, device.hidden_size), np.float32), grown)
+    with pytest.raises(BackendError, match="batch 1"):
+        device.new_cache(2)
+
+
+def test_pipeline_on_the_device_buffer_cache_gives_the_plain_decoders_tokens(cuda_target, image):
+    pipe = sdk.load(cuda_target(), device="cpu")
+    pipe.backend = OnnxRuntimeBackend(pipe.backend.bundle, device="cpu", kv_cache="static")
+    assert pipe.backend.info()["decoder_graph"] == "decoder_fused"
+    runs = {}
+    for name in ("device", "plain"):
+        if name == "plain":
+            pipe.backend = OnnxRuntimeBackend(pipe.backend.bundle, device="cpu", decoder_flavour="plain")
+        conv = pipe.conversation(image)
+        first = conv.ask(PROMPT, max_new_tokens=8)
+        second = conv.ask("how many squares are there?", max_new_tokens=8)
+        runs[name] = (first.token_ids, second.token_ids, second.cached_tokens)
+    assert runs["device"] == runs["plain"] and runs["device"][2] > 0
+    pipe.backend = OnnxRuntimeBackend(pipe.backend.bundle, device="cpu", kv_cache="static")
+    with pytest.raises(BundleError, match="no attention output"):  # CMAI: the CUDA target has no probabilities
+        pipe.generate(image, PROMPT, max_new_tokens=4, inhibit=0.5)
+
+
+def test_cuda_chooses_the_fused_decoder_only_where_it_runs(cuda_target, bundles, checkpoints, tmp_path):
+    """runtimes/decoder_flavour.py's choice for device='cuda', read from the manifests (no GPU needed)."""
+    fp16 = load_bundle(cuda_target("fp16"), verify=False)
+    assert choose_flavour(fp16, "cuda", "auto") == (True, None)
+    assert choose_flavour(fp16, "cuda", "static") == (True, None)
+    fused, why = choose_flavour(fp16, "cuda", "device")
+    assert not fused and "kv_cache 'static'" in why
+    fused, why = choose_flavour(load_bundle(cuda_target("fp32"), verify=False), "cuda", "auto")
+    assert not fused and "FP16" in why  # GroupQueryAttention's CUDA kernel
+    cpu_target = tmp_path / "cpu-target"
+    shutil.copytree(bundles("qwen2"), cpu_target)
+    add_graphs(cpu_target, checkpoints["qwen2"], graphs=("decoder_fused",))
+    fused, why = choose_flavour(load_bundle(cpu_target, verify=False), "cuda", "auto")
+    assert not fused and "--fused-target cuda" in why
+    assert not choose_flavour(fp16, "tensorrt", "auto")[0]
+    with pytest.raises(BackendError, match="cannot run here"):
+        choose_flavour(load_bundle(cpu_target, verify=False), "cuda", "auto", "fused")
+    entry = fp16.graphs["decoder_fused"].extra
+    assert entry["preferred_by"] == {"onnxruntime": ["cuda"]} and entry["target"] == "cuda" and not entry["cmai"]

@@ -1,0 +1,39 @@
+"""scripts/gpu_speed.py's own logic (its end-to-end dry run, `--preset ci-tiny --device cpu`, takes over a minute on
+CI's cores: not run here): the prompt it gives GenAI, medians over rounds, token agreement, the report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import sdk
+from sdk.bench import DEFAULT_PROMPT
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import gpu_speed  # noqa: E402
+
+
+def test_genai_prompt_is_as_long_as_pipmms_prefill(bundles):
+    pipe = sdk.load(bundles("qwen2"), device="cpu")
+    ids = gpu_speed.prompt_ids(bundles("qwen2"))
+    assert len(ids) == len(pipe.prompter.prompt_ids(DEFAULT_PROMPT)[0]) and ids.min() >= 5
+
+
+def test_rounds_are_summarised_and_tokens_compared():
+    doc = {"preset": "p", "device": "cpu", "config": {"new_tokens": 4, "rounds": 2, "runs": 1},
+           "variants": {name: {"rounds": []} for name in gpu_speed.VARIANTS}}
+    rounds = doc["variants"]
+    rounds["fused"]["rounds"] = [
+        {"stages": {"ttft_ms": 10.0, "decode_tokens_per_s": 100.0}, "memory": {"device_peak_mb": 5.0},
+         "tokens": [1, 2, 3, 4], "backend": {"decoder_graph": "decoder_fused", "kv_cache": "static"}},
+        {"stages": {"ttft_ms": 30.0, "decode_tokens_per_s": 300.0}, "memory": {"device_peak_mb": 7.0}}]
+    rounds["genai"]["rounds"] = [{"stages": {"ttft_ms": 2.0, "decode_tokens_per_s": 500.0}, "tokens": [1, 2, 9, 4],
+                                  "backend": {"onnxruntime_genai": "0.18.0"}}]
+    rounds["genai-int4"]["rounds"] = [{"error": "RuntimeError: no model"}]
+    rounds["genai-int4"]["error"] = "RuntimeError: no model"
+    gpu_speed.summarise(doc)
+    assert rounds["fused"]["median"] == {"ttft_ms": 20.0, "decode_tokens_per_s": 200.0}
+    assert rounds["fused"]["device_peak_mb"] == 7.0
+    assert doc["agreement"] == {"fused vs genai": {"leading_identical": 2, "of": 4, "identical": 3}}
+    table = gpu_speed.report(doc)
+    assert "| fused | 20.0 |" in table and "RuntimeError: no model" in table and "2 of 4 leading identical" in table
