@@ -52,8 +52,9 @@ flags() {  # the stage-mv flags of a row
 }
 
 pack() {  # small files of every run -> one tar; listed files -> one file each
+  # adapters (10 MB each in fp32) stay out of the tar, which must come back under 16 MiB; the listed ones travel alone
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
-      --exclude='*.onnx*' --exclude='bundle-*/tokenizer.json' */ *.json 2>/dev/null) || true
+      --exclude='adapter.safetensors' --exclude='*.onnx*' --exclude='bundle-*/tokenizer.json' */ *.json 2>/dev/null) || true
   for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
 }
 
