@@ -23,26 +23,15 @@ from sdk.visual_prompt import PROMPT_WEIGHTS, VisualPrompt, VisualPromptError, a
 
 from export.tvp.train import save_prompt  # noqa: E402
 from export.tvp.transform import frame_mask  # noqa: E402
+# converted: the fixture (float bundle, its uint8 copy); the tolerances: inside the frame the graph front's float32
+# rounding (1e-6), the vision outputs tests/test_parity.py's (1e-4)
+from tests.test_pixel_input import PIXEL_ATOL, PROMPT, VISION_ATOL, converted  # noqa: E402,F401
 from tests.test_visual_prompt import one_line_error, random_delta, write_prompt  # noqa: E402
-
-PIXEL_ATOL = 1e-6  # inside the frame: the graph front's folded float32 rounding (tests/test_pixel_input.py)
-VISION_ATOL = 1e-4  # tests/test_parity.py's vision tolerance
-PROMPT = "what is the color of the star left of the circle?"
 
 
 def frame_atol(cfg: dict) -> float:
     """On the frame: half a uint8 level after normalising, 0.5 * factor / std, at the smallest std."""
     return 0.5 * cfg["rescale_factor"] / min(cfg["image_std"]) + PIXEL_ATOL
-
-
-@pytest.fixture(scope="module")
-def pair(bundles, tmp_path_factory):
-    """(float bundle, its uint8 copy): the PIP-MM half prompt-topk bundle, converted through the CLI."""
-    source = bundles("llama", pipmm=True, budget="half", reducer="prompt-topk")
-    out = tmp_path_factory.mktemp("u8prompt") / "bundle"
-    shutil.copytree(source, out)
-    assert main(["add-graphs", str(out), "--pixel-input", "uint8"]) == 0
-    return source, out
 
 
 def graph_view(pixels: np.ndarray, cfg: dict) -> np.ndarray:
@@ -51,8 +40,8 @@ def graph_view(pixels: np.ndarray, cfg: dict) -> np.ndarray:
     return (pixels.astype(np.float32) * scale + shift).transpose(0, 3, 1, 2)
 
 
-def test_the_framed_uint8_input_is_the_float_input_within_half_a_level(pair, image):
-    source, out = pair
+def test_the_framed_uint8_input_is_the_float_input_within_half_a_level(converted, image):
+    source, out = converted
     floating, uint8 = sdk.load(source, device="cpu"), sdk.load(out, device="cpu")
     prompt = VisualPrompt(random_delta(28, 4, seed=2).numpy(), 4, 28)
     got, want = uint8.pixel_values(image, prompt), floating.pixel_values(image, prompt)
@@ -64,8 +53,8 @@ def test_the_framed_uint8_input_is_the_float_input_within_half_a_level(pair, ima
     np.testing.assert_array_equal(got[0, :4], prompt.frame_levels(uint8.preprocessing)[:4])  # the frame's levels
 
 
-def test_on_whole_levels_the_uint8_bundle_sees_and_answers_as_the_float_one(pair, image):
-    source, out = pair
+def test_on_whole_levels_the_uint8_bundle_sees_and_answers_as_the_float_one(converted, image):
+    source, out = converted
     floating, uint8 = sdk.load(source, device="cpu"), sdk.load(out, device="cpu")
     rough = VisualPrompt(random_delta(28, 4, seed=5).numpy(), 4, 28)
     levels = rough.frame_levels(uint8.preprocessing).transpose(2, 0, 1).astype(np.float32)
@@ -86,8 +75,8 @@ def test_on_whole_levels_the_uint8_bundle_sees_and_answers_as_the_float_one(pair
                 floating.generate(picture, PROMPT, max_new_tokens=8, visual_prompt=prompt).token_ids
 
 
-def test_attach_detach_and_show_on_a_uint8_bundle(pair, image, tmp_path, capsys):
-    source, out = pair
+def test_attach_detach_and_show_on_a_uint8_bundle(converted, image, tmp_path, capsys):
+    source, out = converted
     bundle = tmp_path / "b"
     shutil.copytree(out, bundle)
     prompt_dir = write_prompt(tmp_path / "p")
@@ -110,8 +99,8 @@ def test_attach_detach_and_show_on_a_uint8_bundle(pair, image, tmp_path, capsys)
     np.testing.assert_array_equal(sdk.load(framed, device="cpu").pixel_values(image), loose.pixel_values(image))
 
 
-def test_a_frame_outside_the_pixel_range_is_refused_on_uint8_bundles_only(pair, image, tmp_path, capsys):
-    source, out = pair
+def test_a_frame_outside_the_pixel_range_is_refused_on_uint8_bundles_only(converted, image, tmp_path, capsys):
+    source, out = converted
     wide = tmp_path / "wide"  # a --no-clamp prompt: frame values below 0 and above 1
     wide.mkdir()
     save_prompt(wide, (random_delta(28, 4) * 3 - 1) * frame_mask(28, 4), {"frame": 4, "image_size": 28, "inner_size": 20}, {})
