@@ -9,7 +9,9 @@ transformers' float path is float32(float64(x) * factor), then (x - mean) / std 
 x * (factor / std) - mean / std in float32 differs by rounding only (a few float32 ulps, under 1e-6 on CLIP's
 range: tests/test_pixel_input.py). The manifest's image_preprocessing records pixel_input "uint8-nhwc" (its
 factor, mean and std stay there, the graph's constants are made from them), the vision graph's input becomes
-uint8 [batch,H,W,3]; bundles without it keep float input.
+uint8 [batch,H,W,3]; bundles without it keep float input. A TVP prompt's frame reaches such a graph rounded to
+uint8 levels (sdk/visual_prompt.py; docs/tvp.md measures what that moves); one that has no uint8 form (outside
+the pixel range) is refused here and at attach.
 
     pipmm add-graphs BUNDLE --pixel-input uint8          (no checkpoint needed: the graph is edited, not traced)
 """
@@ -28,6 +30,7 @@ from onnx import TensorProto, helper
 from sdk.bundle import file_records, load_bundle, write_manifest
 from sdk.errors import ExportError
 from sdk.preprocess import BadPreprocessing, UINT8_NHWC, normalize_config
+from sdk.visual_prompt import VisualPrompt
 
 from export.onnx_graphs import save_graph
 from export.writer import graph_entry
@@ -87,6 +90,9 @@ def convert_bundle(bundle_dir) -> Path:
     cfg = normalize_config(manifest.image_preprocessing, BadPreprocessing)
     if cfg.get("pixel_input") == UINT8_NHWC:
         raise ExportError(f"bundle {bundle_dir} takes uint8 pixels already")
+    preprocessing = {**manifest.image_preprocessing, "pixel_input": UINT8_NHWC}
+    if manifest.visual_prompt is not None:  # an attached frame must have a uint8 form (sdk/visual_prompt.py)
+        VisualPrompt.from_section(bundle_dir, manifest.visual_prompt).check_fits(preprocessing, f"bundle {bundle_dir}")
     path = bundle.graph_path("vision")
     model = uint8_front(onnx.load(str(path)), cfg)
     onnx.checker.check_model(model)
@@ -98,7 +104,6 @@ def convert_bundle(bundle_dir) -> Path:
             if src.exists():
                 shutil.move(str(src), str(path.parent / src.name))
     graphs = {**manifest.graphs, "vision": replace(graph_entry(path), extra=manifest.graphs["vision"].extra)}
-    preprocessing = {**manifest.image_preprocessing, "pixel_input": UINT8_NHWC}
     known = {k: v for k, v in manifest.files.items() if k not in (path.name, f"{path.name}.data")}
     write_manifest(bundle_dir, replace(manifest, graphs=graphs, image_preprocessing=preprocessing,
                                        files=file_records(bundle_dir, known)))

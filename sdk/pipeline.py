@@ -135,15 +135,11 @@ class Pipeline:
 
     def pixel_values(self, image, visual_prompt=None) -> np.ndarray:
         """The vision graph's input for one image: float [1,3,H,W] (uint8 [1,H,W,3] where the graph normalises,
-        sdk.preprocess.pixel_input), framed by the visual prompt when one applies."""
+        sdk.preprocess.pixel_input), framed by the visual prompt when one applies (sdk/visual_prompt.py)."""
         prompt = self.framing(visual_prompt)
         if prompt is None:
             return pixel_input(image, self.preprocessing)
-        if self.preprocessing.get("pixel_input") is not None:  # the frame is float, added before normalising
-            raise VisualPromptError(f"bundle {self.source or '(in memory)'} takes uint8 pixels "
-                                    f"({self.preprocessing['pixel_input']}), which have no room for a visual prompt's "
-                                    "float frame: use a bundle with float pixel input")
-        return prompt.preprocess(image, self.preprocessing)
+        return prompt.pixel_input(image, self.preprocessing)  # uint8 bundles: the frame rounded to uint8 levels
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
         """PIP-MM's prompt vector [1, D_llm]: the hidden state over the prompt, no image (sdk/prompt_pass.py)."""

@@ -14,6 +14,13 @@ prompt, preprocessing becomes (export/tvp/transform.py is the same in torch; tes
 
 so the frame pixels are the prompt's and the image keeps its pixels, smaller. The safetensors file is read
 here with numpy (its format: 8-byte little-endian header length, a JSON header, raw little-endian data).
+
+A bundle whose vision graph normalises (pixel_input "uint8-nhwc", export/pixel_input.py) gets the framed image
+as uint8 [1, S, S, 3]: the inner crop's own uint8 pixels, zero-padded, plus the frame rounded to uint8 levels
+(rint(delta / rescale_factor)). Inside the frame that is the float path's input exactly (delta is zero there);
+on the frame it is off by at most half a level, 0.5 * factor / std after normalising (its
+effect on the vision output and the answers is measured in docs/tvp.md). A frame outside the pixel range
+(a --no-clamp prompt) has no uint8 form and is refused on such bundles.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 from .bundle import file_records, load_bundle, sha256_file, staged_bundle, write_manifest
 from .errors import PipmmError
 from .manifest_visual_prompt import VisualPromptSection
-from .preprocess import BadPreprocessing, normalize_config, normalized, rescaled, resized_pixels
+from .preprocess import BadPreprocessing, UINT8_NHWC, normalize_config, normalized, rescaled, resized_pixels
 
 PROMPT_WEIGHTS = "visual_prompt.safetensors"
 PROMPT_CONFIG = "visual_prompt.json"
@@ -38,6 +45,8 @@ PROMPT_FORMAT = "pipmm-visual-prompt"
 DELTA = "delta"
 MAX_WEIGHT_BYTES = 64 * 1024 * 1024  # a 2048 px prompt is 48 MiB; anything larger is refused before reading
 MAX_HEADER_BYTES = 1 << 20
+# uint8 bundles: a frame level may sit this far outside [0, 255] (float rounding of a clamped delta / factor)
+LEVEL_SLACK = 0.5
 
 
 class VisualPromptError(PipmmError, ValueError):
@@ -115,13 +124,22 @@ class VisualPrompt:
     # -- applying it -----------------------------------------------------------------------------
 
     def check_fits(self, preprocessing: dict, where: str = "the bundle") -> None:
-        """One line when the bundle's input is not image_size x image_size."""
+        """One line when the bundle's input is not image_size x image_size, or it takes uint8 pixels and the
+        frame leaves the pixel range."""
         size = input_size(preprocessing)
         if size != (self.image_size, self.image_size):
             shown = "a variable size (no center crop)" if size is None else f"{size[1]}x{size[0]}"
             raise VisualPromptError(f"visual prompt {self.source or '(in memory)'} is for {self.image_size}x"
                                     f"{self.image_size} input but {where} takes {shown}: use a prompt trained at "
                                     "that size ('pipmm tvp train --source ...' on a model of that input)")
+        cfg = normalize_config(preprocessing, BadPreprocessing)
+        if cfg.get("pixel_input") == UINT8_NHWC:
+            levels = self.delta / _factor(cfg)
+            if levels.min() < -LEVEL_SLACK or levels.max() > 255 + LEVEL_SLACK:
+                raise VisualPromptError(f"visual prompt {self.source or '(in memory)'} has frame values from "
+                                        f"{self.delta.min():.3g} to {self.delta.max():.3g}, outside the pixel range "
+                                        f"that {where}'s uint8 input holds: train it with clamp (no --no-clamp), "
+                                        "or use a bundle with float pixel input")
 
     def inner_config(self, preprocessing: dict) -> dict:
         """The bundle's preprocessing with its resize and crop scaled to the inner side."""
@@ -144,15 +162,38 @@ class VisualPrompt:
         return normalized(padded + self.delta.transpose(1, 2, 0), cfg)
 
     def preprocess(self, image, preprocessing: dict, max_pixels: int | None = None) -> np.ndarray:
-        """Any image load_image accepts -> the prompted pixel_values [1, 3, S, S] float32."""
-        self.check_fits(preprocessing)
+        """Any image load_image accepts -> the prompted pixel_values [1, 3, S, S] float32 (the float path)."""
+        self.check_fits({k: v for k, v in preprocessing.items() if k != "pixel_input"})
         return self.apply(self.inner_pixels(image, preprocessing, max_pixels), preprocessing)
+
+    def frame_levels(self, preprocessing: dict) -> np.ndarray:
+        """The frame as uint8 pixel levels [S, S, 3]: rint(delta / rescale_factor), zero inside the frame."""
+        cfg = normalize_config(preprocessing, BadPreprocessing)
+        levels = np.rint(self.delta.transpose(1, 2, 0).astype(np.float64) / _factor(cfg))
+        return np.clip(levels, 0, 255).astype(np.uint8)  # clipping only within LEVEL_SLACK (check_fits)
+
+    def pixel_input(self, image, preprocessing: dict, max_pixels: int | None = None) -> np.ndarray:
+        """What the bundle's vision graph takes, framed (sdk.preprocess.pixel_input's twin): float32 [1, 3, S, S]
+        from preprocess(), or uint8 [1, S, S, 3] where the graph normalises (pixel_input "uint8-nhwc"): the
+        inner crop's uint8 pixels zero-padded by the frame + frame_levels (disjoint, so the sum never wraps)."""
+        self.check_fits(preprocessing)
+        cfg = normalize_config(preprocessing, BadPreprocessing)
+        if cfg.get("pixel_input") != UINT8_NHWC:
+            return self.apply(self.inner_pixels(image, cfg, max_pixels), cfg)
+        f = self.frame
+        inner = resized_pixels(image, self.inner_config(cfg), max_pixels)  # uint8 [inner, inner, 3]
+        return (np.pad(inner, ((f, f), (f, f), (0, 0))) + self.frame_levels(cfg))[None]
 
     def model_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """The image-coordinate box of the whole S x S input, from the box the inner image fills."""
         x0, y0, x1, y1 = box
         grow_x, grow_y = (x1 - x0) * self.frame / self.inner_size, (y1 - y0) * self.frame / self.inner_size
         return x0 - grow_x, y0 - grow_y, x1 + grow_x, y1 + grow_y
+
+
+def _factor(cfg: dict) -> float:
+    """What one uint8 level is in the rescaled range (the bundle's rescale_factor; 1 when it does not rescale)."""
+    return float(cfg["rescale_factor"]) if cfg["do_rescale"] else 1.0
 
 
 def input_size(preprocessing: dict) -> tuple[int, int] | None:
