@@ -20,8 +20,8 @@ Variants (each a bundle or a transformers attention implementation):
                   decoder_fused), with --precisions fp32,int4; transformers stays FP32 (it has no CPU INT4 path here)
   transformers-eager / -sdpa  transformers at each --hf-attn
 Every variant runs in its OWN subprocess per round (this file with --child), which imports, loads, warms up once and
-times --requests requests, so its peak RSS (getrusage ru_maxrss of that process) and its RSS growth over the
-RSS after its imports are its own. Rounds are interleaved, the order rotated per round; per variant the median
+times --requests requests, so its peak RSS (VmHWM of that process; see peak_rss_mb for why not ru_maxrss) and its RSS growth over
+the RSS after its imports are its own. Rounds are interleaved, the order rotated per round; per variant the median
 over all its requests is reported, and ratios against the FASTEST transformers variant (and its lowest RSS).
 """
 
@@ -43,16 +43,24 @@ SCHEMA = "pipmm-cpu-vs-transformers/1"
 TARGETS = {"describe_speedup": 5.0, "peak_rss_ratio": 0.5}  # issue 18: >= 5x faster, <= 0.5x peak RSS
 
 
-def rss_mb() -> float:
-    """This process's resident set now (VmRSS)."""
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0  # kB
     return float("nan")
 
 
+def rss_mb() -> float:
+    """This process's resident set now (VmRSS)."""
+    return _status_mb("VmRSS")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident set (VmHWM, the high-water mark of its own address space). Not getrusage's
+    ru_maxrss: Linux carries the parent's high-water mark over fork + exec into it (fs/exec.c keeps the old mm's
+    hiwater in signal->maxrss), so every child here would report at least the parent's RSS (about 290 MB: the
+    parent imports torch to build bundles). ru_maxrss is recorded beside it (ru_maxrss_mb) for that reason."""
+    return _status_mb("VmHWM")
 
 
 # -- children: one process per variant per round -------------------------------------------------
@@ -166,6 +174,7 @@ def child(spec: dict) -> dict:
         raise SystemExit(f"{spec['name']}: {len(tokens)} tokens, not {spec['new_tokens']}")
     return {"pid": os.getpid(), "describe_ms": requests, "ttft_ms": ttft, "decode_tokens_per_s": rate, "load_s": load_s,
             "rss_after_imports_mb": baseline, "rss_after_load_mb": after_load, "peak_rss_mb": peak_rss_mb(),
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "rss_growth_mb": peak_rss_mb() - baseline, "tokens": tokens, "text": text, "info": info(loaded)}
 
 
@@ -245,12 +254,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def leading_same(a: list[int], b: list[int]) -> int:
-    same = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        same += 1
-    return same
+    return len(os.path.commonprefix([a, b]))  # commonprefix compares element by element: lists of ids work too
 
 
 def compare(specs: dict, rounds: dict) -> tuple[dict, dict]:
