@@ -43,6 +43,16 @@ pack() {  # small files of every run -> one tar; listed weights -> one file each
   for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
 }
 
+summarize_evals() {  # one line per eval JSON under $RUNS/evals: overall and per-family accuracy
+  python3 - "$RUNS/evals" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    r = json.load(open(f))
+    print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
+          {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
+PY
+}
+
 case $phase in
 stage0)
   nvidia-smi -L || true
@@ -75,13 +85,7 @@ cont2)
        > /dev/null 2>&1 &
   done
   wait
-  python3 - "$RUNS/evals" <<'PY'
-import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
-    r = json.load(open(f))
-    print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
-          {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
-PY
+  summarize_evals
   pack c2/model.safetensors
   ;;
 finetune)
@@ -154,13 +158,7 @@ finetune)
   [ -f "$RUNS/pipseq0/model.safetensors" ] && { $E --checkpoint "$RUNS/pipseq0" --prompt-mlp "$RUNS/pipseq0" \
      --budget half --reducer prompt-topk --json "$RUNS/evals/pipseq0-half-topk.json" > /dev/null 2>&1 & }
   wait
-  python3 - "$RUNS/evals" <<'PY'
-import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
-    r = json.load(open(f))
-    print(f.split("/")[-1], round(r["overall"]["accuracy"], 4),
-          {k: round(v["accuracy"], 3) for k, v in r["per_family"].items()})
-PY
+  summarize_evals
   # 64 MiB come back at most: the tar and five 10.4 MB bf16 checkpoints (pf0 with PF=1, pl0 with PL=L);
   # the other seeds are measured above
   pack pip0/model.safetensors plain0/model.safetensors merge0/model.safetensors pf0/model.safetensors \
