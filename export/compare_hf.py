@@ -27,7 +27,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class _Clock:
+class TokenClock:
     """A transformers streamer that only records when each new token arrives."""
 
     def __init__(self, device: str):
@@ -63,7 +63,7 @@ def run_hf(checkpoint_dir, pixel_values: np.ndarray, input_ids: np.ndarray, new_
     tokens = None
     pad = next(iter(eos_ids), None)
     for index in range(warmup + runs):
-        clock = _Clock(device)
+        clock = TokenClock(device)
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():

@@ -34,7 +34,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from sdk.bundle import file_records, load_bundle, refuse_existing, staged_bundle, write_manifest
+from sdk.bundle import file_records, link_or_copy, load_bundle, refuse_existing, staged_bundle, write_manifest
 from sdk.errors import ExportError
 from sdk.manifest import ChatTemplate, Graph, Manifest, Precision, PromptVector
 from sdk.manifest_referring import defaults_for, with_settings
@@ -377,12 +377,6 @@ def export_with_graphs(checkpoint_dir, out_dir, graphs=("energy_grad",), referri
 
 # -- a whole bundle traced in half precision ------------------------------------------------------
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
 
 def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool = False, budget="full",
                   reducer: str = "pool", dtype: str = "fp16", device: str = "cpu",
@@ -416,7 +410,7 @@ def export_direct(checkpoint_dir, out_dir, prompt_mlp=None, no_prompt_mlp: bool 
             if reused is not None and name in BUDGET_FREE and name in reused.graphs:
                 entry = reused.graphs[name]
                 for file in [entry.file] + [f for f in reused.manifest.files if f.startswith(entry.file + ".")]:
-                    _link_or_copy(reused.path / file, stage.directory / file)
+                    link_or_copy(reused.path / file, stage.directory / file)
                 entries[name] = entry
                 log(f"  {name}: linked from {reuse}")
                 continue

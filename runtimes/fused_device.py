@@ -115,7 +115,7 @@ class FusedDeviceCaches:
         if cache.generation != self.generation:
             raise BackendError("this KV cache was replaced by a newer new_cache() of the same backend (one device "
                                "cache per backend): use the newest one, or one backend per concurrent sequence")
-        if cache.length and int(self.stamps[:cache.length].max()) > cache.write:
+        if cache.write != self.writes and cache.length and int(self.stamps[:cache.length].max()) > cache.write:
             raise BackendError("this KV cache's slots were overwritten by a later call from a shorter cache of the "
                                "same sequence: continue from the newest cache, or start one with new_cache()")
         if end > self.slots:

@@ -83,6 +83,7 @@ class KVBuffer:
         self.outputs = {"logits": np.zeros((1, c.vocab_size), c.logits_dtype),
                         "hidden": np.zeros((1, 1, c.hidden_size), c.hidden_dtype)}
         self.arrays = self.mask = self.bias = self.stamps = None
+        self.bias_written = False  # a CMAI bias was written since token_step last zeroed the prefix
         self._allocate(slots, 0)
 
     def _allocate(self, slots: int, used: int) -> None:
@@ -184,8 +185,11 @@ class InPlaceCaches:
         self._check(cache, end)
         buffer = cache.buffer
         buffer.set_length(end)
-        if buffer.bias is not None:
-            buffer.bias[:, :, :end] = 0
+        if buffer.bias is not None:  # a token step has no bias: zero the prefix after a biased call, else the new slot
+            if buffer.bias_written:
+                buffer.bias[:, :, :end], buffer.bias_written = 0, False
+            else:
+                buffer.bias[:, :, cache.length] = 0
         if buffer.embed_binding is None:
             buffer.embed_binding = embed_session.io_binding()
             buffer.embed_binding.bind_cpu_input("input_ids", buffer.token)
@@ -220,7 +224,7 @@ class InPlaceCaches:
         buffer = cache.buffer
         buffer.set_length(end)
         if bias is not None:  # slots from `end` on are masked: what they hold is never read
-            buffer.bias[:, :, :end] = bias
+            buffer.bias[:, :, :end], buffer.bias_written = bias, True
         attention = attention and self.has_attention
         if t == 1 and not attention:
             binding = self._decode_binding(buffer)

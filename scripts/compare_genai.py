@@ -89,10 +89,13 @@ def build_genai(checkpoint_dir: Path, work: Path, precision: str = "fp32") -> tu
     if (out / "genai_config.json").exists():
         return out, (out / "pipmm-note.txt").read_text() if (out / "pipmm-note.txt").exists() else None
     text = work / "text"
+    text_note = text / "pipmm-note.txt"  # beside the text model, so every precision's build reads the same note
     if (text / "config.json").exists():
-        note = (work / "genai" / "pipmm-note.txt").read_text() if (work / "genai" / "pipmm-note.txt").exists() else None
+        note = text_note.read_text() if text_note.exists() else None
     else:
         text, note = extract_text_model(checkpoint_dir, text)
+        if note:
+            text_note.write_text(note)
     print(f"building the GenAI model from {text} (onnxruntime_genai.models.builder, {precision}, cpu)", flush=True)
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(text), "-o", str(out),
                     "-p", precision, "-e", "cpu", "-c", str(work / f"builder-cache-{precision}")], check=True,

@@ -65,21 +65,6 @@ def peak_rss_mb() -> float:
 
 # -- children: one process per variant per round -------------------------------------------------
 
-class _Clock:
-    """A transformers streamer that records when each new token arrives (export/compare_hf.py's, for the CPU)."""
-
-    def __init__(self):
-        self.times, self.prompt_seen = [], False
-
-    def put(self, value) -> None:
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True  # generate() first puts the prompt ids
-
-    def end(self) -> None:
-        pass
-
-
 def pipmm_child(spec: dict, image, prompt: str, new_tokens: int):
     """-> (load, describe) where describe() -> (text, token ids, ttft ms, decode tok/s)."""
     import onnxruntime  # noqa: F401  (the runtime library in the baseline, as torch + transformers are on the other side)
@@ -106,6 +91,8 @@ def transformers_child(spec: dict, image, prompt: str, new_tokens: int):
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from export.compare_hf import TokenClock
+
     frame = Image.fromarray(image)
     text = spec["chat_template"].format(prompt=prompt)
 
@@ -123,7 +110,7 @@ def transformers_child(spec: dict, image, prompt: str, new_tokens: int):
 
     def describe(loaded):
         processor, model = loaded
-        clock = _Clock()
+        clock = TokenClock("cpu")
         start = time.perf_counter()
         with torch.inference_mode():
             inputs = processor(images=frame, text=text, return_tensors="pt")

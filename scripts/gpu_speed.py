@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from sdk.bundle import link_or_copy  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -99,7 +101,7 @@ def _int4_copy(float_dir: Path, int4_dir: Path) -> None:
     int4_dir.mkdir()
     for path in float_dir.iterdir():
         if not path.name.startswith("decoder_fused"):
-            (os.link if path.suffix in (".onnx", ".data") else shutil.copyfile)(path, int4_dir / path.name)
+            (link_or_copy if path.suffix in (".onnx", ".data") else shutil.copyfile)(path, int4_dir / path.name)
     manifest = json.loads((int4_dir / "manifest.json").read_text())
     if manifest["graphs"].pop("decoder_fused", None) is not None:  # a resumed run: float has it already
         manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("decoder_fused")}

@@ -215,3 +215,12 @@ def staged_bundle(out_dir: str | Path, overwrite: bool = False) -> Iterator[Stag
     finally:
         if not stage.published:
             shutil.rmtree(stage.directory, ignore_errors=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (bundles share unchanged weight files), a copy where links are refused."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import file_records, load_bundle, sha256_file, staged_bundle, write_manifest
+from .bundle import file_records, link_or_copy, load_bundle, sha256_file, staged_bundle, write_manifest
 from .errors import PipmmError
 from .manifest_visual_prompt import VisualPromptSection
 from .preprocess import BadPreprocessing, UINT8_NHWC, normalize_config, normalized, rescaled, resized_pixels
@@ -64,6 +64,9 @@ class VisualPrompt:
     sha256: str = ""
     settings: dict = field(default_factory=dict)
     source: str = ""
+    # rescale factor -> (rint(delta / factor) [S,S,3] as uint8, min and max of delta / factor): computed once per
+    # bundle normalisation, not per frame (uint8 bundles; the delta never changes)
+    _levels: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def inner_size(self) -> int:
@@ -134,8 +137,8 @@ class VisualPrompt:
                                     "that size ('pipmm tvp train --source ...' on a model of that input)")
         cfg = normalize_config(preprocessing, BadPreprocessing)
         if cfg.get("pixel_input") == UINT8_NHWC:
-            levels = self.delta / _factor(cfg)
-            if levels.min() < -LEVEL_SLACK or levels.max() > 255 + LEVEL_SLACK:
+            _, low, high = self._levels_at(_factor(cfg))
+            if low < -LEVEL_SLACK or high > 255 + LEVEL_SLACK:
                 raise VisualPromptError(f"visual prompt {self.source or '(in memory)'} has frame values from "
                                         f"{self.delta.min():.3g} to {self.delta.max():.3g}, outside the pixel range "
                                         f"that {where}'s uint8 input holds: train it with clamp (no --no-clamp), "
@@ -168,9 +171,15 @@ class VisualPrompt:
 
     def frame_levels(self, preprocessing: dict) -> np.ndarray:
         """The frame as uint8 pixel levels [S, S, 3]: rint(delta / rescale_factor), zero inside the frame."""
-        cfg = normalize_config(preprocessing, BadPreprocessing)
-        levels = np.rint(self.delta.transpose(1, 2, 0).astype(np.float64) / _factor(cfg))
-        return np.clip(levels, 0, 255).astype(np.uint8)  # clipping only within LEVEL_SLACK (check_fits)
+        return self._levels_at(_factor(normalize_config(preprocessing, BadPreprocessing)))[0]
+
+    def _levels_at(self, factor: float) -> tuple[np.ndarray, float, float]:
+        if factor not in self._levels:
+            levels = self.delta.transpose(1, 2, 0).astype(np.float64) / factor
+            frame = np.clip(np.rint(levels), 0, 255).astype(np.uint8)  # clipping only within LEVEL_SLACK (check_fits)
+            frame.flags.writeable = False
+            self._levels[factor] = (frame, float(levels.min()), float(levels.max()))
+        return self._levels[factor]
 
     def pixel_input(self, image, preprocessing: dict, max_pixels: int | None = None) -> np.ndarray:
         """What the bundle's vision graph takes, framed (sdk.preprocess.pixel_input's twin): float32 [1, 3, S, S]
@@ -318,18 +327,10 @@ def _copy_bundle(bundle, out_dir, overwrite: bool, manifest, known: dict, add: P
     with staged_bundle(out_dir, overwrite) as stage:
         for name in bundle.manifest.files:
             if name not in (skip, PROMPT_WEIGHTS if add is not None else None):
-                _link_or_copy(bundle.path / name, stage.directory / name)
+                link_or_copy(bundle.path / name, stage.directory / name)
         if add is not None:
             shutil.copyfile(add, stage.directory / PROMPT_WEIGHTS)
             if sha256_file(stage.directory / PROMPT_WEIGHTS) != manifest.visual_prompt.sha256:  # never published
                 raise VisualPromptError(f"the copy of {add} does not match its sha256: copy the prompt directory again")
         stage.publish(manifest, known)
     return Path(out_dir)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

@@ -179,8 +179,8 @@ def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES
     """Up to `per_family` distinct questions of each family (fewer when the scene has none to ask).
 
     paraphrase: the chance that a question's template is reworded first (export/tasks/paraphrase.py; same
-    meaning and answer), drawn from `paraphrase_rng` (None: the main stream). The questions asked (content and
-    answers) are those of paraphrase 0 whenever paraphrase_rng is given; at 0 nothing is drawn for it at all."""
+    meaning and answer), drawn from `paraphrase_rng` (required then), so the questions asked (content and answers)
+    are those of paraphrase 0; at 0 nothing is drawn for it at all."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families or per_family < 1 or phrasing not in PHRASINGS:
         raise QuestionArgumentError(f"bad families {list(families)}, per_family {per_family} or phrasing "
@@ -191,7 +191,9 @@ def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES
                                     "held_out (its templates are never reworded)")
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else \
         np.random.Generator(np.random.PCG64(rng_or_seed))
-    reword_rng = rng if paraphrase_rng is None else paraphrase_rng
+    if paraphrase > 0 and paraphrase_rng is None:
+        raise QuestionArgumentError("paraphrase > 0 needs its own paraphrase_rng (drawing from the main stream would "
+                                    "change which questions are asked)")
     out: list[Question] = []
     for family in families:
         seen: set[str] = set()
@@ -202,8 +204,8 @@ def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES
             if a is not None and a.question.prompt not in seen:  # distinct in content, whatever the wording
                 seen.add(a.question.prompt)
                 q = a.question
-                if paraphrase > 0 and reword_rng.random() < paraphrase:
-                    q = replace(q, prompt=_paraphrase.rewrite(a.template, reword_rng).format(**a.fill))
+                if paraphrase > 0 and paraphrase_rng.random() < paraphrase:
+                    q = replace(q, prompt=_paraphrase.rewrite(a.template, paraphrase_rng).format(**a.fill))
                 out.append(q)
     return out
 

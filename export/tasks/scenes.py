@@ -339,8 +339,7 @@ def scene_questions(scene: Scene, questions_per_scene: int | None, families, phr
     paraphrase: the fraction reworded (export/tasks/paraphrase.py), from the scene's stream [seed, 3], so the
     questions asked are the same for any fraction."""
     rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))
-    reword = {"paraphrase": paraphrase, "paraphrase_rng": np.random.Generator(np.random.PCG64([scene.seed, 3]))} \
-        if paraphrase > 0 else {}
+    reword = {"paraphrase": paraphrase, "paraphrase_rng": np.random.Generator(np.random.PCG64([scene.seed, 3]))}
     if questions_per_scene is None:
         return make_questions(scene, rng, families, per_family=per_family, phrasing=phrasing, **reword)
     k = questions_per_scene

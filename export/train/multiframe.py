@@ -38,6 +38,7 @@ from export.model.mivpg import AdapterConfig, FrameAdapter, parameter_count
 from export.tasks import multiview, scenes
 from export.tasks.answers import normalize
 from export.train.data import IGNORE, IndexedBatches, SequenceSpec, pad_rows, scene_items
+from export.train.progress import step_bar
 from export.train.model import embed_sequence, encode_prompts, greedy_generate, make_vision, special_tokens
 from export.train.state import STATE_JSON, copy_assets, load_trainer_state, save_model, save_trainer_state
 
@@ -221,14 +222,6 @@ def _load(args):
     return init, model, mlp, parent
 
 
-def _progress_bar(start: int, total: int, quiet: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        quiet = True
-    return None if quiet else tqdm(total=total, initial=start, desc="train mv", unit="step", mininterval=5.0)
-
-
 def run(args) -> int:
     out = Path(args.out)
     if out.exists() and (out / "train_config.json").is_file() and not args.resume:
@@ -324,7 +317,7 @@ def run(args) -> int:
 
     print(f"stage mv ({args.adapter}): {config['trainable_parameters'] / 1e6:.3f}M trainable, {lo}-{hi} frames of "
           f"{vision.config.num_tokens} tokens, {samples} samples a step, device {device}", flush=True)
-    log, bar, step = open(out / "log.jsonl", "a"), _progress_bar(start, total_steps, args.quiet), start
+    log, bar, step = open(out / "log.jsonl", "a"), step_bar(start, total_steps, args.quiet, "train mv"), start
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
     for batch in loader:
         if step >= total_steps:

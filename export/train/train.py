@@ -33,6 +33,7 @@ from export.train import multiframe
 from export.train.train_args import add_arguments  # noqa: F401  (sdk/cli.py's VERBS read it here)
 from export.train.data import (SCENE_MIXES, SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, data_mix,
                                loader, scene_items)
+from export.train.progress import resolve_device, step_bar
 from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
                           special_tokens)
 from export.train.state import (STATE_JSON, copy_assets, load_trainer_state, save_model,
@@ -53,14 +54,6 @@ DEFAULTS = {  # per stage: steps, questions per step, peak learning rate
 
 class TrainError(PipmmError):
     """A training argument or an --init/--resume directory does not fit."""
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda but torch sees no CUDA device: use --device cpu")
-    return torch.device(name)
 
 
 def _sizes(args, parent: dict | None) -> ModelSizes:
@@ -273,7 +266,7 @@ def run(args) -> int:
         args.instruction_fraction = INSTRUCTION_FRACTION[args.stage]
     if not 0 <= args.instruction_fraction <= 1:
         raise TrainError(f"--instruction-fraction {args.instruction_fraction} is outside 0-1")
-    device = _device(args.device)
+    device = resolve_device(args.device, TrainError)
     defaults = DEFAULTS[args.stage]
     steps = args.steps or defaults["steps"]
     batch_size = args.batch_size or defaults["batch_size"]
@@ -343,7 +336,7 @@ def run(args) -> int:
           f"trainable), {vision.config.num_tokens} visual tokens, device {device}, {workers} data workers", flush=True)
     write_config()
     log = open(out / "log.jsonl", "a")
-    bar = _bar(start, total_steps, args.quiet)
+    bar = step_bar(start, total_steps, args.quiet, "train")
     begin = time.perf_counter()
 
     def elapsed():
@@ -436,16 +429,3 @@ def _preprocessing(out: Path) -> dict:
     return config_from_processor(json.loads((out / "preprocessor_config.json").read_text()))
 
 
-def _bar(start: int, total: int, quiet: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        quiet = True
-    if quiet:
-        class _Null:
-            total = 0
-            update = set_postfix_str = close = lambda self, *_: None
-        return _Null()
-    import sys
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", mininterval=1.0 if sys.stderr.isatty() else 15.0)

@@ -103,7 +103,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import os
 
-    from export.tvp.progress import progress_bar, resolve_device
+    from export.train.progress import resolve_device, step_bar
 
     device = resolve_device(args.device)
     config = ClipConfig.tiny(args.image_size) if args.tiny else ClipConfig(image_size=args.image_size)
@@ -119,7 +119,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "w")
-    bar = progress_bar(0, args.steps, args.quiet, "clip")
+    bar = step_bar(0, args.steps, args.quiet, "clip")
     begin = time.perf_counter()
     for step, (pixels, captions) in enumerate(loader):
         if step >= args.steps:

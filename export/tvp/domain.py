@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from export.tasks import scenes
+from export.train.progress import progress as progress_bar
 
 DOMAIN_STREAM = 7  # the style's random stream per scene: PCG64([seed, 7]) (scenes.py uses 1 and 2 for questions)
 DOMAIN_SPLITS = {"train": ("train", 900_000_000), "test": ("test", 0)}  # shifted split -> (scenes split, offset)
@@ -127,11 +128,7 @@ def write_dataset(out_dir, n: int, split: str = "train", size: int = 224, seed_o
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    indices = range(seed_offset, seed_offset + n)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc=f"shifted scenes ({split})", unit="scene")
+    indices = progress_bar(range(seed_offset, seed_offset + n), progress, total=n, desc=f"shifted scenes ({split})")
     for i in indices:
         scene = shifted_scene(split_seed(split, i), size)
         rel = f"images/{split}_{scene.seed:010d}.png"

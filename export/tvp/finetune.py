@@ -19,7 +19,7 @@ import torch
 
 from export.train.state import copy_assets, save_model
 from export.tvp.data import PromptData, read_items
-from export.tvp.progress import progress_bar, resolve_device
+from export.train.progress import resolve_device, step_bar
 from export.tvp.source import SourceModel
 
 
@@ -45,7 +45,7 @@ def run(args) -> int:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     warmup = max(1, args.steps // 20)
-    bar = progress_bar(0, args.steps, args.quiet, "finetune")
+    bar = step_bar(0, args.steps, args.quiet, "finetune")
     begin = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:

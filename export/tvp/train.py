@@ -36,7 +36,7 @@ from sdk.errors import PipmmError
 from sdk.visual_prompt import DELTA, PROMPT_CONFIG, PROMPT_FORMAT, PROMPT_WEIGHTS
 
 from export.tvp.data import PromptData, read_items
-from export.tvp.progress import progress_bar, resolve_device
+from export.train.progress import resolve_device, step_bar
 from export.tvp.source import SourceModel
 from export.tvp.transform import frame_mask, framed, normalise
 
@@ -189,7 +189,7 @@ def train(args) -> Path:
     delta = delta.to(device)
     mask = frame_mask(size, args.frame).to(device)
     log = open(out / "log.jsonl", "a" if args.resume else "w")
-    bar = progress_bar(start, args.steps, args.quiet, "tvp")
+    bar = step_bar(start, args.steps, args.quiet, "tvp")
     begin, spent = time.perf_counter(), float(progress.get("seconds", 0.0))
 
     def save(step: int) -> None:
