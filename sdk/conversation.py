@@ -56,7 +56,7 @@ from datetime import datetime
 import numpy as np
 
 from .errors import BundleError, PromptError, typed_errors
-from .frames import FrameCountError, as_frames
+from .frames import FrameCountError, as_frames, preprocess_frames
 from .referring import prepare as prepare_referring
 
 ROLES = ("system", "user", "assistant")
@@ -364,7 +364,7 @@ class Conversation:
         pipeline = self.pipeline
         frames = as_frames(image)
         # [n,3,H,W], each frame framed by the pipeline's visual prompt, if any
-        pixel_values = np.concatenate([pipeline.pixel_values(frame) for frame in frames])
+        pixel_values = preprocess_frames(pipeline.pixel_values, frames)
         vector = None
         if pipeline.prompt_vector_spec is not None:
             vector = np.repeat(pipeline.encode_prompt(self.image_question or "Describe the image."), len(frames), 0)

@@ -31,7 +31,7 @@ from .bundle import default_bundle_path, load_bundle
 from .conversation import Conversation, text_pieces
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .explain import Explanation, explain, require_attention
-from .frames import FrameCountError, Frames, as_frames
+from .frames import FrameCountError, Frames, as_frames, preprocess_frames
 from .generation import GenerationArgs, sample, suppress
 from .manifest import Manifest
 from .preprocess import pixel_input
@@ -242,7 +242,7 @@ class Pipeline:
         # [n,3,H,W] float, or uint8 [n,H,W,3] where the vision graph normalises; each frame framed by the
         # request's visual prompt, if any
         framing = False if visual_prompt is None else visual_prompt
-        pixel_values = np.concatenate([self.pixel_values(frame, framing) for frame in frames])
+        pixel_values = preprocess_frames(lambda frame: self.pixel_values(frame, framing), frames)
         t["preprocess_ms"] = _ms(start)
 
         stage = time.perf_counter()

@@ -143,3 +143,23 @@ def test_cli_takes_several_images_and_the_single_image_form(adapter_bundle, tmp_
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "absent.png" in missing.stderr
     too_many = run_pipmm("describe", *files, *files, "--prompt", QUESTION, "--bundle", bundle)
     assert too_many.returncode == 1 and "at most 4" in too_many.stderr
+
+
+def test_frames_preprocess_in_parallel_in_order(monkeypatch):
+    """Several frames preprocess on a thread pool (sdk/frames.py); the batch is in request order whatever finishes
+    first, and equals one frame after another."""
+    import time
+
+    import numpy as np
+
+    from sdk import frames as frames_module
+
+    def preprocess(frame):  # later frames finish first
+        time.sleep(0.02 * (5 - frame))
+        return np.full((1, 2), frame, dtype=np.float32)
+
+    monkeypatch.setattr(frames_module, "PREPROCESS_THREADS", 4)
+    batch = frames_module.preprocess_frames(preprocess, [0, 1, 2, 3, 4])
+    assert batch[:, 0].tolist() == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(frames_module, "PREPROCESS_THREADS", 1)
+    np.testing.assert_array_equal(frames_module.preprocess_frames(preprocess, [0, 1, 2, 3, 4]), batch)
