@@ -23,6 +23,12 @@ set -eo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 RUNS=${RUNS:-/tmp/pipmm-runs/tvp}
 OUT=${OUT:-/tmp/pipmm-out}
+DEVICE=${DEVICE:-cuda}           # cpu: the same phases at tiny sizes (a smoke run of the whole pipeline)
+SCENES=${SCENES:-300}            # shifted-domain train images (prompts and finetune)
+SPS=${SPS:-32}                   # images per step (prompts and finetune)
+CLIP_BATCH=${CLIP_BATCH:-256}    # SceneClip batch
+JOBS=${JOBS:-14}                 # table: ONNX Runtime eval processes
+FRAMES=${FRAMES:-30 14}          # prompts: frame widths
 P="python3 -m sdk.cli"
 mkdir -p "$RUNS" "$OUT"
 phase=${1:?phase: clip, prompts, indep or table}
@@ -38,15 +44,15 @@ pack() {  # every small file of the TVP runs -> one tar (paths runs/tvp/...); li
 case $phase in
 clip)
   nvidia-smi -L || true
-  $P tvp clip-train --out "$RUNS/clip" --steps "${2:-2000}" --batch-size 256 --device cuda --quiet
+  $P tvp clip-train --out "$RUNS/clip" --steps "${2:-2000}" --batch-size "$CLIP_BATCH" --device "$DEVICE" --quiet
   pack
   ;;
 prompts)
   CKPT=${2:-models/default_model}
   STEPS=${3:-600}
-  [ -f "$RUNS/shifted-train/train.json" ] || $P tvp scenes --out "$RUNS/shifted-train" --n 300 --split train --quiet
-  T="$P tvp train --source $CKPT --data $RUNS/shifted-train --clip $RUNS/clip --steps $STEPS --device cuda --quiet --overwrite"
-  for frame in 30 14; do
+  [ -f "$RUNS/shifted-train/train.json" ] || $P tvp scenes --out "$RUNS/shifted-train" --n "$SCENES" --split train --quiet
+  T="$P tvp train --source $CKPT --data $RUNS/shifted-train --clip $RUNS/clip --steps $STEPS --scenes-per-step $SPS --device $DEVICE --quiet --overwrite"
+  for frame in $FRAMES; do
     $T --frame $frame --out "$RUNS/prompt-f$frame" > "$RUNS/prompt-f$frame.log" 2>&1 &
     $T --frame $frame --fca-weight 0 --out "$RUNS/prompt-f$frame-nofca" > "$RUNS/prompt-f$frame-nofca.log" 2>&1 &
     $T --frame $frame --tse-weight 0 --out "$RUNS/prompt-f$frame-notse" > "$RUNS/prompt-f$frame-notse.log" 2>&1 &
@@ -58,16 +64,16 @@ prompts)
   ;;
 finetune)
   CKPT=${2:-models/default_model}
-  [ -f "$RUNS/shifted-train/train.json" ] || $P tvp scenes --out "$RUNS/shifted-train" --n 300 --split train --quiet
+  [ -f "$RUNS/shifted-train/train.json" ] || $P tvp scenes --out "$RUNS/shifted-train" --n "$SCENES" --split train --quiet
   $P tvp finetune --source "$CKPT" --data "$RUNS/shifted-train" --out "$RUNS/ft-source" --steps "${3:-600}" \
-     --device cuda --quiet
+     --scenes-per-step "$SPS" --device "$DEVICE" --quiet
   pack ft-source/model.safetensors
   ;;
 indep)
   SEED=${3:-1}
   rm -rf "$RUNS/seed$SEED"
   $P train --stage 0 --seed "$SEED" --out "$RUNS/seed$SEED" --steps 1000000 --time-budget "${2:-520}" --warmup 300 \
-     --batch-size 256 --lr 1e-3 --save-every 1000000 --log-every 50 --val-scenes 32 --quiet
+     --batch-size 256 --lr 1e-3 --save-every 1000000 --log-every 50 --val-scenes 32 --device "$DEVICE" --quiet
   pack "seed$SEED/model.safetensors"
   ;;
 table)
@@ -76,7 +82,7 @@ table)
   IND=""; [ -f "$RUNS/seed1/model.safetensors" ] && IND="--independent $RUNS/seed1"
   [ -f "$RUNS/ft-source/model.safetensors" ] && IND="$IND --finetuned $RUNS/ft-source"
   python3 scripts/tvp_table.py --source "$CKPT" --plain "${PLAIN:-$CKPT/plain-baseline}" $IND --n "${3:-2000}" \
-     --jobs 14 --out "$RUNS/table-f$F" --json "$RUNS/table-f$F.json" \
+     --jobs "$JOBS" --out "$RUNS/table-f$F" --json "$RUNS/table-f$F.json" \
      --prompt tvp="$RUNS/prompt-f$F" --prompt no-fca="$RUNS/prompt-f$F-nofca" --prompt no-tse="$RUNS/prompt-f$F-notse"
   pack
   ;;
