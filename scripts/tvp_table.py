@@ -195,10 +195,13 @@ def evaluate_all(conditions: list[dict], n: int, jobs: int, split: str) -> dict[
                 Path(c["path"]).write_text(json.dumps(result, indent=1) + "\n")
                 results[c["key"]] = result
                 print(f"{c['key']}: {100 * result['overall']['accuracy']:.1f}% of {n}", flush=True)
-    finally:
+    except BaseException:  # stopped (the phase's time budget) or failed: drop the queued chunks
         if pool:
-            pool.close()
-            pool.join()
+            pool.terminate()
+        raise
+    if pool:
+        pool.close()
+        pool.join()
     return results
 
 
