@@ -1,87 +1,172 @@
 #!/bin/bash
-# TVP's GPU runs (docs/tvp.md), phase by phase; each phase fits one 10-minute device call and can be re-run.
+# TVP's GPU runs (docs/tvp.md). The whole table is three device calls of < 9.5 min each (docs/tvp.md "GPU runs"):
 #
-#   bash scripts/gpu_tvp.sh clip [STEPS]
-#        SceneClip, TSE's image-text guide, on clean scene captions (default 2000 steps of 256; ~5 min)
-#   bash scripts/gpu_tvp.sh prompts [CKPT] [STEPS]
-#        the shifted-domain train images (300) and, in parallel on the one GPU, the prompts trained on CKPT
-#        (default models/default_model): TVP (L_LM + FCA - TSE), no-FCA, no-TSE, at the paper's 30 px frame and
-#        at a one-patch 14 px frame (default 600 steps of 32 images each); needs the clip phase's guide
-#   bash scripts/gpu_tvp.sh finetune [CKPT] [STEPS]
-#        the per-model alternative: CKPT's projector fine-tuned on the same 300 images (default 600 steps)
+#   bash scripts/gpu_tvp.sh train [CKPT]     call 1: the shifted train images, SceneClip, the three 30 px prompts
+#                                            (TVP, no-FCA, no-TSE) and the projector fine-tune, overlapped (~7 min)
 #   bash scripts/gpu_tvp.sh indep [SECONDS] [SEED]
-#        an independently trained target: stage 0 of `pipmm train` from scratch with another seed (default 1),
-#        sized to SECONDS of training (default 520), plain LLaVA at full budget
-#   [PLAIN=DIR] bash scripts/gpu_tvp.sh table [CKPT] [N]
-#        scripts/tvp_table.py over every target (source, int8, quarter, plain baseline; seed1 and source-ft when
-#        the indep and finetune phases ran) with and without each 30 px prompt, N questions per split (default 2000), ONNX Runtime CPU in 14
-#        processes; resumable (bundles and results are kept in $RUNS/table). FRAME=14 scores the 14 px prompts.
+#                                            call 2: the independently trained target (~8 min at 420 s)
+#   bash scripts/gpu_tvp.sh table [CKPT] [N] call 3: scripts/tvp_table.py over every target (~6 min at N=1000)
 #
-# Everything stays in $RUNS between calls on one machine; what comes back is in $OUT: small.tar.gz (prompts, the
-# guide, logs, table results: untar at the repository root, it holds runs/tvp/...) and the seed-1 weights.
+# The single phases, for re-runs:
+#   clip [STEPS]             SceneClip, TSE's image-text guide, on clean scene captions (CLIP_STEPS, 256 a step)
+#   prompts [CKPT] [STEPS]   the prompts trained on CKPT (default models/default_model) at each frame of FRAMES:
+#                            TVP (L_LM + FCA - TSE), no-FCA, no-TSE; needs the clip phase's guide
+#   finetune [CKPT] [STEPS]  the per-model alternative: CKPT's projector fine-tuned on the same images
+#   indep [SECONDS] [SEED]   stage 0 of `pipmm train` from scratch with another seed (default 1), SECONDS of training
+#                            (default 420), plain LLaVA at full budget: no shipped checkpoint is independent (every
+#                            one in models/ shares the default model's stage 0 and its vision tower)
+#   [PLAIN=DIR] table [CKPT] [N]
+#                            every target (source, int8, quarter, plain baseline; seed1 and source-ft when the indep
+#                            and finetune phases ran) with and without each prompt of frame FRAME (30), N questions per
+#                            split (default 1000), ONNX Runtime CPU in JOBS processes; resumable (bundles and
+#                            per-condition results are kept in $RUNS/table-fFRAME and reused while current)
+#
+# DEVICE=cpu runs the same phases on a CPU (with small SCENES, SPS, CLIP_BATCH, steps and N: a smoke run).
+# Everything lives in $RUNS (default runs/tvp in the tree, so that a later call can carry it). What comes back in
+# $OUT: small.tar.gz (every small file: prompts, guide, logs, table JSONs; untar at the repository root, it holds
+# runs/tvp/...) and weights-PHASE.tar (checkpoint weights, same layout). A phase stops its work BUDGET seconds
+# (default 540) after it started and still packs what it has.
 set -eo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-RUNS=${RUNS:-/tmp/pipmm-runs/tvp}
+BEGIN=$SECONDS
+RUNS=${RUNS:-runs/tvp}
 OUT=${OUT:-/tmp/pipmm-out}
+DEVICE=${DEVICE:-cuda}           # cpu: a smoke run of the whole pipeline
+SCENES=${SCENES:-300}            # shifted-domain train images (prompts and finetune)
+SPS=${SPS:-16}                   # images per step (prompts and finetune), each with all its ~8 questions
+STEPS=${STEPS:-400}              # prompt and finetune steps
+CLIP_STEPS=${CLIP_STEPS:-800}
+CLIP_BATCH=${CLIP_BATCH:-256}
+CLIP_WORKERS=${CLIP_WORKERS:-}   # default: clip-train's (cores - 2, at most 14); `train` leaves cores to the rest
+JOBS=${JOBS:-15}                 # table: ONNX Runtime eval processes (and concurrent exports)
+FRAMES=${FRAMES:-30}             # prompts: frame widths (30: the paper's; add 14 for a one-patch frame)
+FRAME=${FRAME:-30}               # table: the frame whose prompts it scores
+BUDGET=${BUDGET:-540}
 P="python3 -m sdk.cli"
 mkdir -p "$RUNS" "$OUT"
-phase=${1:?phase: clip, prompts, indep or table}
+RUNS=$(cd "$RUNS" && pwd)
+phase=${1:?phase: train, indep, table (or clip, prompts, finetune)}
 
-pack() {  # every small file of the TVP runs -> one tar (paths runs/tvp/...); listed weights -> one file each
-  mkdir -p runs && ln -sfn "$RUNS" runs/tvp-pack
-  tar czhf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' --exclude='bundles' \
-      --exclude='ckpt-plain' --exclude='shifted-train/images' --transform 's,^runs/tvp-pack,runs/tvp,' runs/tvp-pack/
-  rm -f runs/tvp-pack
-  for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
+left() { echo $(( BUDGET - (SECONDS - BEGIN) - ${1:-20} )); }  # seconds left, less a margin for packing
+guard() { local s; s=$(left "${GUARD_MARGIN:-20}"); [ "$s" -gt 5 ] || s=5; timeout --signal=INT --kill-after=15 "$s" "$@"; }
+
+pack() {  # every small file of $RUNS -> small.tar.gz (paths runs/tvp/...); listed weights -> weights-$phase.tar
+  local top
+  top=$(mktemp -d)
+  mkdir -p "$top/runs" && ln -s "$RUNS" "$top/runs/tvp"
+  tar czhf "$OUT/small.tar.gz" -C "$top" --exclude='model*.safetensors' --exclude='trainer_state*' \
+      --exclude='bundles' --exclude='ckpt-plain' --exclude='shifted-train/images' runs/tvp/
+  local have=()
+  for f in "$@"; do [ -f "$RUNS/$f" ] && have+=("runs/tvp/$f"); done
+  [ ${#have[@]} -eq 0 ] || tar chf "$OUT/weights-$phase.tar" -C "$top" "${have[@]}"
+  rm -rf "$top"
+  ls -la "$OUT"
+}
+
+scenes() {
+  [ -f "$RUNS/shifted-train/train.json" ] || $P tvp scenes --out "$RUNS/shifted-train" --n "$SCENES" --split train --quiet
+}
+
+clip() {
+  guard $P tvp clip-train --out "$RUNS/clip" --steps "${1:-$CLIP_STEPS}" --batch-size "$CLIP_BATCH" --device "$DEVICE" \
+     ${CLIP_WORKERS:+--workers "$CLIP_WORKERS"} --quiet
+}
+
+prompt() {  # prompt CKPT STEPS FRAME NAME [extra flags]: one prompt, logged to $RUNS/NAME.log
+  local ckpt=$1 steps=$2 frame=$3 name=$4
+  shift 4
+  OMP_NUM_THREADS=${PROMPT_THREADS:-2} guard $P tvp train --source "$ckpt" --data "$RUNS/shifted-train" --clip "$RUNS/clip" \
+     --steps "$steps" --scenes-per-step "$SPS" --frame "$frame" --device "$DEVICE" --quiet --overwrite \
+     --out "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1
+}
+
+finetune() {
+  OMP_NUM_THREADS=${PROMPT_THREADS:-2} guard $P tvp finetune --source "$1" --data "$RUNS/shifted-train" --out "$RUNS/ft-source" \
+     --steps "$2" --scenes-per-step "$SPS" --device "$DEVICE" --quiet > "$RUNS/ft-source.log" 2>&1
+}
+
+serial() { [ "$DEVICE" = cpu ]; }  # on a CPU the concurrent jobs run one after another (one core)
+
+report() {
+  for f in "$RUNS"/prompt-*.log "$RUNS"/ft-source.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
+  for d in "$RUNS"/prompt-f*/; do [ -f "$d/log.jsonl" ] && { echo "== $d"; tail -n 1 "$d/log.jsonl"; }; done
+  true
 }
 
 case $phase in
+train)  # clip (CPU-bound: scene drawing) overlaps the no-TSE prompt and the fine-tune (GPU); then TVP and no-FCA
+  CKPT=${2:-models/default_model}
+  nvidia-smi -L || true
+  scenes
+  CLIP_WORKERS=${CLIP_WORKERS:-$(( $(nproc) > 6 ? $(nproc) - 5 : 0 ))}
+  if serial; then
+    clip
+    prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME-notse" --tse-weight 0
+    finetune "$CKPT" "$STEPS"
+  else
+    clip > "$RUNS/clip.log" 2>&1 &
+    CLIP_PID=$!
+    prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME-notse" --tse-weight 0 &
+    finetune "$CKPT" "$STEPS" &
+    wait $CLIP_PID || { echo "clip failed:"; tail -n 5 "$RUNS/clip.log"; }
+  fi
+  [ -f "$RUNS/clip/clip.json" ] && tail -n 1 "$RUNS/clip.log" 2>/dev/null || true
+  prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME" &
+  serial && wait
+  prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME-nofca" --fca-weight 0 &
+  wait || true
+  report
+  pack ft-source/model.safetensors
+  ;;
 clip)
   nvidia-smi -L || true
-  $P tvp clip-train --out "$RUNS/clip" --steps "${2:-2000}" --batch-size 256 --device cuda --quiet
+  clip "${2:-$CLIP_STEPS}"
   pack
   ;;
 prompts)
   CKPT=${2:-models/default_model}
-  STEPS=${3:-600}
-  [ -f "$RUNS/shifted-train/train.json" ] || $P tvp scenes --out "$RUNS/shifted-train" --n 300 --split train --quiet
-  T="$P tvp train --source $CKPT --data $RUNS/shifted-train --clip $RUNS/clip --steps $STEPS --device cuda --quiet --overwrite"
-  for frame in 30 14; do
-    $T --frame $frame --out "$RUNS/prompt-f$frame" > "$RUNS/prompt-f$frame.log" 2>&1 &
-    $T --frame $frame --fca-weight 0 --out "$RUNS/prompt-f$frame-nofca" > "$RUNS/prompt-f$frame-nofca.log" 2>&1 &
-    $T --frame $frame --tse-weight 0 --out "$RUNS/prompt-f$frame-notse" > "$RUNS/prompt-f$frame-notse.log" 2>&1 &
+  scenes
+  for frame in $FRAMES; do
+    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame" &
+    serial && wait
+    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame-nofca" --fca-weight 0 &
+    serial && wait
+    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame-notse" --tse-weight 0 &
+    serial && wait
   done
-  wait
-  tail -n 2 "$RUNS"/prompt-*.log
-  for d in "$RUNS"/prompt-f*/; do tail -n 1 "$d/log.jsonl"; done
+  wait || true
+  report
   pack
   ;;
 finetune)
   CKPT=${2:-models/default_model}
-  [ -f "$RUNS/shifted-train/train.json" ] || $P tvp scenes --out "$RUNS/shifted-train" --n 300 --split train --quiet
-  $P tvp finetune --source "$CKPT" --data "$RUNS/shifted-train" --out "$RUNS/ft-source" --steps "${3:-600}" \
-     --device cuda --quiet
+  scenes
+  finetune "$CKPT" "${3:-$STEPS}"
+  report
   pack ft-source/model.safetensors
   ;;
 indep)
   SEED=${3:-1}
   rm -rf "$RUNS/seed$SEED"
-  $P train --stage 0 --seed "$SEED" --out "$RUNS/seed$SEED" --steps 1000000 --time-budget "${2:-520}" --warmup 300 \
-     --batch-size 256 --lr 1e-3 --save-every 1000000 --log-every 50 --val-scenes 32 --quiet
+  GUARD_MARGIN=10 guard $P train --stage 0 --seed "$SEED" --out "$RUNS/seed$SEED" --steps 1000000 \
+     --time-budget "${2:-420}" --warmup 300 --batch-size 256 --lr 1e-3 --save-every 1000000 --log-every 50 \
+     --val-scenes 32 --device "$DEVICE" --quiet
   pack "seed$SEED/model.safetensors"
   ;;
 table)
   CKPT=${2:-models/default_model}
-  F=${FRAME:-30}
   IND=""; [ -f "$RUNS/seed1/model.safetensors" ] && IND="--independent $RUNS/seed1"
   [ -f "$RUNS/ft-source/model.safetensors" ] && IND="$IND --finetuned $RUNS/ft-source"
-  python3 scripts/tvp_table.py --source "$CKPT" --plain "${PLAIN:-$CKPT/plain-baseline}" $IND --n "${3:-2000}" \
-     --jobs 14 --out "$RUNS/table-f$F" --json "$RUNS/table-f$F.json" \
-     --prompt tvp="$RUNS/prompt-f$F" --prompt no-fca="$RUNS/prompt-f$F-nofca" --prompt no-tse="$RUNS/prompt-f$F-notse"
+  status=0
+  guard python3 scripts/tvp_table.py --source "$CKPT" --plain "${PLAIN:-$CKPT/plain-baseline}" $IND --n "${3:-1000}" \
+     --jobs "$JOBS" --out "$RUNS/table-f$FRAME" --json "$RUNS/table-f$FRAME.json" \
+     --prompt tvp="$RUNS/prompt-f$FRAME" --prompt no-fca="$RUNS/prompt-f$FRAME-nofca" \
+     --prompt no-tse="$RUNS/prompt-f$FRAME-notse" || status=$?
   pack
+  [ $status -eq 0 ] || { echo "table stopped (status $status): the finished conditions are in small.tar.gz; carry runs/tvp and re-run to finish"; exit $status; }
   ;;
 *)
   echo "unknown phase $phase" >&2; exit 2
   ;;
 esac
-echo "phase $phase done"
+echo "phase $phase done in $(( SECONDS - BEGIN )) s"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +41,6 @@ TARGETS = {  # name -> (what it is, how its bundle differs from the checkpoint's
     "seed1": ("independently trained (another seed from stage 0)", []),
     "source-ft": ("the source, projector fine-tuned on the prompt's images (no prompt)", []),
 }
-
-
-def pipmm(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "sdk.cli", *map(str, args)], check=True, cwd=ROOT)
 
 
 def export_flags(checkpoint: Path) -> list[str]:
@@ -81,21 +78,136 @@ def checkpoints(args, out: Path) -> dict[str, Path]:
     return found
 
 
-def evaluate(bundle: Path, split: str, clean: bool, prompt, n: int, jobs: int, path: Path) -> dict:
-    from export.train.evaluate import run_bundle, summarize
+def stamp_of(checkpoint: Path, flags: list[str]) -> dict:
+    """What a bundle was exported from: a bundle whose stamp differs is exported again (a retrained checkpoint)."""
+    from sdk.bundle import sha256_file
+
+    return {"checkpoint": str(checkpoint), "model_sha256": sha256_file(checkpoint / "model.safetensors"),
+            "flags": flags}
+
+
+def export_all(found: dict[str, Path], names: list[str], out: Path, jobs: int) -> dict[str, Path]:
+    """Each target's bundle in out/bundles/NAME, the missing or stale ones exported concurrently (<= jobs at once,
+    the cores shared between them)."""
+    bundles, todo = {}, []
+    for name in names:
+        flags = with_override(export_flags(found[name]), TARGETS[name][1])
+        bundle, stamp = out / "bundles" / name, stamp_of(found[name], flags)
+        bundles[name] = bundle
+        stamp_file = out / "bundles" / f"{name}.stamp.json"
+        if not ((bundle / "manifest.json").is_file() and stamp_file.is_file()
+                and json.loads(stamp_file.read_text()) == stamp):
+            todo.append((name, [sys.executable, "-m", "sdk.cli", "export", str(found[name]), *flags, "--out",
+                                str(bundle), "--overwrite", "--quiet"], stamp_file, stamp))
+    threads = str(max(1, jobs // max(1, len(todo))))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    (out / "bundles").mkdir(parents=True, exist_ok=True)
+    running: list = []
+
+    def finish() -> None:
+        (name, _, stamp_file, stamp), proc = running.pop(0)
+        if proc.wait() != 0:
+            raise SystemExit(f"export of {name} failed: see {out / 'bundles' / (name + '.export.log')}")
+        stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
+        print(f"exported {name}", flush=True)
+
+    for item in todo:
+        while len(running) >= max(1, jobs):
+            finish()
+        log = open(out / "bundles" / f"{item[0]}.export.log", "w")
+        running.append((item, subprocess.Popen(item[1], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    while running:
+        finish()
+    return bundles
+
+
+def prompt_sha(prompt) -> str | None:
+    return None if prompt is None else json.loads((Path(prompt) / "visual_prompt.json").read_text())["sha256"]
+
+
+# one eval worker's state: pipelines by (bundle, prompt), the latest few; questions by (split, clean, n)
+_WORKER: dict = {"pipelines": {}, "questions": {}}
+
+
+def _worker_init() -> None:
+    os.environ["PIPMM_THREADS"] = "1"  # one thread per process: many small requests scale by processes
+
+
+def _worker_run(job) -> list[dict]:
+    """A chunk [start, stop) of one condition's questions through sdk.load(bundle, visual_prompt=...).generate."""
+    import sdk
+    from export.train.evaluate import run_pipeline
     from export.tvp.domain import questions
 
-    if path.is_file() and json.loads(path.read_text())["overall"]["n"] == n:
-        return json.loads(path.read_text())
-    examples = questions(split, n, clean=clean)
-    records, manifest = run_bundle(str(bundle), examples, device="cpu", jobs=jobs,
-                                   visual_prompt=False if prompt is None else str(prompt))
-    result = summarize(records, manifest, {"source": {"kind": "bundle", "path": str(bundle), "visual_prompt":
-                                                      None if prompt is None else str(prompt)},
-                                           "data": {"split": f"{'clean' if clean else 'shifted'} {split}", "n": n}})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    bundle, prompt, split, clean, n, start, stop = job
+    pipelines = _WORKER["pipelines"]
+    if (bundle, prompt) not in pipelines:
+        if len(pipelines) >= 2:  # conditions run one after another: keep the current and the next
+            pipelines.pop(next(iter(pipelines)))
+        pipelines[bundle, prompt] = sdk.load(bundle, device="cpu", visual_prompt=False if prompt is None else prompt)
+    key = (split, clean, n)
+    if key not in _WORKER["questions"]:
+        _WORKER["questions"][key] = questions(split, n, clean=clean)
+    return run_pipeline(pipelines[bundle, prompt], _WORKER["questions"][key][start:stop])
+
+
+def evaluate_all(conditions: list[dict], n: int, jobs: int, split: str) -> dict[str, dict]:
+    """Every condition {key, bundle, prompt, clean, path} scored on the first n questions: one pool of `jobs`
+    processes for all of them, chunks in condition order, each condition's JSON written as soon as it is complete
+    (a killed run keeps the finished ones). A saved result is reused when its n, bundle and prompt match."""
+    import multiprocessing as mp
+
+    from sdk.bundle import load_bundle
+
+    from export.train.evaluate import summarize
+
+    results, todo = {}, []
+    for c in conditions:
+        meta = {"source": {"kind": "bundle", "path": str(c["bundle"]), "visual_prompt": c["prompt"],
+                           "visual_prompt_sha256": prompt_sha(c["prompt"]),
+                           "bundle_stamp": json.loads(Path(f"{c['bundle']}.stamp.json").read_text())["model_sha256"]},
+                "data": {"split": f"{'clean' if c['clean'] else 'shifted'} {split}", "n": n}}
+        path = Path(c["path"])
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["overall"]["n"] == n and all(saved["source"].get(k) == meta["source"][k]
+                                                  for k in ("visual_prompt_sha256", "bundle_stamp")):
+                results[c["key"]] = saved
+                continue
+        todo.append((c, meta))
+    chunk = max(1, min(32, n // (2 * max(1, jobs))))
+    jobs_of = [[(str(c["bundle"]), c["prompt"], split, c["clean"], n, i, min(n, i + chunk)) for i in range(0, n, chunk)]
+               for c, _ in todo]
+    work = [(k, job) for k, jobs_k in enumerate(jobs_of) for job in jobs_k]
+    pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init) if jobs > 1 else None
+    stream = pool.imap(_run_indexed, work) if pool else map(_run_indexed, work)
+    if pool is None:
+        _worker_init()
+    parts: dict[int, list] = {}
+    try:
+        for k, records in stream:
+            parts.setdefault(k, []).append(records)
+            if len(parts[k]) == len(jobs_of[k]):
+                c, meta = todo[k]
+                result = summarize([r for part in parts.pop(k) for r in part],
+                                   load_bundle(str(c["bundle"]), verify=False).manifest, meta)
+                Path(c["path"]).parent.mkdir(parents=True, exist_ok=True)
+                Path(c["path"]).write_text(json.dumps(result, indent=1) + "\n")
+                results[c["key"]] = result
+                print(f"{c['key']}: {100 * result['overall']['accuracy']:.1f}% of {n}", flush=True)
+    except BaseException:  # stopped (the phase's time budget) or failed: drop the queued chunks
+        if pool:
+            pool.terminate()
+        raise
+    if pool:
+        pool.close()
+        pool.join()
+    return results
+
+
+def _run_indexed(item):
+    k, job = item
+    return k, _worker_run(job)
 
 
 def markdown(table: dict, prompts: list[str]) -> str:
@@ -134,35 +246,33 @@ def main() -> int:
     prompts = dict(item.split("=", 1) for item in args.prompt)
     out = Path(args.out)
     found = checkpoints(args, out)
-    table = {}
     for name in args.targets:
         if name not in found:
-            print(f"skipping {name}: no checkpoint (see --plain / --independent)", flush=True)
-            continue
-        bundle = out / "bundles" / name
-        if not (bundle / "manifest.json").is_file():
-            pipmm("export", found[name], *with_override(export_flags(found[name]), TARGETS[name][1]),
-                  "--out", bundle, "--overwrite", "--quiet")
+            print(f"skipping {name}: no checkpoint (see --plain / --independent / --finetuned)", flush=True)
+    names = [name for name in args.targets if name in found]
+    bundles = export_all(found, names, out, args.jobs)
+    conditions = []
+    for name in names:
+        tried = {} if name == "source-ft" else prompts  # the fine-tune is the alternative to a prompt
+        for clean, chosen in ((False, tried), (True, dict(list(tried.items())[:1]))):
+            for condition, prompt in [("none", None), *chosen.items()]:
+                kind = "clean" if clean else "shifted"
+                conditions.append({"key": (name, kind, condition), "bundle": bundles[name], "prompt": prompt,
+                                   "clean": clean, "path": out / "results" / f"{name}-{kind}-{condition}.json"})
+    results = evaluate_all(conditions, args.n, args.jobs, args.split)
+    table = {}
+    for name in names:
         row = {"what": TARGETS[name][0], "checkpoint": str(found[name]), "shifted": {}, "clean": {}, "per_family": {}}
         trained = json.loads((found[name] / "train_config.json").read_text())
         if "tvp_finetune" in trained:
             row["finetune"] = {k: trained["tvp_finetune"][k] for k in ("trainable_parameters", "seconds", "steps",
                                                                        "device")}
-        tried = {} if name == "source-ft" else prompts  # the fine-tune is the alternative to a prompt
-        for condition, prompt in [("none", None), *tried.items()]:
-            result = evaluate(bundle, args.split, False, prompt, args.n, args.jobs,
-                              out / "results" / f"{name}-shifted-{condition}.json")
-            row["shifted"][condition] = 100 * result["overall"]["accuracy"]
-            row["per_family"][f"shifted {condition}"] = {f: round(100 * v["accuracy"], 1)
-                                                         for f, v in result["per_family"].items()}
-        for condition, prompt in [("none", None), *list(tried.items())[:1]]:
-            result = evaluate(bundle, args.split, True, prompt, args.n, args.jobs,
-                              out / "results" / f"{name}-clean-{condition}.json")
-            row["clean"][condition] = 100 * result["overall"]["accuracy"]
-            row["per_family"][f"clean {condition}"] = {f: round(100 * v["accuracy"], 1)
-                                                       for f, v in result["per_family"].items()}
+        for (target, kind, condition), result in results.items():
+            if target == name:
+                row[kind][condition] = 100 * result["overall"]["accuracy"]
+                row["per_family"][f"{kind} {condition}"] = {f: round(100 * v["accuracy"], 1)
+                                                            for f, v in result["per_family"].items()}
         table[name] = row
-        print(markdown({name: row}, list(prompts)).splitlines()[-1], flush=True)
     text = markdown(table, list(prompts))
     print(text)
     if args.json:

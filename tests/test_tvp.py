@@ -98,6 +98,23 @@ def test_the_shifted_domain_is_seeded_and_keeps_the_clean_questions():
         domain.split_seed("val", 0)
 
 
+def test_the_written_dataset_is_the_shifted_split(tvp_inputs):
+    """pipmm tvp scenes (scenes.write_dataset with the shifted renderer): the domain's images, questions and captions."""
+    from PIL import Image
+
+    root = tvp_inputs / "data"
+    records = json.loads((root / "train.json").read_text())
+    expected = list(domain.iter_examples("train", 3, size=64))
+    assert [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in records] == \
+        [("<image>\n" + e.prompt, e.answer) for e in expected]
+    first = domain.shifted_scene(domain.split_seed("train", 0), 64)
+    assert records[0]["image"] == f"images/train_{first.seed:010d}.png" and records[0]["caption"] == first.caption
+    assert np.array_equal(np.asarray(Image.open(root / records[0]["image"])), np.asarray(first.image))
+    assert json.loads((root / "domain.json").read_text())["style"]["name"] == domain.DUSK["name"]
+    with pytest.raises(scenes.SceneArgumentError):
+        domain.write_dataset(root / "bad", 1, "val")
+
+
 def test_the_guide_ranks_captions_and_round_trips(tvp_inputs):
     guide = SceneClip.load(tvp_inputs / "clip")
     pixels = torch.rand(2, 3, 28, 28)

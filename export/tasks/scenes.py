@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -375,21 +375,28 @@ def _progress(it, total: int, desc: str):
 
 
 def write_dataset(out_dir, n: int, split: str = "train", size: int = 224, progress: bool = True,
-                  seed_offset: int = 0, questions_per_scene: int | None = None) -> Path:
-    """Write `n` scenes as out_dir/images/*.png and the LLaVA-style list out_dir/<split>.json."""
+                  seed_offset: int = 0, questions_per_scene: int | None = None,
+                  scene_at: Callable[[int], Scene] | None = None, captions: bool = False,
+                  desc: str = "scenes") -> Path:
+    """Write `n` scenes as out_dir/images/*.png and the LLaVA-style list out_dir/<split>.json.
+
+    scene_at(index) -> Scene draws scene `index` of the split (default split_scene: another renderer of the same
+    seeds, e.g. export/tvp/domain.py's shifted camera, keeps the split's questions); captions: each record also
+    carries its scene's caption (the text TVP's TSE aligns the image with)."""
     _check(split, n, seed_offset, size)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     indices = range(seed_offset, seed_offset + n)
-    for i in _progress(indices, n, f"scenes ({split})") if progress else indices:
-        scene = split_scene(split, i, size)
+    for i in _progress(indices, n, f"{desc} ({split})") if progress else indices:
+        scene = scene_at(i) if scene_at is not None else split_scene(split, i, size)
         rel = f"images/{split}_{scene.seed:010d}.png"
         scene.image.save(out / rel)
         for k, q in enumerate(scene_questions(scene, questions_per_scene, split_families(split),
                                               SPLITS[split].phrasing)):
             records.append({
                 "id": f"{split}-{scene.seed}-{k}", "image": rel, "family": q.family, "style": scene.style,
+                **({"caption": scene.caption} if captions else {}),
                 "conversations": [{"from": "human", "value": "<image>\n" + q.prompt},
                                   {"from": "gpt", "value": q.answer}],
             })

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,7 +33,6 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from export.tasks import scenes
-from export.train.progress import progress as progress_bar
 
 DOMAIN_STREAM = 7  # the style's random stream per scene: PCG64([seed, 7]) (scenes.py uses 1 and 2 for questions)
 DOMAIN_SPLITS = {"train": ("train", 900_000_000), "test": ("test", 0)}  # shifted split -> (scenes split, offset)
@@ -124,25 +122,12 @@ def questions(split: str, n: int, size: int = 224, families: Sequence[str] = sce
 def write_dataset(out_dir, n: int, split: str = "train", size: int = 224, seed_offset: int = 0,
                   progress: bool = True) -> Path:
     """n shifted scenes as out_dir/images/*.png + out_dir/<split>.json (scenes.write_dataset's LLaVA-style
-    records, one question per family, each with the scene's caption for TSE) + out_dir/domain.json."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    indices = progress_bar(range(seed_offset, seed_offset + n), progress, total=n, desc=f"shifted scenes ({split})")
-    for i in indices:
-        scene = shifted_scene(split_seed(split, i), size)
-        rel = f"images/{split}_{scene.seed:010d}.png"
-        scene.image.save(out / rel)
-        rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))
-        for k, q in enumerate(scenes.make_questions(scene, rng)):
-            records.append({"id": f"{split}-{scene.seed}-{k}", "image": rel, "family": q.family,
-                            "caption": scene.caption,
-                            "conversations": [{"from": "human", "value": "<image>\n" + q.prompt},
-                                              {"from": "gpt", "value": q.answer}]})
-    (out / "domain.json").write_text(json.dumps({"style": DUSK, "split": split, "scenes": n, "size": size,
-                                                 "seed_offset": seed_offset, "splits": DOMAIN_SPLITS}, indent=1))
-    path = out / f"{split}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    records: the clean split's questions, one per family, each with the scene's caption for TSE) +
+    out_dir/domain.json (the style and split)."""
+    split_seed(split, seed_offset)  # an unknown split: a one-line error
+    path = scenes.write_dataset(out_dir, n, DOMAIN_SPLITS[split][0], size, progress, seed_offset, captions=True, desc="shifted scenes",
+                                scene_at=lambda i: shifted_scene(split_seed(split, i), size))
+    (Path(out_dir) / "domain.json").write_text(json.dumps({"style": DUSK, "split": split, "scenes": n, "size": size,
+                                                           "seed_offset": seed_offset, "splits": DOMAIN_SPLITS},
+                                                          indent=1))
     return path
