@@ -6,8 +6,9 @@
 #   bash scripts/gpu_mivpg.sh resume [SECONDS]       continue the rows that stopped early (same warm machine)
 #   bash scripts/gpu_mivpg.sh export                 bundles: quarter budget, prompt-topk, sequence positions (as
 #                                                    trained), + the adapter (N_max 8) or concat's section (N_max 4)
-#   bash scripts/gpu_mivpg.sh eval [FRAMES]          pipmm eval --multiview at FRAMES (default 4) frames, 2000 test
-#                                                    questions per row, 14 processes (ONNX Runtime CPU, the user path)
+#   bash scripts/gpu_mivpg.sh eval [FRAMES]          pipmm eval --multiview at FRAMES (default 4) frames, $EVAL_N (2000)
+#                                                    test questions per row, 14 processes (ONNX Runtime CPU, the user path)
+#   bash scripts/gpu_mivpg.sh finish [FRAMES]        export + eval + the mivpg row's single-frame check, one call
 #   bash scripts/gpu_mivpg.sh single                 the mivpg row's single-frame benchmark (scenes.py families, 2000)
 #   PYTHONPATH=/tmp/site bash scripts/gpu_mivpg.sh latency
 #                                                    TTFT / memory at edge-0.5b shapes, random weights, 1-8 frames,
@@ -20,8 +21,16 @@
 # with the vision tower, projector and prompt MLP frozen and (except mivpg-frozen) the LLM lightly tuned
 # (--train-llm, lr x 0.1), on 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
 #
-# Results go to $OUT (what comes back: at most 8 files, each < 16 MiB): small.tar.gz (configs, logs, eval JSONs,
-# adapters), and the mivpg row's model.safetensors + adapter (to ship as models/variants/mivpg).
+# The lead's two calls for concat / qformer / mivpg (3 rows in parallel, 4 data workers each on the 16 cores):
+#   ROWS="concat qformer mivpg" bash scripts/gpu_mivpg.sh train 420      (then, same warm machine:)
+#   ROWS="concat qformer mivpg" bash scripts/gpu_mivpg.sh finish 4
+# Recipe (export/train/multiframe.py DEFAULTS): adapter lr 1e-4 (1e-3 collapsed the pooled tokens to one
+# input-free vector: docs/multi-image.md), LLM at the same lr (--llm-lr-scale 1), the adapter's output calibrated
+# to the projector tokens' statistics before step 1; log.jsonl has the loss, each part's gradient norm and the
+# "spread" of the pooled tokens between questions (~1 healthy, ~0 collapsed).
+# Results go to $OUT (what comes back: at most 8 files, each < 16 MiB): small.tar.gz (configs, log.jsonl and the
+# stdout logs of every row, eval JSONs; no weights), and the mivpg row's model.safetensors + adapter (to ship as
+# models/variants/mivpg).
 # Then, on the CPU machine: python scripts/mivpg_table.py table --latency docs/multi-image-results/latency-cpu.json \
 #   --accuracy concat=eval-concat-4f.json qformer=eval-qformer-4f.json mivpg=eval-mivpg-4f.json ... --out ...
 set -eo pipefail
@@ -34,10 +43,12 @@ mkdir -p "$RUNS" "$OUT"
 phase=${1:?phase: train, resume, export, eval, single or latency}
 rows=($ROWS)
 workers=$(( 14 / ${#rows[@]} )); [ "$workers" -lt 1 ] && workers=1
+EVAL_N=${EVAL_N:-2000}
 
 flags() {  # the stage-mv flags of a row
-  local frozen="--stage mv --budget quarter --frames 2 4 --n-max 8 --steps 2000 --batch-size 64
-                --lr 1e-3 --save-every 1000000 --log-every 25 --val-scenes 64 --quiet --workers $workers"
+  local frozen="--stage mv --budget quarter --frames 2 4 --n-max 8 --steps ${STEPS:-2000} --batch-size 64
+                --lr 1e-4 --llm-lr-scale 1 --save-every 1000000 --log-every 25 --val-scenes 64 --quiet
+                --workers $workers"
   local common="$frozen --train-llm"
   case $1 in
     concat)      echo "$common --adapter concat --init models/default_model" ;;
@@ -53,8 +64,9 @@ flags() {  # the stage-mv flags of a row
 
 pack() {  # small files of every run -> one tar; listed files -> one file each
   # adapters (10 MB each in fp32) stay out of the tar, which must come back under 16 MiB; the listed ones travel alone
-  (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
-      --exclude='adapter.safetensors' --exclude='*.onnx*' --exclude='bundle-*/tokenizer.json' */ *.json 2>/dev/null) || true
+  (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='*.safetensors' --exclude='trainer_state-*' \
+      --exclude='*.onnx*' --exclude='*/tokenizer.json' --exclude='latency/*' */ *.json *.log 2>/dev/null) || true
+  ls -la "$OUT"
   for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
 }
 
@@ -78,30 +90,36 @@ train|resume)
   tail -n 3 "$RUNS"/train-*.log
   pack mv-mivpg/model.safetensors mv-mivpg/adapter.safetensors mv-mivpg-frozen/adapter.safetensors
   ;;
-export)
-  for row in "${rows[@]}"; do
-    (
-      reducer=prompt-topk; [ "$row" = mivpg-plain ] && reducer=pool
-      mlp="--prompt-mlp $RUNS/mv-$row"; [ "$row" = mivpg-plain ] && mlp="--no-prompt-mlp"
-      rm -rf "$RUNS/bundle-$row"
-      $CLI export "$RUNS/mv-$row" $mlp --visual-tokens quarter --reducer $reducer --visual-positions sequence \
-          --out "$RUNS/bundle-$row" --quiet
-      if [ "$row" = concat ]; then
-        $CLI add-graphs "$RUNS/bundle-$row" --multi-image concat --n-max 4
-      else
-        $CLI add-graphs "$RUNS/bundle-$row" --adapter "$RUNS/mv-$row" --n-max 8
-      fi
-    ) > "$RUNS/export-$row.log" 2>&1 &
-  done
-  wait
-  tail -n 2 "$RUNS"/export-*.log
-  ;;
-eval)
-  frames=${2:-4}
-  for row in "${rows[@]}"; do
-    $CLI eval "$RUNS/bundle-$row" --multiview --frames "$frames" --n 2000 --split test --jobs 14 --device cpu \
-        --max-new-tokens 8 --quiet --json "$RUNS/eval-$row-${frames}f.json" | tail -n 8
-  done
+export|eval|finish)
+  if [ "$phase" != eval ]; then
+    for row in "${rows[@]}"; do
+      (
+        reducer=prompt-topk; [ "$row" = mivpg-plain ] && reducer=pool
+        mlp="--prompt-mlp $RUNS/mv-$row"; [ "$row" = mivpg-plain ] && mlp="--no-prompt-mlp"
+        rm -rf "$RUNS/bundle-$row"
+        $CLI export "$RUNS/mv-$row" $mlp --visual-tokens quarter --reducer $reducer --visual-positions sequence \
+            --out "$RUNS/bundle-$row" --quiet
+        if [ "$row" = concat ]; then
+          $CLI add-graphs "$RUNS/bundle-$row" --multi-image concat --n-max 4
+        else
+          $CLI add-graphs "$RUNS/bundle-$row" --adapter "$RUNS/mv-$row" --n-max 8
+        fi
+      ) > "$RUNS/export-$row.log" 2>&1 &
+    done
+    wait
+    tail -n 2 "$RUNS"/export-*.log
+  fi
+  if [ "$phase" != export ]; then
+    frames=${2:-4}
+    for row in "${rows[@]}"; do
+      $CLI eval "$RUNS/bundle-$row" --multiview --frames "$frames" --n "$EVAL_N" --split test --jobs 14 --device cpu \
+          --max-new-tokens 8 --quiet --json "$RUNS/eval-$row-${frames}f.json" | tail -n 8
+    done
+  fi
+  if [ "$phase" = finish ] && [ -d "$RUNS/bundle-mivpg" ]; then  # forgetting: the single-frame families, 500
+    $CLI eval "$RUNS/bundle-mivpg" --n 500 --split test --jobs 14 --device cpu --quiet \
+        --json "$RUNS/eval-mivpg-single.json" | tail -n 12
+  fi
   pack
   ;;
 single)

@@ -30,3 +30,21 @@ def frames(n: int, seed: int = 0) -> list[np.ndarray]:
     """n random uint8 frames of different sizes (each preprocessed as its own image)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (30 + 3 * i, 40, 3), dtype=np.uint8) for i in range(n)]
+
+
+TINY_ADAPTER = dict(d_model=32, queries=6, frame_queries=4, csa_points=3)  # R = 6 tokens, for the tiny checkpoints
+
+
+def adapter_bundle(source: Path, out: Path, mode: str = "mivpg", n_max: int = 4, seed: int = 0, d_in: int = 64,
+                   **settings):
+    """-> (out, the module): a copy of bundle `source` at `out` with a random tiny `mode` adapter (TINY_ADAPTER,
+    order vectors for n_max frames, `settings` on top) attached for n_max frames (export.multi_image)."""
+    import shutil
+
+    from export.model.mivpg import random_adapter
+    from export.multi_image import attach_adapter
+
+    shutil.copytree(source, out)
+    module = random_adapter(mode, d_in, seed=seed, **{**TINY_ADAPTER, "max_frames": n_max, **settings})
+    attach_adapter(out, module, n_max=n_max)
+    return Path(out), module

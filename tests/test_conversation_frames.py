@@ -4,8 +4,6 @@ transformers' own generate for concat, a stateless chat() and the PyTorch refere
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -13,9 +11,7 @@ torch = pytest.importorskip("torch")
 
 import sdk  # noqa: E402
 from chat_checkpoints import transformers_run  # noqa: E402
-from helpers import frames  # noqa: E402
-from export.model.mivpg import random_adapter  # noqa: E402
-from export.multi_image import attach_adapter  # noqa: E402
+from helpers import adapter_bundle, frames  # noqa: E402
 from export.reference import reference_pipeline  # noqa: E402
 from sdk.conversation import common_prefix  # noqa: E402
 from sdk.errors import PromptError  # noqa: E402
@@ -65,12 +61,8 @@ def test_concat_follow_up_equals_transformers_on_the_whole_conversation(case, ch
 @pytest.fixture(scope="module")
 def adapter(bundles, tmp_path_factory):
     """(bundle, adapter module): the PIP-MM half-budget bundle with a random mivpg adapter for N_MAX frames."""
-    path = tmp_path_factory.mktemp("mivpg") / "bundle"
-    shutil.copytree(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"), path)
-    module = random_adapter("mivpg", 64, seed=4, d_model=32, queries=6, frame_queries=4, csa_points=3,
-                            max_frames=N_MAX)
-    attach_adapter(path, module, n_max=N_MAX)
-    return path, module
+    return adapter_bundle(bundles("llama", pipmm=True, budget="half", reducer="prompt-topk"),
+                          tmp_path_factory.mktemp("mivpg") / "bundle", "mivpg", N_MAX, seed=4)
 
 
 def test_adapter_follow_up_equals_a_fresh_run_and_the_reference(adapter, checkpoints, prompt_mlp):

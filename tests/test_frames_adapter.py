@@ -3,15 +3,13 @@ module, TensorRT's operator table."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from export.model.mivpg import AdapterConfig, FrameAdapter, random_adapter
-from export.multi_image import attach_adapter
+from helpers import adapter_bundle
 from sdk.errors import ExportError
 from test_tensorrt_ops import AXES_INPUT, TABLE
 
@@ -111,11 +109,9 @@ def adapter_bundles(bundles, tmp_path_factory):
     source = bundles("llama", pipmm=True, budget="half", reducer="prompt-topk")
     out = {}
     for case in ("qformer", "mivpg-induced"):
-        path = tmp_path_factory.mktemp(case) / "bundle"
-        shutil.copytree(source, path)
-        module = adapter(case, seed=1)
-        attach_adapter(path, module, n_max=N_MAX)
-        out[case] = path, module
+        settings = dict(CASES[case])
+        out[case] = adapter_bundle(source, tmp_path_factory.mktemp(case) / "bundle", settings.pop("mode"), N_MAX,
+                                   seed=1, max_frames=SMALL["max_frames"], **settings)
     return out
 
 
@@ -162,3 +158,28 @@ def test_tensorrt_builds_the_adapter_at_its_one_shape(adapter_bundles):
     manifest = load_bundle(adapter_bundles["mivpg-induced"][0]).manifest
     profiles = derive_profiles(manifest, ADAPTER, limits_for(manifest))
     assert profiles == [{"frame_tokens": ((1, N_MAX, 25, D),) * 3, "frame_mask": ((1, N_MAX),) * 3}]
+
+
+def test_calibrate_gives_the_first_pooled_tokens_the_frame_tokens_scale():
+    """The LLM was trained on projector tokens of norm ~100 (models/default_model); an adapter's plain output
+    (LayerNorm -> Linear) has norm ~5 whatever its input. Calibrated, its first outputs have the per-channel
+    mean and std of the frame tokens, and they still depend on the frames."""
+    rng = np.random.default_rng(3)
+    centre = rng.normal(size=D).astype(np.float32) * 8
+    tokens = torch.from_numpy(centre + 5 * rng.normal(size=(6, 3, 7, D)).astype(np.float32))  # [B,F,K,D]
+    mask = torch.ones(6, 3)
+    module = adapter("mivpg-induced", seed=2)
+    assert module.config.output == "calibrated"
+    norm = float(tokens.norm(dim=-1).mean())
+    assert float(module(tokens, mask).norm(dim=-1).mean()) < 0.2 * norm  # far smaller than what the LLM reads
+    stats = module.calibrate(tokens, mask)
+    assert stats["tokens"] == 6 * 3 * 7 and abs(stats["token_norm"] - norm) < 1e-3
+    out = module(tokens, mask)  # [6,R,D]
+    assert 0.7 < float(out.norm(dim=-1).mean()) / norm < 1.4
+    mean, std = tokens.mean((0, 1, 2)), tokens.std((0, 1, 2))
+    assert float(((out - mean) / std).abs().mean()) < 1.5  # each channel within about a std of the tokens'
+    assert float(out.std(0).mean()) > 1e-3  # different frames, different pooled tokens
+    plain = adapter("mivpg-induced", seed=2, output="plain")
+    with pytest.raises(ExportError, match="calibrate"):
+        plain.calibrate(tokens, mask)
+    assert "out_scale" not in plain.state_dict() and "out_scale" in module.state_dict()

@@ -11,10 +11,9 @@ from PIL import Image
 
 import sdk
 from chat_checkpoints import NEW_TOKENS as HF_TOKENS, transformers_run
-from export.model.mivpg import random_adapter
-from export.multi_image import attach_adapter, set_concat
+from export.multi_image import set_concat
 from export.reference import reference_pipeline
-from helpers import edit_manifest, frames, run_pipmm
+from helpers import adapter_bundle as make_adapter_bundle, edit_manifest, frames, run_pipmm
 from sdk.errors import BundleError, ContextOverflowError, PipmmError
 from sdk.frames import FrameCountError
 from sdk.manifest_multi import MultiImage
@@ -66,12 +65,7 @@ def adapter_bundle(bundles, tmp_path_factory):
 
     def make(mode):
         if mode not in made:
-            path = tmp_path_factory.mktemp(mode) / "bundle"
-            shutil.copytree(source, path)
-            module = random_adapter(mode, 64, seed=2, d_model=32, queries=6, frame_queries=4, csa_points=3,
-                                    max_frames=N_MAX)
-            attach_adapter(path, module, n_max=N_MAX)
-            made[mode] = path, module
+            made[mode] = make_adapter_bundle(source, tmp_path_factory.mktemp(mode) / "bundle", mode, N_MAX, seed=2)
         return made[mode]
     return make
 

@@ -44,12 +44,22 @@ def test_the_stage_records_every_choice_and_freezes_the_rest(runs):
     assert config["trainable_parameters"] == config["adapter_parameters"] > 0 and config["parent"]["stage"] == 1
     log = [json.loads(line) for line in (runs / "mivpg/log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(np.isfinite(r["loss"]) for r in log) and {r["frames"] for r in log} <= {1, 2, 3}
+    assert all(set(r["grad_norms"]) == {"adapter"} and r["grad_norms"]["adapter"] > 0 and r["spread"] > 0.05
+               for r in log)  # the adapter gets a gradient; its pooled tokens differ between questions
+    # the adapter's output was calibrated to the frozen vision tokens before step 1 (recorded)
+    calibration = config["adapter_calibration"]
+    assert calibration["tokens"] > 0 and 0 < calibration["std_mean"] and calibration["token_norm"] > 0
+    from export.model.mivpg import FrameAdapter as Loaded
+
+    trained = Loaded.load(runs / "mivpg")
+    assert trained.config.output == "calibrated"
+    assert abs(float(trained.out_shift.norm()) - calibration["mean_norm"]) < 0.05 * calibration["mean_norm"]
     from safetensors.torch import load_file
 
     before, after = (load_file(str(runs / d / "model.safetensors")) for d in ("s1", "mivpg"))
     assert all(torch.equal(before[k], after[k]) for k in before)  # adapter only: the model is the init's
     concat = json.loads((runs / "concat/train_config.json").read_text())
-    assert concat["adapter_config"] is None and concat["train_llm"] and concat["llm_lr_scale"] == 0.1
+    assert concat["adapter_config"] is None and concat["train_llm"] and concat["llm_lr_scale"] == 1.0
     changed = {k for k, v in load_file(str(runs / "concat/model.safetensors")).items() if not torch.equal(v, before[k])}
     assert changed and all("language_model" in k or "lm_head" in k for k in changed)
     assert main(["train", "--stage", "mv", "--init", str(runs / "s1"), "--out", str(runs / "x"), "--adapter",

@@ -14,8 +14,8 @@ from server_process import ServerProcess, data_url, png_bytes
 openai = pytest.importorskip("openai")
 
 import sdk  # noqa: E402
-from export.model.mivpg import random_adapter  # noqa: E402
-from export.multi_image import attach_adapter, set_concat  # noqa: E402
+from export.multi_image import set_concat  # noqa: E402
+from helpers import adapter_bundle  # noqa: E402
 from sdk.server.config import ServerConfig  # noqa: E402
 from sdk.server.errors import ApiError  # noqa: E402
 from sdk.server.parsing import parse_chat  # noqa: E402
@@ -47,9 +47,7 @@ def bundle_dirs(bundles, tmp_path_factory):
     source = bundles("llama", pipmm=True, budget="half", reducer="prompt-topk")
     root = tmp_path_factory.mktemp("frame-bundles")
     concat = set_concat(shutil.copytree(source, root / "concat"), n_max=N_MAX)
-    mivpg = shutil.copytree(source, root / "mivpg")
-    attach_adapter(mivpg, random_adapter("mivpg", 64, seed=3, d_model=32, queries=6, frame_queries=4, csa_points=3,
-                                         max_frames=N_MAX), n_max=N_MAX)
+    mivpg = adapter_bundle(source, root / "mivpg", "mivpg", N_MAX, seed=3)[0]
     return {"concat": concat, "mivpg": mivpg}
 
 

@@ -48,6 +48,7 @@ WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter.json"
 CSA_KINDS = ("induced", "full")
 FRAME_ORDERS = ("ignored", "embedded")
+OUTPUTS = ("calibrated", "plain")
 NEG = -1.0e4  # score of a masked key: exp(NEG - max) is exactly 0 in fp32, and NEG fits fp16
 
 
@@ -66,12 +67,18 @@ class AdapterConfig:
     csa: str = "induced"  # CSA_KINDS
     csa_points: int = 16  # L, induced points
     frame_queries: int = 32  # R_f: tokens per frame after level 1
+    # "calibrated": visual_tokens = shift + scale * proj_out(...) per channel, shift/scale set by calibrate() to the
+    # mean/std of the frame tokens (the projector's, norm ~100 on the default model) before training, so the LLM
+    # reads tokens at the scale it was trained on from step 0; "plain": proj_out(...) alone (norm ~9 at init: the
+    # optimiser then spends its steps growing a constant, and the pooled tokens collapse to one input-free vector)
+    output: str = "calibrated"
 
     def __post_init__(self):
         checks = [(self.mode in ADAPTER_MODES, f"mode {self.mode!r}: choose {' or '.join(ADAPTER_MODES)}"),
                   (self.csa in CSA_KINDS, f"csa {self.csa!r}: choose {' or '.join(CSA_KINDS)}"),
                   (self.frame_order in FRAME_ORDERS, f"frame_order {self.frame_order!r}: choose "
                                                      f"{' or '.join(FRAME_ORDERS)}"),
+                  (self.output in OUTPUTS, f"output {self.output!r}: choose {' or '.join(OUTPUTS)}"),
                   (self.d_model % self.heads == 0, f"d_model {self.d_model} is not a multiple of heads {self.heads}"),
                   (min(self.d_in, self.queries, self.layers, self.csa_points, self.frame_queries,
                        self.max_frames, self.mlp_ratio) >= 1, "every size must be at least 1")]
@@ -182,6 +189,8 @@ class FrameAdapter(nn.Module):
         self.queries = nn.Parameter(torch.randn(1, config.queries, d) * 0.02)
         self.blocks = nn.ModuleList(QueryBlock(d, heads, ratio) for _ in range(config.layers))
         self.norm_out, self.proj_out = nn.LayerNorm(d), nn.Linear(d, config.d_in)
+        if config.output == "calibrated":  # identity until calibrate() measures the frame tokens
+            self.out_scale, self.out_shift = nn.Parameter(torch.ones(config.d_in)), nn.Parameter(torch.zeros(config.d_in))
 
     @property
     def input_names(self) -> list[str]:
@@ -214,7 +223,24 @@ class FrameAdapter(nn.Module):
         q = self.queries.expand(b, -1, -1)
         for block in self.blocks:
             q = block(q, instances, keys)
-        return self.proj_out(self.norm_out(q))  # [B,R,D_in]
+        out = self.proj_out(self.norm_out(q))  # [B,R,D_in]
+        return out * self.out_scale + self.out_shift if self.config.output == "calibrated" else out
+
+    @torch.no_grad()
+    def calibrate(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict:
+        """Before training: out_shift/out_scale := per-channel mean/std of the present frame tokens [B,F,K,D_in]
+        (mask [B,F]), and proj_out := unit-variance outputs (N(0, 1/d) weights, zero bias), so the first pooled
+        tokens look like the projector's to the LLM. -> the statistics set (recorded in train_config.json)."""
+        if self.config.output != "calibrated":
+            raise ExportError("calibrate() needs an adapter with output = \"calibrated\"")
+        tokens = frame_tokens[frame_mask > 0.5].reshape(-1, frame_tokens.shape[-1]).float()  # [n,D_in]
+        mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-6)
+        self.out_shift.copy_(mean)
+        self.out_scale.copy_(std)
+        nn.init.normal_(self.proj_out.weight, std=1.0 / math.sqrt(self.config.d_model))
+        nn.init.zeros_(self.proj_out.bias)
+        return {"tokens": int(tokens.shape[0]), "mean_norm": float(mean.norm()), "std_mean": float(std.mean()),
+                "token_norm": float(tokens.norm(dim=-1).mean())}
 
     # -- files: adapter.safetensors + adapter.json beside it ---------------------------------------
 
@@ -241,6 +267,7 @@ class FrameAdapter(nn.Module):
         try:
             raw = json.loads(config_path.read_text())
             known = {f.name for f in fields(AdapterConfig)}
+            raw.setdefault("output", "plain")  # adapter.json files from before the field had plain outputs
             config = AdapterConfig(**{k: v for k, v in raw.items() if k in known})
         except (TypeError, ValueError) as err:
             raise ExportError(f"adapter config {config_path} is invalid ({err}): re-save it with FrameAdapter.save") from err

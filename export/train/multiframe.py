@@ -5,8 +5,9 @@
 
   concat          no new weights: every frame's K tokens in turn, as the SDK lays them out (sdk/frames.py); only
                   --train-llm has something to learn (the LLM reading several frames)
-  qformer, mivpg  a FrameAdapter (export/model/mivpg.py), trained from scratch; --train-llm tunes the LLM too, at
-                  lr * --llm-lr-scale
+  qformer, mivpg  a FrameAdapter (export/model/mivpg.py), trained from scratch, its output calibrated first to the
+                  frozen vision tokens' per-channel mean/std (FrameAdapter.calibrate, recorded); --train-llm tunes
+                  the LLM too, at lr * --llm-lr-scale
 Frozen always: the vision tower, the projector and the prompt MLP, so every frame is encoded as the single-frame
 model encodes it (PIP-MM: with the question's T-CLS; the prompt vector from the current LLM, without gradient).
 Sequences are the SDK's own (sdk.prompting.Prompter.prompt_ids with the frames' placeholders, or one of R slots)
@@ -44,7 +45,10 @@ from export.train.state import STATE_JSON, copy_assets, load_trainer_state, save
 
 DATA_OFFSET = 0  # multi-view samples of the train split (their frames: scene indices >= multiview.MV_OFFSET)
 SEED_STRIDE = 10_000_000
-DEFAULTS = {"steps": 1500, "batch_size": 64, "lr": 1e-3}
+# lr 1e-4 for the adapter and the LLM alike: at 1e-3 (the first GPU run) Adam grew a constant in the adapter's
+# residual stream within ~100 steps, its LayerNorms then divided the frames' part away, and the pooled tokens became
+# one vector whatever the frames (log.jsonl "spread" ~0.001; answers at chance, docs/multi-image.md)
+DEFAULTS = {"steps": 1500, "batch_size": 64, "lr": 1e-4}
 
 
 class MultiFrameTrainError(PipmmError):
@@ -58,7 +62,7 @@ def add_arguments(p) -> None:
     p.add_argument("--n-max", type=int, default=8, help="stage mv: frame slots of the adapter (its order table)")
     p.add_argument("--adapter-set", action="append", default=[], metavar="KEY=VALUE",
                    help="stage mv: an AdapterConfig field, e.g. csa=full, frame_order=embedded, queries=64")
-    p.add_argument("--llm-lr-scale", type=float, default=0.1, help="stage mv with --train-llm: LLM lr = lr * this")
+    p.add_argument("--llm-lr-scale", type=float, default=1.0, help="stage mv with --train-llm: LLM lr = lr * this")
     p.add_argument("--single-fraction", type=float, default=0.25,
                    help="stage mv: fraction of batches of one frame with the single-image families (scenes.py), so "
                         "one frame stays answered as before")
@@ -167,12 +171,17 @@ def frame_tokens(model, vision, adapter, batch: dict) -> torch.Tensor:
 
 
 def forward_loss(model, vision, adapter, batch: dict) -> dict:
-    embeds = embed_sequence(model, batch["input_ids"], frame_tokens(model, vision, adapter, batch))
+    tokens = frame_tokens(model, vision, adapter, batch)  # [Q,L,D]
+    embeds = embed_sequence(model, batch["input_ids"], tokens)
     hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE  # predict token t+1 from position t; only answer tokens
     loss = F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), targets[keep])
-    return {"loss": loss, "answer_tokens": int(keep.sum())}
+    # how much the image slots differ between the questions of a batch, per channel, relative to the tokens'
+    # own scale: ~0 means the pooled tokens no longer depend on the frames (a collapsed adapter answers at chance)
+    spread = (tokens.detach().float().std(0).mean() / tokens.detach().float().std((0, 1)).mean().clamp_min(1e-9)
+              if tokens.shape[0] > 1 else tokens.new_zeros(()))
+    return {"loss": loss, "answer_tokens": int(keep.sum()), "spread": float(spread)}
 
 
 def validate(model, vision, adapter, data: MultiViewBatches, samples: int, device, batch_samples: int = 16) -> dict:
@@ -198,6 +207,23 @@ def validate(model, vision, adapter, data: MultiViewBatches, samples: int, devic
 
 
 # ----------------------------------------------------------------------------- the run
+
+def calibrate(model, vision, adapter, data: MultiViewBatches, device, batches: int = 2) -> dict:
+    """FrameAdapter.calibrate on the frozen vision tokens of the first `batches` training batches at the most
+    frames: the adapter's first outputs then have the per-channel mean/std of the tokens the LLM was trained on."""
+    prompter, tokens = data.spec.prompter(), []
+    for index in range(batches):
+        batch = {k: v.to(device) for k, v in data.batch(data.start + index, prompter, frames=data.frames[1]).items()}
+        t = frame_tokens(model, vision, None, batch)  # [Q,n*K,D]
+        tokens.append(t.view(t.shape[0], int(batch["frames"]), -1, t.shape[-1]))
+    tokens = torch.cat(tokens)
+    return adapter.calibrate(tokens, torch.ones(tokens.shape[:2], device=device))
+
+
+def _grad_norm(params: list) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float) -> float:
     """Linear warm-up, then cosine down to peak * min_ratio (as the other stages)."""
@@ -251,6 +277,7 @@ def run(args) -> int:
     trainable.update(llm)
     groups = [{"params": [p for n, p in trainable.items() if n.startswith("adapter.")], "lr_scale": 1.0},
               {"params": list(llm.values()), "lr_scale": args.llm_lr_scale}]
+    adapter_params, llm_params = groups[0]["params"], groups[1]["params"]
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     model.to(device).train()
@@ -260,9 +287,11 @@ def run(args) -> int:
     start, total_steps, used = 0, steps, 0.0
     out.mkdir(parents=True, exist_ok=True)
     copy_assets(init, out)
+    calibration = None
     if args.resume:
         meta = load_trainer_state(out, trainable, optimizer)
         start, total_steps, used = meta["step"], meta["total_steps"], meta.get("seconds", 0.0)
+        calibration = meta.get("calibration")
     warmup = args.warmup if args.warmup is not None else max(1, int(0.05 * total_steps))
 
     from tokenizers import Tokenizer
@@ -278,6 +307,8 @@ def run(args) -> int:
                             args.adapter, slots, offset=offset, start=start, seed=args.seed,
                             single_fraction=args.single_fraction)
     workers = args.workers if args.workers is not None else max(0, min(14, (os.cpu_count() or 2) - 2))
+    if adapter is not None and adapter.config.output == "calibrated" and not args.resume:
+        calibration = calibrate(model, vision, adapter, data, device)
     config = {"stage": "mv", "init": str(init), "seed": args.seed, "adapter": args.adapter,
               "adapter_config": None if adapter is None else vars(adapter.config).copy(),
               "adapter_parameters": 0 if adapter is None else parameter_count(adapter),
@@ -296,6 +327,7 @@ def run(args) -> int:
                        "single_fraction": args.single_fraction,
                        "single": "one-frame batches of scenes.py's families (scene_items, train scenes from "
                                  "data_offset on)"},
+              "adapter_calibration": calibration,
               "device": str(device), "workers": workers, "parent": parent}
     begin = time.perf_counter()
 
@@ -311,7 +343,7 @@ def run(args) -> int:
             adapter.save(out)
         seconds = used + time.perf_counter() - begin
         save_trainer_state(out, step, trainable, optimizer, {"total_steps": total_steps, "warmup": warmup,
-                                                              "seconds": seconds})
+                                                              "seconds": seconds, "calibration": calibration})
         (out / "train_config.json").write_text(json.dumps({**config, "completed_steps": step,
                                                            "train_seconds": round(seconds, 1)}, indent=2) + "\n")
 
@@ -329,11 +361,14 @@ def run(args) -> int:
             losses = forward_loss(model, vision, adapter, batch)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        group_norms = {name: _grad_norm(params) for name, params in (("adapter", adapter_params), ("llm", llm_params))
+                       if params}  # before clipping: does each part get a gradient at all
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         step += 1
         if step % args.log_every == 0 or step == total_steps:
             log.write(json.dumps({"step": step, "loss": float(losses["loss"].detach()), "grad_norm": float(norm),
+                                  "grad_norms": group_norms, "spread": round(losses["spread"], 4),
                                   "frames": int(batch["frames"]), "lr": optimizer.param_groups[0]["lr"],
                                   "seconds": round(used + time.perf_counter() - begin, 2)}) + "\n")
             log.flush()
