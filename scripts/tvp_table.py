@@ -86,14 +86,14 @@ def stamp_of(checkpoint: Path, flags: list[str]) -> dict:
             "flags": flags}
 
 
-def export_all(found: dict[str, Path], names: list[str], out: Path, jobs: int) -> dict[str, Path]:
+def export_all(found: dict[str, Path], names: list[str], out: Path, jobs: int) -> dict[str, tuple[Path, str]]:
     """Each target's bundle in out/bundles/NAME, the missing or stale ones exported concurrently (<= jobs at once,
-    the cores shared between them)."""
+    the cores shared between them) -> name: (bundle, the sha256 of the checkpoint it was exported from)."""
     bundles, todo = {}, []
     for name in names:
         flags = with_override(export_flags(found[name]), TARGETS[name][1])
         bundle, stamp = out / "bundles" / name, stamp_of(found[name], flags)
-        bundles[name] = bundle
+        bundles[name] = bundle, stamp["model_sha256"]
         stamp_file = out / "bundles" / f"{name}.stamp.json"
         if not ((bundle / "manifest.json").is_file() and stamp_file.is_file()
                 and json.loads(stamp_file.read_text()) == stamp):
@@ -152,7 +152,7 @@ def _worker_run(job) -> list[dict]:
 
 
 def evaluate_all(conditions: list[dict], n: int, jobs: int, split: str) -> dict[str, dict]:
-    """Every condition {key, bundle, prompt, clean, path} scored on the first n questions: one pool of `jobs`
+    """Every condition {key, bundle, stamp, prompt, clean, path} scored on the first n questions: one pool of `jobs`
     processes for all of them, chunks in condition order, each condition's JSON written as soon as it is complete
     (a killed run keeps the finished ones). A saved result is reused when its n, bundle and prompt match."""
     import multiprocessing as mp
@@ -165,7 +165,7 @@ def evaluate_all(conditions: list[dict], n: int, jobs: int, split: str) -> dict[
     for c in conditions:
         meta = {"source": {"kind": "bundle", "path": str(c["bundle"]), "visual_prompt": c["prompt"],
                            "visual_prompt_sha256": prompt_sha(c["prompt"]),
-                           "bundle_stamp": json.loads(Path(f"{c['bundle']}.stamp.json").read_text())["model_sha256"]},
+                           "bundle_stamp": c["stamp"]},
                 "data": {"split": f"{'clean' if c['clean'] else 'shifted'} {split}", "n": n}}
         path = Path(c["path"])
         if path.is_file():
@@ -257,7 +257,7 @@ def main() -> int:
         for clean, chosen in ((False, tried), (True, dict(list(tried.items())[:1]))):
             for condition, prompt in [("none", None), *chosen.items()]:
                 kind = "clean" if clean else "shifted"
-                conditions.append({"key": (name, kind, condition), "bundle": bundles[name], "prompt": prompt,
+                conditions.append({"key": (name, kind, condition), "bundle": bundles[name][0], "stamp": bundles[name][1], "prompt": prompt,
                                    "clean": clean, "path": out / "results" / f"{name}-{kind}-{condition}.json"})
     results = evaluate_all(conditions, args.n, args.jobs, args.split)
     table = {}

@@ -181,7 +181,7 @@ def forward_loss(model, vision, adapter, batch: dict) -> dict:
     # own scale: ~0 means the pooled tokens no longer depend on the frames (a collapsed adapter answers at chance)
     spread = (tokens.detach().float().std(0).mean() / tokens.detach().float().std((0, 1)).mean().clamp_min(1e-9)
               if tokens.shape[0] > 1 else tokens.new_zeros(()))
-    return {"loss": loss, "answer_tokens": int(keep.sum()), "spread": float(spread)}
+    return {"loss": loss, "answer_tokens": int(keep.sum()), "spread": spread}  # spread: a tensor, read when logged
 
 
 def validate(model, vision, adapter, data: MultiViewBatches, samples: int, device, batch_samples: int = 16) -> dict:
@@ -361,14 +361,16 @@ def run(args) -> int:
             losses = forward_loss(model, vision, adapter, batch)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        logged = (step + 1) % args.log_every == 0 or step + 1 == total_steps
+        # per part, before clipping (does each part get a gradient at all), on logged steps only
         group_norms = {name: _grad_norm(params) for name, params in (("adapter", adapter_params), ("llm", llm_params))
-                       if params}  # before clipping: does each part get a gradient at all
+                       if params} if logged else None
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         step += 1
-        if step % args.log_every == 0 or step == total_steps:
+        if logged:
             log.write(json.dumps({"step": step, "loss": float(losses["loss"].detach()), "grad_norm": float(norm),
-                                  "grad_norms": group_norms, "spread": round(losses["spread"], 4),
+                                  "grad_norms": group_norms, "spread": round(float(losses["spread"]), 4),
                                   "frames": int(batch["frames"]), "lr": optimizer.param_groups[0]["lr"],
                                   "seconds": round(used + time.perf_counter() - begin, 2)}) + "\n")
             log.flush()
