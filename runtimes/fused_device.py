@@ -1,5 +1,5 @@
-"""`decoder_fused` with one preallocated KV buffer on the device (kv_cache="static" with decoder_fused: the CUDA
-default when the bundle's decoder_fused is the CUDA target, export/fused.py FUSED_TARGETS).
+"""One preallocated KV buffer on the device (kv_cache="static"), for `decoder_fused` (the CUDA default when the
+bundle's decoder_fused is the CUDA target, export/fused.py FUSED_TARGETS) and for the plain `decoder_static`.
 
 GroupQueryAttention reads past and writes present in one buffer when both are bound to the same OrtValue
 (share-buffer mode, as ORT GenAI's generator binds its KV cache): per layer and part one [1,H_kv,S,hd] OrtValue
@@ -16,7 +16,11 @@ on the host) is S in every call and every decode step has the same shapes and ad
                      embeds OrtValue (no host round trip for the embedding row).
     prefill (T > 1)  its own binding, outside the graph (gpu_graph_id -1): host inputs, the same cache.
 
-One sequence per backend (batch 1), as the plain static cache: new_cache() starts a new generation and older
+decoder_static (export/model/decoder.py: ScatterElements at the position ids) is the same binding with another
+slot rule: token p goes to slot p (its position id), the mask marks those slots (holes where patch positions
+jump), and its views are StaticKVCache (runtimes/kv_caches.py), which carry their own mask and cannot be cut.
+
+One sequence per backend (batch 1): new_cache() starts a new generation and older
 caches are refused; a cache cut to a shorter prefix (a conversation turn, sdk/conversation.py) continues in the
 same buffer, and a view whose slots a later call rewrote is refused in one line (per-slot write stamps).
 The same code runs on the CPU execution provider with OrtValues in host memory: that is how CI tests it.
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inplace_cache import set_mask_length
+from .kv_caches import StaticKVCache
 from .positions import following
 
 from sdk.errors import BackendError, one_line
@@ -50,11 +55,12 @@ class FusedDeviceCache:
         return FusedDeviceCache(length, next_position, self.generation, self.write)
 
 
-class FusedDeviceCaches:
-    """new_cache(), the decoder step and the token step of decoder_fused over one device KV buffer."""
+class DeviceBufferCaches:
+    """new_cache(), the decoder step and the token step over one device KV buffer. by_position: decoder_static's
+    slot rule (slot = position id, StaticKVCache views), else decoder_fused's (slot = order, FusedDeviceCache)."""
 
-    def __init__(self, ort, session, backend, cuda_graph: bool):
-        self.ort, self.session, self.cuda_graph = ort, session, cuda_graph
+    def __init__(self, ort, session, backend, cuda_graph: bool, by_position: bool = False):
+        self.ort, self.session, self.cuda_graph, self.by_position = ort, session, cuda_graph, by_position
         self.device, self.device_id = backend.ort_device, backend.device_id
         self.slots, self.max_context = backend.cache_slots, backend.max_context
         self.embed_dtype, self.kv_dtype = backend.embed_dtype, backend.kv_dtype
@@ -63,9 +69,9 @@ class FusedDeviceCaches:
         self.past_names = [f"past_key_values.{i}.{p}" for i in range(layers) for p in ("key", "value")]
         self.present_names = [f"present.{i}.{p}" for i in range(layers) for p in ("key", "value")]
         shape = (1, backend.num_kv_heads, self.slots, backend.head_dim)
-        # zeros, not uninitialised memory: GroupQueryAttention never reads past seqlens_k, but NaNs must not hide
+        # zeros, not uninitialised memory: masked slots are never read (or multiplied by 0), but 0 * NaN is NaN
         self.kv = [self.value(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
-        self.mask = np.zeros((1, self.slots), np.int64)  # host copy of the bound mask
+        self.mask = np.zeros((1, self.slots), np.int64)  # host copy of the bound mask (decoder_fused's)
         self.mask_length = 0
         self.stamps = np.zeros(self.slots, np.int64)
         self.writes = self.generation = 0
@@ -93,7 +99,7 @@ class FusedDeviceCaches:
     def _bind_cache(self, binding) -> None:
         for past, present, value in zip(self.past_names, self.present_names, self.kv):
             binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # the same buffer: GroupQueryAttention writes in place
+            binding.bind_ortvalue_output(present, value)  # the same buffer: the graph writes its new slots in place
 
     def _step_binding(self):
         binding = self.session.io_binding()
@@ -104,26 +110,45 @@ class FusedDeviceCaches:
         self._bind_cache(binding)
         return binding
 
-    def new_cache(self, batch: int) -> FusedDeviceCache:
+    def new_cache(self, batch: int):
         if batch != 1:
-            raise BackendError(f"decoder_fused's device KV cache serves batch 1, not {batch}: load the backend "
-                               "with decoder_flavour='plain' and kv_cache='device' for batches")
+            raise BackendError(f"the device KV cache serves batch 1, not {batch}: load the backend with "
+                               "kv_cache='device' (and decoder_flavour='plain') for batches")
         self.generation += 1
+        if self.by_position:
+            return StaticKVCache(length=0, mask=np.zeros((1, self.slots), np.int64), generation=self.generation)
         return FusedDeviceCache(0, 0, self.generation, self.writes)
 
-    def _check(self, cache: FusedDeviceCache, end: int) -> None:
+    def _advance(self, cache, positions: np.ndarray) -> tuple[int, np.ndarray]:
+        """Checks the call of `positions` [1,T] from `cache` -> (the grown cache's length, the mask it feeds)."""
         if cache.generation != self.generation:
             raise BackendError("this KV cache was replaced by a newer new_cache() of the same backend (one device "
                                "cache per backend): use the newest one, or one backend per concurrent sequence")
-        if cache.write != self.writes and cache.length and int(self.stamps[:cache.length].max()) > cache.write:
-            raise BackendError("this KV cache's slots were overwritten by a later call from a shorter cache of the "
-                               "same sequence: continue from the newest cache, or start one with new_cache()")
+        if self.by_position:  # decoder_static writes each token to the slot of its position
+            end, mask = following(positions), cache.mask.copy()
+            if end <= self.slots and int(positions.min()) < cache.length:
+                raise BackendError(f"decoder_static writes token p to slot p: positions from {int(positions.min())} "
+                                   f"would overwrite a cache of {cache.length}; use kv_cache='device'")
+        else:
+            end, mask = cache.length + positions.shape[1], self.mask
+            if cache.write != self.writes and cache.length and int(self.stamps[:cache.length].max()) > cache.write:
+                raise BackendError("this KV cache's slots were overwritten by a later call from a shorter cache of "
+                                   "the same sequence: continue from the newest cache, or start one with new_cache()")
         if end > self.slots:
             raise BackendError(f"the device KV cache holds {self.slots} tokens and this sequence needs {end}: load "
                                f"the backend with a larger max_cache (up to {self.max_context})")
+        if self.by_position:
+            mask[0, positions[0]] = 1
+        else:
+            self.mask_length = set_mask_length(mask, self.mask_length, end)
+        return end, mask
 
-    def _set_length(self, end: int) -> None:
-        self.mask_length = set_mask_length(self.mask, self.mask_length, end)
+    def _grown(self, cache, end: int, mask: np.ndarray, next_position: int):
+        if self.by_position:
+            return StaticKVCache(length=end, mask=mask, generation=cache.generation)
+        self.writes += 1
+        self.stamps[cache.length:end] = self.writes
+        return FusedDeviceCache(end, next_position, cache.generation, self.writes)
 
     def _run_step(self) -> None:
         """The bound decode step: replayed as a CUDA graph where it can be, else run eagerly."""
@@ -137,52 +162,42 @@ class FusedDeviceCaches:
                 self.step_binding = self._step_binding()
         self.session.run_with_iobinding(self.step_binding, self.eager_options)
 
-    def _grown(self, cache: FusedDeviceCache, end: int, next_position: int) -> FusedDeviceCache:
-        self.writes += 1
-        self.stamps[cache.length:end] = self.writes
-        return FusedDeviceCache(end, next_position, cache.generation, self.writes)
-
-    def step(self, inputs_embeds: np.ndarray, cache: FusedDeviceCache, positions: np.ndarray,
-             bias: np.ndarray | None, attention: bool):
+    def step(self, inputs_embeds: np.ndarray, cache, positions: np.ndarray, bias: np.ndarray | None,
+             attention: bool):
         """inputs_embeds [1,T,D], positions [1,T] -> (logits [1,V], hidden [1,T,D], grown cache, None). bias and
-        attention never come (the CUDA target has neither input nor output; the backend refuses them first)."""
-        t = inputs_embeds.shape[1]
-        end = cache.length + t
-        self._check(cache, end)
-        self._set_length(end)
+        attention never come (neither graph has them; the backend refuses them first)."""
+        end, mask = self._advance(cache, positions)
         embeds = np.ascontiguousarray(inputs_embeds, self.embed_dtype)
-        if t == 1:
+        if inputs_embeds.shape[1] == 1:
             self.step_in["inputs_embeds"].update_inplace(embeds)
-            self.step_in["attention_mask"].update_inplace(self.mask)
+            self.step_in["attention_mask"].update_inplace(mask)
             self.step_in["position_ids"].update_inplace(positions)
             self._run_step()
             logits, hidden = self.step_out["logits"].numpy(), self.step_out["hidden"].numpy()
         else:  # a prefill: outside the graph, host inputs, outputs to the host
             binding = self.session.io_binding()
             binding.bind_cpu_input("inputs_embeds", embeds)
-            binding.bind_cpu_input("attention_mask", self.mask)
+            binding.bind_cpu_input("attention_mask", mask)
             binding.bind_cpu_input("position_ids", positions)
             binding.bind_output("logits", "cpu")
             binding.bind_output("hidden", "cpu")
             self._bind_cache(binding)
             self.session.run_with_iobinding(binding, self.eager_options)
             logits, hidden = (v.numpy() for v in binding.get_outputs()[:2])
-            self.step_in["attention_mask"].update_inplace(self.mask)  # the decode step's copy stays current
-        return logits, hidden, self._grown(cache, end, following(positions)), None
+        return logits, hidden, self._grown(cache, end, mask, following(positions)), None
 
-    def token_step(self, embed_session, token_id: int, cache: FusedDeviceCache):
+    def token_step(self, embed_session, token_id: int, cache):
         """A decode step from a token id: the embed graph writes its row into the bound embeds OrtValue, then the
         decode step runs -> (logits [1,V], grown cache)."""
-        end = cache.length + 1
-        self._check(cache, end)
-        self._set_length(end)
+        positions = np.array([[cache.next_position]], np.int64)
+        end, mask = self._advance(cache, positions)
         if self.embed_binding is None:
             self.embed_binding = embed_session.io_binding()
             self.embed_binding.bind_ortvalue_input("input_ids", self.token)
             self.embed_binding.bind_ortvalue_output("inputs_embeds", self.step_in["inputs_embeds"])
         self.token.update_inplace(np.array([[token_id]], np.int64))
         embed_session.run_with_iobinding(self.embed_binding)
-        self.step_in["attention_mask"].update_inplace(self.mask)
-        self.step_in["position_ids"].update_inplace(np.array([[cache.next_position]], np.int64))
+        self.step_in["attention_mask"].update_inplace(mask)
+        self.step_in["position_ids"].update_inplace(positions)
         self._run_step()
-        return self.step_out["logits"].numpy(), self._grown(cache, end, cache.next_position + 1)
+        return self.step_out["logits"].numpy(), self._grown(cache, end, mask, cache.next_position + 1)

@@ -28,9 +28,9 @@ from functools import partial
 import numpy as np
 
 from .decoder_flavour import FUSED_DECODER, choose_flavour, decoder_threads, session_options, spinning_default
-from .fused_device import CUDA_GRAPH_ID, FusedDeviceCaches
+from .fused_device import DeviceBufferCaches
 from .inplace_cache import InPlaceCaches, cpu_cache
-from .kv_caches import STATIC_DECODER, DeviceKVCache, KVCache, StaticKVCache, resolve_cache
+from .kv_caches import STATIC_DECODER, DeviceKVCache, KVCache, resolve_cache
 from .positions import following, step_positions
 from .prompt_encoder import choose_prompt_encoder, run_prompt_encoder
 from .vision_output import VisionOutput
@@ -157,21 +157,19 @@ class OnnxRuntimeBackend:
         self.vocab_size = model.vocab_size
         # The cache kind's constructor and decode step, chosen once here rather than per call by the cache's type.
         kinds = {"numpy": (self._new_dynamic_cache, self._decode_numpy),
-                 "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device),
-                 "static": (self._new_static_cache, self._decode_static)}
+                 "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device)}
         embed_out = bundle.graphs["embed"].outputs[0]  # bound straight into the decoder's input row where it fits
         embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
-        self._token_step, self._fused = None, None  # decode_token's in-place path (token id -> logits)
+        self._token_step, self._buffer = None, None  # decode_token's in-place path (token id -> logits)
         if self.kv_cache == "inplace":
             self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
             self._token_step = self._inplace.token_step if embed_binds else None
-        if self.static_cache and self.decoder_graph == FUSED_DECODER:
-            self._fused = FusedDeviceCaches(ort, self.sessions[FUSED_DECODER], self, self.cuda_graph)
-            kinds["static"] = (self._fused.new_cache, self._fused.step)
-            self._token_step = self._fused.token_step if embed_binds else None
-        elif self.static_cache:
-            self._init_static()
+        if self.static_cache:  # one device buffer: decoder_fused's (slot = order) or decoder_static's (= position)
+            self._buffer = DeviceBufferCaches(ort, self.sessions[self.decoder_graph], self, self.cuda_graph,
+                                              by_position=self.decoder_graph == STATIC_DECODER)
+            kinds["static"] = (self._buffer.new_cache, self._buffer.step)
+            self._token_step = self._buffer.token_step if embed_binds else None
         self._new_cache, self._decode_step = kinds[self.kv_cache]
 
     # -- sessions ---------------------------------------------------------------------------------
@@ -263,8 +261,8 @@ class OnnxRuntimeBackend:
                 "kv_cache": self.kv_cache, "kv_cache_note": self.kv_cache_note,
                 "static_cache_slots": self.cache_slots if self.static_cache else None, "static_cache_bytes": kv_bytes,
                 "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
-                "cuda_graph": self._fused.cuda_graph if self._fused else self.cuda_graph,
-                "cuda_graph_note": self._fused.cuda_graph_note if self._fused else self.cuda_graph_note,
+                "cuda_graph": self._buffer.cuda_graph if self._buffer else self.cuda_graph,
+                "cuda_graph_note": (self._buffer and self._buffer.cuda_graph_note) or self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
                 "decoder_intra_op_threads": self.decoder_threads or "default",
                 "spinning": self.spinning}
@@ -407,87 +405,3 @@ class OnnxRuntimeBackend:
         probs = present.pop().numpy() if self.has_attention else None
         return logits.numpy(), hidden.numpy(), DeviceKVCache(past=present, length=cache.length + t, mask=mask,
                                                                 next_position=following(positions)), probs
-
-    # -- static cache (in place, CUDA graph) ------------------------------------------------------
-
-    def _init_static(self) -> None:
-        ort = _ort()
-        shape = (1, self.num_kv_heads, self.cache_slots, self.head_dim)
-        # Zeros, not uninitialised memory: masked slots are multiplied by 0, and 0 * NaN would be NaN.
-        self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.ort_device, self.device_id)
-                    for _ in range(2 * self.num_layers)]
-        self._generation = 0
-        self._eager_options = ort.RunOptions()
-        self._graph_binding = None
-        if self.cuda_graph:
-            self._eager_options.add_run_config_entry("gpu_graph_id", "-1")
-            self._graph_options = ort.RunOptions()
-            self._graph_options.add_run_config_entry("gpu_graph_id", CUDA_GRAPH_ID)
-            # Fixed-address inputs and outputs of the decode step; their contents change in place.
-            dev, idx = self.ort_device, self.device_id
-            self._step_in = {
-                "inputs_embeds": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.hidden_size), self.embed_dtype), dev, idx),
-                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.cache_slots), np.int64), dev, idx),
-                "position_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), dev, idx),
-            }
-            self._step_out = {
-                "logits": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.vocab_size), self.logits_dtype), dev, idx),
-                "hidden": ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.hidden_size), self.hidden_dtype), dev, idx),
-            }
-            binding = self.sessions[STATIC_DECODER].io_binding()
-            for name, value in self._step_in.items():
-                binding.bind_ortvalue_input(name, value)
-            for name, value in self._step_out.items():
-                binding.bind_ortvalue_output(name, value)
-            self._bind_cache(binding)
-            self._graph_binding = binding
-
-    def _bind_cache(self, binding) -> None:
-        for past, present, value in zip(self._kv_names("past_key_values"), self._kv_names("present"), self._kv):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # the same buffer: the graph writes its slots in place
-
-    def _new_static_cache(self, batch: int) -> StaticKVCache:
-        if batch != 1:
-            raise BackendError(f"the static KV cache serves batch 1, not {batch}: load the backend with "
-                               "kv_cache='device' for batches")
-        self._generation += 1
-        return StaticKVCache(length=0, mask=np.zeros((1, self.cache_slots), np.int64), generation=self._generation)
-
-    def _decode_static(self, inputs_embeds: np.ndarray, cache: StaticKVCache, positions: np.ndarray,
-                       bias: np.ndarray | None, attention: bool):
-        # bias is None and attention False by construction: decoder_static has neither (see _decoder, attention).
-        if cache.generation != self._generation:
-            raise BackendError("this KV cache was replaced by a newer new_cache() of the same backend (one static "
-                               "cache per backend): use the newest one, or one backend per concurrent sequence")
-        b, t, _ = inputs_embeds.shape
-        end = following(positions)  # the graph writes each token to the slot of its position
-        if end > self.cache_slots or int(positions.min()) < cache.length:
-            raise BackendError(f"the static KV cache holds {self.cache_slots} tokens and this sequence needs "
-                               f"{end}: load the backend with a larger max_cache (up to {self.max_context})")
-        mask = cache.mask.copy()
-        mask[0, positions[0]] = 1
-        embeds = np.ascontiguousarray(inputs_embeds, self.embed_dtype)
-        session = self.sessions[STATIC_DECODER]
-        if t == 1 and self._graph_binding is not None:
-            self._step_in["inputs_embeds"].update_inplace(embeds)
-            self._step_in["attention_mask"].update_inplace(mask)
-            self._step_in["position_ids"].update_inplace(positions)
-            try:
-                session.run_with_iobinding(self._graph_binding, self._graph_options)
-                logits, hidden = self._step_out["logits"].numpy(), self._step_out["hidden"].numpy()
-                return logits, hidden, StaticKVCache(length=end, mask=mask, generation=cache.generation), None
-            except Exception as err:  # capture failed at run time: keep going without the graph
-                self._graph_binding = None
-                self.cuda_graph = False
-                self.cuda_graph_note = f"CUDA graph capture failed at run time: {one_line(err, 300)}"
-        binding = session.io_binding()
-        binding.bind_cpu_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", positions)
-        binding.bind_output("logits", "cpu")
-        binding.bind_output("hidden", "cpu")
-        self._bind_cache(binding)
-        session.run_with_iobinding(binding, self._eager_options)
-        logits, hidden = binding.get_outputs()[:2]  # bound to the host; the cache outputs stay where they are
-        return logits.numpy(), hidden.numpy(), StaticKVCache(length=end, mask=mask, generation=cache.generation), None

@@ -103,13 +103,13 @@ def test_device_buffer_cache_binds_one_buffer_and_matches_the_numpy_cache(cuda_t
     assert (info["decoder_graph"], info["kv_cache"]) == ("decoder_fused", "static")
     assert numpy_cache.info()["kv_cache"] == "numpy" and "cuda target" in numpy_cache.info()["kv_cache_note"]
     assert device._token_step is not None  # the embed graph writes into the decoder's bound input
-    addresses = [v.data_ptr() for v in device._fused.kv]
+    addresses = [v.data_ptr() for v in device._buffer.kv]
     got, cache = _steps(device, 10)
     want, _ = _steps(numpy_cache, 10)
     for step, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"step {step}")
-    assert [v.data_ptr() for v in device._fused.kv] == addresses and cache.length == 17
-    assert info["static_cache_bytes"] == device._fused.nbytes
+    assert [v.data_ptr() for v in device._buffer.kv] == addresses and cache.length == 17
+    assert info["static_cache_bytes"] == device._buffer.nbytes
 
     shorter = cache.cut(9, 12)  # a conversation's common prefix: continues in the same buffer
     logits, _, grown = device.decoder(np.zeros((1, 2, device.hidden_size), np.float32), shorter)
