@@ -346,9 +346,13 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
         for name in graphs:
             out = Path(scratch) / f"{name}.onnx"
             module = optional_module(name, checkpoint, prompt_layer, cmai_layers, fused_target)
-            onnx_graphs.OPTIONAL_EXPORTERS[name](module, out, manifest.model.to_dict())
-            if name == FUSED_DECODER and weights:
-                quantized[name] = quantize_fused(out, weights)
+            if name == FUSED_DECODER and weights:  # quantized in memory, written once
+                def rewrite(graph, name=name):
+                    graph, quantized[name] = quantize_fused(graph, weights)
+                    return graph
+                onnx_graphs.export_decoder_fused(module, out, manifest.model.to_dict(), rewrite)
+            else:
+                onnx_graphs.OPTIONAL_EXPORTERS[name](module, out, manifest.model.to_dict())
             exported[name] = out
         # verified above
         return attach_graphs(bundle_dir, exported, verify=False, referring_settings=referring_settings,

@@ -21,16 +21,12 @@ block: logits agree to about 1e-3 relative, not bit for bit (tests/test_fused_qu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 
 from sdk.errors import ExportError
 from sdk.manifest import Manifest
 
-from export.onnx_graphs import save_graph
-from export.precision.quantize import (ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, LM_HEAD_BITS_IN_INT4, matmul_nbits,
-                                       ort_version)
+from export.precision.quantize import ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, LM_HEAD_BITS_IN_INT4, weight_only
 
 FUSED_WEIGHTS = {"int4": 4, "int8": 8}  # weight precision -> MatMulNBits bits
 LM_HEAD_WEIGHT = "lm_head.weight"  # export/fused.py's name of the vocabulary projection
@@ -55,25 +51,15 @@ def weight_settings(manifest: Manifest, weights: str | None) -> dict | None:
             "from": "the bundle's decoder" if recorded else "defaults of export/precision/quantize.py"}
 
 
-def quantize_fused(path: Path, settings: dict) -> dict:
-    """Rewrite the fused graph at `path` with MatMulNBits weights -> the manifest entry's `quantization` record."""
-    model = onnx.load(str(path), load_external_data=True)
+def quantize_fused(model: onnx.ModelProto, settings: dict) -> tuple[onnx.ModelProto, dict]:
+    """The fused graph (in memory, before its one save: export/onnx_graphs.py export_decoder_fused) with
+    MatMulNBits weights -> (the model, the manifest entry's `quantization` record)."""
     lm_head = [n.name for n in model.graph.node if n.op_type == "MatMul" and LM_HEAD_WEIGHT in n.input]
     if not lm_head:
-        raise ExportError(f"{path.name}: no MatMul reads {LM_HEAD_WEIGHT}; is it export/fused.py's graph?")
-    bits, block, level = settings["bits"], settings["block_size"], settings["accuracy_level"]
-    model = matmul_nbits(model, bits, block, exclude=lm_head, accuracy_level=level)
-    if settings["lm_head_bits"]:
-        model = matmul_nbits(model, settings["lm_head_bits"], block, include=lm_head, accuracy_level=level)
-    quantized = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+        raise ExportError(f"no MatMul of the fused graph reads {LM_HEAD_WEIGHT}; is it export/fused.py's graph?")
+    model, record = weight_only(model, settings["bits"], settings["block_size"], lm_head, settings["lm_head_bits"],
+                                settings["accuracy_level"])
     left = [n.name for n in model.graph.node if n.op_type == "MatMul"
             and any(i.name == n.input[1] for i in model.graph.initializer)]
-    for suffix in ("", ".data"):  # onnx appends to an existing data file
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    save_graph(model, path)
-    return {"precision": settings["precision"], "tool": "onnxruntime.quantization.matmul_nbits_quantizer."
-            f"MatMulNBitsQuantizer (onnxruntime {ort_version()})",
-            "method": f"weight-only, round-to-nearest, {bits}-bit symmetric, block-wise along K",
-            "bits": bits, "block_size": block, "accuracy_level": level, "quantized_nodes": quantized,
-            "lm_head": f"{settings['lm_head_bits']}-bit MatMulNBits" if settings["lm_head_bits"] else "float",
-            "float_weight_matmuls": left, "settings_from": settings["from"]}
+    return model, {**record, "precision": settings["precision"], "float_weight_matmuls": left,
+                   "settings_from": settings["from"]}

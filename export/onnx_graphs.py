@@ -125,13 +125,15 @@ def export_decoder_static(decoder: StaticDecoderGraph, path: Path, model: dict) 
     _export(decoder, args, path, inputs, outputs, shapes)
 
 
-def export_decoder_fused(spec: FusedDecoderSpec, path: Path, model: dict) -> None:
+def export_decoder_fused(spec: FusedDecoderSpec, path: Path, model: dict, rewrite=None) -> None:
     """The decoder as ONNX Runtime's fused ops (export/fused.py), built from the modules, not traced. Checked by
-    loading it in ONNX Runtime: the onnx checker does not know ONNX Runtime's SimplifiedLayerNormalization."""
+    loading it in ONNX Runtime: the onnx checker does not know ONNX Runtime's SimplifiedLayerNormalization.
+    rewrite: ModelProto -> ModelProto applied before the one save (its MatMulNBits weights, export/fused_quant.py)."""
     import onnxruntime
 
     with torch.no_grad():
-        save_graph(build_fused_decoder(spec), path)
+        graph = build_fused_decoder(spec)
+    save_graph(graph if rewrite is None else rewrite(graph), path)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

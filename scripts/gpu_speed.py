@@ -120,8 +120,7 @@ def stage_pipmm(work: Path, device: str) -> None:
     int4 = None
     if _graphs(int4_dir).get("decoder_fused", {}).get("weights") != "int4":
         _int4_copy(float_dir, int4_dir)
-        int4 = subprocess.Popen([sys.executable, __file__, "--device", device, "--work", str(work.parent),
-                                 "--preset", work.name, "--stage", "int4"], cwd=ROOT)
+        int4 = subprocess.Popen(own_command(work.name, device, work.parent, "--stage", "int4"), cwd=ROOT)
     if "decoder_fused" not in _graphs(float_dir):
         add_graphs(float_dir, ckpt, ("decoder_fused",), fused_target="cuda")
     if int4 is not None and int4.wait():
@@ -164,15 +163,21 @@ STAGES = {"checkpoint": stage_checkpoint, "static": stage_static, "pipmm": stage
           "genai": stage_genai}
 
 
+def own_command(preset: str, device: str, work_root: Path, *extra: str) -> list[str]:
+    """This script's command line for a child process (a stage, or one round of one variant) of the same preset,
+    device and --work."""
+    return [sys.executable, __file__, "--preset", preset, "--device", device, "--work", str(work_root), *extra]
+
+
 def child(args, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--work", str(args.work), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(own_command(args.preset, args.device, args.work, *extra), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def export_all(args, work: Path, doc: dict, deadline: float) -> None:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--work",
-                           str(args.work), "--stage", "checkpoint"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(own_command(args.preset, args.device, args.work, "--stage", "checkpoint"), cwd=ROOT,
+                          capture_output=True, text=True)
     doc["export"]["checkpoint"] = {"rc": done.returncode, "s": round(time.perf_counter() - start, 1),
                                    "tail": done.stdout[-800:] + done.stderr[-1500:]}
     if done.returncode:

@@ -344,26 +344,35 @@ def matmul_nbits(model: onnx.ModelProto, bits: int, block: int, exclude=(), incl
     return quantizer.model.model
 
 
+def weight_only(model: onnx.ModelProto, bits: int, block: int, lm_head: list[str], lm_head_bits: int | None = None,
+                accuracy_level: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """MatMulNBits (bits, block-wise along K) over every MatMul with a constant weight except the `lm_head` nodes,
+    which get lm_head_bits (None: they stay float) -> (the model, what the manifest records about it). The plain
+    decoder's int4/int8 (METHODS) and decoder_fused's weights (export/fused_quant.py) both come from here."""
+    level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
+    model = matmul_nbits(model, bits, block, exclude=lm_head, accuracy_level=level)
+    if lm_head_bits:
+        model = matmul_nbits(model, lm_head_bits, block, include=lm_head, accuracy_level=level)
+    return model, {"tool": f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer "
+                           f"(onnxruntime {ort_version()})",
+                   "method": f"weight-only, round-to-nearest, {bits}-bit symmetric, block-wise along K",
+                   "bits": bits, "block_size": block, "accuracy_level": level,
+                   "quantized_nodes": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
+                   "lm_head": f"{lm_head_bits}-bit MatMulNBits, block_size={block}" if lm_head_bits else "float32"}
+
+
 def _weight_only(bits: int):
     def method(name: str, src: Path, dst: Path, ctx: dict) -> dict:
         model = _load(src)
         block = ctx["block_size"]
         lm_head = _lm_head_nodes(model)
-        model = matmul_nbits(model, bits, block, exclude=lm_head)
-        lm_head_as = "float32"
-        if bits == 4 and "lm_head" not in ctx["keep"]:
-            if all(_gemm_as_matmul(model, n) for n in lm_head):
-                model = matmul_nbits(model, LM_HEAD_BITS_IN_INT4, block, include=lm_head)
-                lm_head_as = f"{LM_HEAD_BITS_IN_INT4}-bit MatMulNBits, block_size={block}"
+        # int4: the lm_head at LM_HEAD_BITS_IN_INT4 where it is (or can be made) a MatMul; int8: it stays float
+        lm_head_bits = LM_HEAD_BITS_IN_INT4 if bits == 4 and "lm_head" not in ctx["keep"] and \
+            all(_gemm_as_matmul(model, n) for n in lm_head) else None
+        model, record = weight_only(model, bits, block, lm_head, lm_head_bits)
         save_graph(model, dst)
-        count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
-        return {"tool": f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer "
-                        f"(onnxruntime {ort_version()})",
-                "method": f"weight-only, round-to-nearest, {bits}-bit symmetric, block-wise along K",
-                "block_size": block, "accuracy_level": ACCURACY_LEVEL[bits], "quantized_nodes": count,
-                "kept_float": {"op_types": ["everything but MatMul with a constant weight"],
-                               "nodes": lm_head if lm_head_as == "float32" else []},
-                "lm_head": lm_head_as,
+        return {**record, "kept_float": {"op_types": ["everything but MatMul with a constant weight"],
+                                         "nodes": [] if lm_head_bits else lm_head},
                 "encoding": f"MatMulNBits (com.microsoft), bits={bits}, block_size={block}: ONNX Runtime only; "
                             f"TensorRT needs DequantizeLinear(int{bits}, block_size={block}, opset 21) -> MatMul"}
     return method
