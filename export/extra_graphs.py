@@ -52,7 +52,7 @@ from export.model.prompt_encoder import PROMPT_ENCODER, PromptEncoderGraph, enco
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # graphs built from the modules with packed weights (q|k|v, gate|up): they share nothing with decoder.onnx
-PACKED = (FUSED_DECODER, PROMPT_ENCODER_FUSED)
+PACKED = (PROMPT_ENCODER_FUSED,)  # weights packed at export: nothing to share (decoder_fused: export/fused.py pieces)
 # graphs that do not depend on the visual-token budget or the prompt MLP: reusable across bundles of a checkpoint
 BUDGET_FREE = ("embed", "decoder", "decoder_static")
 # bytes compared per initializer when checking that two graphs hold the same weights (ends and middle)
@@ -181,8 +181,12 @@ def share_weights(new_path: Path, source_path: Path, min_share: float = 0.5) -> 
 # -- manifest and files ---------------------------------------------------------------------------
 
 def _entry_of_optional(name: str, out: Path, source: Path | None) -> Graph:
-    if name == FUSED_DECODER:  # packed weights: nothing to share with decoder.onnx
-        return graph_entry(out, **fused_entry(out))
+    if name == FUSED_DECODER:  # float: its weight pieces are the decoder's (export/fused.py pieces); else its own
+        extra = fused_entry(out)
+        if source is not None and source.exists():
+            onnx_graphs.externalize(source)
+            extra.update(shares_weights_with=source.stem, sharing=share_weights(out, source, min_share=0.0))
+        return graph_entry(out, **extra)
     if name == PROMPT_ENCODER_FUSED:
         entry = fused_entry(out)
         return graph_entry(out, **{**entry, "flavour_of": PROMPT_ENCODER, "built_by": "export/fused_prompt.py (the "
@@ -287,7 +291,7 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_set
     decoder_file = bundle.graph_path("decoder")
     graphs, graph_precision, moved = dict(manifest.graphs), dict(manifest.precision.graphs), []
     details = dict(manifest.precision.details)
-    with _lending(decoder_file, exported) as changed:
+    with _lending(decoder_file, [n for n in exported if n not in quantized]) as changed:
         try:
             for name, path in exported.items():
                 path, out = Path(path), bundle_dir / f"{name}.onnx"
@@ -298,7 +302,7 @@ def attach_graphs(bundle_dir, exported: dict, verify: bool = True, referring_set
                     if src.exists():
                         shutil.move(str(src), str(dst))
                         moved.append(dst)
-                graphs[name] = _entry_of_optional(name, out, decoder_file)
+                graphs[name] = _entry_of_optional(name, out, None if name in quantized else decoder_file)
                 graph_precision[name] = quantized[name]["precision"] if name in quantized else precision
                 if name in quantized:
                     details[name] = quantized[name]
@@ -346,6 +350,8 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
         for name in graphs:
             out = Path(scratch) / f"{name}.onnx"
             module = optional_module(name, checkpoint, prompt_layer, cmai_layers, fused_target)
+            if name == FUSED_DECODER:  # float weights as the decoder's own pieces, shared with it (export/fused.py)
+                module.pieces = not weights
             if name == FUSED_DECODER and weights:  # quantized in memory, written once
                 def rewrite(graph, name=name):
                     graph, quantized[name] = quantize_fused(graph, weights)

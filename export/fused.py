@@ -21,8 +21,12 @@ CPU kernel in onnxruntime 1.32, hence Split + QuickGelu + Mul. GroupQueryAttenti
 order, as transformers' mask is; it reads lengths, not the mask's pattern: the runtime's masks are all ones
 (runtimes/onnxruntime.py), and seqlens_k = sum(mask) - 1.
 
-Its weights are packed (q|k|v, gate|up), so they are not shared with decoder.onnx: a bundle holds the LLM's
-weights twice when it carries this graph.
+Its weights are packed (q|k|v, gate|up). With pieces=True (float weights: what add_graphs writes unless they are
+quantized) each piece is its own initializer, W^T as the traced decoder stores it, joined by a Concat (axis 1)
+that ONNX Runtime folds into one constant when the session loads, and the lm_head is [V,D] behind a Transpose
+folded likewise: the same packed bytes at run time, and the pieces are found in decoder.onnx.data by content
+(export/extra_graphs.py share_weights), so the bundle holds the LLM's weights once. Packed at export (pieces=False)
+where MatMulNBits quantizes them (its quantizer needs the packed MatMul weight as an initializer).
 
 Two targets (FUSED_TARGETS; the manifest entry records which, `target`, and `preferred_by` follows it):
 
@@ -49,6 +53,7 @@ from sdk.errors import ExportError
 from export.model.decoder import kv_names
 
 FUSED_DECODER = "decoder_fused"  # the graph's name in the bundle
+LM_HEAD_WEIGHT = "lm_head.weight"  # the vocabulary projection's [D,V] MatMul weight (export/fused_quant.py finds it)
 MS = "com.microsoft"
 FUSED_OPSET = 18
 # onnx's make_model writes its newest IR version (14 with onnx 1.20); onnxruntime 1.31 (the GPU machine's) reads
@@ -79,6 +84,7 @@ class FusedDecoderSpec:
     prompt_layer: int = -1
     cmai_layers: list[int] = field(default_factory=list)
     target: str = "cpu"  # FUSED_TARGETS
+    pieces: bool = False  # packed weights as Concat of the decoder's own pieces, folded at load (module docstring)
 
 
 class _Graph:
@@ -136,15 +142,18 @@ def _rotary_caches(spec: FusedDecoderSpec, head_dim: int, dtype: torch.dtype) ->
     return cos[0, :, :half].float().cpu().numpy(), sin[0, :, :half].float().cpu().numpy()
 
 
-def _packed(g: _Graph, name: str, linears: list[torch.nn.Module]) -> tuple[str, str | None]:
-    """One [in, sum(out)] MatMul weight (and bias, or None) from several nn.Linear."""
-    weight = torch.cat([lin.weight for lin in linears], 0).t()
+def _packed(g: _Graph, name: str, linears: list[torch.nn.Module], pieces: bool) -> tuple[str, str | None]:
+    """One [in, sum(out)] MatMul weight (and bias, or None) from several nn.Linear: one initializer, or (pieces)
+    Concat(W_1^T, W_2^T, ..., axis=1) of one initializer each, which ONNX Runtime folds at load."""
     biases = [lin.bias for lin in linears]
     bias = None
     if any(b is not None for b in biases):
         bias = g.weight(f"{name}.bias", torch.cat([b if b is not None else torch.zeros(lin.out_features)
                                                    for b, lin in zip(biases, linears)]))
-    return g.weight(f"{name}.weight", weight), bias
+    if pieces:
+        parts = [g.weight(f"{name}.weight.{k}", lin.weight.t()) for k, lin in enumerate(linears)]
+        return g.op("Concat", parts, [f"{name}.weight"], axis=1), bias
+    return g.weight(f"{name}.weight", torch.cat([lin.weight for lin in linears], 0).t()), bias
 
 
 def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
@@ -194,7 +203,7 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
             normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma], 4,
                                           domain=MS, epsilon=eps)
             states.append(residual)
-        w_qkv, b_qkv = _packed(g, f"layers.{i}.qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
+        w_qkv, b_qkv = _packed(g, f"layers.{i}.qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj], spec.pieces)
         qkv = g.op("MatMul", [normed, w_qkv])
         if b_qkv is not None:
             qkv = g.op("Add", [qkv, b_qkv])
@@ -229,7 +238,7 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
         gamma = g.weight(f"layers.{i}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
         normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, gamma], 4,
                                       domain=MS, epsilon=eps)
-        w_gu, b_gu = _packed(g, f"layers.{i}.gate_up_proj", [mlp.gate_proj, mlp.up_proj])
+        w_gu, b_gu = _packed(g, f"layers.{i}.gate_up_proj", [mlp.gate_proj, mlp.up_proj], spec.pieces)
         gate_up = g.op("MatMul", [normed, w_gu])
         if b_gu is not None:
             gate_up = g.op("Add", [gate_up, b_gu])
@@ -244,7 +253,9 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     states.append(last)  # transformers' last hidden state is the normed one
     g.op("Identity", [states[spec.prompt_layer + 1] if spec.prompt_layer != -1 else last], ["hidden"])
     final = g.op("Gather", [last, g.const("const.last", np.array(-1, np.int64))], axis=1)  # [B,D]
-    logits = g.op("MatMul", [final, g.weight("lm_head.weight", spec.lm_head.weight.t())])
+    head = g.op("Transpose", [g.weight("lm_head.weight.vd", spec.lm_head.weight)], [LM_HEAD_WEIGHT], perm=[1, 0]) \
+        if spec.pieces else g.weight(LM_HEAD_WEIGHT, spec.lm_head.weight.t())  # [D,V]
+    logits = g.op("MatMul", [final, head])
     if getattr(spec.lm_head, "bias", None) is not None:
         logits = g.op("Add", [logits, g.weight("lm_head.bias", spec.lm_head.bias)])
     g.op("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
@@ -272,10 +283,17 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     return model
 
 
+def _run_nodes(model: onnx.ModelProto) -> list:
+    """The nodes that run: those of constant inputs only (the weight pieces' Concat and Transpose) are folded into
+    initializers when ONNX Runtime loads the graph."""
+    constant = {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if not all(i in constant for i in n.input if i)]
+
+
 def fused_ops(model: onnx.ModelProto) -> dict:
-    """Op type -> count, for the manifest."""
+    """Op type -> count of the nodes that run, for the manifest."""
     counts: dict[str, int] = {}
-    for node in model.graph.node:
+    for node in _run_nodes(model):
         key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -287,9 +305,11 @@ def fused_entry(path) -> dict:
     layers = sum(1 for node in model.graph.node if node.op_type == "GroupQueryAttention")
     name = {p.key: p.value for p in model.metadata_props}.get(TARGET_KEY, "cpu")
     target = FUSED_TARGETS[name]
+    run = _run_nodes(model)
     return {"flavour_of": "decoder", "preferred_by": {"onnxruntime": list(target.devices)}, "target": name,
             # a mask as wide as the CPU's in-place KV buffer reads right (runtimes/inplace_cache.py)
             "query_seqlens": target.rotary_in_attention, "cmai": target.cmai,
-            "ops": fused_ops(model), "nodes": len(model.graph.node),
-            "nodes_per_layer": round(len(model.graph.node) / max(layers, 1), 1),
-            "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed; not shared with decoder)"}
+            "ops": fused_ops(model), "nodes": len(run), "folded_at_load": len(model.graph.node) - len(run),
+            "nodes_per_layer": round(len(run) / max(layers, 1), 1),
+            "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed: float ones from the decoder's "
+                        "own pieces, folded at load, shared with it)"}

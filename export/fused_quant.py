@@ -26,10 +26,10 @@ import onnx
 from sdk.errors import ExportError
 from sdk.manifest import Manifest
 
+from export.fused import LM_HEAD_WEIGHT
 from export.precision.quantize import ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, LM_HEAD_BITS_IN_INT4, weight_only
 
 FUSED_WEIGHTS = {"int4": 4, "int8": 8}  # weight precision -> MatMulNBits bits
-LM_HEAD_WEIGHT = "lm_head.weight"  # export/fused.py's name of the vocabulary projection
 
 
 def weight_settings(manifest: Manifest, weights: str | None) -> dict | None:

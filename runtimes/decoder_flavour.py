@@ -9,6 +9,7 @@ weights as ONNX Runtime's fused contrib ops, for the CPU).
     PIPMM_SPINNING   1/0: intra-op threads spin between runs or sleep (default: sleep on CPU, spin on GPUs)
     PIPMM_THREADS    intra-op threads of every session (default: ONNX Runtime's, one per core; threads=)
     PIPMM_DECODER_THREADS  the decoder's alone (default: 1 on CPU for a decoder of at most SMALL_DECODER_BYTES)
+    PIPMM_PREFILL_SESSION  0: no second decoder session for prefills (separate_prefill; default 1)
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def decoder_threads(bundle: Bundle, graph: str, device: str, threads: int | None
         return int(given)
     if threads or device != "cpu":
         return threads
-    name = bundle.graphs[graph].file
-    size = sum(r.bytes for f, r in bundle.manifest.files.items() if f == name or f.startswith(name + "."))
+    spec = bundle.graphs[graph]  # its files, and those of the graph whose weights it shares (export/fused.py pieces)
+    names = [spec.file] + [bundle.graphs[g].file for g in (spec.shares_weights_with,) if g in bundle.graphs]
+    size = sum(r.bytes for f, r in bundle.manifest.files.items() if any(f == n or f.startswith(n + ".") for n in names))
     return 1 if size <= SMALL_DECODER_BYTES else None
+
+
+def separate_prefill(device: str, decoder_threads: int | None, threads: int | None) -> bool:
+    """Whether calls of T > 1 (prefill, prompt pass, CMAI's probe) get a second session of the decoder graph on the
+    other sessions' threads (one per core by default): where the decoder itself runs on one thread (the small-
+    decoder rule above), since a decode step is too small to split but a prefill of a few hundred rows is compute
+    that every core shortens. Same graph, same kernels: the outputs are the same bits (tests/test_fused_decoder.py).
+    Costs a second copy of the decoder's weights in memory (9.4 MB for the default model)."""
+    if os.environ.get("PIPMM_PREFILL_SESSION", "1").strip() in ("0", "false", "no"):
+        return False
+    return device == "cpu" and decoder_threads == 1 and threads != 1 and (os.cpu_count() or 1) > 1

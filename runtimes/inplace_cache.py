@@ -139,10 +139,12 @@ class InPlaceCaches:
     """new_cache() and the decoder call of kv_cache='inplace' for one decoder session (batch 1)."""
 
     def __init__(self, ort, session, backend):
-        """backend: the OnnxRuntimeBackend whose model sizes, dtypes and cache_slots (the first S) this reads."""
+        """backend: the OnnxRuntimeBackend whose model sizes, dtypes, cache_slots (the first S) and prefill_session
+        (the session of calls with T > 1: `session` itself, or the same graph on more threads) this reads."""
         self.ort, self.session = ort, session
         for name in ("kv_dtype", "embed_dtype", "logits_dtype", "hidden_dtype", "bias_dtype", "bias_layers",
-                     "hidden_size", "vocab_size", "head_dim", "max_context", "has_attention", "cache_slots"):
+                     "hidden_size", "vocab_size", "head_dim", "max_context", "has_attention", "cache_slots",
+                     "prefill_session"):
             setattr(self, name, getattr(backend, name))
         self.layers, self.kv_heads = backend.num_layers, backend.num_kv_heads
         self.past_names = [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
@@ -231,14 +233,14 @@ class InPlaceCaches:
             buffer.embeds[...] = inputs_embeds
             buffer.position[...] = positions
         else:  # a prefill or a CMAI probe: its own binding, hidden [1,T,D] (and attention) from onnxruntime
-            binding = self.session.io_binding()
+            binding = self.prefill_session.io_binding()
             buffer.bind_fixed(binding)
             binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, self.embed_dtype))
             binding.bind_cpu_input("position_ids", positions)
             binding.bind_output("hidden", "cpu")
             if attention:
                 binding.bind_output("attention", "cpu")
-        self.session.run_with_iobinding(binding)
+        (self.session if binding is buffer.decode_binding else self.prefill_session).run_with_iobinding(binding)
         hidden, probs = buffer.outputs["hidden"], None
         if binding is not buffer.decode_binding:  # outputs in the order bound: the cache, logits, hidden[, attention]
             got = binding.get_outputs()[len(self.present_names) + 1:]

@@ -27,7 +27,8 @@ from functools import partial
 
 import numpy as np
 
-from .decoder_flavour import FUSED_DECODER, choose_flavour, decoder_threads, session_options, spinning_default
+from .decoder_flavour import (FUSED_DECODER, choose_flavour, decoder_threads, separate_prefill, session_options,
+                              spinning_default)
 from .fused_device import DeviceBufferCaches
 from .inplace_cache import InPlaceCaches, cpu_cache
 from .kv_caches import STATIC_DECODER, DeviceKVCache, KVCache, resolve_cache
@@ -129,6 +130,9 @@ class OnnxRuntimeBackend:
         for name in ("vision", "embed") + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
             self.sessions[name] = self._open(name)
         self.sessions[self.decoder_graph] = self._open_decoder()
+        # calls of T > 1 on every core where decode steps run on one (runtimes/decoder_flavour.py separate_prefill)
+        self.prefill_session = self._open(self.decoder_graph, self.options) if separate_prefill(
+            self.device, self.decoder_threads, threads) else self.sessions[self.decoder_graph]
         # PIP-MM's first-L-layers prompt encoder, when the bundle has one (runtimes/prompt_encoder.py)
         self.prompt_encoder_graph, self.prompt_encoder_note = choose_prompt_encoder(bundle, self.decoder_graph)
         if self.prompt_encoder_graph:
@@ -209,12 +213,12 @@ class OnnxRuntimeBackend:
         self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
         return self._open(self.decoder_graph)
 
-    def _open(self, name: str):
+    def _open(self, name: str, options=None):
         ort = _ort()
         spec = self.bundle.graphs[name]
         graph_capture = self.cuda_graph and name == self.decoder_graph
         path = str(self.bundle.graph_path(name))
-        options = self.decoder_options if name.startswith("decoder") else self.options
+        options = options or (self.decoder_options if name.startswith("decoder") else self.options)
         try:
             try:
                 session = ort.InferenceSession(path, sess_options=options,
@@ -265,6 +269,8 @@ class OnnxRuntimeBackend:
                 "cuda_graph_note": (self._buffer and self._buffer.cuda_graph_note) or self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
                 "decoder_intra_op_threads": self.decoder_threads or "default",
+                "prefill_session": "separate, intra-op threads as the other sessions'" if
+                self.prefill_session is not self.sessions[self.decoder_graph] else "the decoder's",
                 "spinning": self.spinning}
 
     # -- graphs -----------------------------------------------------------------------------------
@@ -367,7 +373,8 @@ class OnnxRuntimeBackend:
         if bias is not None:
             feeds["image_bias"] = bias
         fetch = self.step_outputs + (["attention"] if attention else [])
-        logits, hidden, *present = self.sessions[self.decoder_graph].run(fetch, feeds)
+        session = self.prefill_session if t > 1 else self.sessions[self.decoder_graph]
+        logits, hidden, *present = session.run(fetch, feeds)
         probs = present.pop() if attention else None
         return logits, hidden, KVCache(past=present, length=cache.length + t, mask=mask,
                                        next_position=following(positions)), probs

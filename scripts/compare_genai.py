@@ -105,12 +105,29 @@ def build_genai(checkpoint_dir: Path, work: Path, precision: str = "fp32") -> tu
     return out, note
 
 
+def made_from(out: Path, source: Path) -> bool:
+    """Whether the cached `out` was made from `source` as it is now (a bundle's manifest.json, or a checkpoint's
+    model.safetensors): a stamp beside `out` holds the source's sha256. A re-export or retrain since makes the
+    copy stale, and it is made again (such a copy once carried another checkpoint's decoder_fused)."""
+    import hashlib
+
+    source = source / "manifest.json" if (source / "manifest.json").exists() else source / "model.safetensors"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    stamp = out.parent / f"{out.name}.source-sha256"
+    if out.exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return True
+    shutil.rmtree(out, ignore_errors=True)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")  # written before the copy; a copy left half made fails to load, loudly
+    return False
+
+
 def quantized_copy(bundle: Path, work: Path, precision: str) -> Path:
     """The bundle at `precision` (export/precision/quantize.py, as `pipmm export --precision` makes it)."""
     from export.precision.quantize import quantize_bundle
 
     out = work / f"bundle-{precision}"
-    if not (out / "manifest.json").exists():
+    if not made_from(out, bundle):
         quantize_bundle(bundle, out, precision, overwrite=True, progress=False)
     return out
 
@@ -128,9 +145,8 @@ def fused_copy(bundle: Path, checkpoint_dir: Path, work: Path) -> Path:
     if current(bundle):
         return bundle
     out = work / f"{bundle.name}-fused"  # bundle-fused / bundle-int4-fused: decoder_fused at the bundle's precision
-    if out.exists() and not current(out):
-        shutil.rmtree(out)
-    if not out.exists():
+    if not made_from(out, bundle) or not current(out):
+        shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(bundle, out)
         add_graphs(out, checkpoint_dir, graphs=("decoder_fused",), overwrite=True)
     return out

@@ -179,8 +179,10 @@ def full_bundle(checkpoint: Path, work: Path) -> Path:
     """A plain LLaVA bundle of the checkpoint at its full budget: transformers' function, exactly."""
     from export.writer import export_bundle
 
+    from scripts.compare_genai import made_from
+
     out = work / "bundle-full"
-    if not (out / "manifest.json").exists():
+    if not made_from(out, checkpoint):
         print(f"exporting a plain full-budget bundle of {checkpoint} to {out}", flush=True)
         export_bundle(checkpoint, out, no_prompt_mlp=True, budget="full", cmai={"layers": "none"}, overwrite=True,
                       progress=False)

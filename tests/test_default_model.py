@@ -72,6 +72,16 @@ def test_default_bundle_ships_energy_grad_on_the_decoders_weights():
     assert manifest["referring"]["variants"]["controlmllm++"]["lr"] == 1.5  # docs/referring.md's settings
 
 
+def test_default_bundle_ships_decoder_fused_on_the_decoders_weights():
+    """The CPU's fused flavour is in the embedded bundle at no weight cost (export/fused.py pieces): the CPU runs it."""
+    manifest = json.loads((default_bundle_path() / "manifest.json").read_text())
+    entry = manifest["graphs"]["decoder_fused"]
+    assert entry["shares_weights_with"] == "decoder" and entry["sharing"]["shared_bytes"] > 9_000_000
+    assert manifest["files"]["decoder_fused.onnx"]["bytes"] < 1_000_000
+    info = sdk.load(device="cpu").backend.info()
+    assert (info["decoder_graph"], info["kv_cache"]) == ("decoder_fused", "inplace")
+
+
 def _referring_cases(n):
     """The first n scenes of scripts/referring_table.py's color cases (test split, from index 100)."""
     import importlib.util

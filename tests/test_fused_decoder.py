@@ -142,6 +142,40 @@ def test_cpu_sessions_sleep_between_runs_unless_told(bundles, monkeypatch):
     assert OnnxRuntimeBackend(bundle, device="cpu", spinning=False).info()["spinning"] is False
 
 
+def test_prefills_run_on_every_core_in_a_second_session_with_the_same_bits(fused_bundle, image, monkeypatch):
+    """The one-thread decoder's calls of T > 1 (prefill, prompt pass, CMAI's probe) go to a second session of the
+    same graph on the other sessions' threads (runtimes/decoder_flavour.py separate_prefill): same tokens, same bits."""
+    from runtimes import decoder_flavour
+    from runtimes.onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setattr(decoder_flavour.os, "cpu_count", lambda: 2)
+    pipe = sdk.load(fused_bundle("llama", pipmm=True, budget="half", reducer="prompt-topk"), device="cpu")
+    split = pipe.backend
+    assert split.decoder_threads == 1 and split.prefill_session is not split.sessions["decoder_fused"]
+    assert split.prefill_session.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's: one per core
+    assert split.info()["prefill_session"].startswith("separate")
+    monkeypatch.setenv("PIPMM_PREFILL_SESSION", "0")
+    one = OnnxRuntimeBackend(split.bundle, device="cpu")
+    assert one.prefill_session is one.sessions["decoder_fused"] and one.info()["prefill_session"] == "the decoder's"
+    monkeypatch.delenv("PIPMM_PREFILL_SESSION")
+    assert OnnxRuntimeBackend(split.bundle, device="cpu", threads=1).info()["prefill_session"] == "the decoder's"
+
+    embeds = np.random.default_rng(0).standard_normal((1, 40, split.hidden_size)).astype(np.float32)
+    for kv_cache in ("inplace", "numpy"):
+        a = OnnxRuntimeBackend(split.bundle, device="cpu", kv_cache=kv_cache)
+        monkeypatch.setenv("PIPMM_PREFILL_SESSION", "0")
+        b = OnnxRuntimeBackend(split.bundle, device="cpu", kv_cache=kv_cache)
+        monkeypatch.delenv("PIPMM_PREFILL_SESSION")
+        (la, ha, ca), (lb, hb, cb) = a.decoder(embeds, a.new_cache()), b.decoder(embeds, b.new_cache())
+        assert np.array_equal(la, lb) and np.array_equal(ha, hb), kv_cache
+        assert np.array_equal(a.decoder(embeds[:, :1], ca)[0], b.decoder(embeds[:, :1], cb)[0]), kv_cache
+    for inhibit in (0.0, 0.5):
+        pipe.backend = split
+        got = pipe.generate(image, PROMPT, max_new_tokens=12, inhibit=inhibit).token_ids
+        pipe.backend = one
+        assert got == pipe.generate(image, PROMPT, max_new_tokens=12, inhibit=inhibit).token_ids, inhibit
+
+
 def test_pipmm_add_graphs_adds_decoder_fused(bundles, checkpoints, tmp_path):
     from helpers import run_pipmm
 
@@ -151,8 +185,36 @@ def test_pipmm_add_graphs_adds_decoder_fused(bundles, checkpoints, tmp_path):
     assert done.returncode == 0, done.stderr
     backend = sdk.load(out, device="cpu").backend
     assert backend.info()["decoder_graph"] == "decoder_fused"
+    entry = backend.bundle.graphs["decoder_fused"]  # float weights: the decoder's own pieces (export/fused.py)
+    assert entry.shares_weights_with == "decoder" and entry.sharing["shared_bytes"] > 0.9 * entry.sharing["weight_bytes"]
+    assert entry.extra["folded_at_load"] == 2 * backend.num_layers + 1  # Concat of q|k|v, gate|up; the lm_head's Transpose
+    assert (out / "decoder_fused.onnx").stat().st_size < 0.2 * (out / "decoder.onnx.data").stat().st_size
     again = run_pipmm("add-graphs", out, "--checkpoint", checkpoints["qwen2"], "--graph", "decoder_fused", timeout=300)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_weight_pieces_folded_at_load_give_the_packed_graphs_bits(checkpoints, tmp_path):
+    """pieces=True (shared with the decoder) and the packed export compute the same bits in ONNX Runtime."""
+    import onnxruntime
+
+    checkpoint = load_checkpoint(checkpoints["qwen2"])  # q/k/v biases too
+    text = checkpoint.config.text_config
+    got = []
+    for pieces in (False, True):
+        spec = optional_module("decoder_fused", checkpoint, -1, [0])
+        spec.pieces = pieces
+        path = tmp_path / f"pieces-{pieces}" / "decoder_fused.onnx"
+        path.parent.mkdir()
+        export_decoder_fused(spec, path, {})
+        model = type("M", (), {"hidden_size": text.hidden_size, "num_kv_heads": text.num_key_value_heads,
+                               "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                               "num_layers": text.num_hidden_layers})
+        embeds, cache, pos, bias = _random_call(np.random.default_rng(3), model, 4, 6, None, 1)
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, 10), np.int64), "position_ids": pos,
+                 "image_bias": bias, **{f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": c for i, c in enumerate(cache)}}
+        got.append(onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds))
+    for a, b in zip(*got):
+        assert np.array_equal(a, b)
 
 
 # -- the in-place CPU cache (runtimes/inplace_cache.py) ------------------------------------------------------
