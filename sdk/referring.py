@@ -57,7 +57,7 @@ class EnergyGradSession:
 
         path = backend.bundle.graph_path(GRAPH)
         self.session = onnxruntime.InferenceSession(str(path), sess_options=backend.options,
-                                                    providers=sessions["decoder"].get_providers())
+                                                    providers=sessions[backend.decoder_graph].get_providers())
         spec = pipeline.manifest.graphs[GRAPH].input("inputs_embeds")
         self.dtype = np.float16 if spec is not None and spec.dtype == "float16" else np.float32
 
