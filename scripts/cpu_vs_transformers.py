@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 SCHEMA = "pipmm-cpu-vs-transformers/1"
 TARGETS = {"describe_speedup": 5.0, "peak_rss_ratio": 0.5}  # issue 18: >= 5x faster, <= 0.5x peak RSS
+ENVIRONMENT = ("OMP_NUM_THREADS", "PIPMM_THREADS", "PIPMM_DECODER_THREADS", "PIPMM_SPINNING", "PIPMM_DECODER",
+               "PIPMM_PREFILL_SESSION")  # recorded in the JSON: they change what runs
 # --ablations: the `pipmm` variant with one change undone each (runtimes/decoder_flavour.py's environment switches)
 ABLATIONS = {"pipmm-one-decoder-session": {"PIPMM_PREFILL_SESSION": "0"},  # prefills on the decode step's 1 thread
              "pipmm-plain-decoder": {"PIPMM_DECODER": "plain", "PIPMM_PREFILL_SESSION": "0"}}  # the traced decoder
@@ -317,7 +319,8 @@ def main(argv=None) -> int:
         "schema": SCHEMA, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python3 scripts/cpu_vs_transformers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "shared": "yes: other processes ran on the same cores",
-                    "load_average_1min_per_round": load},
+                    "cpu_affinity": sorted(os.sched_getaffinity(0)), "load_average_1min_per_round": load,
+                    "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}},
         "checkpoint": str(args.checkpoint), "bundle": str(args.bundle), "targets": TARGETS,
         "config": {"new_tokens": args.new_tokens, "rounds": args.rounds, "requests_per_round": args.requests,
                    "warmup_per_process": 1, "image": "sdk.bench.bench_image() 640x480",

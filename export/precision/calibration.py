@@ -148,13 +148,21 @@ class _Recorder:
 
 def record_feeds(fp32_bundle: str | Path, pairs: list[Pair], decode_steps: int = DEFAULT_DECODE_STEPS,
                  progress: bool = True) -> dict[str, list[dict]]:
-    """Graph name -> the feeds the FP32 bundle's graphs receive while answering the pairs."""
+    """Graph name -> the feeds the FP32 bundle's graphs receive while answering the pairs. The plain decoder runs
+    (the graph quantized; decoder_fused's in-place calls go through IO binding, which no recorder sees), and its
+    prefills' session, where it is a second one (runtimes/decoder_flavour.py separate_prefill), records into the
+    decoder's feeds too."""
     import sdk
+    from runtimes.onnxruntime import OnnxRuntimeBackend
 
     pipeline = sdk.load(fp32_bundle, backend="onnxruntime", device="cpu")
-    feeds: dict[str, list[dict]] = {name: [] for name in pipeline.backend.sessions}
-    for name, session in list(pipeline.backend.sessions.items()):
-        pipeline.backend.sessions[name] = _Recorder(session, feeds[name])
+    backend = pipeline.backend = OnnxRuntimeBackend(pipeline.backend.bundle, device="cpu", decoder_flavour="plain")
+    separate = backend.prefill_session is not backend.sessions[backend.decoder_graph]
+    feeds: dict[str, list[dict]] = {name: [] for name in backend.sessions}
+    for name, session in list(backend.sessions.items()):
+        backend.sessions[name] = _Recorder(session, feeds[name])
+    backend.prefill_session = _Recorder(backend.prefill_session, feeds[backend.decoder_graph]) if separate else \
+        backend.sessions[backend.decoder_graph]
     iterator = pairs
     if progress:
         try:
