@@ -11,10 +11,10 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
+from export.energy_stitch import build_energy_grad
 from export.fused import FusedDecoderSpec, build_fused_decoder
 from export.fused_prompt import build_fused_prompt_encoder
 from export.model.decoder import DecoderGraph, EmbedGraph, StaticDecoderGraph, kv_names
@@ -163,59 +163,12 @@ def export_prompt_encoder_fused(spec: tuple[FusedDecoderSpec, int], path: Path, 
 
 
 def export_energy_grad(graph: EnergyGradGraph, path: Path, model: dict) -> None:
-    """ControlMLLM's energy and its gradient (export/model/energy.py): the forward and backward traced together
-    by make_fx over symbolic shapes, that FX graph exported like a module (no core aten decompositions: the
-    exporter's own ONNX translation). T is dynamic; batch is 1 (one request's prefill)."""
-    example = graph.example()
-    traced = graph.trace(example)
-    seq = torch.export.Dim("sequence", min=2, max=1 << 16)
-    shapes = ({1: seq}, {1: seq}, {0: seq}, {0: seq}, {0: seq}, None)
-    _export(traced, example, path, graph.input_names, graph.output_names, shapes, weight_bytes=_param_bytes(graph))
-    embeds = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    if not embeds[1].dim_param:
-        from sdk.errors import ExportError
-        raise ExportError(f"tracing fixed energy_grad's sequence axis at {embeds[1].dim_value} for this "
-                          "architecture: report it with the checkpoint's config.json")
-    share_transposed_copies(path, graph)
-
-
-def share_transposed_copies(path: Path, module: torch.nn.Module) -> int:
-    """The backward reads each matrix W where the forward reads W^T, and the exporter folds both into initializers:
-    the copy in the parameter's own layout becomes Transpose(W^T), so the file holds each matrix once, in the
-    layout the decoder graph stores (its folded W^T), and add-graphs can point it into the decoder's data.
-    Returns the bytes saved."""
-    import hashlib
-
-    from onnx import numpy_helper
-
-    def digest(array) -> str:
-        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-    own_layout = {digest(p.detach().cpu().float().numpy() if p.dtype == torch.bfloat16 else p.detach().cpu().numpy())
-                  for p in module.parameters() if p.dim() == 2}
-    model = onnx.load(str(path))
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
-    by_digest = {digest(a): name for name, a in arrays.items()}
-    replaced = {}
-    for name, array in arrays.items():
-        partner = by_digest.get(digest(array.T))
-        if partner and partner != name and partner not in replaced and digest(array) in own_layout:
-            replaced[name] = partner
-    if not replaced:
-        return 0
-    kept = [t for t in model.graph.initializer if t.name not in replaced]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    nodes = [onnx.helper.make_node("Transpose", [partner], [name], perm=[1, 0], name=f"shared_transpose_{i}")
-             for i, (name, partner) in enumerate(replaced.items())]
-    rest = list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes + rest)
-    for stale in list(path.parent.glob(path.name + ".data")):
-        stale.unlink()
-    save_graph(model, path)
+    """ControlMLLM's energy and its gradient (export/model/energy.py): one decoder layer's forward-and-VJP traced
+    once with its weights as inputs, exported, and stitched L_g times in ONNX with the prelude and the energy's
+    head (export/energy_stitch.py: cost linear in depth). T is dynamic; batch is 1 (one request's prefill). The
+    weights are stored once each, in the decoder graph's layout, so add-graphs shares them."""
+    save_graph(build_energy_grad(graph), path)
     onnx.checker.check_model(str(path), full_check=True)
-    return sum(arrays[name].nbytes for name in replaced)
 
 
 def export_adapter(adapter, path: Path, n_max: int, tokens_per_frame: int) -> None:

@@ -11,8 +11,8 @@ layer_weights [L_g] the layers (ControlMLLM: all, ++: a middle band), each summi
 energy and gradient by alpha (they are linear in it) and adds its latent to the image rows itself, so dE/dv is
 the image rows of grad_inputs_embeds and the graph needs no scatter.
 
-`EnergyGradGraph` is the forward and backward traced together (torch.func.grad_and_value under make_fx, then
-torch.onnx.export: export/onnx_graphs.py export_energy_grad). The layers are written from the checkpoint's own
+`EnergyGradGraph` names the graph's interface; its ONNX graph is stitched from one layer's forward-and-VJP traced
+once (export/model/energy_pieces.py, export/energy_stitch.py), AttentionEnergy is the torch autograd reference. The layers are written from the checkpoint's own
 submodules, as StaticDecoderGraph does (Llama-family: pre-norm attention with rotary embeddings and grouped KV
 heads, pre-norm MLP; eager softmax in float32), cut after the last layer the energy reads.
 """
@@ -47,13 +47,16 @@ class AttentionEnergy(nn.Module):
         self.num_kv_heads = text_config.num_key_value_heads
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // self.num_heads
 
-    def _probs(self, attn, x, cos, sin, bias):
-        """One layer's attention: (output [1,T,D], head-mean probabilities [T,T])."""
+    def _probs(self, attn, x, cos, sin, bias, project=None, need_out: bool = True):
+        """One layer's attention: (output [1,T,D] or None, head-mean probabilities [T,T]).
+
+        project(name, x) applies the q/k/v/o projection `name` (default: the checkpoint's own modules; the per-layer
+        pieces of export/energy_stitch.py pass their weight inputs instead)."""
+        project = project or (lambda name, h: _linear(getattr(attn, f"{name}_proj"), h))
         b, t, _ = x.shape
         hd, hkv, rep = self.head_dim, self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q = _linear(attn.q_proj, x).view(b, t, self.num_heads, hd).transpose(1, 2)  # [B,H,T,hd]
-        k = _linear(attn.k_proj, x).view(b, t, hkv, hd).transpose(1, 2)  # [B,Hkv,T,hd]
-        v = _linear(attn.v_proj, x).view(b, t, hkv, hd).transpose(1, 2)
+        q = project("q", x).view(b, t, self.num_heads, hd).transpose(1, 2)  # [B,H,T,hd]
+        k = project("k", x).view(b, t, hkv, hd).transpose(1, 2)  # [B,Hkv,T,hd]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -61,37 +64,52 @@ class AttentionEnergy(nn.Module):
         scores = torch.matmul(q.reshape(b, hkv, rep * t, hd), k.transpose(2, 3)) * (hd ** -0.5)
         scores = scores.view(b, hkv, rep, t, t) + bias  # bias [1,1,1,T,T]
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        mean = probs.float().mean(dim=(1, 2))[0]  # [T,T]
+        if not need_out:  # the last layer the energy reads: its values and output do not reach the energy
+            return None, mean
+        v = project("v", x).view(b, t, hkv, hd).transpose(1, 2)
         out = torch.matmul(probs.view(b, hkv, rep * t, t), v).view(b, self.num_heads, t, hd)
         out = out.transpose(1, 2).reshape(b, t, -1)
-        return _linear(attn.o_proj, out), probs.float().mean(dim=(1, 2))[0]  # [T,T]
+        return project("o", out), mean
+
+    def rotary_and_bias(self, inputs_embeds, position_ids):
+        """cos, sin [1,T,hd] at the positions, and the causal bias [1,1,1,T,T] (0 where query i sees key j <= i)."""
+        t = inputs_embeds.shape[1]
+        cos, sin = self.language_model.rotary_emb(inputs_embeds, position_ids)
+        rows = torch.arange(t, device=inputs_embeds.device)
+        allowed = rows.view(1, t) <= rows.view(t, 1)
+        bias = torch.zeros((t, t), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        return cos, sin, bias.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min).view(1, 1, 1, t, t)
 
     def relevance(self, inputs_embeds, position_ids, query_weights, layer_weights) -> torch.Tensor:
         """r [T]: attention from the weighted queries to every key, weighted over layers, mean over heads."""
         lm = self.language_model
         t = inputs_embeds.shape[1]
-        cos, sin = lm.rotary_emb(inputs_embeds, position_ids)  # [1,T,hd] each
-        rows = torch.arange(t, device=inputs_embeds.device)
-        allowed = rows.view(1, t) <= rows.view(t, 1)  # causal: query i sees keys j <= i
-        bias = torch.zeros((t, t), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min).view(1, 1, 1, t, t)
+        cos, sin, bias = self.rotary_and_bias(inputs_embeds, position_ids)
         hidden = inputs_embeds
         relevance = torch.zeros(t, dtype=torch.float32, device=inputs_embeds.device)
         for i, layer in enumerate(lm.layers[: self.num_layers]):
-            out, probs = self._probs(layer.self_attn, layer.input_layernorm(hidden), cos, sin, bias)
+            last = i + 1 == self.num_layers  # the last layer's values, output and MLP do not reach the energy
+            out, probs = self._probs(layer.self_attn, layer.input_layernorm(hidden), cos, sin, bias, need_out=not last)
             relevance = relevance + layer_weights[i] * torch.matmul(query_weights.float(), probs)
-            if i + 1 < self.num_layers:  # the last layer's MLP does not reach the energy
+            if not last:
                 hidden = hidden + out
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return relevance
 
     def forward(self, inputs_embeds, position_ids, mask, image_weight, query_weights, layer_weights):
-        r = self.relevance(inputs_embeds, position_ids, query_weights, layer_weights) * image_weight.float()
-        inside = (r * mask.float()).sum() / r.sum()
-        return (1.0 - inside) ** 2
+        return energy_of(self.relevance(inputs_embeds, position_ids, query_weights, layer_weights), mask, image_weight)
+
+
+def energy_of(relevance, mask, image_weight) -> torch.Tensor:
+    """(1 - sum(r * mask) / sum(r))^2 over the image rows (r = relevance * image_weight, float32)."""
+    r = relevance * image_weight.float()
+    inside = (r * mask.float()).sum() / r.sum()
+    return (1.0 - inside) ** 2
 
 
 class EnergyGradGraph(nn.Module):
-    """(energy [], grad_inputs_embeds [1,T,D]) from one traced forward-and-backward (see trace())."""
+    """(energy [], grad_inputs_embeds [1,T,D]): the interface of the energy_grad graph (export/energy_stitch.py)."""
 
     input_names = ["inputs_embeds", "position_ids", "mask", "image_weight", "query_weights", "layer_weights"]
     output_names = ["energy", "grad_inputs_embeds"]
@@ -101,33 +119,3 @@ class EnergyGradGraph(nn.Module):
         self.energy = AttentionEnergy(language_model, text_config, num_layers)
         self.num_layers = self.energy.num_layers
         self.text_config = text_config
-
-    def example(self, t: int = 7) -> tuple:
-        """Tracing inputs: T=7 tokens, the middle three image rows (sizes >= 2: no axis specialised)."""
-        param = next(self.parameters())
-        dtype, device = param.dtype, param.device
-        weight = torch.zeros(t, dtype=dtype, device=device)
-        weight[2:5] = 1
-        mask = torch.zeros(t, dtype=dtype, device=device)
-        mask[3] = 1
-        queries = torch.zeros(t, dtype=dtype, device=device)
-        queries[5:] = 0.5
-        layers = torch.full((self.num_layers,), 1.0 / self.num_layers, dtype=dtype, device=device)
-        embeds = torch.randn(1, t, self.text_config.hidden_size, dtype=dtype, device=device)
-        return embeds, torch.arange(t, device=device).view(1, t), mask, weight, queries, layers
-
-    def trace(self, example: tuple) -> torch.fx.GraphModule:
-        """The forward and backward as one FX graph over symbolic shapes; the weights become its constants.
-
-        torch.func.grad inside a module's forward does not survive torch.export; make_fx traces the transform
-        itself into plain aten ops (its backward included), which torch.onnx.export then reads like any module."""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        def value_and_grad(embeds, positions, mask, image_weight, queries, layers):
-            grad, value = torch.func.grad_and_value(self.energy, argnums=0)(embeds, positions, mask, image_weight,
-                                                                             queries, layers)
-            return value, grad
-
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return make_fx(value_and_grad, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
