@@ -24,7 +24,7 @@ import torch
 from onnx import TensorProto, helper
 
 from export.model.energy import EnergyGradGraph
-from export.model.energy_pieces import EnergyPieces, Prelude, trace_symbolic
+from export.model.energy_pieces import EnergyPieces, Prelude, trace_joint
 
 OPSET = 18
 SEQ = "sequence"
@@ -123,7 +123,7 @@ def _layer_piece(pieces: EnergyPieces, index: int, kind: str) -> Piece:
     cotangents = ["g_rel"] if kind == "last" else ["g_out", "g_rel"]
     names = PIECE_INPUTS + [f"w:{w}" for w in weights] + cotangents
     dynamic = [_SEQ_DIMS.get(n, ()) for n in names]
-    traced = trace_symbolic(pieces.layer_joint(index), example, dynamic)
+    traced = trace_joint(pieces.layer_joint(index), example)
     outputs = ["rel", "g_h"] if kind == "last" else ["h_out", "rel", "g_h"]
     return _split(kind, _export_proto(traced, example, names, outputs, dynamic), set(cotangents))
 
@@ -149,7 +149,7 @@ def build_energy_grad(graph: EnergyGradGraph) -> onnx.ModelProto:
                                               [(1,), (1,)]), set())
     head_args = (torch.rand(t, device=device) + 0.1, torch.rand(t, dtype=dtype, device=device),
                  torch.ones(t, dtype=dtype, device=device))
-    head_fx = trace_symbolic(EnergyPieces.head, head_args, [(0,)] * 3)
+    head_fx = trace_joint(EnergyPieces.head, head_args)
     head = _split("head", _export_proto(head_fx, head_args, ["r", "mask", "image_weight"], ["energy", "g_r"],
                                         [(0,)] * 3), set())
     kinds = {"last": _layer_piece(pieces, n - 1, "last")}

@@ -111,15 +111,13 @@ class EnergyPieces:
         energy = self.energy
         param = next(self.layers[index].parameters())
         dtype, device = param.dtype, param.device
-        d, hd = energy.text_config.hidden_size, energy.head_dim
-        embeds = torch.randn(1, t, d, dtype=dtype, device=device)
+        embeds = torch.randn(1, t, energy.text_config.hidden_size, dtype=dtype, device=device)
         cos, sin, bias = energy.rotary_and_bias(embeds, torch.arange(t, device=device).view(1, t))
         queries = torch.zeros(t, dtype=dtype, device=device)
         queries[5:] = 0.5
         last = index + 1 == len(self.layers)
         cotangents = (torch.randn(t, device=device),) if last else (torch.randn_like(embeds),
                                                                     torch.randn(t, device=device))
-        assert cos.shape[-1] == hd
         return (embeds, cos, sin, bias, queries, *self.weights(index).values(), *cotangents)
 
     @staticmethod
@@ -140,17 +138,10 @@ class Prelude(nn.Module):
         return self.energy.rotary_and_bias(inputs_embeds, position_ids)
 
 
-def trace_symbolic(fn, example: tuple, dynamic: list[tuple[int, ...]]) -> torch.fx.GraphModule:
-    """make_fx over fake inputs whose listed dims (per input; () = static) are symbolic and the rest fixed, so a
-    layer's weight shapes stay constants and only T varies."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def trace_joint(fn, example: tuple) -> torch.fx.GraphModule:
+    """fn (a forward with its VJP inside) as plain aten ops over symbolic shapes: torch.func's transforms do not
+    survive torch.export, make_fx traces them away. torch.onnx.export then fixes every dim but the sequence axis
+    (the weights' shapes become constants again)."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    fakes = []
-    for tensor, dims in zip(example, dynamic):
-        sizes = [DimDynamic.DYNAMIC if i in dims else DimDynamic.STATIC for i in range(tensor.dim())]
-        fakes.append(mode.from_tensor(tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
-    with mode:
-        return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
+    return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
