@@ -28,6 +28,12 @@ folded likewise: the same packed bytes at run time, and the pieces are found in 
 (export/extra_graphs.py share_weights), so the bundle holds the LLM's weights once. Packed at export (pieces=False)
 where MatMulNBits quantizes them (its quantizer needs the packed MatMul weight as an initializer).
 
+The token step (both targets; sdk/manifest_fused.py records it): with spec.embed_tokens an optional input_ids
+[B,T_ids] (its initializer default [1,0]) is looked up in the embedding table and its rows put before
+inputs_embeds' (Concat on the sequence axis): a decode step feeds one id and no rows, a prefill rows and no ids.
+next_token [B,1] int64 = ArgMax(logits), the last output, so a greedy step copies 8 bytes, not [1,V]
+(runtimes/fused_device.py binds it to the input_ids buffer of the next step).
+
 Two targets (FUSED_TARGETS; the manifest entry records which, `target`, and `preferred_by` follows it):
 
     cpu   the above: GroupQueryAttention's own rotary with query_seqlens (onnxruntime >= 1.32), CMAI's

@@ -38,11 +38,13 @@ def fused_devices(bundle: Bundle) -> list[str]:
     return list(FusedDecoderEntry.of(bundle).preferred_by.get("onnxruntime", ["cpu"]))
 
 
-def token_step_choice(bundle: Bundle, decoder_graph: str) -> tuple[bool, str | None]:
+def token_step_choice(bundle: Bundle, decoder_graph: str, device_buffer: bool) -> tuple[bool, str | None]:
     """-> (decode steps feed token ids to decoder_fused, why not: for info()). The device-buffer cache
     (runtimes/fused_device.py) is what uses it."""
     if decoder_graph != FUSED_DECODER:
         return False, f"{decoder_graph} takes embeddings only"
+    if not device_buffer:  # host memory already: the embed graph writes the bound row, numpy takes the argmax
+        return False, "the token step is the device-buffer cache's (kv_cache='static')"
     if FusedDecoderEntry.of(bundle).token_input is None:
         return False, f"this {FUSED_DECODER} predates its input_ids entry: re-add it (--overwrite) for the token step"
     if os.environ.get("PIPMM_TOKEN_STEP", "1").strip() in ("0", "false", "no"):

@@ -177,15 +177,14 @@ class OnnxRuntimeBackend:
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
             self._token_step = partial(_host_logits, self._inplace.token_step) if embed_binds else None
         # decoder_fused's token step (sdk/manifest_fused.py: input_ids in, next_token out), where it has one
-        self.token_step, self.token_step_note = token_step_choice(bundle, self.decoder_graph)
+        token_ids, self.token_step_note = token_step_choice(bundle, self.decoder_graph, self.static_cache)
         if self.static_cache:  # one device buffer: decoder_fused's (slot = order) or decoder_static's (= position)
-            entry = self.token_step and FusedDecoderEntry.of(bundle)
+            entry = token_ids and FusedDecoderEntry.of(bundle)
             self._buffer = DeviceBufferCaches(ort, self.sessions[self.decoder_graph], self, self.cuda_graph,
-                                              by_position=self.decoder_graph == STATIC_DECODER,
-                                              token_ids=self.token_step,
+                                              by_position=self.decoder_graph == STATIC_DECODER, token_ids=token_ids,
                                               device_argmax=bool(entry and entry.next_token))
             kinds["static"] = (self._buffer.new_cache, self._buffer.step)
-            self._token_step = self._buffer.token_step if embed_binds or self.token_step else None
+            self._token_step = self._buffer.token_step if embed_binds or token_ids else None
         self._new_cache, self._decode_step = kinds[self.kv_cache]
 
     # -- sessions ---------------------------------------------------------------------------------
