@@ -133,9 +133,16 @@ class OnnxRuntimeBackend:
             session_options(ort, self.ort_device, self.decoder_threads, self.spinning)
         self.sessions = {}
         # + the frame adapter of a qformer/mivpg bundle (sdk/frames.py)
-        for name in ("vision", "embed") + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
+        for name in ("vision",) + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
             self.sessions[name] = self._open(name)
         self.sessions[self.decoder_graph] = self._open_decoder()
+        # decoder_fused's token step (sdk/manifest_fused.py: input_ids in, next_token out), where it has one. Its
+        # decode steps never run the embed graph, whose rows (prefills) go through the host anyway: on a GPU the
+        # embed graph then runs on the CPU, so the device holds the table once (the decoder's Gather), not twice.
+        token_ids, self.token_step_note = token_step_choice(bundle, self.decoder_graph, self.static_cache)
+        self.embed_device = "cpu" if token_ids else self.device
+        self.sessions["embed"] = self._open("embed", session_options(ort, "cpu", 1, False), "cpu") \
+            if self.embed_device != self.device else self._open("embed")
         # calls of T > 1 on every core where decode steps run on one (runtimes/decoder_flavour.py separate_prefill)
         self.prefill_session = self._open(self.decoder_graph, self.options) if separate_prefill(
             self.device, self.decoder_threads, threads) else self.sessions[self.decoder_graph]
@@ -176,8 +183,6 @@ class OnnxRuntimeBackend:
             self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
             self._token_step = partial(_host_logits, self._inplace.token_step) if embed_binds else None
-        # decoder_fused's token step (sdk/manifest_fused.py: input_ids in, next_token out), where it has one
-        token_ids, self.token_step_note = token_step_choice(bundle, self.decoder_graph, self.static_cache)
         if self.static_cache:  # one device buffer: decoder_fused's (slot = order) or decoder_static's (= position)
             entry = token_ids and FusedDecoderEntry.of(bundle)
             self._buffer = DeviceBufferCaches(ort, self.sessions[self.decoder_graph], self, self.cuda_graph,
@@ -189,8 +194,8 @@ class OnnxRuntimeBackend:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def _provider_options(self, graph: str, cuda_graph: bool) -> list:
-        if self.device == "cpu":
+    def _provider_options(self, graph: str, cuda_graph: bool, device: str | None = None) -> list:
+        if (device or self.device) == "cpu":
             return list(PROVIDERS["cpu"])
         cuda = {"device_id": str(self.device_id), "arena_extend_strategy": "kSameAsRequested",
                 "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
@@ -226,16 +231,17 @@ class OnnxRuntimeBackend:
         self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
         return self._open(self.decoder_graph)
 
-    def _open(self, name: str, options=None):
+    def _open(self, name: str, options=None, device: str | None = None):
         ort = _ort()
         spec = self.bundle.graphs[name]
+        device = device or self.device
         graph_capture = self.cuda_graph and name == self.decoder_graph
         path = str(self.bundle.graph_path(name))
         options = options or (self.decoder_options if name.startswith("decoder") else self.options)
         try:
             try:
                 session = ort.InferenceSession(path, sess_options=options,
-                                               providers=self._provider_options(name, graph_capture))
+                                               providers=self._provider_options(name, graph_capture, device))
             except Exception as err:
                 if not graph_capture:
                     raise
@@ -248,7 +254,7 @@ class OnnxRuntimeBackend:
             raise BundleError(f"graph {name} ({spec.file}) cannot be loaded by onnxruntime: "
                               f"{str(err).splitlines()[0][:200]}; copy or re-export the bundle") from err
         self._check_signature(name, spec, session)
-        wanted = PROVIDERS[self.device][0]
+        wanted = PROVIDERS[device][0]
         if wanted not in session.get_providers():
             raise BackendError(f"onnxruntime could not start {wanted} for graph {name} (it fell back to "
                                f"{', '.join(session.get_providers())}): check the CUDA/cuDNN libraries that "
@@ -280,7 +286,7 @@ class OnnxRuntimeBackend:
                 "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
                 "token_step": self._buffer is not None and "ids" in self._buffer.bindings,
                 "device_argmax": self._buffer is not None and self._buffer.device_argmax,
-                "token_step_note": self.token_step_note,
+                "token_step_note": self.token_step_note, "embed_device": self.embed_device,
                 "cuda_graph": self._buffer.cuda_graph if self._buffer else self.cuda_graph,
                 "cuda_graph_note": (self._buffer and self._buffer.cuda_graph_note) or self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
