@@ -93,6 +93,7 @@ class DeviceBufferCaches:
         self.token = self.value(np.zeros((1, 1), np.int64))
         self.device_token: int | None = None  # what self.token holds, where known (the token step's next_token)
         self.device_argmax = token_ids and device_argmax
+        self.token_runs = 0  # token steps run so far (refuse_token_step: only the first may fail)
         self.eager_options, self.graph_options = ort.RunOptions(), ort.RunOptions()
         if cuda_graph:
             self.eager_options.add_run_config_entry("gpu_graph_id", "-1")
@@ -217,6 +218,15 @@ class DeviceBufferCaches:
             logits, hidden = (v.numpy() for v in binding.get_outputs()[:2])
         return logits, hidden, self._grown(cache, end, mask, following(positions)), None
 
+    def refuse_token_step(self) -> bool:
+        """After the token step's first run failed (onnxruntime refused it): drop it -> whether there was one to
+        drop. Later failures are not refusals (False). The slots that run wrote are written again by the retry."""
+        if "ids" not in self.bindings or self.token_runs:
+            return False
+        del self.bindings["ids"], self.makers["ids"]
+        self.captured, self.device_argmax, self.device_token = "embeds", False, None
+        return True
+
     def token_step(self, embed_session, token_id: int, cache, greedy: bool = False):
         """A decode step from a token id -> (logits [1,V] or, greedy with the device's argmax, a DeviceChoice;
         grown cache): the token step's one run where the graph takes ids, else the embed graph writes its row into
@@ -235,6 +245,7 @@ class DeviceBufferCaches:
         self.step_in["attention_mask"].update_inplace(mask)
         self.step_in["position_ids"].update_inplace(positions)
         self._run_step(self.captured)
+        self.token_runs += 1
         grown = self._grown(cache, end, mask, cache.next_position + 1)
         if greedy and self.device_argmax:
             self.device_token = int(self.token.numpy()[0, 0])

@@ -39,7 +39,7 @@ from .vision_output import VisionOutput
 from sdk.bundle import Bundle
 from sdk.manifest import Graph
 from sdk.manifest_fused import FusedDecoderEntry
-from sdk.errors import BackendError, BundleError, one_line
+from sdk.errors import BackendError, BundleError, PipmmError, one_line
 
 # device -> execution providers, most preferred first
 PROVIDERS: dict[str, list[str]] = {
@@ -351,7 +351,15 @@ class OnnxRuntimeBackend:
         """Pipeline.decode's embed + decoder -> (logits [1,V], cache + 1); in place on bound arrays where it can.
         greedy: a DeviceChoice (sdk/generation.py) instead of the logits where the device makes the argmax."""
         if image_bias is None and self._token_step is not None:
-            return self._token_step(self.sessions["embed"], token_id, cache, greedy)
+            try:
+                return self._token_step(self.sessions["embed"], token_id, cache, greedy)
+            except PipmmError:
+                raise
+            except Exception as err:  # onnxruntime's own: the token step refused on its first run, not later
+                if self._buffer is None or not self._buffer.refuse_token_step():
+                    raise
+                self._token_step = None  # the embed graph runs on the CPU now: its rows go through the host
+                self.token_step_note = f"the token step failed on its first run: {one_line(err, 300)}"
         logits, _, cache = self.decoder(self.embed(np.asarray([[token_id]], np.int64)), cache, image_bias=image_bias)
         return logits, cache
 

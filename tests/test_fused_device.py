@@ -217,6 +217,11 @@ def test_token_step_gives_the_embed_graphs_greedy_tokens_without_copying_logits(
     assert "predates" in OnnxRuntimeBackend(load_bundle(older_cuda_target, verify=False), device="cpu",
                                             kv_cache="static").info()["token_step_note"]
     monkeypatch.delenv("PIPMM_TOKEN_STEP")
+    pipe.backend = OnnxRuntimeBackend(load_bundle(cuda_target(), verify=False), device="cpu", kv_cache="static")
+    pipe.backend._buffer.bindings["ids"] = pipe.backend._buffer.session.io_binding()  # refused by onnxruntime
+    runs["refused"] = pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12).token_ids
+    info = pipe.backend.info()
+    assert not info["token_step"] and "failed on its first run" in info["token_step_note"]
     pipe.backend = OnnxRuntimeBackend(pipe.backend.bundle, device="cpu", decoder_flavour="plain")
     runs["plain"] = pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12).token_ids
     assert len(set(map(tuple, runs.values()))) == 1, runs
