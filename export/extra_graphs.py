@@ -89,7 +89,8 @@ def _encoder_layers(checkpoint, prompt_layer: int) -> int:
 def optional_module(name: str, checkpoint, prompt_layer: int, cmai_layers=(), fused_target: str = "cpu"):
     if name == FUSED_DECODER:  # built from the modules, not traced (export/fused.py); CMAI layers as the decoder's
         return FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config,
-                                prompt_layer, list(cmai_layers), fused_target)
+                                prompt_layer, list(cmai_layers), fused_target,
+                                embed_tokens=checkpoint.model.get_input_embeddings())
     if name == PROMPT_ENCODER_FUSED:  # cut out of the fused decoder (export/fused_prompt.py)
         return (FusedDecoderSpec(checkpoint.language_model, checkpoint.model.lm_head, checkpoint.config.text_config),
                 _encoder_layers(checkpoint, prompt_layer))

@@ -28,6 +28,12 @@ folded likewise: the same packed bytes at run time, and the pieces are found in 
 (export/extra_graphs.py share_weights), so the bundle holds the LLM's weights once. Packed at export (pieces=False)
 where MatMulNBits quantizes them (its quantizer needs the packed MatMul weight as an initializer).
 
+The token step (both targets; sdk/manifest_fused.py records it): with spec.embed_tokens an optional input_ids
+[B,T_ids] (its initializer default [1,0]) is looked up in the embedding table and its rows put before
+inputs_embeds' (Concat on the sequence axis): a decode step feeds one id and no rows, a prefill rows and no ids.
+next_token [B,1] int64 = ArgMax(logits), the last output, so a greedy step copies 8 bytes, not [1,V]
+(runtimes/fused_device.py binds it to the input_ids buffer of the next step).
+
 Two targets (FUSED_TARGETS; the manifest entry records which, `target`, and `preferred_by` follows it):
 
     cpu   the above: GroupQueryAttention's own rotary with query_seqlens (onnxruntime >= 1.32), CMAI's
@@ -49,6 +55,7 @@ import torch
 from onnx import TensorProto, helper
 
 from sdk.errors import ExportError
+from sdk.manifest_fused import FusedDecoderEntry
 
 from export.model.decoder import kv_names
 
@@ -73,6 +80,8 @@ class FusedTarget:
 
 FUSED_TARGETS = {"cpu": FusedTarget(True, True, ("cpu",)), "cuda": FusedTarget(False, False, ("cuda",))}
 TARGET_KEY = "pipmm.fused_target"  # the model's metadata_props entry naming its target
+TOKEN_INPUT, NEXT_TOKEN = "input_ids", "next_token"  # sdk/manifest_fused.py
+EMBED_TABLE = "embed_tokens.weight"  # [V,D]; a tied lm_head's own [V,D] initializer where pieces=True
 
 
 @dataclass
@@ -85,6 +94,8 @@ class FusedDecoderSpec:
     cmai_layers: list[int] = field(default_factory=list)
     target: str = "cpu"  # FUSED_TARGETS
     pieces: bool = False  # packed weights as Concat of the decoder's own pieces, folded at load (module docstring)
+    embed_tokens: torch.nn.Module | None = None  # the input embeddings: the optional input_ids entry (TOKEN_INPUT)
+    next_token: bool = True  # the NEXT_TOKEN output (ArgMax of logits)
 
 
 class _Graph:
@@ -156,6 +167,17 @@ def _packed(g: _Graph, name: str, linears: list[torch.nn.Module], pieces: bool) 
     return g.weight(f"{name}.weight", torch.cat([lin.weight for lin in linears], 0).t()), bias
 
 
+def _token_rows(g: _Graph, spec: FusedDecoderSpec) -> str:
+    """Concat(table[input_ids], inputs_embeds) on the sequence axis [1,T_ids+T,D]: a decode step feeds one token id
+    and no embedding rows, a prefill (visual rows among the text's) embedding rows and no ids (the default, an empty
+    [1,0]: batch 1; larger batches feed [B,0]). A tied lm_head shares its [V,D] initializer (pieces=True) with it."""
+    table = spec.embed_tokens.weight
+    tied = spec.pieces and table.data_ptr() == spec.lm_head.weight.data_ptr()
+    name = "lm_head.weight.vd" if tied else g.weight(EMBED_TABLE, table)
+    g.initializers.append(onnx.numpy_helper.from_array(np.zeros((1, 0), np.int64), TOKEN_INPUT))
+    return g.op("Concat", [g.op("Gather", [name, TOKEN_INPUT], axis=0), "inputs_embeds"], axis=1)
+
+
 def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     _check(spec)
     if spec.target not in FUSED_TARGETS:
@@ -176,9 +198,10 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     # seqlens_k [B] int32 = tokens per sequence - 1; total_sequence_length: scalar int32; query_seqlens [B] int32
     # = T, the call's tokens (every row valid: it only switches the kernel's rotary to every row's position id)
     one = g.const("const.one", np.array([1], np.int64))
+    embeds = _token_rows(g, spec) if spec.embed_tokens is not None else "inputs_embeds"
     seqlens = g.op("Sub", [g.op("ReduceSum", ["attention_mask", one], keepdims=0), one])
     seqlens = g.op("Cast", [seqlens], to=TensorProto.INT32)
-    batch, tokens = g.op("Shape", ["inputs_embeds"], start=0, end=1), g.op("Shape", ["inputs_embeds"], start=1, end=2)
+    batch, tokens = g.op("Shape", [embeds], start=0, end=1), g.op("Shape", [embeds], start=1, end=2)
     width = g.op("Shape", ["attention_mask"], start=1, end=2)  # [1]: P+T, or the in-place buffer's S
     total = g.op("Cast", [g.op("Squeeze", [width])], to=TensorProto.INT32)
     rows = g.op("Expand", [g.op("Cast", [tokens], to=TensorProto.INT32), batch]) if target.rotary_in_attention else None
@@ -192,8 +215,8 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
                                  shape])
     splits_mlp = g.const("const.split_mlp", np.array([config.intermediate_size] * 2, np.int64))
 
-    states = ["inputs_embeds"]  # transformers' hidden_states: embeddings, then each layer's output
-    residual, pending, probs = "inputs_embeds", None, []  # pending: the last MLP output, not yet added
+    states = [embeds]  # transformers' hidden_states: embeddings, then each layer's output
+    residual, pending, probs = embeds, None, []  # pending: the last MLP output, not yet added
     for i, layer in enumerate(lm.layers[:n]):
         attn, mlp = layer.self_attn, layer.mlp
         gamma = g.weight(f"layers.{i}.input_layernorm.weight", layer.input_layernorm.weight)
@@ -259,6 +282,8 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
     if getattr(spec.lm_head, "bias", None) is not None:
         logits = g.op("Add", [logits, g.weight("lm_head.bias", spec.lm_head.bias)])
     g.op("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
+    if spec.next_token:  # [B,1]: the first index of the maximum, as numpy's argmax (greedy on the device)
+        g.op("ArgMax", ["logits"], [NEXT_TOKEN], axis=-1, keepdims=1, select_last_index=0)
     if probs:
         g.op("Concat", probs, ["attention"], axis=1) if len(probs) > 1 else g.op("Identity", probs, ["attention"])
 
@@ -272,10 +297,14 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]), *kv_in]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.vocab_size]),
                helper.make_tensor_value_info("hidden", elem, ["batch", "sequence", d]), *kv_out]
+    if spec.embed_tokens is not None:  # optional: its initializer (an empty [1,0]) is the default
+        inputs.append(helper.make_tensor_value_info(TOKEN_INPUT, TensorProto.INT64, ["batch", "tokens"]))
     if cmai_layers:
         inputs.append(helper.make_tensor_value_info("image_bias", elem, ["batch", len(cmai_layers), "total_sequence"]))
         outputs.append(helper.make_tensor_value_info("attention", elem, ["batch", len(cmai_layers), "sequence",
                                                                           "past_sequence + sequence"]))
+    if spec.next_token:  # last: the outputs before it are the plain decoder's, in its order
+        outputs.append(helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, ["batch", 1]))
     graph = helper.make_graph(g.nodes, "decoder_fused", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="pipmm-edge export/fused.py", ir_version=FUSED_IR_VERSION)
@@ -286,7 +315,7 @@ def build_fused_decoder(spec: FusedDecoderSpec) -> onnx.ModelProto:
 def _run_nodes(model: onnx.ModelProto) -> list:
     """The nodes that run: those of constant inputs only (the weight pieces' Concat and Transpose) are folded into
     initializers when ONNX Runtime loads the graph."""
-    constant = {t.name for t in model.graph.initializer}
+    constant = {t.name for t in model.graph.initializer} - {i.name for i in model.graph.input}  # input_ids: a default
     return [n for n in model.graph.node if not all(i in constant for i in n.input if i)]
 
 
@@ -300,16 +329,20 @@ def fused_ops(model: onnx.ModelProto) -> dict:
 
 
 def fused_entry(path) -> dict:
-    """The manifest entry's extra fields: what the flavour is, its ops, and which runtime prefers it."""
+    """The manifest entry's extra fields (sdk/manifest_fused.py): what the flavour is, its ops, and which runtime
+    prefers it."""
     model = onnx.load(str(path), load_external_data=False)
     layers = sum(1 for node in model.graph.node if node.op_type == "GroupQueryAttention")
     name = {p.key: p.value for p in model.metadata_props}.get(TARGET_KEY, "cpu")
     target = FUSED_TARGETS[name]
     run = _run_nodes(model)
-    return {"flavour_of": "decoder", "preferred_by": {"onnxruntime": list(target.devices)}, "target": name,
-            # a mask as wide as the CPU's in-place KV buffer reads right (runtimes/inplace_cache.py)
-            "query_seqlens": target.rotary_in_attention, "cmai": target.cmai,
-            "ops": fused_ops(model), "nodes": len(run), "folded_at_load": len(model.graph.node) - len(run),
-            "nodes_per_layer": round(len(run) / max(layers, 1), 1),
-            "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed: float ones from the decoder's "
-                        "own pieces, folded at load, shared with it)"}
+    inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+    return FusedDecoderEntry(
+        target=name, preferred_by={"onnxruntime": list(target.devices)},
+        query_seqlens=target.rotary_in_attention, cmai=target.cmai,
+        token_input=TOKEN_INPUT if TOKEN_INPUT in inputs else None,
+        next_token=NEXT_TOKEN if NEXT_TOKEN in outputs else None,
+        extra={"ops": fused_ops(model), "nodes": len(run), "folded_at_load": len(model.graph.node) - len(run),
+               "nodes_per_layer": round(len(run) / max(layers, 1), 1),
+               "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed: float ones from the decoder's "
+                           "own pieces, folded at load, shared with it)"}).to_dict()

@@ -10,6 +10,8 @@ weights as ONNX Runtime's fused contrib ops, for the CPU).
     PIPMM_THREADS    intra-op threads of every session (default: ONNX Runtime's, one per core; threads=)
     PIPMM_DECODER_THREADS  the decoder's alone (default: 1 on CPU for a decoder of at most SMALL_DECODER_BYTES)
     PIPMM_PREFILL_SESSION  0: no second decoder session for prefills (separate_prefill; default 1)
+    PIPMM_TOKEN_STEP 0: decode steps through the embed graph and the host's argmax even where decoder_fused takes
+                     token ids and gives next_token (token_step_choice; default 1: scripts/gpu_speed.py compares)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 
 from sdk.bundle import Bundle
 from sdk.errors import BackendError
+from sdk.manifest_fused import FusedDecoderEntry
 
 FUSED_DECODER = "decoder_fused"
 # A decoder this small runs on one intra-op thread on CPU: its ops are too small to split, and a second thread
@@ -32,7 +35,21 @@ CUDA_DTYPES = ("float16", "bfloat16")  # GroupQueryAttention's CUDA kernel
 
 def fused_devices(bundle: Bundle) -> list[str]:
     """Where the bundle's decoder_fused is meant to run (its manifest entry's preferred_by, export/fused.py)."""
-    return list(bundle.graphs[FUSED_DECODER].extra.get("preferred_by", {}).get("onnxruntime", ["cpu"]))
+    return list(FusedDecoderEntry.of(bundle).preferred_by.get("onnxruntime", ["cpu"]))
+
+
+def token_step_choice(bundle: Bundle, decoder_graph: str, device_buffer: bool) -> tuple[bool, str | None]:
+    """-> (decode steps feed token ids to decoder_fused, why not: for info()). The device-buffer cache
+    (runtimes/fused_device.py) is what uses it."""
+    if decoder_graph != FUSED_DECODER:
+        return False, f"{decoder_graph} takes embeddings only"
+    if not device_buffer:  # host memory already: the embed graph writes the bound row, numpy takes the argmax
+        return False, "the token step is the device-buffer cache's (kv_cache='static')"
+    if FusedDecoderEntry.of(bundle).token_input is None:
+        return False, f"this {FUSED_DECODER} predates its input_ids entry: re-add it (--overwrite) for the token step"
+    if os.environ.get("PIPMM_TOKEN_STEP", "1").strip() in ("0", "false", "no"):
+        return False, "PIPMM_TOKEN_STEP=0"
+    return True, None
 
 
 def _why_not(bundle: Bundle, device: str, kv_cache: str) -> str | None:

@@ -15,6 +15,14 @@ on the host) is S in every call and every decode step has the same shapes and ad
                      there. decode_token() also binds the embed graph's output straight into the decoder's
                      embeds OrtValue (no host round trip for the embedding row).
     prefill (T > 1)  its own binding, outside the graph (gpu_graph_id -1): host inputs, the same cache.
+    token step       where decoder_fused takes token ids (sdk/manifest_fused.py token_input, next_token): a binding
+                     of input_ids [1,1] (a fixed device OrtValue) and an empty inputs_embeds [1,0,D], the same mask,
+                     position and outputs, and next_token bound to the input_ids OrtValue itself (the graph's Gather
+                     reads it before its ArgMax writes it): one session run (one CUDA graph replay, this binding's
+                     is the captured one; T == 1 from embeddings then runs outside the graph) does embed + layers +
+                     argmax, and the chosen id is already the next step's input. A greedy step reads 8 bytes back
+                     (the stop check) and leaves logits on the device (sdk/generation.py DeviceChoice); a sampled one
+                     copies the logits row. Bundles before it: the embed graph's row, the host's argmax.
 
 decoder_static (export/model/decoder.py: ScatterElements at the position ids) is the same binding with another
 slot rule: token p goes to slot p (its position id), the mask marks those slots (holes where patch positions
@@ -37,6 +45,7 @@ from .kv_caches import StaticKVCache
 from .positions import following
 
 from sdk.errors import BackendError, one_line
+from sdk.generation import DeviceChoice
 
 CUDA_GRAPH_ID = "1"  # RunOptions gpu_graph_id of the captured decode step; "-1" runs outside any graph
 
@@ -59,7 +68,8 @@ class DeviceBufferCaches:
     """new_cache(), the decoder step and the token step over one device KV buffer. by_position: decoder_static's
     slot rule (slot = position id, StaticKVCache views), else decoder_fused's (slot = order, FusedDeviceCache)."""
 
-    def __init__(self, ort, session, backend, cuda_graph: bool, by_position: bool = False):
+    def __init__(self, ort, session, backend, cuda_graph: bool, by_position: bool = False, token_ids: bool = False,
+                 device_argmax: bool = False):
         self.ort, self.session, self.cuda_graph, self.by_position = ort, session, cuda_graph, by_position
         self.device, self.device_id = backend.ort_device, backend.device_id
         self.slots, self.max_context = backend.cache_slots, backend.max_context
@@ -81,11 +91,20 @@ class DeviceBufferCaches:
         self.step_out = {"logits": self.value(np.zeros((1, backend.vocab_size), backend.logits_dtype)),
                          "hidden": self.value(np.zeros((1, 1, backend.hidden_size), backend.hidden_dtype))}
         self.token = self.value(np.zeros((1, 1), np.int64))
+        self.device_token: int | None = None  # what self.token holds, where known (the token step's next_token)
+        self.device_argmax = token_ids and device_argmax
+        self.token_runs = 0  # token steps run so far (refuse_token_step: only the first may fail)
         self.eager_options, self.graph_options = ort.RunOptions(), ort.RunOptions()
         if cuda_graph:
             self.eager_options.add_run_config_entry("gpu_graph_id", "-1")
             self.graph_options.add_run_config_entry("gpu_graph_id", CUDA_GRAPH_ID)
-        self.step_binding = self._step_binding()
+        # binding name -> its maker; the captured one is replayed as the CUDA graph, the others run eagerly
+        self.makers = {"embeds": self._step_binding}
+        if token_ids:
+            self.no_embeds = self.value(np.zeros((1, 0, backend.hidden_size), self.embed_dtype))
+            self.makers["ids"] = self._ids_binding
+        self.captured = "ids" if token_ids else "embeds"
+        self.bindings = {name: make() for name, make in self.makers.items()}
         self.embed_binding = None
 
     def value(self, array: np.ndarray):
@@ -107,6 +126,19 @@ class DeviceBufferCaches:
             binding.bind_ortvalue_input(name, value)
         for name, value in self.step_out.items():
             binding.bind_ortvalue_output(name, value)
+        self._bind_cache(binding)
+        return binding
+
+    def _ids_binding(self):
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self.token)
+        binding.bind_ortvalue_input("inputs_embeds", self.no_embeds)
+        for name in ("attention_mask", "position_ids"):
+            binding.bind_ortvalue_input(name, self.step_in[name])
+        for name, value in self.step_out.items():
+            binding.bind_ortvalue_output(name, value)
+        if self.device_argmax:
+            binding.bind_ortvalue_output("next_token", self.token)  # read by Gather first, written by ArgMax last
         self._bind_cache(binding)
         return binding
 
@@ -150,17 +182,17 @@ class DeviceBufferCaches:
         self.stamps[cache.length:end] = self.writes
         return FusedDeviceCache(end, next_position, cache.generation, self.writes)
 
-    def _run_step(self) -> None:
-        """The bound decode step: replayed as a CUDA graph where it can be, else run eagerly."""
-        if self.cuda_graph:
+    def _run_step(self, name: str) -> None:
+        """A bound decode step: the captured binding replayed as a CUDA graph where it can be, else run eagerly."""
+        if self.cuda_graph and name == self.captured:
             try:
-                self.session.run_with_iobinding(self.step_binding, self.graph_options)
+                self.session.run_with_iobinding(self.bindings[name], self.graph_options)
                 return
             except Exception as err:  # capture refused at run time: keep going without the graph
                 self.cuda_graph = False
                 self.cuda_graph_note = f"CUDA graph capture failed at run time: {one_line(err, 300)}"
-                self.step_binding = self._step_binding()
-        self.session.run_with_iobinding(self.step_binding, self.eager_options)
+                self.bindings[name] = self.makers[name]()
+        self.session.run_with_iobinding(self.bindings[name], self.eager_options)
 
     def step(self, inputs_embeds: np.ndarray, cache, positions: np.ndarray, bias: np.ndarray | None,
              attention: bool):
@@ -172,7 +204,7 @@ class DeviceBufferCaches:
             self.step_in["inputs_embeds"].update_inplace(embeds)
             self.step_in["attention_mask"].update_inplace(mask)
             self.step_in["position_ids"].update_inplace(positions)
-            self._run_step()
+            self._run_step("embeds")
             logits, hidden = self.step_out["logits"].numpy(), self.step_out["hidden"].numpy()
         else:  # a prefill: outside the graph, host inputs, outputs to the host
             binding = self.session.io_binding()
@@ -186,18 +218,36 @@ class DeviceBufferCaches:
             logits, hidden = (v.numpy() for v in binding.get_outputs()[:2])
         return logits, hidden, self._grown(cache, end, mask, following(positions)), None
 
-    def token_step(self, embed_session, token_id: int, cache):
-        """A decode step from a token id: the embed graph writes its row into the bound embeds OrtValue, then the
-        decode step runs -> (logits [1,V], grown cache)."""
+    def refuse_token_step(self) -> bool:
+        """After the token step's first run failed (onnxruntime refused it): drop it -> whether there was one to
+        drop. Later failures are not refusals (False). The slots that run wrote are written again by the retry."""
+        if "ids" not in self.bindings or self.token_runs:
+            return False
+        del self.bindings["ids"], self.makers["ids"]
+        self.captured, self.device_argmax, self.device_token = "embeds", False, None
+        return True
+
+    def token_step(self, embed_session, token_id: int, cache, greedy: bool = False):
+        """A decode step from a token id -> (logits [1,V] or, greedy with the device's argmax, a DeviceChoice;
+        grown cache): the token step's one run where the graph takes ids, else the embed graph writes its row into
+        the bound embeds OrtValue and the decode step runs."""
         positions = np.array([[cache.next_position]], np.int64)
         end, mask = self._advance(cache, positions)
-        if self.embed_binding is None:
-            self.embed_binding = embed_session.io_binding()
-            self.embed_binding.bind_ortvalue_input("input_ids", self.token)
-            self.embed_binding.bind_ortvalue_output("inputs_embeds", self.step_in["inputs_embeds"])
-        self.token.update_inplace(np.array([[token_id]], np.int64))
-        embed_session.run_with_iobinding(self.embed_binding)
+        if token_id != self.device_token:  # else the last token step's next_token, already in place
+            self.token.update_inplace(np.array([[token_id]], np.int64))
+        self.device_token = None if self.device_argmax else token_id
+        if "ids" not in self.bindings:
+            if self.embed_binding is None:
+                self.embed_binding = embed_session.io_binding()
+                self.embed_binding.bind_ortvalue_input("input_ids", self.token)
+                self.embed_binding.bind_ortvalue_output("inputs_embeds", self.step_in["inputs_embeds"])
+            embed_session.run_with_iobinding(self.embed_binding)
         self.step_in["attention_mask"].update_inplace(mask)
         self.step_in["position_ids"].update_inplace(positions)
-        self._run_step()
-        return self.step_out["logits"].numpy(), self._grown(cache, end, mask, cache.next_position + 1)
+        self._run_step(self.captured)
+        self.token_runs += 1
+        grown = self._grown(cache, end, mask, cache.next_position + 1)
+        if greedy and self.device_argmax:
+            self.device_token = int(self.token.numpy()[0, 0])
+            return DeviceChoice(self.device_token, self.step_out["logits"].numpy), grown
+        return self.step_out["logits"].numpy(), grown

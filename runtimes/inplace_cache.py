@@ -35,10 +35,7 @@ from .decoder_flavour import FUSED_DECODER
 from .positions import following
 
 from sdk.errors import BackendError
-
-# the decoder_fused manifest entry's mark of a graph whose GroupQueryAttention takes query_seqlens (export/fused.py):
-# only those read a mask as wide as the buffer correctly
-CAPACITY_MASK = "query_seqlens"
+from sdk.manifest_fused import FusedDecoderEntry
 
 
 def cpu_cache(bundle, decoder_graph: str, flavour_note: str | None) -> tuple[str, str | None]:
@@ -46,11 +43,11 @@ def cpu_cache(bundle, decoder_graph: str, flavour_note: str | None) -> tuple[str
     plain decoder's present is concat(past, new): it has no buffer to share."""
     if decoder_graph != FUSED_DECODER:
         return "numpy", f"the in-place cache needs {FUSED_DECODER}: {flavour_note}"
-    extra = bundle.graphs[FUSED_DECODER].extra
-    if extra.get("target", "cpu") != "cpu":  # export/fused.py FUSED_TARGETS: no query_seqlens in the CUDA one
-        return "numpy", f"{FUSED_DECODER} is the {extra['target']} target (no query_seqlens): the numpy cache, or " \
+    entry = FusedDecoderEntry.of(bundle)
+    if entry.target != "cpu":  # export/fused.py FUSED_TARGETS: no query_seqlens in the CUDA one
+        return "numpy", f"{FUSED_DECODER} is the {entry.target} target (no query_seqlens): the numpy cache, or " \
                         "kv_cache='static' for its device-buffer cache (runtimes/fused_device.py)"
-    if not extra.get(CAPACITY_MASK):
+    if not entry.query_seqlens:
         return "numpy", f"{FUSED_DECODER} predates query_seqlens: re-add it (--overwrite) for the in-place cache"
     return "inplace", None
 

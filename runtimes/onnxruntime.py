@@ -28,7 +28,7 @@ from functools import partial
 import numpy as np
 
 from .decoder_flavour import (FUSED_DECODER, choose_flavour, decoder_threads, separate_prefill, session_options,
-                              spinning_default)
+                              spinning_default, token_step_choice)
 from .fused_device import DeviceBufferCaches
 from .inplace_cache import InPlaceCaches, cpu_cache
 from .kv_caches import STATIC_DECODER, DeviceKVCache, KVCache, resolve_cache
@@ -38,7 +38,8 @@ from .vision_output import VisionOutput
 
 from sdk.bundle import Bundle
 from sdk.manifest import Graph
-from sdk.errors import BackendError, BundleError, one_line
+from sdk.manifest_fused import FusedDecoderEntry
+from sdk.errors import BackendError, BundleError, PipmmError, one_line
 
 # device -> execution providers, most preferred first
 PROVIDERS: dict[str, list[str]] = {
@@ -53,6 +54,11 @@ KV_CACHES = ("inplace", "numpy", "device", "static")
 ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
+
+
+def _host_logits(token_step, embed_session, token_id: int, cache, greedy: bool):
+    """A token step whose logits are host memory already (the CPU's in-place cache): greedy asks nothing of it."""
+    return token_step(embed_session, token_id, cache)
 
 
 def _ort():
@@ -127,9 +133,16 @@ class OnnxRuntimeBackend:
             session_options(ort, self.ort_device, self.decoder_threads, self.spinning)
         self.sessions = {}
         # + the frame adapter of a qformer/mivpg bundle (sdk/frames.py)
-        for name in ("vision", "embed") + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
+        for name in ("vision",) + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
             self.sessions[name] = self._open(name)
         self.sessions[self.decoder_graph] = self._open_decoder()
+        # decoder_fused's token step (sdk/manifest_fused.py: input_ids in, next_token out), where it has one. Its
+        # decode steps never run the embed graph, whose rows (prefills) go through the host anyway: on a GPU the
+        # embed graph then runs on the CPU, so the device holds the table once (the decoder's Gather), not twice.
+        token_ids, self.token_step_note = token_step_choice(bundle, self.decoder_graph, self.static_cache)
+        self.embed_device = "cpu" if token_ids else self.device
+        self.sessions["embed"] = self._open("embed", session_options(ort, "cpu", 1, False), "cpu") \
+            if self.embed_device != self.device else self._open("embed")
         # calls of T > 1 on every core where decode steps run on one (runtimes/decoder_flavour.py separate_prefill)
         self.prefill_session = self._open(self.decoder_graph, self.options) if separate_prefill(
             self.device, self.decoder_threads, threads) else self.sessions[self.decoder_graph]
@@ -157,6 +170,7 @@ class OnnxRuntimeBackend:
         # zeros for calls without a bias, fed as views (read-only for the graph) rather than new arrays per token
         self._zero_bias = np.zeros(self.bias_layers * self.max_context, self.bias_dtype) if bias else None
         self.has_attention = "attention" in decoder_outputs
+        self.token_input = FusedDecoderEntry.of(bundle).token_input if self.decoder_graph == FUSED_DECODER else None
         self.step_outputs = ["logits", "hidden", *self._kv_names("present")]  # what a generation step reads
         self.vocab_size = model.vocab_size
         # The cache kind's constructor and decode step, chosen once here rather than per call by the cache's type.
@@ -168,18 +182,20 @@ class OnnxRuntimeBackend:
         if self.kv_cache == "inplace":
             self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
-            self._token_step = self._inplace.token_step if embed_binds else None
+            self._token_step = partial(_host_logits, self._inplace.token_step) if embed_binds else None
         if self.static_cache:  # one device buffer: decoder_fused's (slot = order) or decoder_static's (= position)
+            entry = token_ids and FusedDecoderEntry.of(bundle)
             self._buffer = DeviceBufferCaches(ort, self.sessions[self.decoder_graph], self, self.cuda_graph,
-                                              by_position=self.decoder_graph == STATIC_DECODER)
+                                              by_position=self.decoder_graph == STATIC_DECODER, token_ids=token_ids,
+                                              device_argmax=bool(entry and entry.next_token))
             kinds["static"] = (self._buffer.new_cache, self._buffer.step)
-            self._token_step = self._buffer.token_step if embed_binds else None
+            self._token_step = self._buffer.token_step if embed_binds or token_ids else None
         self._new_cache, self._decode_step = kinds[self.kv_cache]
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def _provider_options(self, graph: str, cuda_graph: bool) -> list:
-        if self.device == "cpu":
+    def _provider_options(self, graph: str, cuda_graph: bool, device: str | None = None) -> list:
+        if (device or self.device) == "cpu":
             return list(PROVIDERS["cpu"])
         cuda = {"device_id": str(self.device_id), "arena_extend_strategy": "kSameAsRequested",
                 "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
@@ -198,9 +214,11 @@ class OnnxRuntimeBackend:
         if self.decoder_graph != FUSED_DECODER:
             return self._open(self.decoder_graph)
         plain, fused = self.bundle.graphs["decoder"], self.bundle.graphs[FUSED_DECODER]
-        cmai = () if fused.extra.get("cmai", True) else ("image_bias", "attention")  # the CUDA target has no CMAI
+        entry = FusedDecoderEntry.of(self.bundle)
+        cmai = () if entry.cmai else ("image_bias", "attention")  # the CUDA target has no CMAI
         if [(i.name, i.dtype) for i in plain.inputs if i.name not in cmai] != [(i.name, i.dtype) for i in fused.inputs] or \
-                [o.name for o in plain.outputs if o.name not in cmai] != [o.name for o in fused.outputs]:
+                [o.name for o in plain.outputs if o.name not in cmai] != \
+                [o.name for o in fused.outputs if o.name != entry.next_token]:
             reason = f"{FUSED_DECODER}'s inputs/outputs differ from decoder's (re-add it with --overwrite)"
         else:
             try:
@@ -213,16 +231,17 @@ class OnnxRuntimeBackend:
         self.decoder_graph = STATIC_DECODER if self.static_cache else "decoder"
         return self._open(self.decoder_graph)
 
-    def _open(self, name: str, options=None):
+    def _open(self, name: str, options=None, device: str | None = None):
         ort = _ort()
         spec = self.bundle.graphs[name]
+        device = device or self.device
         graph_capture = self.cuda_graph and name == self.decoder_graph
         path = str(self.bundle.graph_path(name))
         options = options or (self.decoder_options if name.startswith("decoder") else self.options)
         try:
             try:
                 session = ort.InferenceSession(path, sess_options=options,
-                                               providers=self._provider_options(name, graph_capture))
+                                               providers=self._provider_options(name, graph_capture, device))
             except Exception as err:
                 if not graph_capture:
                     raise
@@ -235,7 +254,7 @@ class OnnxRuntimeBackend:
             raise BundleError(f"graph {name} ({spec.file}) cannot be loaded by onnxruntime: "
                               f"{str(err).splitlines()[0][:200]}; copy or re-export the bundle") from err
         self._check_signature(name, spec, session)
-        wanted = PROVIDERS[self.device][0]
+        wanted = PROVIDERS[device][0]
         if wanted not in session.get_providers():
             raise BackendError(f"onnxruntime could not start {wanted} for graph {name} (it fell back to "
                                f"{', '.join(session.get_providers())}): check the CUDA/cuDNN libraries that "
@@ -265,6 +284,9 @@ class OnnxRuntimeBackend:
                 "kv_cache": self.kv_cache, "kv_cache_note": self.kv_cache_note,
                 "static_cache_slots": self.cache_slots if self.static_cache else None, "static_cache_bytes": kv_bytes,
                 "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
+                "token_step": self._buffer is not None and "ids" in self._buffer.bindings,
+                "device_argmax": self._buffer is not None and self._buffer.device_argmax,
+                "token_step_note": self.token_step_note, "embed_device": self.embed_device,
                 "cuda_graph": self._buffer.cuda_graph if self._buffer else self.cuda_graph,
                 "cuda_graph_note": (self._buffer and self._buffer.cuda_graph_note) or self.cuda_graph_note,
                 "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_threads": self.options.intra_op_num_threads or "default",
@@ -325,10 +347,19 @@ class OnnxRuntimeBackend:
             raise BackendError(f"image_bias has shape {image_bias.shape}, the call needs {(batch, self.bias_layers, total)}")
         return np.ascontiguousarray(image_bias, self.bias_dtype)
 
-    def decode_token(self, token_id: int, cache, image_bias: np.ndarray | None = None):
-        """Pipeline.decode's embed + decoder -> (logits [1,V], cache + 1); in place on bound arrays where it can."""
+    def decode_token(self, token_id: int, cache, image_bias: np.ndarray | None = None, greedy: bool = False):
+        """Pipeline.decode's embed + decoder -> (logits [1,V], cache + 1); in place on bound arrays where it can.
+        greedy: a DeviceChoice (sdk/generation.py) instead of the logits where the device makes the argmax."""
         if image_bias is None and self._token_step is not None:
-            return self._token_step(self.sessions["embed"], token_id, cache)
+            try:
+                return self._token_step(self.sessions["embed"], token_id, cache, greedy)
+            except PipmmError:
+                raise
+            except Exception as err:  # onnxruntime's own: the token step refused on its first run, not later
+                if self._buffer is None or not self._buffer.refuse_token_step():
+                    raise
+                self._token_step = None  # the embed graph runs on the CPU now: its rows go through the host
+                self.token_step_note = f"the token step failed on its first run: {one_line(err, 300)}"
         logits, _, cache = self.decoder(self.embed(np.asarray([[token_id]], np.int64)), cache, image_bias=image_bias)
         return logits, cache
 
@@ -372,6 +403,8 @@ class OnnxRuntimeBackend:
             feeds[f"past_key_values.{i}.value"] = cache.past[2 * i + 1]
         if bias is not None:
             feeds["image_bias"] = bias
+        if b > 1 and self.token_input:  # the optional input_ids' default is [1,0]: batch 1
+            feeds[self.token_input] = np.zeros((b, 0), np.int64)
         fetch = self.step_outputs + (["attention"] if attention else [])
         session = self.prefill_session if t > 1 else self.sessions[self.decoder_graph]
         logits, hidden, *present = session.run(fetch, feeds)

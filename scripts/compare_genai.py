@@ -136,11 +136,14 @@ def fused_copy(bundle: Path, checkpoint_dir: Path, work: Path) -> Path:
     from export.extra_graphs import add_graphs
     from sdk.bundle import load_bundle
 
-    from runtimes.inplace_cache import CAPACITY_MASK
+    from sdk.manifest_fused import FusedDecoderEntry
 
-    def current(path: Path) -> bool:  # a decoder_fused of this export/fused.py (older ones lack the mark)
-        graphs = load_bundle(path, verify=False).graphs
-        return "decoder_fused" in graphs and bool(graphs["decoder_fused"].extra.get(CAPACITY_MASK))
+    def current(path: Path) -> bool:  # a decoder_fused of this export/fused.py (older ones lack the marks)
+        loaded = load_bundle(path, verify=False)
+        if "decoder_fused" not in loaded.graphs:
+            return False
+        entry = FusedDecoderEntry.of(loaded)
+        return entry.query_seqlens and entry.token_input is not None
 
     if current(bundle):
         return bundle

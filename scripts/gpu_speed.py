@@ -12,6 +12,10 @@ from the same checkpoint's text model (scripts/compare_genai.py extract_text_mod
 -e cuda`). On --device cpu the same steps run in FP32 (`-p fp32 -e cpu`, `-p int4 -e cpu`), decoder_fused over the
 device-buffer cache on CPU OrtValues (kv_cache='static'), no CUDA graphs: a check of the script, not a measurement.
 
+The "fused" variants decode through decoder_fused's token step (input_ids in, next_token out: one session run, 8
+bytes back per greedy token; runtimes/fused_device.py); "-embed-graph" ones the same bundle with PIPMM_TOKEN_STEP=0
+(the embed graph's row in, the [1,V] logits row to the host for the argmax), the path before it.
+
 Bench: VARIANTS, interleaved (order rotated per round), each round of each variant in its own process (so its
 peak GPU memory is its own and a crash takes only that variant): pipmm through sdk.bench.bench()
 (Pipeline.generate, N new tokens) and GenAI through its Generator (CUDA graph on) on a text prompt as long as
@@ -61,9 +65,15 @@ VARIANTS = {"plain+graph": ("pipmm", "float", "plain", "auto", None),
             "genai": ("genai", "genai-float", None, None, None),
             "fused-int4": ("pipmm", "int4", "fused", "fused", None),
             "genai-int4": ("genai", "genai-int4", None, None, None),
-            "fused-eager": ("pipmm", "float", "fused", "fused", False)}
-DEFAULT_VARIANTS = ("plain+graph", "fused", "genai", "fused-int4", "genai-int4")
-PAIRS = [("plain+graph", "genai"), ("fused", "genai"), ("fused-int4", "genai-int4")]  # token agreement
+            "fused-eager": ("pipmm", "float", "fused", "fused", False),
+            "fused-embed-graph": ("pipmm", "float", "fused", "fused", None),
+            "fused-int4-embed-graph": ("pipmm", "int4", "fused", "fused", None)}
+# the environment a variant adds: "-embed-graph", decode steps as before decoder_fused's token step (the embed
+# graph's row in, the logits row to the host for the argmax; runtimes/fused_device.py)
+VARIANT_ENV = {"fused-embed-graph": {"PIPMM_TOKEN_STEP": "0"}, "fused-int4-embed-graph": {"PIPMM_TOKEN_STEP": "0"}}
+DEFAULT_VARIANTS = ("plain+graph", "fused", "genai", "fused-int4", "genai-int4", "fused-embed-graph")
+PAIRS = [("plain+graph", "genai"), ("fused", "genai"), ("fused-int4", "genai-int4"),  # token agreement
+         ("fused", "fused-embed-graph"), ("fused-int4", "fused-int4-embed-graph")]
 
 
 def log(*parts) -> None:
@@ -214,19 +224,21 @@ def prompt_ids(bundle: Path) -> np.ndarray:
 
 
 def greedy_ours(bundle: Path, device: str, decoder: str, kv_cache: str, ids: np.ndarray, n: int) -> list[int]:
+    """The prefill of `ids`, then n greedy tokens through the decode steps Pipeline.decode takes (decode_token:
+    the token step where the bundle and PIPMM_TOKEN_STEP allow), end of sequence suppressed as GenAI's
+    min_length does."""
     from runtimes.onnxruntime import OnnxRuntimeBackend
     from sdk.bundle import load_bundle
+    from sdk.generation import GenerationArgs, choose
 
     loaded = load_bundle(bundle, verify=False)
     backend = OnnxRuntimeBackend(loaded, device=device, kv_cache=kv_cache, decoder_flavour=decoder)
     eos = sorted(set(loaded.manifest.special_tokens.eos))
-    cache, step, out = backend.new_cache(1), ids[None].astype(np.int64), []
+    args, rng, out = GenerationArgs(max_new_tokens=n), np.random.default_rng(0), []
+    logits, _, cache = backend.decoder(backend.embed(ids[None].astype(np.int64)), backend.new_cache(1))
     for _ in range(n):
-        logits, _, cache = backend.decoder(backend.embed(step), cache)
-        logits = logits[0].astype(np.float32)
-        logits[eos] = -np.inf  # GenAI's min_length suppresses end of sequence too
-        out.append(int(logits.argmax()))
-        step = np.array([[out[-1]]], np.int64)
+        out.append(choose(logits, args, rng, eos))
+        logits, cache = backend.decode_token(out[-1], cache, greedy=True)
     return out
 
 
@@ -239,12 +251,14 @@ def measure(args, work: Path, variant: str) -> dict:
         from sdk.bench import bench
 
         os.environ["PIPMM_DECODER"] = decoder
+        os.environ.update(VARIANT_ENV.get(variant, {}))
         result = bench(work / target, backend="onnxruntime", device=args.device, new_tokens=args.new_tokens,
                        runs=args.runs, warmup=args.warmup, kv_cache=kv_cache, cuda_graph=cuda_graph, verify=False,
                        log=lambda *a, **k: None)
         out = {"stages": {k: v["median"] for k, v in result["stages"].items()}, "memory": result["memory"],
                "backend": {k: result["backend"].get(k) for k in ("decoder_graph", "decoder_flavour_note", "kv_cache",
                                                                   "kv_cache_note", "cuda_graph", "cuda_graph_note",
+                                                                  "token_step", "device_argmax", "token_step_note",
                                                                   "onnxruntime", "providers")},
                "prompt_tokens": result["config"]["prompt_tokens"], "bandwidth": result["bandwidth"]}
         if args.agree and ids_file.exists():
@@ -323,6 +337,9 @@ def report(doc: dict) -> str:
         what = entry.get("error") or b.get("decoder_graph") or f"GenAI {b.get('onnxruntime_genai', '')}"
         if b.get("kv_cache"):
             what += f", {b['kv_cache']} cache, CUDA graph {b.get('cuda_graph')}"
+        if b.get("token_step") is not None:
+            what += ", token step + device argmax" if b.get("device_argmax") else \
+                f", embed graph + host argmax ({b.get('token_step_note')})"
         lines.append(f"| {name} | {fmt(m.get('ttft_ms'))} | {fmt(m.get('prefill_ms'))} | "
                      f"{fmt(m.get('decode_tokens_per_s'), 0)} | {fmt(entry.get('device_peak_mb'), 0)} | "
                      f"{fmt(entry.get('host_peak_rss_mb'), 0)} | {what[:160]} |")

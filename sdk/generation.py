@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,3 +73,23 @@ def sample(logits: np.ndarray, args: GenerationArgs, rng: np.random.Generator) -
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
     return int(rng.choice(probs.shape[0], p=probs))
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """A greedy decode step whose argmax ran on the device (runtimes/fused_device.py): the chosen id, read back as 8
+    bytes, and the logits row [1,V] copied only when asked (valid until the backend's next step)."""
+    token: int
+    logits: Callable[[], np.ndarray]
+
+
+def choose(logits: "np.ndarray | DeviceChoice", args: GenerationArgs, rng: np.random.Generator,
+           banned: list[int]) -> int:
+    """A step's logits [1,V] (or a greedy DeviceChoice) -> the next token id, `banned` ids made impossible. The
+    device's argmax stands unless it is banned (then the row comes to the host): with the maximum not banned, the
+    first index of the maximum is the same with or without the ban."""
+    if isinstance(logits, DeviceChoice):
+        if logits.token not in banned:
+            return logits.token
+        logits = logits.logits()
+    return sample(suppress(logits[0], banned) if banned else logits[0], args, rng)

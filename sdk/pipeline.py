@@ -11,6 +11,8 @@
              (inhibit > 0, CMAI: [text, image] -> cache; the prompt's text -> attention -> focus -> image_bias;
               the prompt's text again with image_bias -> logits, cache. sdk/cmai.py)
     decode:  sample -> embed -> decoder (T=1) -> logits ... until EOS, max_new_tokens or a full context
+             (greedy on a bundle whose decoder_fused takes token ids and gives next_token: token id -> one session
+              run -> the device's argmax, 8 bytes to the host; runtimes/fused_device.py)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .conversation import Conversation, text_pieces
 from .errors import BundleError, ContextOverflowError, PipelineBusyError, PipmmError, one_line, typed_errors
 from .explain import Explanation, explain, require_attention
 from .frames import FrameCountError, Frames, as_frames, preprocess_frames
-from .generation import GenerationArgs, sample, suppress
+from .generation import GenerationArgs, choose
 from .manifest import Manifest
 from .preprocess import pixel_input
 from .prompting import Prompter
@@ -205,11 +207,12 @@ class Pipeline:
         logits, _, cache = self.backend.decoder(text, before, tail, image_bias=bias)
         return logits, cache, bias, count
 
-    def decode(self, token_id: int, cache, image_bias: np.ndarray | None = None):
-        """One new token -> (logits [1,V], cache grown by one); image_bias [1,L_c,P+1] (CMAI) or None."""
+    def decode(self, token_id: int, cache, image_bias: np.ndarray | None = None, greedy: bool = False):
+        """One new token -> (logits [1,V], cache grown by one); image_bias [1,L_c,P+1] (CMAI) or None. greedy: the
+        backend may give a DeviceChoice instead of the logits (sdk/generation.py: its argmax made on the device)."""
         fused = getattr(self.backend, "decode_token", None)  # embed + decoder in one backend call, where offered
         if fused is not None:
-            return fused(token_id, cache, image_bias)
+            return fused(token_id, cache, image_bias, greedy=greedy)
         embeds = self.backend.embed(np.asarray([[token_id]], np.int64))
         logits, _, cache = self.backend.decoder(embeds, cache, image_bias=image_bias)
         return logits, cache
@@ -294,8 +297,7 @@ class Pipeline:
         decode_ms, step_start = 0.0, None
         result.finish_reason = "length"
         while True:
-            row = logits[0] if generated >= args.min_new_tokens else suppress(logits[0], eos)
-            token = sample(row, args, rng)
+            token = choose(logits, args, rng, [] if generated >= args.min_new_tokens else eos)
             if step_start is None:
                 t["ttft_ms"] = _ms(start)
             else:
@@ -312,7 +314,7 @@ class Pipeline:
                 break
             step_start = time.perf_counter()
             bias = cmai.grow(bias)  # the new token's own position is never inhibited
-            logits, cache = self.decode(token, cache, bias)
+            logits, cache = self.decode(token, cache, bias, greedy=args.temperature == 0.0)
             steps += 1
         t["decode_ms"] = decode_ms
         t["decode_ms_per_token"] = decode_ms / steps if steps else 0.0

@@ -162,3 +162,70 @@ def test_cuda_chooses_the_fused_decoder_only_where_it_runs(cuda_target, bundles,
         choose_flavour(load_bundle(cpu_target, verify=False), "cuda", "auto", "fused")
     entry = fp16.graphs["decoder_fused"].extra
     assert entry["preferred_by"] == {"onnxruntime": ["cuda"]} and entry["target"] == "cuda" and not entry["cmai"]
+
+
+@pytest.fixture(scope="module")
+def older_cuda_target(bundles, checkpoints, tmp_path_factory):
+    """The CUDA-target bundle as export/fused.py wrote it before its token step: no input_ids, no next_token."""
+    import dataclasses
+
+    from export import extra_graphs
+
+    out = tmp_path_factory.mktemp("older") / "fp32"
+    shutil.copytree(bundles("qwen2"), out)
+    with pytest.MonkeyPatch.context() as patch:
+        made = extra_graphs.optional_module
+        patch.setattr(extra_graphs, "optional_module", lambda *a, **k: dataclasses.replace(
+            made(*a, **k), embed_tokens=None, next_token=False))
+        return add_graphs(out, checkpoints["qwen2"], graphs=("decoder_fused",), fused_target="cuda")
+
+
+class _CountingCopies:
+    """An OrtValue stand-in that counts the copies to the host of the bound one it wraps."""
+
+    def __init__(self, value):
+        self.value, self.copies = value, 0
+
+    def numpy(self):
+        self.copies += 1
+        return self.value.numpy()
+
+
+def test_token_step_gives_the_embed_graphs_greedy_tokens_without_copying_logits(cuda_target, older_cuda_target,
+                                                                                image, monkeypatch):
+    """One session run per token (input_ids in, next_token out, bound to one OrtValue) against the embed graph +
+    host argmax of the same bundle, an older bundle without the token step, and the plain decoder."""
+    entry = load_bundle(cuda_target(), verify=False).graphs["decoder_fused"].extra
+    assert (entry["token_input"], entry["next_token"]) == ("input_ids", "next_token")
+    assert {"ArgMax", "Gather"} <= set(entry["ops"])
+    pipe = sdk.load(cuda_target(), device="cpu")
+    runs = {}
+    for name, bundle, env in (("token step", cuda_target(), "1"), ("embed graph", cuda_target(), "0"),
+                              ("older bundle", older_cuda_target, "1")):
+        monkeypatch.setenv("PIPMM_TOKEN_STEP", env)
+        pipe.backend = OnnxRuntimeBackend(load_bundle(bundle, verify=False), device="cpu", kv_cache="static")
+        info = pipe.backend.info()
+        assert info["token_step"] == info["device_argmax"] == (name == "token step"), info["token_step_note"]
+        logits = pipe.backend._buffer.step_out["logits"] = _CountingCopies(pipe.backend._buffer.step_out["logits"])
+        greedy = pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12)
+        runs[name] = greedy.token_ids
+        assert logits.copies == (0 if name == "token step" else 11), name  # 11 decode steps after the prefill
+        if name == "token step":  # sampling copies the row, and the greedy id in the buffer is rewritten first
+            sampled = pipe.generate(image, PROMPT, max_new_tokens=6, temperature=0.7, seed=3)
+            assert logits.copies == len(sampled.token_ids) - 1 + (sampled.finish_reason == "eos")
+            assert pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12).token_ids == runs[name]
+    assert "predates" in OnnxRuntimeBackend(load_bundle(older_cuda_target, verify=False), device="cpu",
+                                            kv_cache="static").info()["token_step_note"]
+    monkeypatch.delenv("PIPMM_TOKEN_STEP")
+    pipe.backend = OnnxRuntimeBackend(load_bundle(cuda_target(), verify=False), device="cpu", kv_cache="static")
+    pipe.backend._buffer.bindings["ids"] = pipe.backend._buffer.session.io_binding()  # refused by onnxruntime
+    runs["refused"] = pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12).token_ids
+    info = pipe.backend.info()
+    assert not info["token_step"] and "failed on its first run" in info["token_step_note"]
+    pipe.backend = OnnxRuntimeBackend(pipe.backend.bundle, device="cpu", decoder_flavour="plain")
+    runs["plain"] = pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12).token_ids
+    assert len(set(map(tuple, runs.values()))) == 1, runs
+
+    batched = OnnxRuntimeBackend(load_bundle(cuda_target(), verify=False), device="cpu", kv_cache="numpy")
+    logits, _, _ = batched.decoder(np.zeros((2, 3, batched.hidden_size), np.float32), batched.new_cache(2))
+    assert logits.shape == (2, batched.vocab_size)  # batches feed input_ids [2,0] (its default is [1,0])

@@ -61,3 +61,16 @@ def test_min_new_tokens_suppresses_end_of_sequence(eos_first, image):
     assert some.token_ids[:2] == forced.token_ids[:2] and 2 <= len(some.token_ids) <= 6
     with pytest.raises(GenerationArgumentError, match="min_new_tokens=7 is outside 0..6"):
         pipeline.generate(image, PROMPT, max_new_tokens=6, min_new_tokens=7)
+
+
+def test_a_device_choice_stands_unless_banned():
+    """sdk/generation.py choose(): the device's argmax is taken as it is, the row fetched only when it is banned."""
+    from sdk.generation import DeviceChoice, GenerationArgs, choose
+
+    row = np.array([[0.0, 3.0, 2.0, 3.0]], np.float32)
+    fetched = []
+    step = DeviceChoice(1, lambda: fetched.append(1) or row)
+    greedy, rng = GenerationArgs(max_new_tokens=4), np.random.default_rng(0)
+    assert choose(step, greedy, rng, [0]) == 1 and not fetched
+    assert choose(step, greedy, rng, [1]) == 3 and fetched  # the ban moves the choice to the other maximum
+    assert choose(row, greedy, rng, []) == 1 == int(np.argmax(row))

@@ -232,3 +232,18 @@ def test_add_graphs_rewrites_the_manifest_through_the_bundle_module(bundles, che
     assert {k: v for k, v in after.files.items() if k in before.files and k not in moved} == \
         {k: v for k, v in before.files.items() if k not in moved}
     assert not any(p.name.startswith(".") for p in bundle.iterdir())
+
+
+def test_decoder_fused_settings_read_typed_with_the_defaults_of_older_bundles():
+    """sdk/manifest_fused.py: the keys export/fused.py writes round-trip; an entry before the token step reads as
+    one without it; a bad value is refused in one line."""
+    from sdk.manifest_fused import FusedDecoderEntry
+
+    written = FusedDecoderEntry(target="cuda", preferred_by={"onnxruntime": ["cuda"]}, cmai=False,
+                                token_input="input_ids", next_token="next_token", extra={"nodes": 40}).to_dict()
+    assert FusedDecoderEntry.from_extra(written, "m") == FusedDecoderEntry.from_extra(dict(written), "m")
+    assert FusedDecoderEntry.from_extra(written, "m").extra == {"nodes": 40}
+    older = FusedDecoderEntry.from_extra({"target": "cpu", "query_seqlens": True, "ops": {}}, "m")
+    assert (older.token_input, older.next_token, older.cmai) == (None, None, True)
+    with pytest.raises(BundleError, match="'next_token' must be an output name or null"):
+        FusedDecoderEntry.from_extra({**written, "next_token": 3}, "m")
