@@ -20,6 +20,7 @@ Never import torch or transformers here.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -300,7 +301,28 @@ def _short(err: Exception) -> str:
 def preprocess(image, config: dict, max_pixels: int | None = None) -> np.ndarray:
     """Any image load_image accepts -> float32 pixel_values [1, 3, H, W]."""
     cfg = normalize_config(config, BadPreprocessing)
-    return normalized(rescaled(resized_pixels(image, cfg, max_pixels), cfg), cfg)
+    return pixel_values(resized_pixels(image, cfg, max_pixels), cfg)
+
+
+def pixel_values(pixels: np.ndarray, cfg: dict) -> np.ndarray:
+    """uint8 H x W x 3 -> float32 pixel_values [1, 3, H, W], bit for bit normalized(rescaled(pixels)): a uint8 has
+    256 values, so each channel's result is a table of 256 float32s computed by those very steps, and one gather
+    per channel writes the channels-first output (no float64 image, no temporaries, no transpose copy)."""
+    table = _level_table(cfg["do_rescale"], cfg["rescale_factor"], cfg["do_normalize"], tuple(cfg["image_mean"]),
+                         tuple(cfg["image_std"]))
+    out = np.empty((1, 3) + pixels.shape[:2], np.float32)
+    for c in range(3):
+        np.take(table[c], pixels[:, :, c], out=out[0, c], mode="clip")  # uint8 indices: never clipped
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _level_table(do_rescale: bool, factor: float, do_normalize: bool, mean: tuple, std: tuple) -> np.ndarray:
+    """[3, 256] float32: rescaled then normalized for every uint8 level, per channel."""
+    cfg = {"do_rescale": do_rescale, "rescale_factor": factor, "do_normalize": do_normalize,
+           "image_mean": list(mean), "image_std": list(std)}
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # 256 x 1 x 3
+    return np.ascontiguousarray(normalized(rescaled(levels, cfg), cfg)[0, :, :, 0])
 
 
 def pixel_input(image, config: dict, max_pixels: int | None = None) -> np.ndarray:

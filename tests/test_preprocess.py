@@ -285,3 +285,17 @@ def test_llava_pad_to_square_matches_transformers(size):
     assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-5
     assert "do_pad" not in config_from_processor({**raw, "do_pad": False})  # manifests without it read as before
 
+
+
+@pytest.mark.parametrize("config", ["llava15", "no_norm", "no_rescale"])
+def test_level_table_is_bitwise_the_float_steps(config):
+    # preprocess() gathers each channel from a 256-entry table (sdk.preprocess.pixel_values): the same float32s,
+    # bit for bit, as rescale-then-normalise on the whole image (the steps the table is computed with)
+    from sdk.preprocess import normalized, pixel_values, rescaled
+
+    cfg = config_from_processor({**CONFIGS, **EXTRA_CONFIGS}[config])
+    pixels = rng_for("table", config).integers(0, 256, (31, 45, 3), dtype=np.uint8)
+    pixels[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    got = pixel_values(pixels[:, 2:40], cfg)  # a cropped view, as after center crop
+    expected = normalized(rescaled(pixels[:, 2:40], cfg), cfg)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)
