@@ -208,15 +208,22 @@ def patch_position_ids(input_ids: torch.Tensor, image_token: int, attention: tor
     builds them for a bundle with visual_tokens.positions == "patch" (sdk.pipeline.prefill_positions):
     prompt-topk keeps the K patches of largest attention [Q,N] in raster order; the text after the
     image moves to its full-budget place (+ N - K). Right-padded rows: pads get positions too, unread."""
-    q, t = input_ids.shape
-    n = attention.shape[-1]
-    slots = input_ids == image_token  # [Q,T], K per row
     kept = top_patches(attention.float(), k)  # [Q,K], prompt-topk's own selection (ties included)
-    first = slots.int().argmax(dim=1)  # [Q]
-    positions = torch.arange(t, device=input_ids.device).expand(q, t).clone()
-    positions[slots] = (first[:, None] + kept).flatten()
-    after = torch.arange(t, device=input_ids.device)[None] >= (first + k)[:, None]
-    return positions + after * (n - k)
+    return kept_position_ids(input_ids, image_token, kept[:, None], attention.shape[-1])
+
+
+def kept_position_ids(input_ids: torch.Tensor, image_token: int, kept: torch.Tensor, n: int) -> torch.Tensor:
+    """[Q,T] decoder positions of F images a row, their kept patch indices kept [Q,F,K] (raster order), as
+    sdk.pipeline.prefill_positions lays them out: image f's K slots (contiguous) at its first slot's place + their
+    patch index, and every token after image f moved on by N - K, i.e. each image its own block of N positions."""
+    q, t = input_ids.shape
+    f, k = kept.shape[1:]
+    slots = input_ids == image_token  # [Q,T], F*K per row
+    before = slots.long().cumsum(1) - slots.long()  # image slots before each token
+    image, j = before // k, before % k  # text: images wholly before it; a slot: its image and its index there
+    places = torch.arange(t, device=input_ids.device)[None] + image * (n - k)
+    patch = kept.flatten(1).long().gather(1, before.clamp_max(f * k - 1))  # [Q,T], read at the slots only
+    return torch.where(slots, places - j + patch, places)
 
 
 def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
@@ -278,7 +285,8 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
 
 @torch.no_grad()
 def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int = 64,
-                    patch_positions: bool = False, tokens: torch.Tensor | None = None) -> list[list[int]]:
+                    patch_positions: bool = False, tokens: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> list[list[int]]:
     """Greedy answers for every question of a batch (labels are ignored; ids stop at the prompt).
 
     Rows are right-padded: prefill the whole [Q,T], read each row's logits at its own last prompt
@@ -296,18 +304,21 @@ def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int
     width = int(lengths.max())
     ids = ids[:, :width]
     q = ids.shape[0]
-    if tokens is None:  # given: the image slots' tokens [Q,L,D] (several frames, export/train/multiframe.py)
+    # tokens given: the image slots' tokens [Q,L,D], position_ids their prefill positions [Q,T] (several frames,
+    # export/train/multiframe.py)
+    if tokens is None:
         tokens, attention = visual_tokens(model, vision, batch)
     embeds = embed_sequence(model, ids, tokens)
     lm = model.model.language_model
     cache = DynamicCache(config=model.config.text_config)
     positions = torch.arange(width, device=ids.device).expand(q, width)
-    shift = 0  # decode positions run ahead of the cache by N - K with patch positions
     if patch_positions:
         positions = patch_position_ids(ids, model.config.image_token_index, attention, tokens.shape[1])
-        shift = attention.shape[-1] - tokens.shape[1]
+    if position_ids is not None:
+        positions = position_ids[:, :width]
     hidden = lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
     rows = torch.arange(q, device=ids.device)
+    following = positions[rows, lengths - 1] + 1  # patch positions run ahead of the cache by N - K an image
     logits = model.lm_head(hidden[rows, lengths - 1])
     mask = (torch.arange(width, device=ids.device)[None] < lengths[:, None]).long()  # [Q,width]
     out = [[] for _ in range(q)]
@@ -323,7 +334,7 @@ def greedy_generate(model, vision: PipmmVision, batch: dict, max_new_tokens: int
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(q, 1, dtype=mask.dtype, device=mask.device)], 1)
-        pos = (lengths + step + shift)[:, None]
+        pos = (following + step)[:, None]
         hidden = lm(inputs_embeds=model.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True).last_hidden_state
         logits = model.lm_head(hidden[:, -1])

@@ -1,7 +1,8 @@
 """`pipmm train --stage mv`: several frames per question (export/tasks/multiview.py), three ways to combine them.
 
-    pipmm train --stage mv --init models/default_model --adapter mivpg --out ckpt/mv-mivpg --budget quarter \\
-                --frames 2 4 --n-max 8 [--train-llm --llm-lr-scale 0.1] [--adapter-set csa=full ...]
+    pipmm train --stage mv --init models/default_model --adapter mivpg --out ckpt/mv-mivpg \\
+                --frames 2 4 --n-max 8 [--train-llm --llm-lr-scale 1] [--adapter-set csa=full ...] \\
+                [--budget half --visual-positions patch]
 
   concat          no new weights: every frame's K tokens in turn, as the SDK lays them out (sdk/frames.py); only
                   --train-llm has something to learn (the LLM reading several frames)
@@ -11,7 +12,11 @@
 Frozen always: the vision tower, the projector and the prompt MLP, so every frame is encoded as the single-frame
 model encodes it (PIP-MM: with the question's T-CLS; the prompt vector from the current LLM, without gradient).
 Sequences are the SDK's own (sdk.prompting.Prompter.prompt_ids with the frames' placeholders, or one of R slots)
-plus answer and EOS; the loss reads the answer and EOS only. Each batch holds samples of one frame count, drawn
+plus answer and EOS; the loss reads the answer and EOS only. Every frame is encoded at the init model's own budget
+and positions (the default model: half, patch) where the request fits the context at N_max frames, else the
+next setting that does (export/train/frame_setting.py; train_config.json "visual_setting" says which and why);
+with patch positions concat's frames take the SDK's layout (export/train/model.py kept_position_ids), and the
+bundle is exported with the same --visual-tokens and --visual-positions. Each batch holds samples of one frame count, drawn
 per batch in --frames MIN MAX; the adapter sees the unpadded frames (equal to N_max slots with a mask:
 tests/test_frames_adapter.py). Output: a checkpoint directory `pipmm export` reads, with adapter.safetensors +
 adapter.json beside it for `pipmm add-graphs --adapter`. Every choice is in train_config.json; --resume,
@@ -38,9 +43,11 @@ from sdk.preprocess import config_from_processor, preprocess
 from export.model.mivpg import AdapterConfig, FrameAdapter, parameter_count
 from export.tasks import multiview, scenes
 from export.tasks.answers import normalize
+from export.train import frame_setting
 from export.train.data import IGNORE, IndexedBatches, SequenceSpec, pad_rows, scene_items
 from export.train.progress import step_bar
-from export.train.model import embed_sequence, encode_prompts, greedy_generate, make_vision, special_tokens
+from export.train.model import (embed_sequence, encode_prompts, greedy_generate, kept_position_ids, make_vision,
+                                special_tokens)
 from export.train.state import STATE_JSON, copy_assets, load_trainer_state, save_model, save_trainer_state
 
 DATA_OFFSET = 0  # multi-view samples of the train split (their frames: scene indices >= multiview.MV_OFFSET)
@@ -63,6 +70,9 @@ def add_arguments(p) -> None:
     p.add_argument("--adapter-set", action="append", default=[], metavar="KEY=VALUE",
                    help="stage mv: an AdapterConfig field, e.g. csa=full, frame_order=embedded, queries=64")
     p.add_argument("--llm-lr-scale", type=float, default=1.0, help="stage mv with --train-llm: LLM lr = lr * this")
+    p.add_argument("--visual-positions", default=None, choices=("patch", "sequence"),
+                   help="stage mv: decoder positions of concat's frame tokens (default: the init model's own where "
+                        "N_max frames fit the context, export/train/frame_setting.py; --budget likewise)")
     p.add_argument("--single-fraction", type=float, default=0.25,
                    help="stage mv: fraction of batches of one frame with the single-image families (scenes.py), so "
                         "one frame stays answered as before")
@@ -151,9 +161,9 @@ class MultiViewBatches(IndexedBatches):
 
 # ----------------------------------------------------------------------------- model
 
-def frame_tokens(model, vision, adapter, batch: dict) -> torch.Tensor:
-    """-> the image slots' tokens [Q,L,D]: each question's n frames through the frozen vision part (with the
-    question's prompt vector), then concatenated (L = n*K) or pooled by the adapter (L = R)."""
+def encode_frames(model, vision, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (tokens [Q,n,K,D], kept patch indices [Q,n,K] or None): each question's n frames through the frozen vision
+    part, with the question's prompt vector."""
     pixels, index, n = batch["pixel_values"], batch["sample_index"], int(batch["frames"])
     q = index.shape[0]
     with torch.no_grad():
@@ -163,17 +173,41 @@ def frame_tokens(model, vision, adapter, batch: dict) -> torch.Tensor:
             cfg = vision.prompt_mlp.config
             vectors = encode_prompts(model, batch["encoder_ids"], batch["encoder_lengths"], cfg.prompt_layer,
                                      cfg.pooling).to(pixels.dtype).repeat_interleave(n, 0)
-        tokens = vision(frames, vectors)[0]  # [Q*n,K,D]
-    tokens = tokens.view(q, n, *tokens.shape[1:])
+        out = vision(frames, vectors)  # tokens [Q*n,K,D], cls attention, (kept [Q*n,K] when the reducer keeps patches)
+    tokens = out[0].view(q, n, *out[0].shape[1:])
+    return tokens, out[2].view(q, n, -1) if len(out) > 2 else None
+
+
+def combine(adapter, tokens: torch.Tensor) -> torch.Tensor:
+    """[Q,n,K,D] -> the image slots' tokens [Q,L,D]: concatenated (L = n*K) or pooled by the adapter (L = R)."""
     if adapter is None:
         return tokens.flatten(1, 2)
-    return adapter(tokens, torch.ones(q, n, device=tokens.device))
+    return adapter(tokens, torch.ones(tokens.shape[:2], device=tokens.device))
 
 
-def forward_loss(model, vision, adapter, batch: dict) -> dict:
-    tokens = frame_tokens(model, vision, adapter, batch)  # [Q,L,D]
+def frame_tokens(model, vision, adapter, batch: dict) -> torch.Tensor:
+    """-> the image slots' tokens [Q,L,D] of a batch (encode_frames, then combine)."""
+    return combine(adapter, encode_frames(model, vision, batch)[0])
+
+
+def position_ids(model, vision, adapter, batch: dict, kept: torch.Tensor | None, positions: str):
+    """[Q,T] prefill positions of concat's frames at their patch positions (kept_position_ids), or None: sequence
+    positions (the adapters' R tokens always, as Pipeline._tokens gives them)."""
+    if adapter is not None or positions != "patch":
+        return None
+    if kept is None:
+        raise MultiFrameTrainError(f"patch positions need a reducer that keeps patches, not {vision.config.reducer}")
+    return kept_position_ids(batch["input_ids"], model.config.image_token_index, kept, vision.config.grid ** 2)
+
+
+def forward_loss(model, vision, adapter, batch: dict, positions: str = "sequence") -> dict:
+    frames, kept = encode_frames(model, vision, batch)
+    tokens = combine(adapter, frames)  # [Q,L,D]
     embeds = embed_sequence(model, batch["input_ids"], tokens)
-    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    ids = position_ids(model, vision, adapter, batch, kept, positions)
+    # with jumping position ids the all-ones mask keeps transformers from reading packed sequences (model.py)
+    lm_kwargs = {} if ids is None else {"position_ids": ids, "attention_mask": torch.ones_like(batch["input_ids"])}
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False, **lm_kwargs).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE  # predict token t+1 from position t; only answer tokens
     loss = F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), targets[keep])
@@ -184,26 +218,46 @@ def forward_loss(model, vision, adapter, batch: dict) -> dict:
     return {"loss": loss, "answer_tokens": int(keep.sum()), "spread": spread}  # spread: a tensor, read when logged
 
 
-def validate(model, vision, adapter, data: MultiViewBatches, samples: int, device, batch_samples: int = 16) -> dict:
-    """Exact match per family on the first `samples` val samples at data.frames[1] frames (batched greedy)."""
-    prompter = data.spec.prompter()
+def validate(model, vision, adapter, data: MultiViewBatches, samples: int, device, positions: str = "sequence",
+             batch_samples: int = 16) -> dict:
+    """Exact match per family (batched greedy, the run's own layout): the first `samples` val samples at
+    data.frames[1] frames (the multi-view families), and under "single" as many val scenes of one frame (scenes.py's
+    families: concat gives the LLM the frame's K tokens, an adapter its R)."""
+    prompter, batch_samples = data.spec.prompter(), min(batch_samples, samples)
     val = MultiViewBatches(data.spec, data.preprocessing, batch_samples, data.size, data.frames, data.mode,
                            data.slots, split="val")
+    names = list(multiview.FAMILIES) + list(scenes.FAMILIES)  # the batches' family indices
     correct, total = {}, {}
     model.eval()
-    for index in range(math.ceil(samples / batch_samples)):
-        batch = {k: v.to(device) for k, v in val.batch(index, prompter, frames=data.frames[1]).items()}
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outputs = greedy_generate(model, vision, batch, 16, tokens=frame_tokens(model, vision, adapter, batch))
-        labels = batch["labels"].cpu()
-        for row, tokens in enumerate(outputs):
-            family = multiview.FAMILIES[int(batch["family"][row])]
-            answer = prompter.decode([t for t in labels[row].tolist() if t != IGNORE])
-            correct[family] = correct.get(family, 0) + (normalize(prompter.decode(tokens)) == normalize(answer))
-            total[family] = total.get(family, 0) + 1
+    for frames in (data.frames[1], 0):  # 0: a batch of single frames (MultiViewBatches.frame_count)
+        for index in range(math.ceil(samples / batch_samples)):
+            batch = {k: v.to(device) for k, v in val.batch(index, prompter, frames=frames).items()}
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                tokens, kept = encode_frames(model, vision, batch)
+                outputs = greedy_generate(model, vision, batch, 16, tokens=combine(adapter, tokens),
+                                          position_ids=position_ids(model, vision, adapter, batch, kept, positions))
+            labels = batch["labels"].cpu()
+            for row, tokens in enumerate(outputs):
+                family = names[int(batch["family"][row])]
+                answer = prompter.decode([t for t in labels[row].tolist() if t != IGNORE])
+                correct[family] = correct.get(family, 0) + (normalize(prompter.decode(tokens)) == normalize(answer))
+                total[family] = total.get(family, 0) + 1
     model.train()
-    return {"frames": data.frames[1], "n": sum(total.values()), "overall": sum(correct.values()) / max(1, sum(total.values())),
-            "per_family": {f: correct[f] / total[f] for f in multiview.FAMILIES if f in total}}
+
+    def score(families) -> dict:
+        n = sum(total.get(f, 0) for f in families)
+        return {"n": n, "overall": sum(correct.get(f, 0) for f in families) / max(1, n),
+                "per_family": {f: correct[f] / total[f] for f in families if f in total}}
+
+    return {"frames": data.frames[1], **score(multiview.FAMILIES), "single": score(scenes.FAMILIES)}
+
+
+def _report(what: str, val: dict, frames: int) -> str:
+    single = val["single"]
+    return (f"{what} at {frames} frames: overall {val['overall']:.3f} "
+            + " ".join(f"{f} {a:.2f}" for f, a in val["per_family"].items())
+            + f"; one frame: overall {single['overall']:.3f} ({single['n']} questions) "
+            + " ".join(f"{f} {a:.2f}" for f, a in single["per_family"].items()))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,6 +302,23 @@ def _load(args):
     return init, model, mlp, parent
 
 
+def choose_setting(args, model_config, init: Path, parent: dict | None, adapter_cfg) -> frame_setting.VisualSetting:
+    """The run's budget and positions (export/train/frame_setting.py), the separator's tokens from the tokenizer."""
+    from tokenizers import Tokenizer
+
+    vision_cfg = model_config.vision_config
+    separator = len(Tokenizer.from_file(str(init / "tokenizer.json")).encode(DEFAULT_SEPARATOR,
+                                                                            add_special_tokens=False).ids)
+    try:
+        return frame_setting.choose(args.adapter, parent, args.reducer, args.n_max,
+                                    (vision_cfg.image_size // vision_cfg.patch_size) ** 2,
+                                    model_config.text_config.max_position_embeddings,
+                                    0 if adapter_cfg is None else adapter_cfg.queries, separator,
+                                    args.budget, args.visual_positions)
+    except ValueError as err:
+        raise MultiFrameTrainError(f"stage mv: {err}") from None
+
+
 def run(args) -> int:
     out = Path(args.out)
     if out.exists() and (out / "train_config.json").is_file() and not args.resume:
@@ -265,11 +336,13 @@ def run(args) -> int:
     init, model, mlp, parent = _load(args)
     for p in model.parameters():
         p.requires_grad_(False)
-    budget = args.budget or "quarter"
-    vision = make_vision(model, budget, args.reducer, mlp)
     d_llm = model.config.text_config.hidden_size
+    adapter_cfg = None if args.adapter == "concat" else adapter_config(args, d_llm)
+    setting = choose_setting(args, model.config, init, parent, adapter_cfg)
+    budget, positions = setting.budget, setting.positions
+    vision = make_vision(model, budget, args.reducer, mlp)
     torch.manual_seed(args.seed)
-    adapter = None if args.adapter == "concat" else FrameAdapter(adapter_config(args, d_llm)).train()
+    adapter = None if adapter_cfg is None else FrameAdapter(adapter_cfg).train()
     trainable = {} if adapter is None else {f"adapter.{n}": p for n, p in adapter.named_parameters()}
     llm = {n: p for n, p in model.named_parameters() if "language_model" in n or "lm_head" in n} if args.train_llm else {}
     for p in llm.values():
@@ -313,6 +386,7 @@ def run(args) -> int:
               "adapter_config": None if adapter is None else vars(adapter.config).copy(),
               "adapter_parameters": 0 if adapter is None else parameter_count(adapter),
               "frames": [lo, hi], "n_max": args.n_max, "budget": budget, "reducer": args.reducer,
+              "visual_setting": setting.to_dict(),
               "visual_tokens_per_frame": vision.config.num_tokens, "pipmm": mlp is not None,
               "frozen": ["vision_tower", "multi_modal_projector"] + (["prompt_mlp"] if mlp else []) +
                         ([] if args.train_llm else ["language_model", "lm_head"]),
@@ -321,7 +395,7 @@ def run(args) -> int:
               "steps": total_steps, "batch_size": batch_size, "samples_per_batch": samples, "lr": lr, "warmup": warmup,
               "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
                             "schedule": "linear warm-up, cosine to min_lr_ratio * lr", "min_lr_ratio": args.min_lr_ratio},
-              "loss": "cross-entropy on answer tokens + EOS (token mean)", "positions": "sequence",
+              "loss": "cross-entropy on answer tokens + EOS (token mean)", "positions": positions,
               "data": {"split": "train", "families": list(multiview.FAMILIES), "kinds": list(multiview.KINDS),
                        "questions_per_sample": "one per family the frames allow", "data_offset": offset,
                        "single_fraction": args.single_fraction,
@@ -348,7 +422,13 @@ def run(args) -> int:
                                                            "train_seconds": round(seconds, 1)}, indent=2) + "\n")
 
     print(f"stage mv ({args.adapter}): {config['trainable_parameters'] / 1e6:.3f}M trainable, {lo}-{hi} frames of "
-          f"{vision.config.num_tokens} tokens, {samples} samples a step, device {device}", flush=True)
+          f"{vision.config.num_tokens} tokens ({budget}, {positions} positions: {setting.source}), {samples} samples "
+          f"a step, device {device}", flush=True)
+    if args.resume:  # the step-0 validation of the run's first part
+        config["val_start"] = json.loads((out / "train_config.json").read_text()).get("val_start")
+    elif args.val_scenes:  # the starting point (after calibration): what training improves on
+        config["val_start"] = validate(model, vision, adapter, data, args.val_scenes, device, positions)
+        print(_report("validation at step 0", config["val_start"], hi), flush=True)
     log, bar, step = open(out / "log.jsonl", "a"), step_bar(start, total_steps, args.quiet, "train mv"), start
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
     for batch in loader:
@@ -358,7 +438,7 @@ def run(args) -> int:
             group["lr"] = lr_at(step, total_steps, warmup, lr, args.min_lr_ratio) * group["lr_scale"]
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = forward_loss(model, vision, adapter, batch)
+            losses = forward_loss(model, vision, adapter, batch, positions)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         logged = (step + 1) % args.log_every == 0 or step + 1 == total_steps
@@ -387,10 +467,9 @@ def run(args) -> int:
     log.close()
     save(step, final=True)
     if args.val_scenes:
-        config["val"] = validate(model, vision, adapter, data, args.val_scenes, device)
+        config["val"] = validate(model, vision, adapter, data, args.val_scenes, device, positions)
         save(step)
-        print(f"validation at {hi} frames: overall {config['val']['overall']:.3f} "
-              + " ".join(f"{f} {a:.2f}" for f, a in config["val"]["per_family"].items()), flush=True)
+        print(_report("validation", config["val"], hi), flush=True)
     print(f"wrote {out} after {step} steps", flush=True)
     return 0
 
