@@ -4,8 +4,9 @@
 #   bash scripts/gpu_mivpg.sh train [SECONDS]        stage mv for every row of $ROWS at once (one GPU, small models),
 #                                                    each stopping with a resumable state after SECONDS (default 480)
 #   bash scripts/gpu_mivpg.sh resume [SECONDS]       continue the rows that stopped early (same warm machine)
-#   bash scripts/gpu_mivpg.sh export                 bundles: quarter budget, prompt-topk, sequence positions (as
-#                                                    trained), + the adapter (N_max 8) or concat's section (N_max 4)
+#   bash scripts/gpu_mivpg.sh export                 bundles at each run's own budget and positions (as trained:
+#                                                    train_config.json "budget", "positions", "n_max"), prompt-topk,
+#                                                    + the adapter (N_max 8) or concat's section (N_max 4)
 #   bash scripts/gpu_mivpg.sh eval [FRAMES]          pipmm eval --multiview at FRAMES (default 4) frames, $EVAL_N (2000)
 #                                                    test questions per row, 14 processes (ONNX Runtime CPU, the user path)
 #   bash scripts/gpu_mivpg.sh finish [FRAMES]        export + eval + the mivpg row's single-frame check, one call
@@ -19,7 +20,11 @@
 # mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer), mivpg-frozen (the LLM frozen too: only the
 # adapter trains, so it ships as a few-MB file beside the default model). All start from the shipped default model
 # with the vision tower, projector and prompt MLP frozen and (except mivpg-frozen) the LLM lightly tuned
-# (--train-llm, lr x 0.1), on 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
+# (--train-llm), on 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
+# Budget and positions: the init model's own (half, patch) where N_max frames fit its context, else the next
+# setting that does (export/train/frame_setting.py, recorded as train_config.json "visual_setting"): on the default
+# model (context 512) the adapters keep half/patch (R + the question) and concat at N_max 4 takes quarter/sequence
+# (4 x 256 patch positions, or 4 x 128 tokens, do not fit beside the question).
 #
 # The lead's two calls for concat / qformer / mivpg (3 rows in parallel, 4 data workers each on the 16 cores):
 #   ROWS="concat qformer mivpg" bash scripts/gpu_mivpg.sh train 420      (then, same warm machine:)
@@ -46,18 +51,18 @@ workers=$(( 14 / ${#rows[@]} )); [ "$workers" -lt 1 ] && workers=1
 EVAL_N=${EVAL_N:-2000}
 
 flags() {  # the stage-mv flags of a row
-  local frozen="--stage mv --budget quarter --frames 2 4 --n-max 8 --steps ${STEPS:-2000} --batch-size 64
+  local frozen="--stage mv --frames 2 4 --steps ${STEPS:-2000} --batch-size 64
                 --lr 1e-4 --llm-lr-scale 1 --save-every 1000000 --log-every 25 --val-scenes 64 --quiet
                 --workers $workers"
   local common="$frozen --train-llm"
   case $1 in
-    concat)      echo "$common --adapter concat --init models/default_model" ;;
-    qformer)     echo "$common --adapter qformer --adapter-set frame_order=embedded --init models/default_model" ;;
-    mivpg)       echo "$common --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
-    mivpg-inv)   echo "$common --adapter mivpg --init models/default_model" ;;
-    mivpg-full)  echo "$common --adapter mivpg --adapter-set frame_order=embedded --adapter-set csa=full --init models/default_model" ;;
-    mivpg-plain) echo "$common --adapter mivpg --adapter-set frame_order=embedded --reducer pool --init $RUNS/plain" ;;
-    mivpg-frozen) echo "$frozen --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
+    concat)      echo "$common --adapter concat --n-max 4 --init models/default_model" ;;
+    qformer)     echo "$common --n-max 8 --adapter qformer --adapter-set frame_order=embedded --init models/default_model" ;;
+    mivpg)       echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
+    mivpg-inv)   echo "$common --n-max 8 --adapter mivpg --init models/default_model" ;;
+    mivpg-full)  echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --adapter-set csa=full --init models/default_model" ;;
+    mivpg-plain) echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --reducer pool --init $RUNS/plain" ;;
+    mivpg-frozen) echo "$frozen --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -97,12 +102,14 @@ export|eval|finish)
         reducer=prompt-topk; [ "$row" = mivpg-plain ] && reducer=pool
         mlp="--prompt-mlp $RUNS/mv-$row"; [ "$row" = mivpg-plain ] && mlp="--no-prompt-mlp"
         rm -rf "$RUNS/bundle-$row"
-        $CLI export "$RUNS/mv-$row" $mlp --visual-tokens quarter --reducer $reducer --visual-positions sequence \
+        # budget, positions and N_max as trained (train_config.json)
+        read -r budget positions nmax < <(python3 -c "import json; c = json.load(open('$RUNS/mv-$row/train_config.json')); print(c['budget'], c['positions'], c['n_max'])")
+        $CLI export "$RUNS/mv-$row" $mlp --visual-tokens "$budget" --reducer $reducer --visual-positions "$positions" \
             --out "$RUNS/bundle-$row" --quiet
         if [ "$row" = concat ]; then
-          $CLI add-graphs "$RUNS/bundle-$row" --multi-image concat --n-max 4
+          $CLI add-graphs "$RUNS/bundle-$row" --multi-image concat --n-max "$nmax"
         else
-          $CLI add-graphs "$RUNS/bundle-$row" --adapter "$RUNS/mv-$row" --n-max 8
+          $CLI add-graphs "$RUNS/bundle-$row" --adapter "$RUNS/mv-$row" --n-max "$nmax"
         fi
       ) > "$RUNS/export-$row.log" 2>&1 &
     done
