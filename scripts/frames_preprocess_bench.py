@@ -91,10 +91,12 @@ def main(argv=None) -> int:
     medians = {f"{name}/{n}/{who}": float(np.median(samples[(name, n, who)])) for name, n, who in keys}
     result = {"schema": "pipmm-frames-preprocess-bench/1", "label": args.label,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": "python scripts/frames_preprocess_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": "python scripts/frames_preprocess_bench.py "
+                         + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": {"cpus": os.cpu_count(), "pool_threads": pool_threads,
                           "shared": "yes: other processes ran on the same cores", "load_average_1min": load},
-              "versions": {"pillow": PIL.__version__, "numpy": np.__version__, "transformers": transformers.__version__},
+              "versions": {"pillow": PIL.__version__, "numpy": np.__version__,
+                           "transformers": transformers.__version__},
               "rounds": args.rounds, "medians_ms": medians,
               "runs": {f"{name}/{n}/{who}": samples[(name, n, who)] for name, n, who in keys}}
     if args.json:

@@ -16,8 +16,8 @@ plus answer and EOS; the loss reads the answer and EOS only. Every frame is enco
 and positions (the default model: half, patch) where the request fits the context at N_max frames, else the
 next setting that does (export/train/frame_setting.py; train_config.json "visual_setting" says which and why);
 with patch positions concat's frames take the SDK's layout (export/train/model.py kept_position_ids), and the
-bundle is exported with the same --visual-tokens and --visual-positions. Each batch holds samples of one frame count, drawn
-per batch in --frames MIN MAX; the adapter sees the unpadded frames (equal to N_max slots with a mask:
+bundle is exported with the same --visual-tokens and --visual-positions. Each batch holds samples of one frame
+count, drawn per batch in --frames MIN MAX; the adapter sees the unpadded frames (equal to N_max slots with a mask:
 tests/test_frames_adapter.py). Output: a checkpoint directory `pipmm export` reads, with adapter.safetensors +
 adapter.json beside it for `pipmm add-graphs --adapter`. Every choice is in train_config.json; --resume,
 --stop-after and --stop-after-seconds split a run as the other stages do.
