@@ -11,6 +11,9 @@ questions, in file order, `--scenes-per-batch` images a forward pass, no gradien
 answer tokens (+ EOS), as in training. `none` is the bundle's own preprocessing (no frame); `zero-frame` the
 first prompt's geometry with delta = 0 (the image as the prompt sees it, nothing learned).
 
+--by-family also gives each question family's loss (the overall one is token-weighted, so families with long
+answers, `describe` above all, dominate it: the weighting training optimised).
+
 --bundle also checks train/eval agreement on the first --check images of each directory: the pixels the SDK feeds
 the bundle's vision graph (sdk.load(bundle, visual_prompt=DIR).pixel_values, as scripts/tvp_table.py's workers
 load it) against the torch transform training differentiated, and against the bundle without the prompt.
@@ -50,6 +53,27 @@ def mean_loss(source, data, prompt=None) -> dict:
             "questions": data.questions}
 
 
+def combined(parts: list[dict]) -> dict:
+    tokens = sum(p["answer_tokens"] for p in parts)
+    return {"lm_loss": sum(p["lm_loss"] * p["answer_tokens"] for p in parts) / tokens, "answer_tokens": tokens,
+            "images": max(p["images"] for p in parts), "questions": sum(p["questions"] for p in parts)}
+
+
+def by_family(items, list_path: Path) -> dict:
+    """family -> the items with only that family's questions (families from the list's records)."""
+    from export.tvp.data import Item
+
+    root = list_path.parent
+    family = {(str(root / r["image"]), r["conversations"][0]["value"].replace("<image>", "").strip()): r["family"]
+              for r in json.loads(list_path.read_text())}
+    out: dict = {}
+    for item in items:
+        for question in item.questions:
+            group = out.setdefault(family[str(item.image), question[0]], {})
+            group.setdefault(item.image, Item(item.image, item.caption, [])).questions.append(question)
+    return {f: list(group.values()) for f, group in sorted(out.items())}
+
+
 def agreement(bundle: str, prompts: dict, items, source) -> dict:
     """Max |SDK pixels - training pixels| and max |SDK pixels with - without the prompt|, per prompt."""
     import numpy as np
@@ -84,6 +108,7 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--bundle", default=None, help="the source's bundle: check train/eval pixel agreement")
     parser.add_argument("--check", type=int, default=8, help="images per directory for --bundle's check")
+    parser.add_argument("--by-family", action="store_true", help="also the loss of each question family")
     args = parser.parse_args()
 
     import torch
@@ -100,22 +125,29 @@ def main() -> int:
     conditions = {"none": None, "zero-frame": first.zeroed(), **prompts}
     table, agreed = {}, {}
     for name, path in (d.split("=", 1) for d in args.data):
-        items, _ = read_items(path, args.images)
+        everything, list_path = read_items(path, args.images)
         if args.bundle:
-            agreed[name] = agreement(args.bundle, prompts, items[:args.check], source)
-        plain = PromptData.plain(items, source.preprocessing, source.prompter, source.pad_id, args.scenes_per_batch)
-        table[name] = {}
-        framed_by = {}  # geometry key -> the images prepared for it, shared by the prompts of that geometry
-        for condition, prompt in conditions.items():
-            if prompt is None:
-                table[name][condition] = mean_loss(source, plain)
-            else:
-                key = prompt.inner_size
-                if key not in framed_by:
-                    framed_by[key] = PromptData.framed(items, prompt, source.preprocessing, source.prompter,
-                                                       source.pad_id, args.scenes_per_batch)
-                table[name][condition] = mean_loss(source, framed_by[key], prompt)
-            print(f"{name} {condition}: L_LM {table[name][condition]['lm_loss']:.4f}", flush=True)
+            agreed[name] = agreement(args.bundle, prompts, everything[:args.check], source)
+        groups = by_family(everything, list_path) if args.by_family else {"all": everything}
+        for group, items in groups.items():
+            key = name if group == "all" else f"{name} {group}"
+            plain = PromptData.plain(items, source.preprocessing, source.prompter, source.pad_id,
+                                     args.scenes_per_batch)
+            table[key] = {}
+            framed_by = {}  # inner side -> the images prepared for it, shared by the prompts of that geometry
+            for condition, prompt in conditions.items():
+                if prompt is None:
+                    table[key][condition] = mean_loss(source, plain)
+                else:
+                    if prompt.inner_size not in framed_by:
+                        framed_by[prompt.inner_size] = PromptData.framed(items, prompt, source.preprocessing,
+                                                                         source.prompter, source.pad_id,
+                                                                         args.scenes_per_batch)
+                    table[key][condition] = mean_loss(source, framed_by[prompt.inner_size], prompt)
+                print(f"{key} {condition}: L_LM {table[key][condition]['lm_loss']:.4f}", flush=True)
+        if args.by_family:  # the whole directory's token-weighted mean, from its families'
+            table[name] = {c: combined([table[f"{name} {g}"][c] for g in groups]) for c in conditions}
+            print(f"{name}: " + ", ".join(f"{c} {v['lm_loss']:.4f}" for c, v in table[name].items()), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "source": args.source,
