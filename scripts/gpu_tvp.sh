@@ -22,8 +22,8 @@
 #                            per-condition results are kept in $RUNS/table-fFRAME and reused while current)
 # GEOMETRY=overlay (train, prompts, table): prompts that add delta on the border band of the full-size image instead
 # of shrinking it into a frame (docs/tvp.md); named prompt-fFRAME-overlay*, scored into table-fFRAME-overlay. A
-# re-run on a warm machine that has the clip phase's guide: GEOMETRY=overlay bash scripts/gpu_tvp.sh prompts, then
-# GEOMETRY=overlay bash scripts/gpu_tvp.sh table.
+# re-run on a warm machine that has the clip phase's guide: GEOMETRY=overlay LR=1 bash scripts/gpu_tvp.sh prompts,
+# then GEOMETRY=overlay bash scripts/gpu_tvp.sh table.
 #
 # DEVICE=cpu runs the same phases on a CPU (with small SCENES, SPS, CLIP_BATCH, steps and N: a smoke run).
 # Everything lives in $RUNS (default runs/tvp in the tree, so that a later call can carry it). What comes back in
@@ -46,6 +46,7 @@ JOBS=${JOBS:-15}                 # table: ONNX Runtime eval processes (and concu
 FRAMES=${FRAMES:-30}             # prompts: frame widths (30: the paper's; add 14 for a one-patch frame)
 FRAME=${FRAME:-30}               # table: the frame whose prompts it scores
 GEOMETRY=${GEOMETRY:-pad}        # prompts and table: pad (TVP's: shrink + frame) or overlay (full image, band added)
+LR=${LR:-10}                     # prompts: the step on the normalised gradient (TVP's 10; overlay wants less)
 G=$([ "$GEOMETRY" = pad ] || echo "-$GEOMETRY")  # name tag: prompt-f30 (pad), prompt-f30-overlay, table-f30-overlay
 BUDGET=${BUDGET:-540}
 P="python3 -m sdk.cli"
@@ -82,7 +83,7 @@ prompt() {  # prompt CKPT STEPS FRAME NAME [extra flags]: one prompt, logged to 
   local ckpt=$1 steps=$2 frame=$3 name=$4
   shift 4
   OMP_NUM_THREADS=${PROMPT_THREADS:-2} guard $P tvp train --source "$ckpt" --data "$RUNS/shifted-train" --clip "$RUNS/clip" \
-     --steps "$steps" --scenes-per-step "$SPS" --frame "$frame" --geometry "$GEOMETRY" --device "$DEVICE" --quiet --overwrite \
+     --steps "$steps" --scenes-per-step "$SPS" --frame "$frame" --geometry "$GEOMETRY" --lr "$LR" --device "$DEVICE" --quiet --overwrite \
      --out "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1
 }
 
