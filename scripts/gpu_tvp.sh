@@ -20,6 +20,10 @@
 #                            and finetune phases ran) with and without each prompt of frame FRAME (30), N questions per
 #                            split (default 1000), ONNX Runtime CPU in JOBS processes; resumable (bundles and
 #                            per-condition results are kept in $RUNS/table-fFRAME and reused while current)
+# GEOMETRY=overlay (train, prompts, table): prompts that add delta on the border band of the full-size image instead
+# of shrinking it into a frame (docs/tvp.md); named prompt-fFRAME-overlay*, scored into table-fFRAME-overlay. A
+# re-run on a warm machine that has the clip phase's guide: GEOMETRY=overlay LR=1 bash scripts/gpu_tvp.sh prompts,
+# then GEOMETRY=overlay bash scripts/gpu_tvp.sh table.
 #
 # DEVICE=cpu runs the same phases on a CPU (with small SCENES, SPS, CLIP_BATCH, steps and N: a smoke run).
 # Everything lives in $RUNS (default runs/tvp in the tree, so that a later call can carry it). What comes back in
@@ -41,6 +45,9 @@ CLIP_WORKERS=${CLIP_WORKERS:-}   # default: clip-train's (cores - 2, at most 14)
 JOBS=${JOBS:-15}                 # table: ONNX Runtime eval processes (and concurrent exports)
 FRAMES=${FRAMES:-30}             # prompts: frame widths (30: the paper's; add 14 for a one-patch frame)
 FRAME=${FRAME:-30}               # table: the frame whose prompts it scores
+GEOMETRY=${GEOMETRY:-pad}        # prompts and table: pad (TVP's: shrink + frame) or overlay (full image, band added)
+LR=${LR:-10}                     # prompts: the step on the normalised gradient (TVP's 10; overlay wants less)
+G=$([ "$GEOMETRY" = pad ] || echo "-$GEOMETRY")  # name tag: prompt-f30 (pad), prompt-f30-overlay, table-f30-overlay
 BUDGET=${BUDGET:-540}
 P="python3 -m sdk.cli"
 mkdir -p "$RUNS" "$OUT"
@@ -76,7 +83,7 @@ prompt() {  # prompt CKPT STEPS FRAME NAME [extra flags]: one prompt, logged to 
   local ckpt=$1 steps=$2 frame=$3 name=$4
   shift 4
   OMP_NUM_THREADS=${PROMPT_THREADS:-2} guard $P tvp train --source "$ckpt" --data "$RUNS/shifted-train" --clip "$RUNS/clip" \
-     --steps "$steps" --scenes-per-step "$SPS" --frame "$frame" --device "$DEVICE" --quiet --overwrite \
+     --steps "$steps" --scenes-per-step "$SPS" --frame "$frame" --geometry "$GEOMETRY" --lr "$LR" --device "$DEVICE" --quiet --overwrite \
      --out "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1
 }
 
@@ -101,19 +108,19 @@ train)  # clip (CPU-bound: scene drawing) overlaps the no-TSE prompt and the fin
   CLIP_WORKERS=${CLIP_WORKERS:-$(( $(nproc) > 6 ? $(nproc) - 5 : 0 ))}
   if serial; then
     clip
-    prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME-notse" --tse-weight 0
+    prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME$G-notse" --tse-weight 0
     finetune "$CKPT" "$STEPS"
   else
     clip > "$RUNS/clip.log" 2>&1 &
     CLIP_PID=$!
-    prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME-notse" --tse-weight 0 &
+    prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME$G-notse" --tse-weight 0 &
     finetune "$CKPT" "$STEPS" &
     wait $CLIP_PID || { echo "clip failed:"; tail -n 5 "$RUNS/clip.log"; }
   fi
   [ -f "$RUNS/clip/clip.json" ] && tail -n 1 "$RUNS/clip.log" 2>/dev/null || true
-  prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME" &
+  prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME$G" &
   serial && wait
-  prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME-nofca" --fca-weight 0 &
+  prompt "$CKPT" "$STEPS" "$FRAME" "prompt-f$FRAME$G-nofca" --fca-weight 0 &
   wait || true
   report
   pack ft-source/model.safetensors
@@ -127,11 +134,11 @@ prompts)
   CKPT=${2:-models/default_model}
   scenes
   for frame in $FRAMES; do
-    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame" &
+    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame$G" &
     serial && wait
-    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame-nofca" --fca-weight 0 &
+    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame$G-nofca" --fca-weight 0 &
     serial && wait
-    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame-notse" --tse-weight 0 &
+    prompt "$CKPT" "${3:-$STEPS}" "$frame" "prompt-f$frame$G-notse" --tse-weight 0 &
     serial && wait
   done
   wait || true
@@ -159,9 +166,9 @@ table)
   [ -f "$RUNS/ft-source/model.safetensors" ] && IND="$IND --finetuned $RUNS/ft-source"
   status=0
   guard python3 scripts/tvp_table.py --source "$CKPT" --plain "${PLAIN:-$CKPT/plain-baseline}" $IND --n "${3:-1000}" \
-     --jobs "$JOBS" --out "$RUNS/table-f$FRAME" --json "$RUNS/table-f$FRAME.json" \
-     --prompt tvp="$RUNS/prompt-f$FRAME" --prompt no-fca="$RUNS/prompt-f$FRAME-nofca" \
-     --prompt no-tse="$RUNS/prompt-f$FRAME-notse" || status=$?
+     --jobs "$JOBS" --out "$RUNS/table-f$FRAME$G" --json "$RUNS/table-f$FRAME$G.json" \
+     --prompt tvp="$RUNS/prompt-f$FRAME$G" --prompt no-fca="$RUNS/prompt-f$FRAME$G-nofca" \
+     --prompt no-tse="$RUNS/prompt-f$FRAME$G-notse" || status=$?
   pack
   [ $status -eq 0 ] || { echo "table stopped (status $status): the finished conditions are in small.tar.gz; carry runs/tvp and re-run to finish"; exit $status; }
   ;;

@@ -14,8 +14,11 @@ Targets (TARGETS; none of them but `source` saw the prompt's training):
   seed1    an independently trained checkpoint (--independent; another seed from stage 0, scripts/gpu_tvp.sh)
   source-ft  the per-model alternative: the source with its projector fine-tuned on the prompt's images
            (--finetuned, pipmm tvp finetune), scored without prompts; its time and parameters are in the JSON
-Conditions: the shifted test split (export/tvp/domain.py; the first N questions) without a prompt and with each
---prompt; the clean test split (the same scenes unshifted) without a prompt and with the first --prompt.
+Conditions: the shifted test split (export/tvp/domain.py; the first N questions) without a prompt, with
+`zero-frame` and with each --prompt; the clean test split (the same scenes unshifted) without a prompt, with
+`zero-frame` and with the first --prompt. `zero-frame` is the first prompt's geometry with delta = 0 (the image
+shrunk and zero-padded, nothing learned): the frame's cost alone, so that prompt - zero-frame is what training
+added (--no-zero-frame leaves it out).
 Bundles and per-condition results already in --out are reused (delete them to redo).
 """
 
@@ -121,6 +124,29 @@ def export_all(found: dict[str, Path], names: list[str], out: Path, jobs: int) -
     return bundles
 
 
+ZERO_FRAME = "zero-frame"
+
+
+def zero_frame(prompt_dir, out: Path) -> Path:
+    """out/zero-frame: a prompt with the geometry of `prompt_dir` and delta = 0 (rewritten when it differs)."""
+    import torch
+
+    from sdk.visual_prompt import VisualPrompt
+
+    from export.tvp.train import save_prompt
+
+    prompt = VisualPrompt.load(prompt_dir)
+    settings = {"method": "zero-frame reference: the geometry of a trained prompt with delta = 0",
+                "geometry_of": str(prompt_dir), "frame": prompt.frame, "geometry": prompt.geometry,
+                "image_size": prompt.image_size, "inner_size": prompt.inner_size}
+    target = out / ZERO_FRAME
+    config = target / "visual_prompt.json"
+    if not (config.is_file() and json.loads(config.read_text()).get("settings") == settings):
+        target.mkdir(parents=True, exist_ok=True)
+        save_prompt(target, torch.zeros(3, prompt.image_size, prompt.image_size), settings, {"completed_steps": 0})
+    return target
+
+
 def prompt_sha(prompt) -> str | None:
     return None if prompt is None else json.loads((Path(prompt) / "visual_prompt.json").read_text())["sha256"]
 
@@ -210,20 +236,20 @@ def _run_indexed(item):
     return k, _worker_run(job)
 
 
-def markdown(table: dict, prompts: list[str]) -> str:
-    first = prompts[0]
-    head = (["target", "shifted: none"] + [f"shifted: {p}" for p in prompts] + ["clean: none", f"clean: {first}"])
+def markdown(table: dict, shifted: list[str], clean: list[str]) -> str:
+    """One row per target: accuracy without a prompt, then each condition (its difference to none)."""
+    head = (["target", "shifted: none"] + [f"shifted: {p}" for p in shifted] + ["clean: none"]
+            + [f"clean: {p}" for p in clean])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in table.items():
-        base, clean = row["shifted"]["none"], row["clean"]["none"]
         cost = row.get("finetune")
         what = row["what"] + (f"; {cost['trainable_parameters']:,} parameters, {cost['seconds']:.0f} s on "
                               f"{cost['device']}" if cost else "")
-        cells = [f"{name} ({what})", f"{base:.1f}"]
-        cells += [f"{row['shifted'][p]:.1f} ({row['shifted'][p] - base:+.1f})" if p in row["shifted"] else "-"
-                  for p in prompts]
-        cells += [f"{clean:.1f}", f"{row['clean'][first]:.1f} ({row['clean'][first] - clean:+.1f})"
-                  if first in row["clean"] else "-"]
+        cells = [f"{name} ({what})"]
+        for kind, conditions in (("shifted", shifted), ("clean", clean)):
+            base = row[kind]["none"]
+            cells += [f"{base:.1f}"] + [f"{row[kind][p]:.1f} ({row[kind][p] - base:+.1f})" if p in row[kind]
+                                        else "-" for p in conditions]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -242,9 +268,13 @@ def main() -> int:
     parser.add_argument("--split", default="test", help="shifted split to score (export/tvp/domain.py)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tvp" / "table"))
     parser.add_argument("--json", default=None, help="write the table (accuracies, settings) here")
+    parser.add_argument("--no-zero-frame", action="store_true", help="leave out the zero-frame reference")
     args = parser.parse_args()
     prompts = dict(item.split("=", 1) for item in args.prompt)
     out = Path(args.out)
+    first = next(iter(prompts))
+    references = {} if args.no_zero_frame else {ZERO_FRAME: str(zero_frame(prompts[first], out))}
+    shifted, clean = {**references, **prompts}, {**references, first: prompts[first]}
     found = checkpoints(args, out)
     for name in args.targets:
         if name not in found:
@@ -253,12 +283,13 @@ def main() -> int:
     bundles = export_all(found, names, out, args.jobs)
     conditions = []
     for name in names:
-        tried = {} if name == "source-ft" else prompts  # the fine-tune is the alternative to a prompt
-        for clean, chosen in ((False, tried), (True, dict(list(tried.items())[:1]))):
+        for is_clean, chosen in ((False, shifted), (True, clean)):
+            chosen = {} if name == "source-ft" else chosen  # the fine-tune is the alternative to a prompt
             for condition, prompt in [("none", None), *chosen.items()]:
-                kind = "clean" if clean else "shifted"
-                conditions.append({"key": (name, kind, condition), "bundle": bundles[name][0], "stamp": bundles[name][1], "prompt": prompt,
-                                   "clean": clean, "path": out / "results" / f"{name}-{kind}-{condition}.json"})
+                kind = "clean" if is_clean else "shifted"
+                conditions.append({"key": (name, kind, condition), "bundle": bundles[name][0],
+                                   "stamp": bundles[name][1], "prompt": prompt, "clean": is_clean,
+                                   "path": out / "results" / f"{name}-{kind}-{condition}.json"})
     results = evaluate_all(conditions, args.n, args.jobs, args.split)
     table = {}
     for name in names:
@@ -273,12 +304,12 @@ def main() -> int:
                 row["per_family"][f"{kind} {condition}"] = {f: round(100 * v["accuracy"], 1)
                                                             for f, v in result["per_family"].items()}
         table[name] = row
-    text = markdown(table, list(prompts))
+    text = markdown(table, list(shifted), list(clean))
     print(text)
     if args.json:
         from sdk.visual_prompt import VisualPrompt
 
-        settings = {name: VisualPrompt.load(path).settings for name, path in prompts.items()}
+        settings = {name: VisualPrompt.load(path).settings for name, path in shifted.items()}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "n": args.n, "split": args.split,
                                                "table": table, "prompts": settings, "markdown": text}, indent=1) + "\n")

@@ -1,26 +1,32 @@
-"""Transferable visual prompting (TVP) on the device: a learned pixel frame around the shrunken image.
+"""Transferable visual prompting (TVP) on the device: a learned pixel frame around the image.
 
 A prompt directory (written by `pipmm tvp train`, export/tvp/train.py) holds
 
     visual_prompt.safetensors   "delta": float32 [3, S, S], zero inside the frame (S = image_size)
-    visual_prompt.json          frame, image_size, inner_size, sha256 of the weights, training settings
+    visual_prompt.json          frame, image_size, inner_size, geometry, sha256 of the weights, training settings
 
 and a bundle may carry one (`pipmm prompt attach`; manifest section sdk/manifest_visual_prompt.py). With a
-prompt, preprocessing becomes (export/tvp/transform.py is the same in torch; tests/test_tvp.py: within 1e-6)
+prompt, preprocessing becomes (export/tvp/transform.py is the same in torch; tests/test_visual_prompt.py: 1e-6)
 
-    image --the bundle's own resize + center crop, at inner x inner (S - 2 * frame)--> uint8 [inner, inner, 3]
+    pad (TVP's code; S - 2 * frame = inner):
+    image --the bundle's own resize + center crop, at inner x inner--> uint8 [inner, inner, 3]
           --rescale (float64 * factor -> float32)--> --zero-pad by `frame`--> [S, S, 3]
           --+ delta--> --(x - mean) / std--> pixel_values [1, 3, S, S]
+    overlay (inner = S: the image keeps its size):
+    image --the bundle's own resize + center crop--> uint8 [S, S, 3] --rescale--> --+ delta-->
+          --the band `frame` pixels wide clipped to [0, 1]--> --(x - mean) / std--> pixel_values [1, 3, S, S]
 
-so the frame pixels are the prompt's and the image keeps its pixels, smaller. The safetensors file is read
-here with numpy (its format: 8-byte little-endian header length, a JSON header, raw little-endian data).
+so with pad the frame pixels are the prompt's and the image keeps its pixels, smaller; with overlay the image
+keeps its size and the prompt shifts the pixels of its border. The safetensors file is read here with numpy
+(its format: 8-byte little-endian header length, a JSON header, raw little-endian data).
 
 A bundle whose vision graph normalises (pixel_input "uint8-nhwc", export/pixel_input.py) gets the framed image
-as uint8 [1, S, S, 3]: the inner crop's own uint8 pixels, zero-padded, plus the frame rounded to uint8 levels
-(rint(delta / rescale_factor)). Inside the frame that is the float path's input exactly (delta is zero there);
-on the frame it is off by at most half a level, 0.5 * factor / std after normalising (its
-effect on the vision output and the answers is measured in docs/tvp.md). A frame outside the pixel range
-(a --no-clamp prompt) has no uint8 form and is refused on such bundles.
+as uint8 [1, S, S, 3]: the inner crop's own uint8 pixels (zero-padded for pad) plus the frame rounded to uint8
+levels (rint(delta / rescale_factor)), clipped to [0, 255]. Inside the frame that is the float path's input
+exactly (delta is zero there); on the frame it is off by at most half a level, 0.5 * factor / std after
+normalising (its effect on the vision output and the answers is measured in docs/tvp.md). A pad frame outside
+the pixel range (a --no-clamp prompt) has no uint8 form and is refused on such bundles; an overlay band is
+clipped to the pixel range on both paths, so it always has one.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import numpy as np
 
 from .bundle import file_records, link_or_copy, load_bundle, sha256_file, staged_bundle, write_manifest
 from .errors import PipmmError
-from .manifest_visual_prompt import VisualPromptSection
+from .manifest_visual_prompt import DEFAULT_GEOMETRY, GEOMETRIES, VisualPromptSection, inner_side
 from .preprocess import BadPreprocessing, UINT8_NHWC, normalize_config, normalized, rescaled, resized_pixels
 
 PROMPT_WEIGHTS = "visual_prompt.safetensors"
@@ -64,13 +70,31 @@ class VisualPrompt:
     sha256: str = ""
     settings: dict = field(default_factory=dict)
     source: str = ""
-    # rescale factor -> (rint(delta / factor) [S,S,3] as uint8, min and max of delta / factor): computed once per
+    geometry: str = DEFAULT_GEOMETRY  # a key of GEOMETRIES (sdk/manifest_visual_prompt.py)
+    # rescale factor -> (rint(delta / factor) [S,S,3] as int16, min and max of delta / factor): computed once per
     # bundle normalisation, not per frame (uint8 bundles; the delta never changes)
     _levels: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self):
+        if self.geometry not in GEOMETRIES:
+            raise VisualPromptError(f"visual prompt geometry {self.geometry!r} is unknown: use one of "
+                                    f"{', '.join(GEOMETRIES)}")
+
     @property
     def inner_size(self) -> int:
-        return self.image_size - 2 * self.frame
+        return inner_side(self.geometry, self.image_size, self.frame)
+
+    @property
+    def band(self) -> np.ndarray:
+        """bool [S, S]: the border `frame` pixels wide (where delta may be non-zero)."""
+        inside = np.zeros((self.image_size, self.image_size), bool)
+        inside[self.frame:self.image_size - self.frame, self.frame:self.image_size - self.frame] = True
+        return ~inside
+
+    def zeroed(self) -> "VisualPrompt":
+        """The same geometry with delta = 0: the frame's cost alone (the zero-frame reference of docs/tvp.md)."""
+        return VisualPrompt(np.zeros_like(self.delta), self.frame, self.image_size, settings={"zero_frame_of":
+                            self.source}, source=f"zero frame of {self.source or '(in memory)'}", geometry=self.geometry)
 
     @classmethod
     def load(cls, directory) -> "VisualPrompt":
@@ -88,7 +112,8 @@ class VisualPrompt:
                                     "'pipmm tvp train'")
         try:  # the same checks as a bundle's section
             section = VisualPromptSection.from_dict({k: config.get(k) for k in
-                                                     ("file", "frame", "inner_size", "image_size", "sha256")},
+                                                     ("file", "frame", "inner_size", "image_size", "sha256",
+                                                      "geometry") if k in config or k != "geometry"},
                                                     str(config_path))
         except PipmmError as err:
             raise VisualPromptError(str(err).split(";")[0] + "; train the prompt again") from None
@@ -97,16 +122,18 @@ class VisualPrompt:
             raise VisualPromptError(f"{weights} is missing or does not match the sha256 in {config_path}: copy "
                                     "the prompt directory again")
         settings = config.get("settings") if isinstance(config.get("settings"), dict) else {}
-        return cls.from_file(weights, section.frame, section.image_size, section.sha256, settings)
+        return cls.from_file(weights, section.frame, section.image_size, section.sha256, settings,
+                             section.geometry)
 
     @classmethod
     def from_section(cls, bundle_dir, section: VisualPromptSection) -> "VisualPrompt":
         """The prompt a bundle carries (its sha256 was checked with the bundle's files)."""
         return cls.from_file(Path(bundle_dir) / section.file, section.frame, section.image_size, section.sha256,
-                             section.settings)
+                             section.settings, section.geometry)
 
     @classmethod
-    def from_file(cls, path: Path, frame: int, image_size: int, sha256: str = "", settings=None) -> "VisualPrompt":
+    def from_file(cls, path: Path, frame: int, image_size: int, sha256: str = "", settings=None,
+                  geometry: str = DEFAULT_GEOMETRY) -> "VisualPrompt":
         delta = read_tensor(Path(path), DELTA)
         side = image_size
         if delta.shape != (3, side, side):
@@ -118,11 +145,12 @@ class VisualPrompt:
             raise VisualPromptError(f"{path}: {DELTA} is not zero inside its {frame}-pixel frame; train the prompt "
                                     "again")
         return cls(delta=delta, frame=frame, image_size=image_size, sha256=sha256, settings=dict(settings or {}),
-                   source=str(path))
+                   source=str(path), geometry=geometry)
 
     def section(self, file: str = PROMPT_WEIGHTS) -> VisualPromptSection:
         return VisualPromptSection(file=file, frame=self.frame, inner_size=self.inner_size,
-                                   image_size=self.image_size, sha256=self.sha256, settings=summary(self.settings))
+                                   image_size=self.image_size, sha256=self.sha256, geometry=self.geometry,
+                                   settings=summary(self.settings))
 
     # -- applying it -----------------------------------------------------------------------------
 
@@ -136,7 +164,7 @@ class VisualPrompt:
                                     f"{self.image_size} input but {where} takes {shown}: use a prompt trained at "
                                     "that size ('pipmm tvp train --source ...' on a model of that input)")
         cfg = normalize_config(preprocessing, BadPreprocessing)
-        if cfg.get("pixel_input") == UINT8_NHWC:
+        if cfg.get("pixel_input") == UINT8_NHWC and not GEOMETRIES[self.geometry].clips:
             _, low, high = self._levels_at(_factor(cfg))
             if low < -LEVEL_SLACK or high > 255 + LEVEL_SLACK:
                 raise VisualPromptError(f"visual prompt {self.source or '(in memory)'} has frame values from "
@@ -157,12 +185,17 @@ class VisualPrompt:
         cfg = self.inner_config(preprocessing)
         return rescaled(resized_pixels(image, cfg, max_pixels), cfg)
 
+    def framed(self, inner: np.ndarray) -> np.ndarray:
+        """float32 [inner, inner, 3] -> [S, S, 3] before normalising: zero-padded by the frame (pad), + delta, the
+        band clipped to [0, 1] (overlay)."""
+        f, geometry = self.frame, GEOMETRIES[self.geometry]
+        x = inner.astype(np.float32, copy=False)
+        x = (np.pad(x, ((f, f), (f, f), (0, 0))) if geometry.shrinks else x) + self.delta.transpose(1, 2, 0)
+        return np.where(self.band[..., None], np.clip(x, 0, 1), x) if geometry.clips else x
+
     def apply(self, inner: np.ndarray, preprocessing: dict) -> np.ndarray:
-        """float32 [inner, inner, 3] -> pixel_values [1, 3, S, S]: zero-pad by the frame, add delta, normalise."""
-        cfg = normalize_config(preprocessing, BadPreprocessing)
-        f = self.frame
-        padded = np.pad(inner.astype(np.float32, copy=False), ((f, f), (f, f), (0, 0)))
-        return normalized(padded + self.delta.transpose(1, 2, 0), cfg)
+        """float32 [inner, inner, 3] -> pixel_values [1, 3, S, S]: framed, normalised."""
+        return normalized(self.framed(inner), normalize_config(preprocessing, BadPreprocessing))
 
     def preprocess(self, image, preprocessing: dict, max_pixels: int | None = None) -> np.ndarray:
         """Any image load_image accepts -> the prompted pixel_values [1, 3, S, S] float32 (the float path)."""
@@ -170,13 +203,16 @@ class VisualPrompt:
         return self.apply(self.inner_pixels(image, preprocessing, max_pixels), preprocessing)
 
     def frame_levels(self, preprocessing: dict) -> np.ndarray:
-        """The frame as uint8 pixel levels [S, S, 3]: rint(delta / rescale_factor), zero inside the frame."""
+        """The frame as pixel levels [S, S, 3] int16: rint(delta / rescale_factor) within [-255, 255] (pad: [0,
+        255]), zero inside the frame."""
         return self._levels_at(_factor(normalize_config(preprocessing, BadPreprocessing)))[0]
 
     def _levels_at(self, factor: float) -> tuple[np.ndarray, float, float]:
         if factor not in self._levels:
             levels = self.delta.transpose(1, 2, 0).astype(np.float64) / factor
-            frame = np.clip(np.rint(levels), 0, 255).astype(np.uint8)  # clipping only within LEVEL_SLACK (check_fits)
+            # pad: clipping only within LEVEL_SLACK (check_fits); overlay: the sum is clipped to [0, 255] anyway
+            low = 0 if GEOMETRIES[self.geometry].shrinks else -255
+            frame = np.clip(np.rint(levels), low, 255).astype(np.int16)
             frame.flags.writeable = False
             self._levels[factor] = (frame, float(levels.min()), float(levels.max()))
         return self._levels[factor]
@@ -184,17 +220,20 @@ class VisualPrompt:
     def pixel_input(self, image, preprocessing: dict, max_pixels: int | None = None) -> np.ndarray:
         """What the bundle's vision graph takes, framed (sdk.preprocess.pixel_input's twin): float32 [1, 3, S, S]
         from preprocess(), or uint8 [1, S, S, 3] where the graph normalises (pixel_input "uint8-nhwc"): the
-        inner crop's uint8 pixels zero-padded by the frame + frame_levels (disjoint, so the sum never wraps)."""
+        inner crop's uint8 pixels (zero-padded by the frame: pad) + frame_levels, clipped to [0, 255]."""
         self.check_fits(preprocessing)
         cfg = normalize_config(preprocessing, BadPreprocessing)
         if cfg.get("pixel_input") != UINT8_NHWC:
             return self.apply(self.inner_pixels(image, cfg, max_pixels), cfg)
         f = self.frame
         inner = resized_pixels(image, self.inner_config(cfg), max_pixels)  # uint8 [inner, inner, 3]
-        return (np.pad(inner, ((f, f), (f, f), (0, 0))) + self.frame_levels(cfg))[None]
+        placed = np.pad(inner, ((f, f), (f, f), (0, 0))) if GEOMETRIES[self.geometry].shrinks else inner
+        return np.clip(placed.astype(np.int16) + self.frame_levels(cfg), 0, 255).astype(np.uint8)[None]
 
     def model_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """The image-coordinate box of the whole S x S input, from the box the inner image fills."""
+        if not GEOMETRIES[self.geometry].shrinks:
+            return box
         x0, y0, x1, y1 = box
         grow_x, grow_y = (x1 - x0) * self.frame / self.inner_size, (y1 - y0) * self.frame / self.inner_size
         return x0 - grow_x, y0 - grow_y, x1 + grow_x, y1 + grow_y

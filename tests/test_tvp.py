@@ -60,6 +60,18 @@ def test_the_delta_moves_only_in_the_frame_and_resuming_gives_the_same_delta(che
     np.testing.assert_array_equal(VisualPrompt.load(tmp_path / "split").delta, prompt.delta)
 
 
+def test_an_overlay_prompt_trains_on_the_full_size_image(checkpoints, prompt_mlp, tvp_inputs, tmp_path):
+    assert train(checkpoints["llama"], prompt_mlp, tvp_inputs, tmp_path / "o", "--geometry", "overlay") == 0
+    prompt = VisualPrompt.load(tmp_path / "o")
+    assert prompt.geometry == "overlay" and prompt.inner_size == prompt.image_size == 28
+    assert not prompt.delta[:, FRAME:-FRAME, FRAME:-FRAME].any() and np.abs(prompt.delta).sum() > 0
+    assert prompt.delta.min() >= -1 and prompt.delta.max() <= 1
+    record = json.loads((tmp_path / "o" / PROMPT_CONFIG).read_text())
+    assert record["geometry"] == record["settings"]["geometry"] == "overlay" and record["inner_size"] == 28
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["lm_loss"]) for r in log) and log[0]["fca"] < 1e-3  # step 1 starts from the clean image
+
+
 def test_ablations_and_errors_are_one_line(checkpoints, prompt_mlp, tvp_inputs, tmp_path, capsys):
     out = tmp_path / "plain-lm"
     assert train(checkpoints["llama"], prompt_mlp, tvp_inputs, out, "--fca-weight", 0, "--tse-weight", 0,

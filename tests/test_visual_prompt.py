@@ -30,10 +30,18 @@ def random_delta(size: int, frame: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(3, size, size, generator=generator) * frame_mask(size, frame)
 
 
-def write_prompt(out, size: int = 28, frame: int = 4, seed: int = 0):
+def overlay_delta(size: int, frame: int, seed: int = 0) -> torch.Tensor:
+    """An overlay prompt's delta: uniform in [-1, 1] on the band (so the band's clip to [0, 1] is exercised)."""
+    return (random_delta(size, frame, seed) * 2 - 1) * frame_mask(size, frame)
+
+
+def write_prompt(out, size: int = 28, frame: int = 4, seed: int = 0, geometry: str = "pad"):
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"frame": frame, "image_size": size, "inner_size": size - 2 * frame, "source": {"checkpoint": "test"}}
-    save_prompt(out, random_delta(size, frame, seed), settings, {"completed_steps": 1})
+    inner = size - 2 * frame if geometry == "pad" else size
+    settings = {"frame": frame, "geometry": geometry, "image_size": size, "inner_size": inner,
+                "source": {"checkpoint": "test"}}
+    delta = (random_delta if geometry == "pad" else overlay_delta)(size, frame, seed)
+    save_prompt(out, delta, settings, {"completed_steps": 1})
     return out
 
 
@@ -62,6 +70,27 @@ def test_numpy_preprocessing_equals_the_torch_training_transform(image, processo
     np.testing.assert_allclose(device[0, :, 0, :], (delta.numpy()[:, 0, :] - mean) / std, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("processor", [clip_processor_config(56), siglip_processor_config(56),
+                                       {**clip_processor_config(56), "size": {"shortest_edge": 64}}])
+def test_the_overlay_geometry_equals_the_torch_training_transform(image, processor):
+    cfg = config_from_processor(processor)
+    delta = overlay_delta(56, 9, seed=4)
+    prompt = VisualPrompt(delta.numpy(), 9, 56, geometry="overlay")
+    assert prompt.inner_size == 56 and prompt.inner_config(cfg) == config_from_processor(processor)
+    device = prompt.preprocess(image, cfg)  # [1, 3, 56, 56]
+    training = prompted(inner_batch([image], prompt, cfg), delta, 9, channel_stats(cfg), "overlay").numpy()
+    assert device.shape == training.shape == (1, 3, 56, 56) and device.dtype == np.float32
+    np.testing.assert_allclose(device, training, rtol=0, atol=1e-6)
+    # inside the band: the bundle's own preprocessing, untouched and at full size; the band: clip(x + delta, 0, 1)
+    plain = preprocess(image, cfg)
+    np.testing.assert_array_equal(device[..., 9:47, 9:47], plain[..., 9:47, 9:47])
+    mean, std = (np.asarray(cfg[k], np.float32)[:, None] for k in ("image_mean", "image_std"))
+    x = plain[0, :, 0, :] * std + mean  # the top row, back in [0, 1]
+    summed = x + delta.numpy()[:, 0, :]
+    assert (summed < 0).any() and (summed > 1).any()  # the clip is exercised
+    np.testing.assert_allclose(device[0, :, 0, :], (np.clip(summed, 0, 1) - mean) / std, rtol=0, atol=1e-5)
+
+
 def test_prompt_files_round_trip_and_damage_is_refused(tmp_path):
     d = write_prompt(tmp_path / "p", size=28, frame=4)
     prompt = VisualPrompt.load(d)
@@ -84,6 +113,19 @@ def test_prompt_files_round_trip_and_damage_is_refused(tmp_path):
     save_prompt(d, torch.ones(3, 28, 28), {"frame": 4, "image_size": 28, "inner_size": 20}, {})
     with pytest.raises(VisualPromptError, match="not zero inside"):
         VisualPrompt.load(d)
+
+    overlay = VisualPrompt.load(write_prompt(tmp_path / "o", geometry="overlay"))
+    assert overlay.geometry == "overlay" and overlay.inner_size == 28 and overlay.delta.min() < 0
+    config = json.loads((tmp_path / "o" / PROMPT_CONFIG).read_text())
+    for change, needle in (({"geometry": "spiral"}, "geometry"), ({"inner_size": 20}, "inner_size")):
+        (tmp_path / "o" / PROMPT_CONFIG).write_text(json.dumps({**config, **change}))
+        with pytest.raises(VisualPromptError, match=needle) as err:
+            VisualPrompt.load(tmp_path / "o")
+        assert "\n" not in str(err.value)
+    write_prompt(tmp_path / "p")
+    legacy = {k: v for k, v in json.loads((tmp_path / "p" / PROMPT_CONFIG).read_text()).items() if k != "geometry"}
+    (tmp_path / "p" / PROMPT_CONFIG).write_text(json.dumps(legacy))  # written before geometry existed: pad
+    assert VisualPrompt.load(tmp_path / "p").geometry == "pad"
 
 
 def test_attach_detach_round_trip_through_the_cli(bundles, image, tmp_path, capsys):
@@ -155,6 +197,33 @@ def test_a_prompt_of_another_input_size_is_refused_in_one_line(bundles, image, t
     with pytest.raises(VisualPromptError, match="is for 32x32"):
         sdk.load(bundle, device="cpu").generate(image, "hi", visual_prompt=other)
     assert "no visual_prompt.json" in one_line_error(["prompt", "attach", bundle, tmp_path], capsys)
+
+
+def test_an_overlay_prompt_attaches_and_frames_the_full_size_image(bundles, image, tmp_path, capsys):
+    original = bundles("llama", pipmm=True)
+    prompt_dir = write_prompt(tmp_path / "o", geometry="overlay")
+    bundle = attach(original, prompt_dir, tmp_path / "b")
+    section = load_bundle(bundle).manifest.visual_prompt
+    assert section.geometry == "overlay" and section.inner_size == section.image_size == 28
+    attached, plain = sdk.load(bundle, device="cpu"), sdk.load(original, device="cpu")
+    framed, unframed = attached.pixel_values(image), plain.pixel_values(image)
+    np.testing.assert_array_equal(framed, VisualPrompt.load(prompt_dir).preprocess(image, plain.preprocessing))
+    np.testing.assert_array_equal(framed[..., 4:24, 4:24], unframed[..., 4:24, 4:24])  # the inside untouched
+    assert not np.allclose(framed[..., :4, :], unframed[..., :4, :])
+    assert attached.generate(image, "what is it?", max_new_tokens=4).token_ids == \
+        plain.generate(image, "what is it?", max_new_tokens=4, visual_prompt=prompt_dir).token_ids
+    assert VisualPrompt.load(prompt_dir).model_box((1.0, 2.0, 3.0, 4.0)) == (1.0, 2.0, 3.0, 4.0)
+    capsys.readouterr()
+    assert main(["prompt", "show", str(bundle)]) == 0
+    assert json.loads(capsys.readouterr().out)["geometry"] == "overlay"
+    other = write_prompt(tmp_path / "o32", size=32, frame=4, geometry="overlay")
+    assert "is for 32x32 input" in one_line_error(["prompt", "attach", original, other, "--out", tmp_path / "x"],
+                                                  capsys)
+    data = json.loads((bundle / "manifest.json").read_text())
+    for change, needle in (({"geometry": "spiral"}, "geometry"), ({"inner_size": 20}, "inner_size")):
+        with pytest.raises(BundleError, match=needle):
+            Manifest.from_dict({**data, "visual_prompt": {**data["visual_prompt"], **change}}, "b/manifest.json",
+                               sdk_version="0.1.0")
 
 
 def test_the_manifest_section_is_checked_field_by_field(bundles, tmp_path):

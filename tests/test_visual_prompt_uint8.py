@@ -26,7 +26,7 @@ from export.tvp.transform import frame_mask  # noqa: E402
 # converted: the fixture (float bundle, its uint8 copy); the tolerances: inside the frame the graph front's float32
 # rounding (1e-6), the vision outputs tests/test_parity.py's (1e-4)
 from tests.test_pixel_input import PIXEL_ATOL, PROMPT, VISION_ATOL, converted  # noqa: E402,F401
-from tests.test_visual_prompt import one_line_error, random_delta, write_prompt  # noqa: E402
+from tests.test_visual_prompt import one_line_error, overlay_delta, random_delta, write_prompt  # noqa: E402
 
 
 def frame_atol(cfg: dict) -> float:
@@ -51,6 +51,19 @@ def test_the_framed_uint8_input_is_the_float_input_within_half_a_level(converted
     assert diff.max() <= frame_atol(uint8.preprocessing) and diff.max() > 10 * PIXEL_ATOL  # the frame: rounded
     np.testing.assert_array_equal(got[0, 4:24, 4:24], resized_pixels(image, prompt.inner_config(uint8.preprocessing)))
     np.testing.assert_array_equal(got[0, :4], prompt.frame_levels(uint8.preprocessing)[:4])  # the frame's levels
+
+
+def test_an_overlay_band_reaches_uint8_bundles_within_half_a_level_whatever_its_range(converted, image):
+    source, out = converted
+    floating, uint8 = sdk.load(source, device="cpu"), sdk.load(out, device="cpu")
+    for scale in (1, 3):  # 3: a --no-clamp overlay, far outside [-1, 1]; the band is clipped on both paths
+        prompt = VisualPrompt(overlay_delta(28, 4, seed=6).numpy() * scale, 4, 28, geometry="overlay")
+        got, want = uint8.pixel_values(image, prompt), floating.pixel_values(image, prompt)
+        diff = np.abs(graph_view(got, uint8.preprocessing) - want)
+        np.testing.assert_array_less(diff[..., 4:24, 4:24], PIXEL_ATOL)
+        assert diff.max() <= frame_atol(uint8.preprocessing)
+        np.testing.assert_array_equal(got[0, 4:24, 4:24], uint8.pixel_values(image, False)[0, 4:24, 4:24])
+        assert (got[0, :4] == 0).any() and (got[0, :4] == 255).any()  # clipped at both ends
 
 
 def test_on_whole_levels_the_uint8_bundle_sees_and_answers_as_the_float_one(converted, image):

@@ -98,7 +98,10 @@ class PromptData:
 
     def batch(self, step: int) -> dict:
         """Scenes of `step`: pixels [S, 3, h, w], their questions' text tensors, scene_index [Q], captions [S]."""
-        chosen = self.scene_indices(step)
+        return self.rows(self.scene_indices(step))
+
+    def rows(self, chosen: list[int]) -> dict:
+        """The images `chosen` (indices into items) as one batch (see batch)."""
         encoded, scene_index = [], []
         for s, i in enumerate(chosen):
             encoded += self.encoded[i]

@@ -72,12 +72,12 @@ class SourceModel:
     def pad_id(self) -> int:
         return int(self.prompter.special.pad if self.prompter.special.pad is not None else 0)
 
-    def geometry(self, frame: int) -> VisualPrompt:
+    def zero_prompt(self, frame: int, geometry: str) -> VisualPrompt:
         """A zero prompt of this input size: the geometry (inner side, frame) the data is prepared with."""
         import numpy as np
 
         size = self.image_size
-        return VisualPrompt(np.zeros((3, size, size), np.float32), frame, size)
+        return VisualPrompt(np.zeros((3, size, size), np.float32), frame, size, geometry=geometry)
 
     @property
     def stats(self):

@@ -1,17 +1,20 @@
 """`pipmm tvp train`: one transferable visual prompt, trained on one frozen MLLM (TVP, arXiv 2404.11207).
 
     pipmm tvp train --source models/default_model --data runs/tvp/shifted-train --clip runs/tvp/clip \\
-                    --out runs/tvp/prompt [--frame 30] [--steps 600] [--fca-weight 0.005] [--tse-weight 0.001]
+                    --out runs/tvp/prompt [--frame 30] [--geometry pad|overlay] [--steps 600] [--fca-weight 0.005] \
+                    [--tse-weight 0.001]
 
-delta [3, S, S] starts at zeros and lives only in the border frame; the image is resized to S - 2 * frame and
-zero-padded, so frame pixels equal delta (sdk/visual_prompt.py). Per step, on `scenes_per_step` images and all
-their questions (export/tvp/data.py):
+delta [3, S, S] starts at zeros and lives only in the border frame. Geometry pad (TVP's code, the default): the
+image is resized to S - 2 * frame and zero-padded, so frame pixels equal delta; overlay: the image keeps its S x S
+and delta is added on its border band, clipped to [0, 1] (sdk/visual_prompt.py). Per step, on `scenes_per_step`
+images and all their questions (export/tvp/data.py), with frame(x) = pad(x) + delta (or the overlay):
 
-    loss = L_LM(normalise(pad(x) + delta))                                   the source's answer loss
-         + fca_weight * mean_patches || F(prompted) - F(normalise(pad(x))) ||_2   Feature Consistency Alignment
-         - tse_weight * SceneClip.similarity(pad(x) + delta, caption)         Task Semantics Enrichment
+    loss = L_LM(normalise(frame(x)))                                         the source's answer loss
+         + fca_weight * mean_patches || F(prompted) - F(normalise(frame_0(x))) ||_2   Feature Consistency Alignment
+         - tse_weight * SceneClip.similarity(frame(x), caption)               Task Semantics Enrichment
     g = mask * dloss/ddelta;  g = g / ||g||_2;  delta <- delta - lr_t * g   lr_t = lr * (1 + cos(pi t / T)) / 2
-    (clamp: delta <- clip(delta, 0, 1), so every frame pixel is a valid colour; TVP's code does not clip)
+    (clamp: delta <- clip(delta, 0, 1) for pad, so every frame pixel is a valid colour, TVP's code does not clip;
+    clip(delta, -1, 1) for overlay, whose band is clipped to the pixel range on every path anyway)
 
 FCA's features: the source ViT's patch features with its own class embedding (export/tvp/source.py). TSE's
 guide: SceneClip (export/tvp/clip.py), trained here on clean captions, none of the MLLMs.
@@ -33,6 +36,7 @@ import torch
 
 from sdk.bundle import sha256_file
 from sdk.errors import PipmmError
+from sdk.manifest_visual_prompt import DEFAULT_GEOMETRY, GEOMETRIES, inner_side
 from sdk.visual_prompt import DELTA, PROMPT_CONFIG, PROMPT_FORMAT, PROMPT_WEIGHTS
 
 from export.tvp.data import PromptData, read_items
@@ -56,6 +60,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--images", type=int, default=None, help="use the first N images only")
     p.add_argument("--out", required=True, help="prompt directory to write")
     p.add_argument("--frame", type=int, default=30, help="frame width in pixels (TVP's prompt_size; 30 of 224)")
+    p.add_argument("--geometry", default=DEFAULT_GEOMETRY, choices=list(GEOMETRIES),
+                   help="pad: shrink the image and frame it (TVP's code); overlay: add delta on the border band of "
+                        "the full-size image")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--scenes-per-step", type=int, default=32, help="images per step (with all their questions)")
     p.add_argument("--lr", type=float, default=10.0, help="step on the L2-normalised gradient (cosine to 0)")
@@ -79,7 +86,8 @@ def settings_of(args, source: SourceModel, data: PromptData, list_path: Path, gu
         "source": source.description,
         "data": {"list": str(list_path), "images": len(data.items), "questions": data.questions,
                  "domain": _domain_of(list_path)},
-        "frame": args.frame, "image_size": source.image_size, "inner_size": source.image_size - 2 * args.frame,
+        "frame": args.frame, "geometry": args.geometry, "image_size": source.image_size,
+        "inner_size": inner_side(args.geometry, source.image_size, args.frame),
         "steps": args.steps, "scenes_per_step": data.scenes_per_step, "lr": args.lr,
         "schedule": "cosine from lr to 0 over the steps", "gradient": "batch gradient, masked to the frame, L2-normalised",
         "clamp": not args.no_clamp, "seed": args.seed,
@@ -109,6 +117,7 @@ def save_prompt(out: Path, delta: torch.Tensor, settings: dict, progress: dict) 
     save_file({DELTA: delta.detach().float().cpu().contiguous()}, str(tmp))
     os.replace(tmp, out / PROMPT_WEIGHTS)
     record = {"format": PROMPT_FORMAT, "version": 1, "file": PROMPT_WEIGHTS, "frame": settings["frame"],
+              "geometry": settings.get("geometry", DEFAULT_GEOMETRY),
               "inner_size": settings["inner_size"], "image_size": settings["image_size"],
               "sha256": sha256_file(out / PROMPT_WEIGHTS), "settings": settings, "progress": progress}
     tmp = out / f".{PROMPT_CONFIG}.tmp"
@@ -122,7 +131,8 @@ def resume_state(out: Path, settings: dict) -> tuple[torch.Tensor, dict]:
     if not (out / PROMPT_CONFIG).is_file():
         raise TvpTrainError(f"--resume: {out} holds no {PROMPT_CONFIG}; start the run without --resume")
     record = json.loads((out / PROMPT_CONFIG).read_text())
-    changed = sorted(k for k in set(settings) | set(record["settings"]) if settings.get(k) != record["settings"].get(k))
+    recorded = {"geometry": DEFAULT_GEOMETRY, **record["settings"]}  # runs from before geometry were all pad
+    changed = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
     if changed:
         raise TvpTrainError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)}); "
                             "pass the same arguments, or --overwrite to start over")
@@ -130,10 +140,10 @@ def resume_state(out: Path, settings: dict) -> tuple[torch.Tensor, dict]:
 
 
 def objective(source: SourceModel, guide, batch: dict, delta: torch.Tensor, frame: int, fca_weight: float,
-              tse_weight: float, device: torch.device) -> dict:
+              tse_weight: float, device: torch.device, geometry: str = DEFAULT_GEOMETRY) -> dict:
     """The loss of one batch and its parts (see the module docstring)."""
     inner = batch["pixels"].to(device)
-    raw = framed(inner, delta, frame)  # [S, 3, S, S], frame pixels = delta
+    raw = framed(inner, delta, frame, geometry)  # [S, 3, S, S], the frame's pixels from delta
     pixels = normalise(raw, source.stats)
     text = {k: batch[k].to(device) for k in ("input_ids", "labels", "encoder_ids", "encoder_lengths", "scene_index")}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -142,7 +152,8 @@ def objective(source: SourceModel, guide, batch: dict, delta: torch.Tensor, fram
         loss = lm
         if fca_weight > 0:
             with torch.no_grad():
-                clean = source.features(normalise(framed(inner, torch.zeros_like(delta), frame), source.stats))
+                clean = source.features(normalise(framed(inner, torch.zeros_like(delta), frame, geometry),
+                                                  source.stats))
             fca = (source.features(pixels).float() - clean.float()).norm(dim=-1).mean()
             parts["fca"] = fca
             loss = loss + fca_weight * fca
@@ -177,8 +188,8 @@ def train(args) -> Path:
             raise TvpTrainError(f"--clip {args.clip} reads {guide.config.image_size} px images, the source "
                                 f"{source.image_size}: train the guide with --image-size {source.image_size}")
     items, list_path = read_items(args.data, args.images)
-    data = PromptData.framed(items, source.geometry(args.frame), source.preprocessing, source.prompter,
-                             source.pad_id, args.scenes_per_step, args.seed)
+    data = PromptData.framed(items, source.zero_prompt(args.frame, args.geometry), source.preprocessing,
+                             source.prompter, source.pad_id, args.scenes_per_step, args.seed)
     settings = settings_of(args, source, data, list_path, guide)
     size = source.image_size
     delta, progress, start = torch.zeros(3, size, size), {}, 0
@@ -188,6 +199,7 @@ def train(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     delta = delta.to(device)
     mask = frame_mask(size, args.frame).to(device)
+    low_high = GEOMETRIES[args.geometry].delta_range
     log = open(out / "log.jsonl", "a" if args.resume else "w")
     bar = step_bar(start, args.steps, args.quiet, "tvp")
     begin, spent = time.perf_counter(), float(progress.get("seconds", 0.0))
@@ -199,12 +211,12 @@ def train(args) -> Path:
     for step in range(start, args.steps):
         variable = delta.clone().requires_grad_(True)
         parts = objective(source, guide, data.batch(step), variable, args.frame, args.fca_weight, args.tse_weight,
-                          device)
+                          device, args.geometry)
         grad = torch.autograd.grad(parts["loss"], variable)[0] * mask
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         with torch.no_grad():
             delta = delta - lr * grad / grad.norm().clamp_min(1e-12)
-            delta = (delta.clamp(0, 1) if not args.no_clamp else delta) * mask
+            delta = (delta.clamp(*low_high) if not args.no_clamp else delta) * mask
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             record = {"step": done, "lr": lr, "grad_norm": float(grad.norm()),
