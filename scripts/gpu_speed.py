@@ -3,10 +3,12 @@
     python scripts/gpu_speed.py --preset edge-0.5b --device cuda --work /tmp/speed --out $OUT/speed-edge-0.5b.json
     python scripts/gpu_speed.py --preset ci-tiny --device cpu --work /tmp/speed --out /tmp/speed/ci-tiny.json  # dry run
 
-    # the 7B run, split over back-to-back calls of at most 600 s (docs/gpu.md has the plan and its timings):
-    python scripts/gpu_speed.py --preset llava-1.5-7b --export "checkpoint;float" --rounds 0 --budget-s 550
-    python scripts/gpu_speed.py --preset llava-1.5-7b --export "fused;int4;text" --prune --rounds 0 --budget-s 550
-    python scripts/gpu_speed.py --preset llava-1.5-7b --export genai --prune --variants fused,genai,fused-int4,genai-int4 ...
+    # the 7B run, one call each (at most 600 s; docs/gpu.md has the plan, its timings and what to do if one stops):
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export checkpoint --rounds 0 --budget-s 120 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export float --rounds 0 --budget-s 570 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export fused+int4 --prune --rounds 0 --budget-s 570 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export "text;genai" --prune --rounds 0 --budget-s 570 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export none --variants fused,genai,fused-int4,genai-int4
 
 Export (resumable: what exists under --work/<preset> is reused; --export names the stages of this call, ';' in
 order, '+' in parallel; 'none' times what exists). Every stage writes under a temporary name and renames, or
@@ -305,8 +307,8 @@ def export_all(args, work: Path, doc: dict, deadline: float) -> None:
         procs = {name: (child(args, "--stage", name), time.perf_counter()) for name in step.split("+")}
         for name, (proc, began) in procs.items():
             out = finish(proc, max(10, deadline - time.monotonic()))
-            got = {"rc": proc.returncode, "s": round(time.perf_counter() - began, 1), "disk_free_gb": disk_free_gb(work),
-                   "time": time.strftime("%H:%M:%S"), "tail": out[-1500:]}
+            got = {"rc": proc.returncode, "s": round(time.perf_counter() - began, 1),
+                   "disk_free_gb": disk_free_gb(work), "time": time.strftime("%H:%M:%S"), "tail": out[-1500:]}
             records.setdefault(name, []).append(got)  # one entry per attempt: a resumed stage's second try too
             log(f"export {name}: rc {proc.returncode} in {got['s']} s, {got['disk_free_gb']} GB free")
         if args.prune:
@@ -497,7 +499,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown variants {', '.join(sorted(unknown))}: choose from {', '.join(VARIANTS)}")
     stages = {name for step in args.export.split(";") for name in step.split("+") if name and args.export != "none"}
     if stages - set(STAGES):
-        parser.error(f"unknown export stages {', '.join(sorted(stages - set(STAGES)))}: choose from {', '.join(STAGES)}")
+        parser.error(f"unknown export stages {', '.join(sorted(stages - set(STAGES)))}: "
+                     f"choose from {', '.join(STAGES)}")
     work = args.work / args.preset
     work.mkdir(parents=True, exist_ok=True)
     if args.stage == "measure":  # a child: one round of one variant -> --result
