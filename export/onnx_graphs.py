@@ -190,8 +190,9 @@ OPTIONAL_EXPORTERS = {"decoder_static": export_decoder_static, "energy_grad": ex
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:
-    """Weights in a side file above EXTERNAL_DATA_BYTES (or the 2 GB protobuf limit), as the exporter does."""
-    external = model.ByteSize() > EXTERNAL_DATA_BYTES if model.ByteSize() < (1 << 31) - 1 else True
+    """Weights in a side file above EXTERNAL_DATA_BYTES (so never past protobuf's 2 GiB), as the exporter does.
+    The size is the initializers' bytes: ByteSize() serializes the message and fails above 2 GiB (a 7B graph)."""
+    external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
               location=path.name + ".data" if external else None)
 

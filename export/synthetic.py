@@ -66,6 +66,10 @@ PRESETS = {
                      rms_norm_eps=1e-6, tie_word_embeddings=True),
     },
 }
+# llava-1.5-7b's widths with 2 text and 2 vision layers: the 7B-width export paths (external data, shared weights,
+# packed and MatMulNBits weights) and their cost per layer on a CPU (scripts/gpu_speed.py --device cpu)
+PRESETS["llava-1.5-7b-2l"] = {part: {**fields, "num_hidden_layers": 2}
+                              for part, fields in PRESETS["llava-1.5-7b"].items()}
 
 
 # ----------------------------------------------------------------------------- tokenizer

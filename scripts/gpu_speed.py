@@ -3,7 +3,17 @@
     python scripts/gpu_speed.py --preset edge-0.5b --device cuda --work /tmp/speed --out $OUT/speed-edge-0.5b.json
     python scripts/gpu_speed.py --preset ci-tiny --device cpu --work /tmp/speed --out /tmp/speed/ci-tiny.json  # dry run
 
-Export (resumable: what exists under --work/<preset> is reused; independent steps in parallel processes):
+    # the 7B run, one call each (at most 600 s; docs/gpu.md has the plan, its timings and what to do if one stops):
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export checkpoint --rounds 0 --budget-s 120 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export float --rounds 0 --budget-s 570 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export fused+int4 --prune --rounds 0 --budget-s 570 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export "text;genai" --prune --rounds 0 --budget-s 570 --out ...
+    python scripts/gpu_speed.py --preset llava-1.5-7b --export none --variants fused,genai,fused-int4,genai-int4
+
+Export (resumable: what exists under --work/<preset> is reused; --export names the stages of this call, ';' in
+order, '+' in parallel; 'none' times what exists). Every stage writes under a temporary name and renames, or
+writes its manifest last, so a stage killed at the budget leaves nothing a later call trusts; --prune deletes
+the checkpoint and text model once no stage needs them (the 7B run's 64 GB disk). The stages:
 the preset's random checkpoint on the device (export/synthetic.py); the plain LLaVA bundle traced in FP16 on the
 device (export_direct: vision, embed, decoder) with decoder_static traced beside it and attached, then
 decoder_fused's CUDA target added (export/fused.py, FP16); a copy of that bundle (graphs hard-linked) whose
@@ -30,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +92,27 @@ def log(*parts) -> None:
 
 
 # -- export ---------------------------------------------------------------------------------------
+# Every stage writes under a temporary name and renames when complete (or publishes its manifest last): a stage
+# killed at a call's time limit leaves only hidden/`.partial` leftovers, which no check trusts and sweep() removes.
+
+def _publish(partial: Path, final: Path) -> None:
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+
+
+def _fresh(partial: Path) -> Path:
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def sweep(work: Path) -> None:
+    """Remove what killed stages left: staged bundles (.float.partial-*), add_graphs' scratch (.float.graphs-*) and
+    this script's *.partial directories. Never trusted; only disk (a 7B leftover is up to 13.5 GB)."""
+    for path in work.iterdir():
+        if path.is_dir() and (path.name.startswith(".") or path.name.endswith(".partial")):
+            shutil.rmtree(path, ignore_errors=True)
+
 
 def stage_checkpoint(work: Path, preset: str, device: str) -> None:
     import torch
@@ -88,15 +120,19 @@ def stage_checkpoint(work: Path, preset: str, device: str) -> None:
     from export.synthetic import build_random_checkpoint
 
     if not (work / "ckpt" / "config.json").exists():
-        build_random_checkpoint(work / "ckpt", preset, getattr(torch, SETUPS[device].torch_dtype), device)
+        partial = _fresh(work / "ckpt.partial")
+        build_random_checkpoint(partial, preset, getattr(torch, SETUPS[device].torch_dtype), device)
+        _publish(partial, work / "ckpt")
 
 
 def stage_static(work: Path, device: str) -> None:
     from export.extra_graphs import export_optional_graph
 
-    out = work / "static" / "decoder_static.onnx"
-    if not out.exists():
-        export_optional_graph(work / "ckpt", "decoder_static", out, dtype=SETUPS[device].dtype, device="cpu")
+    if not (work / "static" / "decoder_static.onnx").exists() and "decoder_static" not in _graphs(work / "float"):
+        partial = _fresh(work / "static.partial")
+        export_optional_graph(work / "ckpt", "decoder_static", partial / "decoder_static.onnx",
+                              dtype=SETUPS[device].dtype, device="cpu")
+        _publish(partial, work / "static")
 
 
 def _graphs(bundle: Path) -> dict:
@@ -119,46 +155,90 @@ def _int4_copy(float_dir: Path, int4_dir: Path) -> None:
         (int4_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def stage_pipmm(work: Path, device: str) -> None:
-    """The float bundle, then (in parallel) its decoder_fused (CUDA target) and an INT4 copy's (stage int4)."""
-    from export.extra_graphs import add_graphs, export_direct
+def stage_float(work: Path, device: str) -> None:
+    """The plain FP16 bundle (vision, embed, decoder), traced on the CPU; published whole or not at all."""
+    from export.extra_graphs import export_direct
 
-    ckpt, float_dir, int4_dir = work / "ckpt", work / "float", work / "int4"
-    if not _graphs(float_dir):
-        export_direct(ckpt, float_dir, no_prompt_mlp=True, dtype=SETUPS[device].dtype, device="cpu",
+    if not _graphs(work / "float"):
+        export_direct(work / "ckpt", work / "float", no_prompt_mlp=True, dtype=SETUPS[device].dtype, device="cpu",
                       graphs=("vision", "embed", "decoder"), overwrite=True, log=log)
-    int4 = None
-    if _graphs(int4_dir).get("decoder_fused", {}).get("weights") != "int4":
-        _int4_copy(float_dir, int4_dir)
-        int4 = subprocess.Popen(own_command(work.name, device, work.parent, "--stage", "int4"), cwd=ROOT)
-    if "decoder_fused" not in _graphs(float_dir):
-        add_graphs(float_dir, ckpt, ("decoder_fused",), fused_target="cuda")
-    if int4 is not None and int4.wait():
-        raise SystemExit("the INT4 decoder_fused failed (its output is above)")
+
+
+def _int4_done(work: Path) -> bool:
+    return _graphs(work / "int4").get("decoder_fused", {}).get("weights") == "int4"
+
+
+def stage_fused(work: Path, device: str) -> None:
+    """The float bundle's decoder_fused (CUDA target); the manifest is written last, so a killed stage leaves the
+    bundle as it was."""
+    from export.extra_graphs import add_graphs
+
+    if "decoder_fused" not in _graphs(work / "float"):
+        add_graphs(work / "float", work / "ckpt", ("decoder_fused",), fused_target="cuda")
 
 
 def stage_int4(work: Path, device: str) -> None:
+    """A copy of the float bundle (graphs hard-linked, without decoder_fused) with an INT4 decoder_fused."""
     from export.extra_graphs import add_graphs
 
-    add_graphs(work / "int4", work / "ckpt", ("decoder_fused",), fused_target="cuda", fused_weights="int4")
+    if not _int4_done(work):
+        _int4_copy(work / "float", work / "int4")
+        add_graphs(work / "int4", work / "ckpt", ("decoder_fused",), fused_target="cuda", fused_weights="int4")
+
+
+def stage_pipmm(work: Path, device: str) -> None:
+    """float, then fused and int4 in parallel (int4 in a child): the 0.5B run's one process for pipmm's bundles."""
+    stage_float(work, device)
+    int4 = None if _int4_done(work) else \
+        subprocess.Popen(own_command(work.name, device, work.parent, "--stage", "int4"), cwd=ROOT)
+    try:
+        stage_fused(work, device)
+        if int4 is not None and int4.wait():
+            raise SystemExit("the INT4 decoder_fused failed (its output is above)")
+    finally:
+        if int4 is not None and int4.poll() is None:
+            int4.kill()
+
+
+def stage_text(work: Path, device: str) -> None:
+    """The checkpoint's text model as a transformers causal LM (GenAI's builder input), in the checkpoint's dtype."""
+    from compare_genai import extract_text_model
+
+    if not (work / "text" / "config.json").exists():
+        partial = _fresh(work / "text.partial")
+        extract_text_model(work / "ckpt", partial)
+        _publish(partial, work / "text")
+
+
+GENAI_BUILDS = ("genai-float", "genai-int4")
+
+
+def _genai_done(work: Path) -> bool:
+    return all((work / name / "genai_config.json").exists() for name in GENAI_BUILDS)
 
 
 def stage_genai(work: Path, device: str) -> None:
-    from compare_genai import extract_text_model
-
-    text = work / "text"
-    if not (text / "config.json").exists():
-        extract_text_model(work / "ckpt", text)
-    builds = []  # the two builders in parallel
-    for name, (precision, ep) in (("genai-float", SETUPS[device].genai), ("genai-int4", SETUPS[device].genai_int4)):
-        out = work / name
-        if not (out / "genai_config.json").exists():
-            log(f"GenAI builder -p {precision} -e {ep} -> {out}")
-            builds.append(subprocess.Popen([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(text),
-                                            "-o", str(out), "-p", precision, "-e", ep, "-c",
-                                            str(work / f"builder-cache-{precision}")], stdout=subprocess.DEVNULL))
-    if any(b.wait() for b in builds):
-        raise SystemExit("a GenAI build failed (its output is above)")
+    stage_text(work, device)
+    builds = {}  # the two builders in parallel, each into name.partial, renamed when it exits 0
+    for name, (precision, ep) in zip(GENAI_BUILDS, (SETUPS[device].genai, SETUPS[device].genai_int4)):
+        if not (work / name / "genai_config.json").exists():
+            partial = _fresh(work / f"{name}.partial")
+            log(f"GenAI builder -p {precision} -e {ep} -> {work / name}")
+            builds[name] = subprocess.Popen([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
+                                             str(work / "text"), "-o", str(partial), "-p", precision, "-e", ep, "-c",
+                                             str(work / f"builder-cache-{precision}.partial")],
+                                            stdout=subprocess.DEVNULL)
+    try:
+        failed = [name for name, build in builds.items() if build.wait()]
+    finally:
+        for build in builds.values():
+            if build.poll() is None:
+                build.kill()
+    for name in builds:
+        if name not in failed:
+            _publish(work / f"{name}.partial", work / name)
+    if failed:
+        raise SystemExit(f"GenAI build {', '.join(failed)} failed (its output is above)")
 
 
 def attach_static(work: Path) -> None:
@@ -169,8 +249,22 @@ def attach_static(work: Path) -> None:
         attach_graphs(work / "float", {"decoder_static": static}, verify=False)
 
 
-STAGES = {"checkpoint": stage_checkpoint, "static": stage_static, "pipmm": stage_pipmm, "int4": stage_int4,
-          "genai": stage_genai}
+STAGES = {"checkpoint": stage_checkpoint, "float": stage_float, "fused": stage_fused, "pipmm": stage_pipmm,
+          "int4": stage_int4, "static": stage_static, "text": stage_text, "genai": stage_genai}
+# --export's default, the 0.5B run: ';' separates steps run in order, '+' stages of one step run in parallel
+DEFAULT_EXPORT = "checkpoint;pipmm+static+genai"
+# an input under --work -> when nothing left needs it (--prune then removes it; static/ is gone once attached)
+PRUNE = {"text": _genai_done,
+         "ckpt": lambda work: (_genai_done(work) or (work / "text" / "config.json").exists()) and _int4_done(work)
+         and "decoder_fused" in _graphs(work / "float") and not (work / "static" / "decoder_static.onnx").exists()}
+
+
+def prune(work: Path) -> list[str]:
+    """Delete the inputs no later stage needs (the 7B run's disk: docs/gpu.md); the names removed."""
+    gone = [name for name, done in PRUNE.items() if (work / name).exists() and done(work)]
+    for name in gone:
+        shutil.rmtree(work / name)
+    return gone
 
 
 def own_command(preset: str, device: str, work_root: Path, *extra: str) -> list[str]:
@@ -180,32 +274,54 @@ def own_command(preset: str, device: str, work_root: Path, *extra: str) -> list[
 
 
 def child(args, *extra) -> subprocess.Popen:
+    """A child in its own process group, so that a timeout ends its own children too (stop())."""
     return subprocess.Popen(own_command(args.preset, args.device, args.work, *extra), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The child's output; at the timeout its whole process group is killed (a stage's builders or INT4 child)."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0] + "\n[killed at the time budget]"
+
+
+def disk_free_gb(work: Path) -> float:
+    return round(shutil.disk_usage(work).free / 1e9, 1)
 
 
 def export_all(args, work: Path, doc: dict, deadline: float) -> None:
+    """--export's steps in order (each step's stages in parallel processes); no step starts after the deadline.
+    Records go to work/export.json too, so the JSON of a later call (e.g. the timings alone) carries them."""
+    record_file = work / "export.json"
+    records = json.loads(record_file.read_text()) if record_file.exists() else {}
+    doc["export"] = records
+    sweep(work)
     start = time.perf_counter()
-    done = subprocess.run(own_command(args.preset, args.device, args.work, "--stage", "checkpoint"), cwd=ROOT,
-                          capture_output=True, text=True)
-    doc["export"]["checkpoint"] = {"rc": done.returncode, "s": round(time.perf_counter() - start, 1),
-                                   "tail": done.stdout[-800:] + done.stderr[-1500:]}
-    if done.returncode:
-        raise SystemExit(f"checkpoint failed: {done.stderr[-1500:]}")
-    procs = {name: (child(args, "--stage", name), time.perf_counter()) for name in ("pipmm", "static", "genai")}
-    for name, (proc, began) in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=max(10, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        doc["export"][name] = {"rc": proc.returncode, "s": round(time.perf_counter() - began, 1), "tail": out[-1500:]}
-        log(f"export {name}: rc {proc.returncode} in {doc['export'][name]['s']} s")
+    for step in [s for s in args.export.split(";") if s and s != "none"]:
+        if time.monotonic() > deadline:
+            records[step] = {"skipped": "time budget"}
+            continue
+        procs = {name: (child(args, "--stage", name), time.perf_counter()) for name in step.split("+")}
+        for name, (proc, began) in procs.items():
+            out = finish(proc, max(10, deadline - time.monotonic()))
+            got = {"rc": proc.returncode, "s": round(time.perf_counter() - began, 1),
+                   "disk_free_gb": disk_free_gb(work), "time": time.strftime("%H:%M:%S"), "tail": out[-1500:]}
+            records.setdefault(name, []).append(got)  # one entry per attempt: a resumed stage's second try too
+            log(f"export {name}: rc {proc.returncode} in {got['s']} s, {got['disk_free_gb']} GB free")
+        if args.prune:
+            records.setdefault("pruned", []).extend(prune(work))
+        record_file.write_text(json.dumps(records, indent=1) + "\n")
+        if any(procs[name][0].returncode for name in procs):
+            break  # a later step needs this one's output
     try:
         attach_static(work)
     except Exception as err:  # the plain variant then runs without decoder_static (no CUDA graph)
-        doc["export"]["attach_static"] = {"error": f"{type(err).__name__}: {err}"}
-    doc["export"]["seconds"] = round(time.perf_counter() - start, 1)
+        records["attach_static"] = {"error": f"{type(err).__name__}: {err}"}
+    records["seconds_this_call"] = round(time.perf_counter() - start, 1)
+    record_file.write_text(json.dumps(records, indent=1) + "\n")
 
 
 # -- one measurement (run in its own process) ------------------------------------------------------
@@ -369,6 +485,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=420, help="start no new step after this many seconds")
+    parser.add_argument("--export", default=DEFAULT_EXPORT,
+                        help="export steps of this call: ';' in order, '+' in parallel, of " + ", ".join(STAGES) +
+                        "; 'none' = timings only (what exists under --work is reused either way)")
+    parser.add_argument("--prune", action="store_true", help="delete ckpt/ and text/ once no stage needs them")
     parser.add_argument("--stage", default=None, choices=tuple(STAGES) + ("measure",), help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--agree", action="store_true", help=argparse.SUPPRESS)
@@ -377,6 +497,10 @@ def main(argv=None) -> int:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {', '.join(sorted(unknown))}: choose from {', '.join(VARIANTS)}")
+    stages = {name for step in args.export.split(";") for name in step.split("+") if name and args.export != "none"}
+    if stages - set(STAGES):
+        parser.error(f"unknown export stages {', '.join(sorted(stages - set(STAGES)))}: "
+                     f"choose from {', '.join(STAGES)}")
     work = args.work / args.preset
     work.mkdir(parents=True, exist_ok=True)
     if args.stage == "measure":  # a child: one round of one variant -> --result
@@ -384,7 +508,9 @@ def main(argv=None) -> int:
             got = measure(args, work, args.variant)
         except Exception as err:
             got = {"error": f"{type(err).__name__}: {str(err)[:1500]}", "traceback": traceback.format_exc()[-3000:]}
-        args.result.write_text(json.dumps(got))
+        partial = args.result.with_suffix(".partial")
+        partial.write_text(json.dumps(got))
+        os.replace(partial, args.result)  # a round killed while writing leaves no half result
         return 0
     if args.stage:
         STAGES[args.stage](work, args.preset, args.device) if args.stage == "checkpoint" else \
@@ -400,7 +526,8 @@ def main(argv=None) -> int:
     export_all(args, work, doc, deadline)
     write(doc, args.out)
     if not (work / "ids.npy").exists() and _graphs(work / "float"):
-        np.save(work / "ids.npy", prompt_ids(work / "float"))
+        np.save(work / "ids.partial.npy", prompt_ids(work / "float"))
+        os.replace(work / "ids.partial.npy", work / "ids.npy")
     names = list(doc["variants"])
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
@@ -414,11 +541,7 @@ def main(argv=None) -> int:
                      str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup)] + \
                 (["--agree"] if r == 0 else [])
             proc = child(args, *extra)
-            try:
-                out, _ = proc.communicate(timeout=max(30, deadline - time.monotonic() + 45))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
+            out = finish(proc, max(30, deadline - time.monotonic() + 45))
             got = json.loads(result.read_text()) if result.exists() else \
                 {"error": f"exit {proc.returncode}: {out[-1500:]}"}
             doc["variants"][name]["rounds"].append(got)

@@ -1,10 +1,14 @@
 """scripts/gpu_speed.py's own logic (its end-to-end dry run, `--preset ci-tiny --device cpu`, takes over a minute on
-CI's cores: not run here): the prompt it gives GenAI, medians over rounds, token agreement, the report."""
+CI's cores: not run here): the prompt it gives GenAI, medians over rounds, token agreement, the report, and what
+the 7B run's split calls rely on: --prune deletes an input only when nothing left needs it, sweep() only leftovers."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 import sdk
 from sdk.bench import DEFAULT_PROMPT
@@ -37,3 +41,38 @@ def test_rounds_are_summarised_and_tokens_compared():
     assert doc["agreement"] == {"fused vs genai": {"leading_identical": 2, "of": 4, "identical": 3}}
     table = gpu_speed.report(doc)
     assert "| fused | 20.0 |" in table and "RuntimeError: no model" in table and "2 of 4 leading identical" in table
+
+
+def _manifest(bundle: Path, graphs: dict) -> None:
+    bundle.mkdir(parents=True, exist_ok=True)
+    (bundle / "manifest.json").write_text(json.dumps({"graphs": graphs}))
+
+
+def test_prune_keeps_inputs_until_no_stage_needs_them(tmp_path):
+    for name in ("ckpt", "text"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    _manifest(tmp_path / "float", {"decoder": {}, "decoder_fused": {}})
+    assert gpu_speed.prune(tmp_path) == []  # int4 and GenAI not built yet: both still needed
+    _manifest(tmp_path / "int4", {"decoder_fused": {"weights": "int4"}})
+    assert gpu_speed.prune(tmp_path) == ["ckpt"]  # the text model is out: the checkpoint has no reader left
+    (tmp_path / "genai-float").mkdir()
+    (tmp_path / "genai-float" / "genai_config.json").write_text("{}")
+    assert gpu_speed.prune(tmp_path) == []  # genai-int4 still reads the text model
+    (tmp_path / "genai-int4").mkdir()
+    (tmp_path / "genai-int4" / "genai_config.json").write_text("{}")
+    assert gpu_speed.prune(tmp_path) == ["text"] and not (tmp_path / "text").exists()
+
+
+def test_sweep_removes_only_what_killed_stages_left(tmp_path):
+    for name in (".float.partial-x1", ".int4.graphs-y2", "genai-int4.partial", "float", "results"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "ids.npy").write_bytes(b"")
+    gpu_speed.sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "ids.npy", "results"]
+
+
+def test_export_steps_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        gpu_speed.main(["--export", "checkpoint;float+bogus", "--rounds", "0"])
+    assert "unknown export stages bogus" in capsys.readouterr().err
