@@ -56,6 +56,10 @@ def _why_not(bundle: Bundle, device: str, kv_cache: str) -> str | None:
     """None where decoder_fused can run on `device` with `kv_cache`, else why not (one line)."""
     devices = fused_devices(bundle)
     if device == "cpu":  # both targets run on the CPU; the device cache (kv_cache='static') is the CUDA one's
+        if kv_cache == "static" and FusedDecoderEntry.of(bundle).cmai:
+            # its bindings carry no image_bias: CMAI's bias is the host caches' (inplace, numpy)
+            return f"this {FUSED_DECODER} takes CMAI's image_bias, which kv_cache 'static' does not feed: use " \
+                   "kv_cache 'inplace' or 'numpy'"
         return None if kv_cache in CPU_CACHES + FUSED_DEVICE_CACHES else \
             f"{FUSED_DECODER} on cpu runs with kv_cache 'inplace', 'numpy' or 'static', not {kv_cache!r}"
     if device != "cuda":
@@ -132,12 +136,14 @@ def decoder_threads(bundle: Bundle, graph: str, device: str, threads: int | None
     return 1 if size <= SMALL_DECODER_BYTES else None
 
 
-def separate_prefill(device: str, decoder_threads: int | None, threads: int | None) -> bool:
+def separate_prefill(device: str, decoder_threads: int | None, threads: int | None, host_cache: bool = True) -> bool:
     """Whether calls of T > 1 (prefill, prompt pass, CMAI's probe) get a second session of the decoder graph on the
     other sessions' threads (one per core by default): where the decoder itself runs on one thread (the small-
     decoder rule above), since a decode step is too small to split but a prefill of a few hundred rows is compute
     that every core shortens. Same graph, same kernels: the outputs are the same bits (tests/test_fused_decoder.py).
-    Costs a second copy of the decoder's weights in memory (9.4 MB for the default model)."""
+    Costs a second copy of the decoder's weights in memory (9.4 MB for the default model). host_cache: the KV cache
+    is a host one (inplace, numpy); the device-buffer cache (kv_cache 'static') runs its prefills in its own binding
+    on the decoder's session, so a second session would only hold the weights twice."""
     if os.environ.get("PIPMM_PREFILL_SESSION", "1").strip() in ("0", "false", "no"):
         return False
-    return device == "cpu" and decoder_threads == 1 and threads != 1 and (os.cpu_count() or 1) > 1
+    return device == "cpu" and host_cache and decoder_threads == 1 and threads != 1 and (os.cpu_count() or 1) > 1

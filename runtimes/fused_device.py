@@ -17,12 +17,14 @@ on the host) is S in every call and every decode step has the same shapes and ad
     prefill (T > 1)  its own binding, outside the graph (gpu_graph_id -1): host inputs, the same cache.
     token step       where decoder_fused takes token ids (sdk/manifest_fused.py token_input, next_token): a binding
                      of input_ids [1,1] (a fixed device OrtValue) and an empty inputs_embeds [1,0,D], the same mask,
-                     position and outputs, and next_token bound to the input_ids OrtValue itself (the graph's Gather
-                     reads it before its ArgMax writes it): one session run (one CUDA graph replay, this binding's
-                     is the captured one; T == 1 from embeddings then runs outside the graph) does embed + layers +
-                     argmax, and the chosen id is already the next step's input. A greedy step reads 8 bytes back
-                     (the stop check) and leaves logits on the device (sdk/generation.py DeviceChoice); a sampled one
-                     copies the logits row. Bundles before it: the embed graph's row, the host's argmax.
+                     position and outputs, and next_token bound to an OrtValue of its own: one session run (one
+                     CUDA graph replay, this binding's is the captured one; T == 1 from embeddings then runs outside
+                     the graph) does embed + layers + argmax. A greedy step reads the 8 bytes of next_token back (the
+                     stop check) and writes the chosen id into input_ids (8 bytes) for the next step; logits stay on
+                     the device (sdk/generation.py DeviceChoice); a sampled one copies the logits row. next_token is
+                     not bound to the input_ids buffer itself: ONNX Runtime's first run with a gpu_graph_id runs the
+                     graph twice on the same bindings (a warm-up, then the capture), and the second would read the
+                     first's output as its input. Bundles before it: the embed graph's row, the host's argmax.
 
 decoder_static (export/model/decoder.py: ScatterElements at the position ids) is the same binding with another
 slot rule: token p goes to slot p (its position id), the mask marks those slots (holes where patch positions
@@ -91,7 +93,7 @@ class DeviceBufferCaches:
         self.step_out = {"logits": self.value(np.zeros((1, backend.vocab_size), backend.logits_dtype)),
                          "hidden": self.value(np.zeros((1, 1, backend.hidden_size), backend.hidden_dtype))}
         self.token = self.value(np.zeros((1, 1), np.int64))
-        self.device_token: int | None = None  # what self.token holds, where known (the token step's next_token)
+        self.next_token = self.value(np.zeros((1, 1), np.int64))  # the token step's ArgMax, read back when greedy
         self.device_argmax = token_ids and device_argmax
         self.token_runs = 0  # token steps run so far (refuse_token_step: only the first may fail)
         self.eager_options, self.graph_options = ort.RunOptions(), ort.RunOptions()
@@ -138,7 +140,7 @@ class DeviceBufferCaches:
         for name, value in self.step_out.items():
             binding.bind_ortvalue_output(name, value)
         if self.device_argmax:
-            binding.bind_ortvalue_output("next_token", self.token)  # read by Gather first, written by ArgMax last
+            binding.bind_ortvalue_output("next_token", self.next_token)
         self._bind_cache(binding)
         return binding
 
@@ -188,10 +190,12 @@ class DeviceBufferCaches:
             try:
                 self.session.run_with_iobinding(self.bindings[name], self.graph_options)
                 return
-            except Exception as err:  # capture refused at run time: keep going without the graph
+            except Exception as err:  # refused at run time: the capture, or the binding itself (eager tells)
+                self.bindings[name] = self.makers[name]()
+                self.session.run_with_iobinding(self.bindings[name], self.eager_options)  # raises: the binding's
                 self.cuda_graph = False
                 self.cuda_graph_note = f"CUDA graph capture failed at run time: {one_line(err, 300)}"
-                self.bindings[name] = self.makers[name]()
+                return
         self.session.run_with_iobinding(self.bindings[name], self.eager_options)
 
     def step(self, inputs_embeds: np.ndarray, cache, positions: np.ndarray, bias: np.ndarray | None,
@@ -224,7 +228,7 @@ class DeviceBufferCaches:
         if "ids" not in self.bindings or self.token_runs:
             return False
         del self.bindings["ids"], self.makers["ids"]
-        self.captured, self.device_argmax, self.device_token = "embeds", False, None
+        self.captured, self.device_argmax = "embeds", False
         return True
 
     def token_step(self, embed_session, token_id: int, cache, greedy: bool = False):
@@ -233,9 +237,7 @@ class DeviceBufferCaches:
         the bound embeds OrtValue and the decode step runs."""
         positions = np.array([[cache.next_position]], np.int64)
         end, mask = self._advance(cache, positions)
-        if token_id != self.device_token:  # else the last token step's next_token, already in place
-            self.token.update_inplace(np.array([[token_id]], np.int64))
-        self.device_token = None if self.device_argmax else token_id
+        self.token.update_inplace(np.array([[token_id]], np.int64))
         if "ids" not in self.bindings:
             if self.embed_binding is None:
                 self.embed_binding = embed_session.io_binding()
@@ -248,6 +250,5 @@ class DeviceBufferCaches:
         self.token_runs += 1
         grown = self._grown(cache, end, mask, cache.next_position + 1)
         if greedy and self.device_argmax:
-            self.device_token = int(self.token.numpy()[0, 0])
-            return DeviceChoice(self.device_token, self.step_out["logits"].numpy), grown
+            return DeviceChoice(int(self.next_token.numpy()[0, 0]), self.step_out["logits"].numpy), grown
         return self.step_out["logits"].numpy(), grown

@@ -145,7 +145,7 @@ class OnnxRuntimeBackend:
             if self.embed_device != self.device else self._open("embed")
         # calls of T > 1 on every core where decode steps run on one (runtimes/decoder_flavour.py separate_prefill)
         self.prefill_session = self._open(self.decoder_graph, self.options) if separate_prefill(
-            self.device, self.decoder_threads, threads) else self.sessions[self.decoder_graph]
+            self.device, self.decoder_threads, threads, not self.static_cache) else self.sessions[self.decoder_graph]
         # PIP-MM's first-L-layers prompt encoder, when the bundle has one (runtimes/prompt_encoder.py)
         self.prompt_encoder_graph, self.prompt_encoder_note = choose_prompt_encoder(bundle, self.decoder_graph)
         if self.prompt_encoder_graph:
@@ -193,6 +193,11 @@ class OnnxRuntimeBackend:
         self._new_cache, self._decode_step = kinds[self.kv_cache]
 
     # -- sessions ---------------------------------------------------------------------------------
+
+    def provider_options(self, graph: str) -> list:
+        """The providers, with this backend's options (device id, arena, TF32), for an optional graph that another
+        part of the SDK opens itself (referring's energy_grad), without a CUDA graph."""
+        return self._provider_options(graph, False)
 
     def _provider_options(self, graph: str, cuda_graph: bool, device: str | None = None) -> list:
         if (device or self.device) == "cpu":

@@ -50,14 +50,15 @@ class EnergyGradSession:
     def __init__(self, pipeline):
         backend = pipeline.backend
         sessions = getattr(backend, "sessions", None)
-        if sessions is None or not hasattr(backend, "options"):
+        if sessions is None or not hasattr(backend, "provider_options"):
             raise BackendError(f"referring runs its energy graph in ONNX Runtime; the {type(backend).__name__} "
                                "backend has none: load the bundle with backend='onnxruntime'")
         import onnxruntime
 
         path = backend.bundle.graph_path(GRAPH)
+        # the backend's device and provider options (device id, arena, TF32), not just the decoder's provider names
         self.session = onnxruntime.InferenceSession(str(path), sess_options=backend.options,
-                                                    providers=sessions[backend.decoder_graph].get_providers())
+                                                    providers=backend.provider_options(GRAPH))
         spec = pipeline.manifest.graphs[GRAPH].input("inputs_embeds")
         self.dtype = np.float16 if spec is not None and spec.dtype == "float16" else np.float32
 

@@ -193,7 +193,7 @@ class _CountingCopies:
 
 def test_token_step_gives_the_embed_graphs_greedy_tokens_without_copying_logits(cuda_target, older_cuda_target,
                                                                                 image, monkeypatch):
-    """One session run per token (input_ids in, next_token out, bound to one OrtValue) against the embed graph +
+    """One session run per token (input_ids in, next_token out, each bound to its own OrtValue) against the embed graph +
     host argmax of the same bundle, an older bundle without the token step, and the plain decoder."""
     entry = load_bundle(cuda_target(), verify=False).graphs["decoder_fused"].extra
     assert (entry["token_input"], entry["next_token"]) == ("input_ids", "next_token")
@@ -226,6 +226,29 @@ def test_token_step_gives_the_embed_graphs_greedy_tokens_without_copying_logits(
     runs["plain"] = pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12).token_ids
     assert len(set(map(tuple, runs.values()))) == 1, runs
 
+    # ONNX Runtime's first run with a gpu_graph_id runs the graph twice on the same bindings (a warm-up, then the
+    # capture): every bound run made twice must give the same tokens (next_token written into input_ids would not)
+    monkeypatch.setenv("PIPMM_TOKEN_STEP", "1")
+    pipe.backend = OnnxRuntimeBackend(load_bundle(cuda_target(), verify=False), device="cpu", kv_cache="static")
+    session, run_once = pipe.backend._buffer.session, pipe.backend._buffer.session.run_with_iobinding
+    session.run_with_iobinding = lambda *args: (run_once(*args), run_once(*args))[-1]
+    assert pipe.backend.info()["token_step"]
+    assert pipe.generate(image, PROMPT, max_new_tokens=12, min_new_tokens=12).token_ids == runs["plain"]
+    monkeypatch.delenv("PIPMM_TOKEN_STEP")
+
     batched = OnnxRuntimeBackend(load_bundle(cuda_target(), verify=False), device="cpu", kv_cache="numpy")
     logits, _, _ = batched.decoder(np.zeros((2, 3, batched.hidden_size), np.float32), batched.new_cache(2))
     assert logits.shape == (2, batched.vocab_size)  # batches feed input_ids [2,0] (its default is [1,0])
+
+
+def test_the_device_buffer_cache_refuses_a_cmai_fused_decoder_in_one_line():
+    """The shipped bundle's decoder_fused (CPU target, CMAI's image_bias input): kv_cache 'static' feeds no bias, so
+    it is refused with the reason (it failed in onnxruntime with 'Missing Input: image_bias') and the host caches run."""
+    from sdk.bundle import default_bundle_path
+
+    bundle = load_bundle(default_bundle_path(), verify=False)
+    fused, why = choose_flavour(bundle, "cpu", "static")
+    assert not fused and "image_bias" in why and "'inplace'" in why
+    assert choose_flavour(bundle, "cpu", "auto") == (True, None)
+    with pytest.raises(BackendError, match="decoder_static"):  # the plain decoder has no static graph either
+        OnnxRuntimeBackend(bundle, device="cpu", kv_cache="static")
