@@ -24,7 +24,7 @@ import torch
 from onnx import TensorProto, helper
 
 from export.model.energy import EnergyGradGraph
-from export.model.energy_pieces import EnergyPieces, Prelude, trace_joint
+from export.model.energy_pieces import EnergyPieces, Prelude, layer_weight_names, trace_joint
 
 OPSET = 18
 SEQ = "sequence"
@@ -37,13 +37,11 @@ _SEQ_DIMS = {"h": (1,), "cos": (1,), "sin": (1,), "bias": (3, 4), "queries": (0,
 
 @dataclass
 class Piece:
-    """One exported piece: its nodes split into forward and backward, its constants, its input/output names."""
+    """One exported piece: its nodes split into forward and backward, and its constants."""
     name: str
     forward: list = field(default_factory=list)
     backward: list = field(default_factory=list)
     constants: list = field(default_factory=list)
-    inputs: list = field(default_factory=list)
-    outputs: list = field(default_factory=list)
 
 
 def _export_proto(module, args, input_names, output_names, dynamic) -> onnx.ModelProto:
@@ -83,7 +81,7 @@ def _single_assignment(graph: onnx.GraphProto) -> None:
 
 def _split(name: str, model: onnx.ModelProto, cotangents: set[str]) -> Piece:
     """The piece's nodes: those reachable from the cotangent inputs are its backward, the rest its forward."""
-    piece = Piece(name, inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output])
+    piece = Piece(name)
     piece.constants = list(model.graph.initializer)
     tainted = set(cotangents)
     for node in model.graph.node:  # the exporter writes nodes in topological order
@@ -119,7 +117,7 @@ def _tensor(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
 
 def _layer_piece(pieces: EnergyPieces, index: int, kind: str) -> Piece:
     example = pieces.example(index)
-    weights = list(pieces.weights(index))
+    weights = layer_weight_names(pieces.layers[index], kind == "last")  # the names only: no weight copied
     cotangents = ["g_rel"] if kind == "last" else ["g_out", "g_rel"]
     names = PIECE_INPUTS + [f"w:{w}" for w in weights] + cotangents
     dynamic = [_SEQ_DIMS.get(n, ()) for n in names]

@@ -319,10 +319,10 @@ def _run_nodes(model: onnx.ModelProto) -> list:
     return [n for n in model.graph.node if not all(i in constant for i in n.input if i)]
 
 
-def fused_ops(model: onnx.ModelProto) -> dict:
-    """Op type -> count of the nodes that run, for the manifest."""
+def fused_ops(run: list) -> dict:
+    """The nodes that run (_run_nodes) -> op type -> count, for the manifest."""
     counts: dict[str, int] = {}
-    for node in _run_nodes(model):
+    for node in run:
         key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -342,7 +342,7 @@ def fused_entry(path) -> dict:
         query_seqlens=target.rotary_in_attention, cmai=target.cmai,
         token_input=TOKEN_INPUT if TOKEN_INPUT in inputs else None,
         next_token=NEXT_TOKEN if NEXT_TOKEN in outputs else None,
-        extra={"ops": fused_ops(model), "nodes": len(run), "folded_at_load": len(model.graph.node) - len(run),
+        extra={"ops": fused_ops(run), "nodes": len(run), "folded_at_load": len(model.graph.node) - len(run),
                "nodes_per_layer": round(len(run) / max(layers, 1), 1),
                "built_by": "export/fused.py (ONNX Runtime contrib ops, weights packed: float ones from the decoder's "
                            "own pieces, folded at load, shared with it)"}).to_dict()

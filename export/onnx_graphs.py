@@ -39,14 +39,12 @@ def _param_bytes(module: torch.nn.Module) -> int:
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
-            weight_bytes: int | None = None) -> None:
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
-    weight_bytes = _param_bytes(module) if weight_bytes is None else weight_bytes
-    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
     onnx.checker.check_model(str(path), full_check=True)
 
 

@@ -39,6 +39,7 @@ The same code runs on the CPU execution provider with OrtValues in host memory: 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -95,17 +96,17 @@ class DeviceBufferCaches:
         self.token = self.value(np.zeros((1, 1), np.int64))
         self.next_token = self.value(np.zeros((1, 1), np.int64))  # the token step's ArgMax, read back when greedy
         self.device_argmax = token_ids and device_argmax
-        self.token_runs = 0  # token steps run so far (refuse_token_step: only the first may fail)
+        self.token_ran = False  # a token step has run (refuse_token_step: only the first may fail)
+        self.host_token, self.host_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)  # per step
         self.eager_options, self.graph_options = ort.RunOptions(), ort.RunOptions()
         if cuda_graph:
             self.eager_options.add_run_config_entry("gpu_graph_id", "-1")
             self.graph_options.add_run_config_entry("gpu_graph_id", CUDA_GRAPH_ID)
         # binding name -> its maker; the captured one is replayed as the CUDA graph, the others run eagerly
-        self.makers = {"embeds": self._step_binding}
+        self.makers = {"embeds": self._binding}
         if token_ids:
             self.no_embeds = self.value(np.zeros((1, 0, backend.hidden_size), self.embed_dtype))
-            self.makers["ids"] = self._ids_binding
-        self.captured = "ids" if token_ids else "embeds"
+            self.makers["ids"] = partial(self._binding, ids=True)
         self.bindings = {name: make() for name, make in self.makers.items()}
         self.embed_binding = None
 
@@ -122,25 +123,16 @@ class DeviceBufferCaches:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # the same buffer: the graph writes its new slots in place
 
-    def _step_binding(self):
+    def _binding(self, ids: bool = False):
+        """A decode step's binding: from the embeds row (step_in), or with ids from input_ids (and an empty
+        inputs_embeds [1,0,D]), next_token out where the device takes the argmax."""
         binding = self.session.io_binding()
-        for name, value in self.step_in.items():
+        inputs = {**self.step_in, "inputs_embeds": self.no_embeds, "input_ids": self.token} if ids else self.step_in
+        outputs = {**self.step_out, "next_token": self.next_token} if ids and self.device_argmax else self.step_out
+        for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
-        for name, value in self.step_out.items():
+        for name, value in outputs.items():
             binding.bind_ortvalue_output(name, value)
-        self._bind_cache(binding)
-        return binding
-
-    def _ids_binding(self):
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input("input_ids", self.token)
-        binding.bind_ortvalue_input("inputs_embeds", self.no_embeds)
-        for name in ("attention_mask", "position_ids"):
-            binding.bind_ortvalue_input(name, self.step_in[name])
-        for name, value in self.step_out.items():
-            binding.bind_ortvalue_output(name, value)
-        if self.device_argmax:
-            binding.bind_ortvalue_output("next_token", self.next_token)
         self._bind_cache(binding)
         return binding
 
@@ -184,6 +176,11 @@ class DeviceBufferCaches:
         self.stamps[cache.length:end] = self.writes
         return FusedDeviceCache(end, next_position, cache.generation, self.writes)
 
+    @property
+    def captured(self) -> str:
+        """The binding replayed as the CUDA graph: the token step's while it has one."""
+        return "ids" if "ids" in self.bindings else "embeds"
+
     def _run_step(self, name: str) -> None:
         """A bound decode step: the captured binding replayed as a CUDA graph where it can be, else run eagerly."""
         if self.cuda_graph and name == self.captured:
@@ -225,19 +222,20 @@ class DeviceBufferCaches:
     def refuse_token_step(self) -> bool:
         """After the token step's first run failed (onnxruntime refused it): drop it -> whether there was one to
         drop. Later failures are not refusals (False). The slots that run wrote are written again by the retry."""
-        if "ids" not in self.bindings or self.token_runs:
+        if "ids" not in self.bindings or self.token_ran:
             return False
         del self.bindings["ids"], self.makers["ids"]
-        self.captured, self.device_argmax = "embeds", False
+        self.device_argmax = False
         return True
 
     def token_step(self, embed_session, token_id: int, cache, greedy: bool = False):
         """A decode step from a token id -> (logits [1,V] or, greedy with the device's argmax, a DeviceChoice;
         grown cache): the token step's one run where the graph takes ids, else the embed graph writes its row into
         the bound embeds OrtValue and the decode step runs."""
-        positions = np.array([[cache.next_position]], np.int64)
+        self.host_position[0, 0], self.host_token[0, 0] = cache.next_position, token_id
+        positions = self.host_position
         end, mask = self._advance(cache, positions)
-        self.token.update_inplace(np.array([[token_id]], np.int64))
+        self.token.update_inplace(self.host_token)
         if "ids" not in self.bindings:
             if self.embed_binding is None:
                 self.embed_binding = embed_session.io_binding()
@@ -247,7 +245,7 @@ class DeviceBufferCaches:
         self.step_in["attention_mask"].update_inplace(mask)
         self.step_in["position_ids"].update_inplace(positions)
         self._run_step(self.captured)
-        self.token_runs += 1
+        self.token_ran = True
         grown = self._grown(cache, end, mask, cache.next_position + 1)
         if greedy and self.device_argmax:
             return DeviceChoice(int(self.next_token.numpy()[0, 0]), self.step_out["logits"].numpy), grown

@@ -177,9 +177,10 @@ class InPlaceCaches:
             buffer.decode_binding = binding
         return buffer.decode_binding
 
-    def token_step(self, embed_session, token_id: int, cache: InPlaceKVCache):
+    def token_step(self, embed_session, token_id: int, cache: InPlaceKVCache, greedy: bool = False):
         """A decode step from a token id, no CMAI bias: the embed graph writes the row into the decoder's bound
-        input, then the decoder runs -> (logits [1,V], the grown cache)."""
+        input, then the decoder runs -> (logits [1,V], the grown cache). greedy: asks nothing here (the logits are
+        host memory already; the device-buffer cache's token step takes its argmax on the device)."""
         end = cache.length + 1
         self._check(cache, end)
         buffer = cache.buffer

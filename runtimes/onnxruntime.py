@@ -56,11 +56,6 @@ ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
-def _host_logits(token_step, embed_session, token_id: int, cache, greedy: bool):
-    """A token step whose logits are host memory already (the CPU's in-place cache): greedy asks nothing of it."""
-    return token_step(embed_session, token_id, cache)
-
-
 def _ort():
     try:
         import onnxruntime
@@ -182,7 +177,7 @@ class OnnxRuntimeBackend:
         if self.kv_cache == "inplace":
             self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
-            self._token_step = partial(_host_logits, self._inplace.token_step) if embed_binds else None
+            self._token_step = self._inplace.token_step if embed_binds else None
         if self.static_cache:  # one device buffer: decoder_fused's (slot = order) or decoder_static's (= position)
             entry = token_ids and FusedDecoderEntry.of(bundle)
             self._buffer = DeviceBufferCaches(ort, self.sessions[self.decoder_graph], self, self.cuda_graph,

@@ -113,10 +113,10 @@ def made_from(out: Path, source: Path) -> bool:
     """Whether the cached `out` was made from `source` as it is now (a bundle's manifest.json, or a checkpoint's
     model.safetensors): a stamp beside `out` holds the source's sha256. A re-export or retrain since makes the
     copy stale, and it is made again (such a copy once carried another checkpoint's decoder_fused)."""
-    import hashlib
+    from sdk.bundle import sha256_file
 
     source = source / "manifest.json" if (source / "manifest.json").exists() else source / "model.safetensors"
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    digest = sha256_file(source)  # in chunks: a 7B checkpoint is 13.5 GB
     stamp = out.parent / f"{out.name}.source-sha256"
     if out.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return True

@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ class VisualPrompt:
     def inner_size(self) -> int:
         return inner_side(self.geometry, self.image_size, self.frame)
 
-    @property
+    @cached_property  # frame and size never change: made once, not per image
     def band(self) -> np.ndarray:
         """bool [S, S]: the border `frame` pixels wide (where delta may be non-zero)."""
         inside = np.zeros((self.image_size, self.image_size), bool)

@@ -48,3 +48,17 @@ def adapter_bundle(source: Path, out: Path, mode: str = "mivpg", n_max: int = 4,
     module = random_adapter(mode, d_in, seed=seed, **{**TINY_ADAPTER, "max_frames": n_max, **settings})
     attach_adapter(out, module, n_max=n_max)
     return Path(out), module
+
+
+def assert_energy_grad_matches_autograd(got_energy, got_grad, energy_of, embeds: np.ndarray) -> None:
+    """An energy_grad run (energy, dE/d inputs_embeds) against torch autograd of energy_of(x) at x = embeds: the
+    energy within 1e-5 relative, the gradient within 1e-4 of its largest magnitude (docs/referring.md)."""
+    import torch
+
+    x = torch.tensor(embeds, requires_grad=True)
+    want = energy_of(x)
+    want.backward()
+    want = float(want.detach())
+    assert want > 0.01 and abs(float(got_energy) - want) <= 1e-5 * want
+    scale = float(x.grad.abs().max())
+    assert scale > 0 and np.abs(got_grad - x.grad.numpy()).max() <= 1e-4 * scale

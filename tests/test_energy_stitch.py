@@ -15,6 +15,7 @@ from export.model.checkpoint import load_checkpoint  # noqa: E402
 from export.model.energy import EnergyGradGraph  # noqa: E402
 from export.onnx_graphs import WEIGHT_BYTES, export_energy_grad  # noqa: E402
 from export.synthetic import build_tiny_llava  # noqa: E402
+from helpers import assert_energy_grad_matches_autograd  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,9 @@ def test_stitched_graph_matches_torch_autograd(three_layers):
              "layer_weights": np.array([0.5, 0.2, 0.3], np.float32)}  # each layer's term weighted differently
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got_e, got_g = session.run(None, feeds)
-    x = torch.tensor(feeds["inputs_embeds"], requires_grad=True)
-    want = graph.energy(x, *(torch.tensor(feeds[k]) for k in graph.input_names[1:]))
-    want.backward()
-    want = float(want.detach())
-    assert want > 0.01 and abs(float(got_e) - want) <= 1e-5 * want
-    scale = float(x.grad.abs().max())
-    assert scale > 0 and np.abs(got_g - x.grad.numpy()).max() <= 1e-4 * scale
+    assert_energy_grad_matches_autograd(
+        got_e, got_g, lambda x: graph.energy(x, *(torch.tensor(feeds[k]) for k in graph.input_names[1:])),
+        feeds["inputs_embeds"])
 
 
 def test_every_weight_once_in_the_decoders_layout(three_layers):

@@ -20,6 +20,7 @@ from sdk.referring import ReferringReport, optimise_latent  # noqa: E402
 from sdk.regions import RegionError, overlay  # noqa: E402
 from export.model.checkpoint import load_checkpoint  # noqa: E402
 from export.model.energy import AttentionEnergy  # noqa: E402
+from helpers import assert_energy_grad_matches_autograd  # noqa: E402
 from tests.test_tensorrt_ops import AXES_INPUT, TABLE  # noqa: E402
 
 PROMPT = "what is the color of the shape"
@@ -96,13 +97,9 @@ def test_energy_grad_matches_torch_autograd(request, arch):
     layers = np.full(energy.num_layers, 1 / energy.num_layers, np.float32)
     got_e, got_g = _ort(bundle).run(None, {"inputs_embeds": embeds, "position_ids": positions, "mask": mask,
                                           "image_weight": image, "query_weights": queries, "layer_weights": layers})
-    x = torch.tensor(embeds, requires_grad=True)
-    want = energy(x, torch.tensor(positions), *(torch.tensor(a) for a in (mask, image, queries, layers)))
-    want.backward()
-    want = float(want.detach())
-    assert want > 0.01 and abs(float(got_e) - want) <= 1e-5 * want
-    scale = float(x.grad.abs().max())
-    assert scale > 0 and np.abs(got_g - x.grad.numpy()).max() <= 1e-4 * scale
+    assert_energy_grad_matches_autograd(
+        got_e, got_g, lambda x: energy(x, torch.tensor(positions), *(torch.tensor(a) for a in (mask, image, queries,
+                                                                                            layers))), embeds)
 
 
 def test_energy_grad_ops_are_tensorrt_ops(bundle):
