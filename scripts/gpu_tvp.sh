@@ -14,7 +14,8 @@
 #   finetune [CKPT] [STEPS]  the per-model alternative: CKPT's projector fine-tuned on the same images
 #   indep [SECONDS] [SEED]   stage 0 of `pipmm train` from scratch with another seed (default 1), SECONDS of training
 #                            (default 420), plain LLaVA at full budget: no shipped checkpoint is independent (every
-#                            one in models/ shares the default model's stage 0 and its vision tower)
+#                            one in models/ shares the default model's stage 0 and its vision tower);
+#                            INDEP_WORKERS sets its scene workers (default cores - 2), to run it beside `train`
 #   [PLAIN=DIR] table [CKPT] [N]
 #                            every target (source, int8, quarter, plain baseline; seed1 and source-ft when the indep
 #                            and finetune phases ran) with and without each prompt of frame FRAME (30), N questions per
@@ -157,7 +158,7 @@ indep)
   rm -rf "$RUNS/seed$SEED"
   GUARD_MARGIN=10 guard $P train --stage 0 --seed "$SEED" --out "$RUNS/seed$SEED" --steps 1000000 \
      --time-budget "${2:-420}" --warmup 300 --batch-size 256 --lr 1e-3 --save-every 1000000 --log-every 50 \
-     --val-scenes 32 --device "$DEVICE" --quiet
+     --val-scenes 32 --device "$DEVICE" ${INDEP_WORKERS:+--workers "$INDEP_WORKERS"} --quiet
   pack "seed$SEED/model.safetensors"
   ;;
 table)
