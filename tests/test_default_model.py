@@ -101,3 +101,26 @@ def test_default_model_answers_about_a_box(default_pipeline):
         plain += ask() == target.color
         referred += ask(region=box, referring="controlmllm++") == target.color
     assert referred >= 6 and referred >= plain + 4, (referred, plain)
+
+
+SHIPPED_PROMPT = ROOT / "models" / "visual-prompts" / "dusk-overlay"
+
+
+def test_the_shipped_tvp_prompt_frames_the_band_of_the_default_models_input():
+    """models/visual-prompts/dusk-overlay (docs/tvp.md Results): its sha256 is checked at load, it adds delta on the
+    30 px band of the full-size 224 px input only, and it attaches to the shipped bundle."""
+    import numpy as np
+
+    from export.tvp import domain
+    from sdk.visual_prompt import VisualPrompt
+
+    prompt = VisualPrompt.load(SHIPPED_PROMPT)
+    assert (prompt.geometry, prompt.frame, prompt.image_size) == ("overlay", 30, 224)
+    image = domain.shifted_scene(domain.split_seed("test", 0)).image
+    plain = sdk.load(device="cpu")
+    framed, unframed = plain.pixel_values(image, visual_prompt=SHIPPED_PROMPT), plain.pixel_values(image)
+    np.testing.assert_array_equal(framed[..., 30:194, 30:194], unframed[..., 30:194, 30:194])
+    band = np.abs(framed - unframed)[..., :30, :]
+    assert band.mean() > 0.05, band.mean()  # a trained band, not zeros
+    answer = plain.describe(image, "What color is the large circle?", visual_prompt=SHIPPED_PROMPT)
+    assert normalize(answer) == "purple", answer  # the scene is samples/scene.png's, drawn in the dusk style
