@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from export.model.reducers import REDUCERS
 from export.train import multiframe
+from export.train.archs import ARCHS
 from export.train.data import SCENE_MIXES
 from export.train.templates import TEMPLATES
 
@@ -38,6 +39,12 @@ def add_arguments(parser) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--val-scenes", type=int, default=64, help="validation scenes scored at the end (0: none)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (tests and CPU smoke runs)")
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="stage 0 from scratch: a named architecture (export/train/archs.py; default: r11's sizes), "
+                        "its tokenizer trained on the generator's text; the size flags below override its fields")
+    p.add_argument("--rewarmup", type=int, default=200, metavar="N",
+                   help="--resume from a portable copy (bf16 weights, no optimizer state): the learning rate "
+                        "ramps from 0 back to the schedule's over N steps while the fresh AdamW moments fill")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=None)
     for name in ("vision-hidden", "vision-layers", "vision-heads", "vision-mlp", "text-hidden", "text-layers",
