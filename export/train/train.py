@@ -313,8 +313,6 @@ def run(args) -> int:
             raise TrainError("--paraphrase-fraction is for stages 0-2: --stage mv asks its own multi-frame "
                              "questions (export/tasks/multiview.py), which it does not reword")
         return multiframe.run(args)
-    if not 0 <= args.paraphrase_fraction <= 1:
-        raise TrainError(f"--paraphrase-fraction {args.paraphrase_fraction} is outside 0-1")
     out = Path(args.out)
     if out.exists() and any(out.glob("model*.safetensors")) and not args.resume:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
@@ -325,11 +323,17 @@ def run(args) -> int:
         for name, value in (("lr", resumed["lr"]), ("batch_size", resumed["batch_size"]),
                             ("data_offset", resumed["data_offset"]),
                             ("instruction_fraction", resumed["data"]["instruction_fraction"]),
+                            ("paraphrase_fraction", resumed["data"].get("paraphrase_fraction")),
+                            ("aux_weight", resumed.get("aux_patch_weight")),
                             ("steps", resumed.get("requested_steps")), ("time_budget", resumed.get("time_budget_s"))):
             if getattr(args, name) is None:
                 setattr(args, name, value)
     if args.instruction_fraction is None:
         args.instruction_fraction = INSTRUCTION_FRACTION[args.stage]
+    if args.paraphrase_fraction is None:
+        args.paraphrase_fraction = 0.0
+    if not 0 <= args.paraphrase_fraction <= 1:
+        raise TrainError(f"--paraphrase-fraction {args.paraphrase_fraction} is outside 0-1")
     if not 0 <= args.instruction_fraction <= 1:
         raise TrainError(f"--instruction-fraction {args.instruction_fraction} is outside 0-1")
     device = resolve_device(args.device, TrainError)

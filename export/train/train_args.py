@@ -70,10 +70,10 @@ def add_arguments(parser) -> None:
     p.add_argument("--instruction-fraction", type=float, default=None, metavar="F",
                    help="append an answer-form instruction (export/tasks/instructions.py) to this fraction of the "
                         "training questions that one fits (0-1; default per stage: 0.1 / 0 / 0)")
-    p.add_argument("--paraphrase-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--paraphrase-fraction", type=float, default=None, metavar="F",
                    help="reword this fraction of the training questions (export/tasks/paraphrase.py: synonyms, "
                         "question/command forms, polite wrappers, casing noise; never a held-out template; "
-                        "stages 0-2, 0-1, default 0)")
+                        "stages 0-2, 0-1, default 0; a --resume keeps the run's)")
     p.add_argument("--scene-mix", default="mixed", choices=tuple(SCENE_MIXES),
                    help="training scenes: 'mixed' = the train styles and phrasings (export/tasks/styles.py "
                         "TRAIN_STYLES, phrasings.TRAIN; default), 'classic' = the original grey scenes and "
