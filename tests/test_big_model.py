@@ -40,7 +40,8 @@ def runs(tmp_path_factory):
     trainer-state shard (as on the same machine)."""
     root = tmp_path_factory.mktemp("big")
     assert train("--stage", 0, "--arch", "m20-tiny", "--out", root / "first", "--steps", 7, "--lr", 1e-2,
-                 "--warmup", 2, "--save-every", 1000, "--stop-after", STOP, "--tokenizer-scenes", 40) == 0
+                 "--warmup", 2, "--save-every", 1000, "--stop-after", STOP, "--tokenizer-scenes", 40,
+                 "--paraphrase-fraction", 0.5, "--reduced-fraction", 0.5) == 0
     portable_copy(root / "first", root / "carried")
     shutil.copytree(root / "carried", root / "portable")
     shutil.copytree(root / "first", root / "full")
@@ -76,6 +77,8 @@ def test_resume_from_the_portable_copy_continues_the_run(runs):
     config = json.loads((runs / "portable/train_config.json").read_text())
     assert config["resumes"] == [{"step": STOP, "optimizer": "fresh", "rewarmup": 2}]
     assert config["completed_steps"] == 7 and config["arch"]["name"] == "m20-tiny" and config["lr"] == 1e-2
+    # the resumed call was given none of the first call's settings: it keeps them
+    assert config["data"]["paraphrase_fraction"] == 0.5 and config["reduced_fraction"] == 0.5
     assert json.loads((runs / "full/train_config.json").read_text())["resumes"][0]["optimizer"] == "restored"
 
 

@@ -325,6 +325,7 @@ def run(args) -> int:
                             ("instruction_fraction", resumed["data"]["instruction_fraction"]),
                             ("paraphrase_fraction", resumed["data"].get("paraphrase_fraction")),
                             ("aux_weight", resumed.get("aux_patch_weight")),
+                            ("reduced_fraction", resumed.get("reduced_fraction")),
                             ("steps", resumed.get("requested_steps")), ("time_budget", resumed.get("time_budget_s"))):
             if getattr(args, name) is None:
                 setattr(args, name, value)
@@ -332,6 +333,8 @@ def run(args) -> int:
         args.instruction_fraction = INSTRUCTION_FRACTION[args.stage]
     if args.paraphrase_fraction is None:
         args.paraphrase_fraction = 0.0
+    if args.reduced_fraction is None:
+        args.reduced_fraction = 0.0
     if not 0 <= args.paraphrase_fraction <= 1:
         raise TrainError(f"--paraphrase-fraction {args.paraphrase_fraction} is outside 0-1")
     if not 0 <= args.instruction_fraction <= 1:

@@ -52,9 +52,9 @@ def add_arguments(parser) -> None:
         p.add_argument(f"--{name}", type=int, default=None, help="model size (stage 0)")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="stage 0: weight of the auxiliary patch-classification loss (default 1.0; 0 = LM loss only)")
-    p.add_argument("--reduced-fraction", type=float, default=0.0,
+    p.add_argument("--reduced-fraction", type=float, default=None,
                    help="stage 0: fraction of questions trained on a reduced visual-token set (their objects' "
-                        "patches + random others; see model.sample_keep)")
+                        "patches + random others; see model.sample_keep; default 0; a --resume keeps the run's)")
     p.add_argument("--reduced-budgets", nargs="+", default=["half", "quarter"],
                    help="stage 0: the budgets those reduced sets are drawn from")
     p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
