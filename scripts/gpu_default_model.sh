@@ -54,10 +54,16 @@ T="python3 -m sdk.cli train"
 mkdir -p "$RUNS" "$OUT"
 phase=${1:?phase: stage0, resume0, cont0, cont2, finetune, big0, big or unpack}
 
-pack() {  # small files of every run -> one tar; listed weights -> one file each
+pack() {  # small files of every run -> one tar; listed weights -> one file each (a sharded DIR/model.safetensors:
+          # its model-*-of-*.safetensors shards, e.g. 3 for m20, so mind the 8 files that come back)
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
       --exclude='projector.safetensors' */ 2>/dev/null) || true
-  for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
+  for f in "$@"; do
+    if [ -f "$RUNS/$f" ]; then cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; continue; fi
+    for g in "$RUNS/$(dirname "$f")"/model-*-of-*.safetensors; do
+      [ -f "$g" ] && cp "$g" "$OUT/$(echo "${g#"$RUNS"/}" | tr / _)"
+    done
+  done; true
 }
 
 pack_portable() {  # $RUNS/big -> its portable copy in $OUT: bf16 model shards + one tar of the small files

@@ -6,10 +6,10 @@ generator's text. The resolved Arch is written into train_config.json ("arch"), 
 from there, so a run is continued with the architecture it started with.
 
 Why the tokenizer setting: the generator's text has about 1,050 distinct words, so a BPE of 1024 runs out of
-words and starts merging pairs of label glyphs ("pz" -> one token) in 16% of the label answers (the 512 of
-r11: 1.2%). With the label answers left out of the tokenizer's corpus (answerless=("label",)) the
-1024-BPE saturates at ~840 tokens and merges 2.8% (English bigrams such as "le"), so a label is still read
-out one token per glyph, while a prompt takes ~18 tokens instead of ~34 (scripts/big_model_plan.py labels).
+words and starts merging pairs of label glyphs ("pz" -> one token) in 15% of the test split's label answers
+(the 512 of r11: 1.4%). With the label answers left out of the tokenizer's corpus (answerless=("label",)) the
+1024-BPE stops at 842 tokens and merges 2.5% (English bigrams such as "le"), so a label is still read out one
+token per glyph (scripts/big_model_plan.py labels; tests/test_big_model.py).
 """
 
 from __future__ import annotations
