@@ -39,6 +39,7 @@ from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forwa
 from export.train.state import (STATE_JSON, copy_assets, load_trainer_state, save_model,
                           save_trainer_state)
 from export.train.archs import Arch
+from export.train.resume import keep_settings, recorded_arch, resume_weights, resumed_config
 from export.train.templates import DEFAULT as DEFAULT_TEMPLATE, TEMPLATES, check_prefix, write_template
 
 # Where each stage's stream of train scenes starts (scene index in the train split), per seed
@@ -61,18 +62,11 @@ _SIZE_FLAGS = ("image_size", "vocab_size", "vision_hidden", "vision_layers", "vi
                "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp")
 
 
-def _recorded_arch(config: dict) -> Arch:
-    """A train_config.json's architecture ("arch"; runs from before --arch: their model_sizes)."""
-    if "arch" in config:
-        return archs.from_dict(config["arch"])
-    return Arch(ModelSizes(**config["model_sizes"]))
-
-
 def _arch(args, resumed: dict | None) -> Arch:
     """Stage 0 from scratch: the resumed run's architecture (its train_config.json, whatever the flags), else
     --arch (export/train/archs.py), --tiny or r11's sizes, with the size flags on top."""
     if resumed is not None:
-        return _recorded_arch(resumed)
+        return recorded_arch(resumed)
     if args.arch and args.tiny:
         raise TrainError("--arch and --tiny both name the sizes: pass one")
     arch = archs.resolve(args.arch) if args.arch else Arch(ModelSizes.tiny() if args.tiny else ModelSizes())
@@ -126,29 +120,13 @@ def _new_prompt_mlp(model, args):
     return mlp
 
 
-def _resumed_config(args) -> dict | None:
-    """--resume: the run's own train_config.json (its architecture, settings and resumes so far)."""
-    if not args.resume:
-        return None
-    return json.loads((Path(args.out) / "train_config.json").read_text())
-
-
-def _resume_weights(out: Path):
-    """--resume: the model from DIR's last save (bf16 model files, as fp32 masters). A full trainer state then
-    overwrites its trainables with their fp32 copies; a portable copy (state.portable_copy) has only these."""
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32, use_safetensors=True,
-                                                         attn_implementation="sdpa")
-
-
 def setup(args):
     """-> (model, prompt MLP or None, vision module, trainable {name: param}, Arch, parent config, source dir,
     auxiliary head or None)."""
     out = Path(args.out)
     stage = args.stage
     parent = None
-    resumed = _resumed_config(args)
+    resumed = resumed_config(args)
     saved_weights = args.resume and any(out.glob("model*.safetensors"))
     if stage == 0 and not args.init:
         arch = _arch(args, resumed)
@@ -163,7 +141,7 @@ def setup(args):
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(out / "tokenizer.json"))
         sizes.vocab_size = tokenizer.get_vocab_size()
-        model = _resume_weights(out) if saved_weights else build_llava(sizes, tokenizer, seed=args.seed)
+        model = resume_weights(out) if saved_weights else build_llava(sizes, tokenizer, seed=args.seed)
         (out / "preprocessor_config.json").write_text(json.dumps(clip_processor_config(sizes.image_size), indent=2))
         (out / "special_tokens.json").write_text(json.dumps(special_tokens(tokenizer)) + "\n")
         src = out
@@ -175,12 +153,12 @@ def setup(args):
         # (stage 0 with --init: more base training of every weight, with a fresh optimizer and schedule)
         src = Path(args.init)
         model, parent = _load_init(src)
-        arch = Arch(_sizes(args, parent), _recorded_arch(parent).answerless)
+        arch = Arch(_sizes(args, parent), recorded_arch(parent).answerless)
         sizes = arch.sizes
         out.mkdir(parents=True, exist_ok=True)
         copy_assets(src, out)
         if saved_weights:
-            model = _resume_weights(out)
+            model = resume_weights(out)
     mlp = None
     budget = args.budget or ("half" if stage == 2 else "full")
     if stage == 1 and args.no_prompt_mlp:
@@ -318,17 +296,9 @@ def run(args) -> int:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if args.resume and not (out / STATE_JSON).is_file():
         raise TrainError(f"--resume: {out} has no {STATE_JSON} to continue from")
-    resumed = _resumed_config(args)
-    if resumed is not None:  # a resume keeps the run's own settings where no flag overrides them
-        for name, value in (("lr", resumed["lr"]), ("batch_size", resumed["batch_size"]),
-                            ("data_offset", resumed["data_offset"]),
-                            ("instruction_fraction", resumed["data"]["instruction_fraction"]),
-                            ("paraphrase_fraction", resumed["data"].get("paraphrase_fraction")),
-                            ("aux_weight", resumed.get("aux_patch_weight")),
-                            ("reduced_fraction", resumed.get("reduced_fraction")),
-                            ("steps", resumed.get("requested_steps")), ("time_budget", resumed.get("time_budget_s"))):
-            if getattr(args, name) is None:
-                setattr(args, name, value)
+    resumed = resumed_config(args)
+    if resumed is not None:
+        keep_settings(args, resumed)
     if args.instruction_fraction is None:
         args.instruction_fraction = INSTRUCTION_FRACTION[args.stage]
     if args.paraphrase_fraction is None:
