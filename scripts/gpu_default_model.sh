@@ -26,6 +26,23 @@
 #        prompt-first template (--template prompt-first), as pf0; PL=L: also seed 0's stages 1-2 with
 #        the prompt vector from LLM layer L (--prompt-layer L), as pl0; S0: the stage-0 checkpoint,
 #        default $RUNS/s0, e.g. runs/gpu/s0e carried from this machine)
+#   [ARCH=m20] bash scripts/gpu_default_model.sh big0 [SECONDS_TOTAL] [SECONDS_THIS_CALL]
+#        the next default's stage 0 from scratch (export/train/archs.py ARCH, its own tokenizer trained on the
+#        generator's text), the cosine sized to SECONDS_TOTAL of training over all calls (rate measured in this
+#        call's first 1000 steps); this call stops after SECONDS_THIS_CALL with a resumable state in $RUNS/big and
+#        returns its portable copy (below)
+#   bash scripts/gpu_default_model.sh big [SECONDS_THIS_CALL] [CARRIED_DIR]
+#        continue it: from $RUNS/big on the same machine (optimizer kept), else from CARRIED_DIR (default
+#        runs/big/s0: the portable copy of the last call, unpacked and carried in this call; fresh optimizer,
+#        learning rate re-warmed over $REWARM steps, default 200)
+#   bash scripts/gpu_default_model.sh unpack FILES_DIR [DIR]
+#        on the CPU side: what a big0/big call brought back (FILES_DIR) -> DIR (default runs/big/s0), the
+#        directory the next call carries
+#   Flags of big0/big: $DEVICE (auto; cpu for a smoke run), $BATCH (256), $W (data workers, 14), $LR (8e-4),
+#   $WARMUP (300), $PARA (paraphrase fraction, 0.5), $EXTRA0 (more train flags, big0 only). A portable copy is
+#   the run's bf16 model shards (< 15 MiB each; m20: 3 of them) + big-small.tar.gz (configs, tokenizer, log,
+#   trainer_state.json, trainer_extra.safetensors), no optimizer state: 38 MB for m20, which a call carries
+#   beside the tree once models/ and sdk/default_bundle are removed from the working tree for that call.
 #
 # Results are copied to $OUT (the files that come back from the device machine: at most 8, each
 # < 16 MiB): weights in bf16, the trainer state shards, and a tar of every small file.
@@ -35,13 +52,35 @@ RUNS=${RUNS:-/tmp/pipmm-runs}
 OUT=${OUT:-/tmp/pipmm-out}
 T="python3 -m sdk.cli train"
 mkdir -p "$RUNS" "$OUT"
-phase=${1:?phase: stage0, resume0, cont0, cont2 or finetune}
+phase=${1:?phase: stage0, resume0, cont0, cont2, finetune, big0, big or unpack}
 
-pack() {  # small files of every run -> one tar; listed weights -> one file each
+pack() {  # small files of every run -> one tar; listed weights -> one file each (a sharded DIR/model.safetensors:
+          # its model-*-of-*.safetensors shards, e.g. 3 for m20, so mind the 8 files that come back)
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
       --exclude='projector.safetensors' */ 2>/dev/null) || true
-  for f in "$@"; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; done; true
+  for f in "$@"; do
+    if [ -f "$RUNS/$f" ]; then cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; continue; fi
+    for g in "$RUNS/$(dirname "$f")"/model-*-of-*.safetensors; do
+      [ -f "$g" ] && cp "$g" "$OUT/$(echo "${g#"$RUNS"/}" | tr / _)"
+    done
+  done; true
 }
+
+pack_portable() {  # $RUNS/big -> its portable copy in $OUT: bf16 model shards + one tar of the small files
+  rm -rf "$RUNS/big-portable"
+  python3 -m export.train.state portable "$RUNS/big" "$RUNS/big-portable" > /dev/null
+  (cd "$RUNS/big-portable" && tar czf "$OUT/big-small.tar.gz" --exclude='model*.safetensors' . && \
+     cp model*.safetensors "$OUT/")
+  python3 - "$RUNS/big/train_config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+print("big:", c["arch"]["name"], f"{c['parameters']['total'] / 1e6:.2f}M parameters,", c.get("completed_steps"), "of",
+      c["steps"], "steps,", "steps/s", c.get("measured_steps_per_s"), "| resumes", c["resumes"], "| val", c.get("val"))
+PY
+  tail -n 1 "$RUNS/big/log.jsonl"; ls -l "$OUT"
+}
+
+BIG="--device ${DEVICE:-auto} --workers ${W:-14} --save-every 1000000 --log-every 50 --val-scenes 64 --quiet"
 
 summarize_evals() {  # one line per eval JSON under $RUNS/evals: overall and per-family accuracy
   python3 - "$RUNS/evals" <<'PY'
@@ -163,6 +202,29 @@ finetune)
   # the other seeds are measured above
   pack pip0/model.safetensors plain0/model.safetensors merge0/model.safetensors pf0/model.safetensors \
        pl0/model.safetensors
+  ;;
+big0)
+  nvidia-smi -L || true
+  rm -rf "$RUNS/big"
+  $T --stage 0 --arch "${ARCH:-m20}" --out "$RUNS/big" --steps 10000000 --time-budget "${2:-4000}" \
+     --stop-after-seconds "${3:-480}" --warmup "${WARMUP:-300}" --batch-size "${BATCH:-256}" --lr "${LR:-8e-4}" \
+     --paraphrase-fraction "${PARA:-0.5}" $BIG $EXTRA0
+  pack_portable
+  ;;
+big)
+  if [ ! -f "$RUNS/big/trainer_state.json" ]; then  # a fresh machine: start from the carried portable copy
+    src=${3:-runs/big/s0}
+    [ -f "$src/trainer_state.json" ] || { echo "no $RUNS/big and no portable copy in $src: carry it" >&2; exit 2; }
+    mkdir -p "$RUNS" && cp -r "$src" "$RUNS/big"
+  fi
+  $T --stage 0 --out "$RUNS/big" --resume --stop-after-seconds "${2:-480}" --rewarmup "${REWARM:-200}" $BIG
+  pack_portable
+  ;;
+unpack)
+  src=${2:?FILES_DIR: the files a big0/big call brought back}; dst=${3:-runs/big/s0}
+  rm -rf "$dst" && mkdir -p "$dst"
+  tar xzf "$src/big-small.tar.gz" -C "$dst" && cp "$src"/model*.safetensors "$dst/"
+  du -sh "$dst"
   ;;
 *)
   echo "unknown phase $phase" >&2; exit 2

@@ -407,11 +407,13 @@ def write_dataset(out_dir, n: int, split: str = "train", size: int = 224, progre
     return path
 
 
-def corpus_text(n_scenes: int = 2000, split: str = "train") -> Iterator[str]:
+def corpus_text(n_scenes: int = 2000, split: str = "train", answerless: tuple[str, ...] = ()) -> Iterator[str]:
     """Prompt and answer text of `n_scenes` scenes (layouts only, no pixels), for a tokenizer.
 
     The closed answer vocabulary comes first, so that even rare answers are seen; then every
-    phrasing of the split once, so that rare templates are tokenized well too.
+    phrasing of the split once, so that rare templates are tokenized well too. The answers of the
+    `answerless` families are yielded as "" (their prompts stay): ("label",) keeps a BPE from merging
+    pairs of random label glyphs into tokens (export/train/archs.py).
     """
     _check(split, n_scenes)
     spec = SPLITS[split]
@@ -426,7 +428,7 @@ def corpus_text(n_scenes: int = 2000, split: str = "train") -> Iterator[str]:
         scene = plan_scene(seed, 224, split_style(split, seed))[0]
         for q in scene_questions(scene, None, spec.families, spec.phrasing):
             yield q.prompt
-            yield q.answer
+            yield "" if q.family in answerless else q.answer
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -44,11 +44,12 @@ def data_mix(mix: str) -> dict:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def conversation_texts(n_scenes: int, split: str = "train", template: str = DEFAULT_TEMPLATE):
+def conversation_texts(n_scenes: int, split: str = "train", template: str = DEFAULT_TEMPLATE,
+                       answerless: tuple[str, ...] = ()):
     """corpus_text as the model will see it: every prompt in the chat turn and the prompt encoder's text
-    of `template` (templates.TEMPLATES), answers after ' '."""
+    of `template` (templates.TEMPLATES), answers after ' ' (none for the `answerless` families)."""
     chat = TEMPLATES[template].chat
-    texts = scenes.corpus_text(n_scenes, split)
+    texts = scenes.corpus_text(n_scenes, split, answerless)
     yield next(texts)  # the closed answer vocabulary
     # every trained answer-form instruction once, with the forms of answers it asks for
     yield " ".join([*instructions.NUMBER_WORDS, "true", "false", *(c.upper() for c in scenes.COLORS),
@@ -67,10 +68,10 @@ def conversation_texts(n_scenes: int, split: str = "train", template: str = DEFA
 
 
 def build_tokenizer(n_scenes: int = 2000, vocab_size: int = 512, template: str = DEFAULT_TEMPLATE,
-                    split: str = "train"):
+                    split: str = "train", answerless: tuple[str, ...] = ()):
     from export.synthetic import train_tokenizer
 
-    return train_tokenizer(conversation_texts(n_scenes, split, template), vocab_size=vocab_size)
+    return train_tokenizer(conversation_texts(n_scenes, split, template, answerless), vocab_size=vocab_size)
 
 
 @dataclass

@@ -9,6 +9,13 @@ Every file stays under MAX_FILE_BYTES (the most a file can weigh coming back fro
     DIR/train_config.json                                         every choice of this run (+ its parent's)
     DIR/log.jsonl                                                 one line per logged step
     DIR/trainer_state.json + trainer_state-*.safetensors          resume: step, optimizer, fp32 weights
+    DIR/trainer_extra.safetensors                                 fp32 trainables outside the model files (the
+                                                                  stage-0 auxiliary head, the prompt MLP)
+
+A portable copy (portable_copy, `python3 -m export.train.state portable SRC DST`) drops the shards: the bf16
+model files + trainer_extra + trainer_state.json with "files": [] are what a device call can carry (a 19M model:
+38 MB instead of 228 MB with fp32 weights and AdamW moments). --resume from it reloads the weights from the
+model files and starts a fresh optimizer (train.py re-warms the learning rate over --rewarmup steps).
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import torch
 
 MAX_FILE_BYTES = 15 * 1024 * 1024  # < 16 MiB
 STATE_JSON = "trainer_state.json"
+EXTRA_FILE = "trainer_extra.safetensors"
+
+
 def save_model(model, out: Path) -> None:
     """HF layout, weights in bf16 (the model is trained in fp32 master weights), shards < 16 MiB."""
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
@@ -51,10 +61,14 @@ def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return shards + [current] if current else shards
 
 
-def save_trainer_state(out: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, extra: dict) -> None:
-    """fp32 trainable weights + optimizer state, by parameter name, in safetensors shards."""
+def save_trainer_state(out: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, extra: dict,
+                       model_names: frozenset[str] = frozenset()) -> None:
+    """fp32 trainable weights + optimizer state, by parameter name, in safetensors shards; the trainables
+    not in model_names (the model's own parameter names, saved by save_model) also in EXTRA_FILE."""
     from safetensors.torch import save_file
 
+    save_file({n: p.detach().float().cpu().contiguous() for n, p in params.items() if n not in model_names},
+              str(out / EXTRA_FILE))
     names = {id(p): n for n, p in params.items()}
     tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
     state = optimizer.state_dict()
@@ -76,10 +90,23 @@ def save_trainer_state(out: Path, step: int, params: dict[str, torch.nn.Paramete
 
 
 def load_trainer_state(out: Path, params: dict[str, torch.nn.Parameter], optimizer) -> dict:
-    """Restores weights and optimizer in place; returns the trainer_state.json dict (step, ...)."""
+    """Restores weights and optimizer in place; returns the trainer_state.json dict (step, ...) with
+    "optimizer_restored". From a portable copy ("files": []) only the EXTRA_FILE trainables are restored
+    here: the caller has loaded the model's own weights from DIR's model files, and the optimizer stays fresh."""
     from safetensors.torch import load_file
 
     meta = json.loads((out / STATE_JSON).read_text())
+    missing = [name for name in meta["files"] if not (out / name).is_file()]
+    if missing:
+        raise ValueError(f"{out} lacks {missing[0]} of its trainer state: copy every shard, or make a portable "
+                         f"copy (python3 -m export.train.state portable SRC DST) to resume without the optimizer")
+    if not meta["files"]:
+        extra = load_file(str(out / EXTRA_FILE)) if (out / EXTRA_FILE).is_file() else {}
+        with torch.no_grad():
+            for n, p in params.items():
+                if n in extra:
+                    p.copy_(extra[n].to(p.device, p.dtype))
+        return {**meta, "optimizer_restored": False}
     tensors = {}
     for name in meta["files"]:
         tensors.update(load_file(str(out / name)))
@@ -101,7 +128,28 @@ def load_trainer_state(out: Path, params: dict[str, torch.nn.Parameter], optimiz
         state["param_groups"].append({**saved, "params": list(range(start, start + count))})
         start += count
     optimizer.load_state_dict(state)
-    return meta
+    return {**meta, "optimizer_restored": True}
+
+
+_STATE_SHARDS = "trainer_state-*.safetensors"
+
+
+def portable_copy(src: Path, dst: Path) -> Path:
+    """src (a run directory) -> dst: every file but the trainer-state shards (fp32 weights + AdamW moments), and
+    trainer_state.json with "files": [], so --resume in dst continues from the bf16 model files without the
+    optimizer."""
+    src, dst = Path(src), Path(dst)
+    meta = json.loads((src / STATE_JSON).read_text())
+    if not (src / EXTRA_FILE).is_file():
+        raise ValueError(f"{src} has no {EXTRA_FILE} (written by this version's checkpoints): resume there once first")
+    dst.mkdir(parents=True, exist_ok=True)
+    shards = {p.name for p in src.glob(_STATE_SHARDS)}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in shards and f.name != STATE_JSON:
+            shutil.copyfile(f, dst / f.name)
+    (dst / STATE_JSON).write_text(json.dumps({**meta, "files": [], "optimizer": "dropped (portable copy)"},
+                                             indent=1) + "\n")
+    return dst
 
 
 def _name_of(params: dict, p) -> str:
@@ -158,3 +206,11 @@ def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
             shutil.copyfile(variant / name, out / name)
     save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+if __name__ == "__main__":  # python3 -m export.train.state portable SRC DST
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "portable":
+        sys.exit("usage: python3 -m export.train.state portable SRC DST")
+    print(portable_copy(Path(sys.argv[2]), Path(sys.argv[3])))

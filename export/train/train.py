@@ -29,7 +29,7 @@ from sdk.preprocess import clip_processor_config
 from export.model.reducers import resolve_budget
 from export.tasks import instructions, paraphrase, scenes
 from export.tasks.answers import normalize
-from export.train import multiframe
+from export.train import archs, multiframe
 from export.train.train_args import add_arguments  # noqa: F401  (sdk/cli.py's VERBS read it here)
 from export.train.data import (SCENE_MIXES, SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, data_mix,
                                loader, scene_items)
@@ -38,6 +38,8 @@ from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forwa
                           special_tokens)
 from export.train.state import (STATE_JSON, copy_assets, load_trainer_state, save_model,
                           save_trainer_state)
+from export.train.archs import Arch
+from export.train.resume import keep_settings, recorded_arch, resume_weights, resumed_config
 from export.train.templates import DEFAULT as DEFAULT_TEMPLATE, TEMPLATES, check_prefix, write_template
 
 # Where each stage's stream of train scenes starts (scene index in the train split), per seed
@@ -54,6 +56,24 @@ DEFAULTS = {  # per stage: steps, questions per step, peak learning rate
 
 class TrainError(PipmmError):
     """A training argument or an --init/--resume directory does not fit."""
+
+
+_SIZE_FLAGS = ("image_size", "vocab_size", "vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
+               "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp")
+
+
+def _arch(args, resumed: dict | None) -> Arch:
+    """Stage 0 from scratch: the resumed run's architecture (its train_config.json, whatever the flags), else
+    --arch (export/train/archs.py), --tiny or r11's sizes, with the size flags on top."""
+    if resumed is not None:
+        return recorded_arch(resumed)
+    if args.arch and args.tiny:
+        raise TrainError("--arch and --tiny both name the sizes: pass one")
+    arch = archs.resolve(args.arch) if args.arch else Arch(ModelSizes.tiny() if args.tiny else ModelSizes())
+    for field in _SIZE_FLAGS:
+        if getattr(args, field, None) is not None:
+            setattr(arch.sizes, field, getattr(args, field))
+    return arch
 
 
 def _sizes(args, parent: dict | None) -> ModelSizes:
@@ -101,40 +121,55 @@ def _new_prompt_mlp(model, args):
 
 
 def setup(args):
-    """-> (model, prompt MLP or None, vision module, trainable {name: param}, config dict, tokenizer file)."""
+    """-> (model, prompt MLP or None, vision module, trainable {name: param}, Arch, parent config, source dir,
+    auxiliary head or None)."""
     out = Path(args.out)
     stage = args.stage
     parent = None
+    resumed = resumed_config(args)
+    saved_weights = args.resume and any(out.glob("model*.safetensors"))
     if stage == 0 and not args.init:
-        sizes = _sizes(args, None)
+        arch = _arch(args, resumed)
+        sizes = arch.sizes
         if args.resume and (out / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
         else:
             tokenizer = build_tokenizer(args.tokenizer_scenes, sizes.vocab_size, template=_template(args, None),
-                                        split=SCENE_MIXES[args.scene_mix])
+                                        split=SCENE_MIXES[args.scene_mix], answerless=arch.answerless)
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(out / "tokenizer.json"))
         sizes.vocab_size = tokenizer.get_vocab_size()
-        model = build_llava(sizes, tokenizer, seed=args.seed)
+        model = resume_weights(out) if saved_weights else build_llava(sizes, tokenizer, seed=args.seed)
         (out / "preprocessor_config.json").write_text(json.dumps(clip_processor_config(sizes.image_size), indent=2))
         (out / "special_tokens.json").write_text(json.dumps(special_tokens(tokenizer)) + "\n")
         src = out
     else:
         if not args.init:
             raise TrainError(f"stage {stage} starts from a trained checkpoint: pass --init DIR")
+        if args.arch:
+            raise TrainError("--arch is for stage 0 from scratch: a run with --init keeps its checkpoint's sizes")
         # (stage 0 with --init: more base training of every weight, with a fresh optimizer and schedule)
         src = Path(args.init)
         model, parent = _load_init(src)
-        sizes = _sizes(args, parent)
+        arch = Arch(_sizes(args, parent), recorded_arch(parent).answerless)
+        sizes = arch.sizes
         out.mkdir(parents=True, exist_ok=True)
         copy_assets(src, out)
+        if saved_weights:
+            model = resume_weights(out)
     mlp = None
     budget = args.budget or ("half" if stage == 2 else "full")
     if stage == 1 and args.no_prompt_mlp:
         raise TrainError("stage 1 trains the prompt MLP: --no-prompt-mlp makes no sense there")
-    if stage == 1:
+    from export.model.prompt import CONFIG_FILE
+
+    if stage in (1, 2) and saved_weights and (out / CONFIG_FILE).is_file():
+        from export.model.prompt import PromptMLP
+
+        mlp = PromptMLP.load(out)  # --resume: the run's own MLP (a full trainer state overwrites it again)
+    elif stage == 1:
         mlp = _new_prompt_mlp(model, args)
     elif stage == 2 and not args.no_prompt_mlp:
         from export.model.prompt import CONFIG_FILE, PromptMLP
@@ -164,7 +199,7 @@ def setup(args):
         aux_head = torch.nn.Linear(model.config.text_config.hidden_size,
                                    aux_head_outputs(sizes.image_size // sizes.patch_size))
         trainable.update({f"aux_head.{n}": p for n, p in aux_head.named_parameters()})
-    return model, mlp, vision, trainable, sizes, parent, src, aux_head
+    return model, mlp, vision, trainable, arch, parent, src, aux_head
 
 
 def _aux_weight(args) -> float:
@@ -173,10 +208,11 @@ def _aux_weight(args) -> float:
     return (1.0 if args.aux_weight is None else args.aux_weight) if args.stage == 0 else 0.0
 
 
-def _config(args, sizes, model, mlp, vision, trainable, parent, resolved: dict) -> dict:
+def _config(args, arch, model, mlp, vision, trainable, parent, resolved: dict) -> dict:
     return {
         "stage": args.stage, "init": args.init, "seed": args.seed,
-        "model_sizes": sizes.to_dict(),
+        "model_sizes": arch.sizes.to_dict(),
+        "arch": arch.to_dict(),
         "parameters": parameter_counts(model, mlp),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
         "trainable": sorted({_part(n) for n in trainable}),
@@ -255,15 +291,22 @@ def run(args) -> int:
             raise TrainError("--paraphrase-fraction is for stages 0-2: --stage mv asks its own multi-frame "
                              "questions (export/tasks/multiview.py), which it does not reword")
         return multiframe.run(args)
-    if not 0 <= args.paraphrase_fraction <= 1:
-        raise TrainError(f"--paraphrase-fraction {args.paraphrase_fraction} is outside 0-1")
     out = Path(args.out)
     if out.exists() and any(out.glob("model*.safetensors")) and not args.resume:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if args.resume and not (out / STATE_JSON).is_file():
         raise TrainError(f"--resume: {out} has no {STATE_JSON} to continue from")
+    resumed = resumed_config(args)
+    if resumed is not None:
+        keep_settings(args, resumed)
     if args.instruction_fraction is None:
         args.instruction_fraction = INSTRUCTION_FRACTION[args.stage]
+    if args.paraphrase_fraction is None:
+        args.paraphrase_fraction = 0.0
+    if args.reduced_fraction is None:
+        args.reduced_fraction = 0.0
+    if not 0 <= args.paraphrase_fraction <= 1:
+        raise TrainError(f"--paraphrase-fraction {args.paraphrase_fraction} is outside 0-1")
     if not 0 <= args.instruction_fraction <= 1:
         raise TrainError(f"--instruction-fraction {args.instruction_fraction} is outside 0-1")
     device = resolve_device(args.device, TrainError)
@@ -274,7 +317,8 @@ def run(args) -> int:
     scenes_per_batch = max(1, math.ceil(batch_size / len(scenes.split_families(SCENE_MIXES[args.scene_mix]))))
     workers = args.workers if args.workers is not None else max(0, min(14, (os.cpu_count() or 2) - 2))
 
-    model, mlp, vision, trainable, sizes, parent, src, aux_head = setup(args)
+    model, mlp, vision, trainable, arch, parent, src, aux_head = setup(args)
+    sizes = arch.sizes
     aux_weight = _aux_weight(args)
     if aux_head is not None:
         aux_head.to(device).train()
@@ -288,9 +332,20 @@ def run(args) -> int:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     start, total_steps, time_used = 0, steps, 0.0
+    resumes = list((resumed or {}).get("resumes", []))  # every --resume of this run: step, optimizer kept or fresh
+    rewarm = 0  # steps of learning-rate ramp after a resume without optimizer state
     if args.resume:
-        meta = load_trainer_state(out, trainable, optimizer)
+        try:
+            meta = load_trainer_state(out, trainable, optimizer)
+        except ValueError as err:  # a partial copy, or other trainables than the saved run's
+            raise TrainError(str(err)) from None
         start, total_steps, time_used = meta["step"], meta["total_steps"], meta.get("seconds", 0.0)
+        rewarm = 0 if meta["optimizer_restored"] else max(1, args.rewarmup)
+        resumes.append({"step": start, "optimizer": "restored" if meta["optimizer_restored"] else "fresh",
+                        "rewarmup": rewarm})
+        print(f"resumed at step {start} of {total_steps}: "
+              + ("optimizer state restored" if rewarm == 0 else
+                 f"bf16 weights, fresh optimizer, learning rate re-warmed over {rewarm} steps"), flush=True)
     warmup = args.warmup if args.warmup is not None else max(1, int(0.05 * steps))
     if args.resume:
         warmup = meta.get("warmup", warmup)
@@ -312,10 +367,12 @@ def run(args) -> int:
                         paraphrase_fraction=args.paraphrase_fraction)
     resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,
                 "batch_size": batch_size, "scenes_per_batch": scenes_per_batch, "lr": lr, "warmup": warmup,
-                "data_offset": offset, "workers": workers, "device": str(device)}
+                "data_offset": offset, "workers": workers, "device": str(device), "resumes": resumes}
+    if resumed is not None and "measured_steps_per_s" in resumed:  # measured by the run's first call
+        resolved["measured_steps_per_s"] = resumed["measured_steps_per_s"]
 
     def write_config(extra=None):
-        config = _config(args, sizes, model, mlp, vision, trainable, parent, {**resolved, **(extra or {})})
+        config = _config(args, arch, model, mlp, vision, trainable, parent, {**resolved, **(extra or {})})
         (out / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return config
 
@@ -328,9 +385,10 @@ def run(args) -> int:
         if mlp is not None:
             mlp.save(out)
         save_trainer_state(out, step, trainable, optimizer, {"total_steps": total_steps, "warmup": warmup,
-                                                                  "seconds": elapsed()})
+                                                                  "seconds": elapsed()}, model_names)
         write_config({"completed_steps": step})
 
+    model_names = frozenset(n for n, _ in model.named_parameters())  # what save_model writes (bf16)
     counts = parameter_counts(model, mlp)
     print(f"stage {args.stage}: {counts['total'] / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
           f"trainable), {vision.config.num_tokens} visual tokens, device {device}, {workers} data workers", flush=True)
@@ -357,8 +415,9 @@ def run(args) -> int:
         data_wait += time.perf_counter() - waited_from
         if step >= total_steps:
             break
+        ramp = min(1.0, (step - start + 1) / rewarm) if rewarm else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, total_steps, warmup, lr, args.min_lr_ratio)
+            group["lr"] = _lr_at(step, total_steps, warmup, lr, args.min_lr_ratio) * ramp
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = forward_loss(model, vision, batch, args.grounding_weight if mlp is not None else 0.0,

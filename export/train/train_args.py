@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from export.model.reducers import REDUCERS
 from export.train import multiframe
+from export.train.archs import ARCHS
 from export.train.data import SCENE_MIXES
 from export.train.templates import TEMPLATES
 
@@ -38,6 +39,12 @@ def add_arguments(parser) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--val-scenes", type=int, default=64, help="validation scenes scored at the end (0: none)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (tests and CPU smoke runs)")
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="stage 0 from scratch: a named architecture (export/train/archs.py; default: r11's sizes), "
+                        "its tokenizer trained on the generator's text; the size flags below override its fields")
+    p.add_argument("--rewarmup", type=int, default=200, metavar="N",
+                   help="--resume from a portable copy (bf16 weights, no optimizer state): the learning rate "
+                        "ramps from 0 back to the schedule's over N steps while the fresh AdamW moments fill")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=None)
     for name in ("vision-hidden", "vision-layers", "vision-heads", "vision-mlp", "text-hidden", "text-layers",
@@ -45,9 +52,9 @@ def add_arguments(parser) -> None:
         p.add_argument(f"--{name}", type=int, default=None, help="model size (stage 0)")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="stage 0: weight of the auxiliary patch-classification loss (default 1.0; 0 = LM loss only)")
-    p.add_argument("--reduced-fraction", type=float, default=0.0,
+    p.add_argument("--reduced-fraction", type=float, default=None,
                    help="stage 0: fraction of questions trained on a reduced visual-token set (their objects' "
-                        "patches + random others; see model.sample_keep)")
+                        "patches + random others; see model.sample_keep; default 0; a --resume keeps the run's)")
     p.add_argument("--reduced-budgets", nargs="+", default=["half", "quarter"],
                    help="stage 0: the budgets those reduced sets are drawn from")
     p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
@@ -63,10 +70,10 @@ def add_arguments(parser) -> None:
     p.add_argument("--instruction-fraction", type=float, default=None, metavar="F",
                    help="append an answer-form instruction (export/tasks/instructions.py) to this fraction of the "
                         "training questions that one fits (0-1; default per stage: 0.1 / 0 / 0)")
-    p.add_argument("--paraphrase-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--paraphrase-fraction", type=float, default=None, metavar="F",
                    help="reword this fraction of the training questions (export/tasks/paraphrase.py: synonyms, "
                         "question/command forms, polite wrappers, casing noise; never a held-out template; "
-                        "stages 0-2, 0-1, default 0)")
+                        "stages 0-2, 0-1, default 0; a --resume keeps the run's)")
     p.add_argument("--scene-mix", default="mixed", choices=tuple(SCENE_MIXES),
                    help="training scenes: 'mixed' = the train styles and phrasings (export/tasks/styles.py "
                         "TRAIN_STYLES, phrasings.TRAIN; default), 'classic' = the original grey scenes and "
