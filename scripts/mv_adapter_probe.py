@@ -80,7 +80,7 @@ def evaluate(model, adapter, val: list[dict], names: list[str]) -> dict:
     with torch.no_grad():
         for batch in val:
             loss, exact = answer_loss(model, batch, combine(adapter, batch["tokens"], batch["kept"]))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             for f, e in zip(batch["family"].tolist(), exact.tolist()):
                 right[names[f]] = right.get(names[f], 0) + e
                 total[names[f]] = total.get(names[f], 0) + 1
@@ -136,7 +136,6 @@ def train_one(model, base: AdapterConfig, settings: dict, train: list[dict], val
     torch.manual_seed(args.seed)
     adapter = FrameAdapter(AdapterConfig(**{**vars(base), **settings})).train()
     model = copy.deepcopy(model).train()
-    first = train[0]
     if adapter.config.output == "calibrated":  # stage mv's calibrate(): the frozen tokens of the first batches
         tokens = torch.cat([b["tokens"] for b in train[:2]])
         adapter.calibrate(tokens, torch.ones(tokens.shape[:2]))
@@ -162,7 +161,7 @@ def train_one(model, base: AdapterConfig, settings: dict, train: list[dict], val
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(adapter.parameters()) + llm, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = {"step": step + 1, "train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
                    **evaluate(model, adapter, val, names), "seconds": round(time.perf_counter() - begin, 1)}
@@ -170,7 +169,6 @@ def train_one(model, base: AdapterConfig, settings: dict, train: list[dict], val
             print(json.dumps(row), flush=True)
     report["holds_at_end"] = holds(adapter.eval(), val[0])
     print(json.dumps(report["holds_at_end"]), flush=True)
-    del first
     return report
 
 
