@@ -64,6 +64,9 @@ def attach_adapter(bundle_dir, adapter, n_max: int | None = None, overwrite: boo
     if adapter.config.d_in != manifest.model.hidden_size:
         raise ExportError(f"the adapter takes {adapter.config.d_in}-wide tokens but this bundle's LLM is "
                           f"{manifest.model.hidden_size} wide: it was trained for another model")
+    if adapter.config.needs_positions and adapter.config.num_patches != manifest.vision.num_patches:
+        raise ExportError(f"the adapter reads patch positions of a {adapter.config.num_patches}-patch frame but this "
+                          f"bundle's vision has {manifest.vision.num_patches} patches: it was trained for another model")
     section = multi_image_section(adapter.float().eval(), n_max, separator)
     moved = []
     with tempfile.TemporaryDirectory(prefix=f".{bundle_dir.name}.adapter-", dir=bundle_dir.parent) as scratch:

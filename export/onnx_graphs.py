@@ -171,11 +171,15 @@ def export_energy_grad(graph: EnergyGradGraph, path: Path, model: dict) -> None:
 
 def export_adapter(adapter, path: Path, n_max: int, tokens_per_frame: int) -> None:
     """The frame adapter (export/model/mivpg.py) at fixed shapes, nothing dynamic (TensorRT builds it as is):
-    frame_tokens [1,N_max,K,D_llm], frame_mask [1,N_max] float (1 = a frame) -> visual_tokens [1,R,D_llm]."""
+    frame_tokens [1,N_max,K,D_llm], frame_mask [1,N_max] float (1 = a frame) (, frame_positions [1,N_max,K] int64
+    when the adapter reads where each token sits) -> visual_tokens [1,R,D_llm]."""
     param = next(adapter.parameters())
     tokens = torch.randn(1, n_max, tokens_per_frame, adapter.config.d_in, dtype=param.dtype, device=param.device)
     mask = torch.ones(1, n_max, dtype=torch.float32, device=param.device)
-    _export(adapter, (tokens, mask), path, adapter.input_names, adapter.output_names, None)
+    inputs = (tokens, mask)
+    if adapter.config.needs_positions:
+        inputs += (torch.randint(0, adapter.config.num_patches, (1, n_max, tokens_per_frame), device=param.device),)
+    _export(adapter, inputs, path, adapter.input_names, adapter.output_names, None)
 
 
 # graph name -> exporter(module, path, manifest["model"]); the bundle writer walks this in order.

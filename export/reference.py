@@ -65,10 +65,12 @@ class TorchBackend:
         return VisionOutput.from_graph(as_numpy)
 
     @torch.no_grad()
-    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
-        """The frame adapter (export/model/mivpg.py): [1,N_max,K,D], [1,N_max] -> [1,R,D]."""
+    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray,
+                frame_positions: np.ndarray | None = None) -> np.ndarray:
+        """The frame adapter (export/model/mivpg.py): [1,N_max,K,D], [1,N_max] (, [1,N_max,K]) -> [1,R,D]."""
         adapter = self.modules["adapter"]
-        return adapter(self._t(frame_tokens, self.dtype), self._t(frame_mask, torch.float32)).float().cpu().numpy()
+        extra = () if frame_positions is None else (torch.as_tensor(frame_positions, device=self.device),)
+        return adapter(self._t(frame_tokens, self.dtype), self._t(frame_mask, torch.float32), *extra).float().cpu().numpy()
 
     def new_cache(self, batch: int = 1) -> TorchCache:
         empty = torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)

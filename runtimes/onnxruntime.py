@@ -315,13 +315,16 @@ class OnnxRuntimeBackend:
         """The prompt_encoder graph over [B,T,D] -> hidden [B,T,D] (only when prompt_encoder_graph is set)."""
         return run_prompt_encoder(self.sessions[self.prompt_encoder_graph], inputs_embeds, self.embed_dtype)
 
-    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
-        """[1,N_max,K,D], [1,N_max] (1 = a frame) -> visual_tokens [1,R,D] (qformer/mivpg bundles)."""
+    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray,
+                frame_positions: np.ndarray | None = None) -> np.ndarray:
+        """[1,N_max,K,D], [1,N_max] (1 = a frame) (, [1,N_max,K] patch indices when the graph takes them) ->
+        visual_tokens [1,R,D] (qformer/mivpg bundles)."""
         if "adapter" not in self.sessions:
             raise BundleError(f"bundle {self.bundle.path} has no adapter graph: add one with 'pipmm add-graphs "
                               "BUNDLE --adapter DIR'")
         inputs = self.bundle.graphs["adapter"].inputs
-        feeds = {io.name: value.astype(_NUMPY_DTYPES[io.dtype]) for io, value in zip(inputs, (frame_tokens, frame_mask))}
+        values = {"frame_tokens": frame_tokens, "frame_mask": frame_mask, "frame_positions": frame_positions}
+        feeds = {io.name: values[io.name].astype(_NUMPY_DTYPES[io.dtype]) for io in inputs}
         return self.sessions["adapter"].run(["visual_tokens"], feeds)[0]
 
     def new_cache(self, batch: int = 1):

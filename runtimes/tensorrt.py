@@ -505,8 +505,12 @@ class TensorRTBackend:
             feeds["prompt_vector"] = prompt_vector
         return VisionOutput.from_graph(self._execute("vision", 0, feeds))
 
-    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
-        return self._execute(ADAPTER, 0, {"frame_tokens": frame_tokens, "frame_mask": frame_mask})["visual_tokens"]
+    def adapter(self, frame_tokens: np.ndarray, frame_mask: np.ndarray,
+                frame_positions: np.ndarray | None = None) -> np.ndarray:
+        feeds = {"frame_tokens": frame_tokens, "frame_mask": frame_mask}
+        if frame_positions is not None:  # an adapter that reads where each token sits (AdapterConfig.positions)
+            feeds["frame_positions"] = frame_positions
+        return self._execute(ADAPTER, 0, feeds)["visual_tokens"]
 
     def new_cache(self, batch: int = 1) -> TensorRTCache:
         if batch > self.max_batch:

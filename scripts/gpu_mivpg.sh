@@ -31,8 +31,12 @@
 #   ROWS="concat qformer mivpg" bash scripts/gpu_mivpg.sh finish 4
 # Recipe (export/train/multiframe.py DEFAULTS): adapter lr 1e-4 (1e-3 collapsed the pooled tokens to one
 # input-free vector: docs/multi-image.md), LLM at the same lr (--llm-lr-scale 1), the adapter's output calibrated
-# to the projector tokens' statistics before step 1; log.jsonl has the loss, each part's gradient norm and the
-# "spread" of the pooled tokens between questions (~1 healthy, ~0 collapsed).
+# to the projector tokens' statistics before step 1, and (since the 2026-12-02 runs answered one frame's colour
+# at 0.30: their R tokens were one mean of the frame repeated) adapter settings positions=patch shortcut=regions:
+# each token's patch position, and slot r starting as the mean of the frame tokens in region r of an 8 x 8 grid
+# (scripts/mv_adapter_probe.py on CPU, docs/multi-image.md "Why the first adapters saw nothing"); the first runs'
+# adapters are --adapter-set positions=none --adapter-set shortcut=none. log.jsonl has the loss, each part's
+# gradient norm and the "spread" of the pooled tokens between questions (~1 healthy, ~0 collapsed).
 # Results go to $OUT (what comes back: at most 8 files, each < 16 MiB): small.tar.gz (configs, log.jsonl and the
 # stdout logs of every row, eval JSONs; no weights), and the mivpg row's model.safetensors + adapter (to ship as
 # models/variants/mivpg).

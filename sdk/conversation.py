@@ -369,7 +369,7 @@ class Conversation:
         if pipeline.prompt_vector_spec is not None:
             vector = np.repeat(pipeline.encode_prompt(self.image_question or "Describe the image."), len(frames), 0)
         vision = pipeline.backend.vision(pixel_values, vector)
-        return vision, pipeline.frames.combine(pipeline.backend, vision.visual_tokens)[0]
+        return vision, pipeline.frames.combine(pipeline.backend, vision.visual_tokens, vision.kept_patches)[0]
 
     def _turn(self, args, result, image=None, steering=None) -> Iterator[int]:
         """Render, prefill what the cache lacks, generate; on completion the answer joins the conversation.

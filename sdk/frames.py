@@ -6,6 +6,8 @@ frames' visual tokens become the tokens the LLM sees (the manifest's multi_image
     vision graph (batch n) -> visual tokens [n,K,D]
     concat:         [1, n*K, D] into n placeholders of the turn (separator between), frame after frame
     qformer/mivpg:  padded to [1,N_max,K,D] with frame_mask [1,N_max] (1 = a frame, 0 = absent, zeros)
+                    (+ frame_positions [1,N_max,K] int64 when the graph takes it: each token's patch index, the
+                    vision graph's kept_patches, or i for token i of a reducer that keeps none)
                     -> the adapter graph -> [1,R,D] into one placeholder of R slots
 
 A single image (path, PIL image, HxWx3 array) is one frame; a list or tuple of them is several, in order (an
@@ -59,20 +61,27 @@ def preprocess_frames(preprocess, frames: list) -> np.ndarray:
     return np.concatenate(list(_POOL.map(preprocess, frames)))
 
 
-def concat_tokens(backend, tokens: np.ndarray, spec: MultiImage) -> np.ndarray:
+def concat_tokens(backend, tokens: np.ndarray, spec: MultiImage, kept: np.ndarray | None = None,
+                  positions: bool = False) -> np.ndarray:
     """[n,K,D] -> [1,n*K,D], frame after frame (the slots of frame i follow those of frame i-1)."""
     n, k, d = tokens.shape
     return tokens.reshape(1, n * k, d)
 
 
-def pooled_tokens(backend, tokens: np.ndarray, spec: MultiImage) -> np.ndarray:
-    """[n,K,D] -> the adapter graph over [1,N_max,K,D] and its frame mask -> [1,R,D]."""
+def pooled_tokens(backend, tokens: np.ndarray, spec: MultiImage, kept: np.ndarray | None = None,
+                  positions: bool = False) -> np.ndarray:
+    """[n,K,D] (kept [n,K] or None) -> the adapter graph over [1,N_max,K,D], its frame mask (and, when the graph
+    reads where each token sits, the tokens' patch indices [1,N_max,K], as training gives them) -> [1,R,D]."""
     n, k, d = tokens.shape
     frame_tokens = np.zeros((1, spec.n_max, k, d), tokens.dtype)
     frame_tokens[0, :n] = tokens
     frame_mask = np.zeros((1, spec.n_max), np.float32)
     frame_mask[0, :n] = 1.0
-    return backend.adapter(frame_tokens, frame_mask)
+    if not positions:
+        return backend.adapter(frame_tokens, frame_mask)
+    frame_positions = np.zeros((1, spec.n_max, k), np.int64)  # absent frames: masked, any index
+    frame_positions[0, :n] = np.arange(k) if kept is None else np.asarray(kept, np.int64)
+    return backend.adapter(frame_tokens, frame_mask, frame_positions)
 
 
 # mode -> how the frames' tokens become the LLM's
@@ -87,6 +96,8 @@ class Frames:
         self.mode = self.spec.mode
         self.pooled = self.mode in ADAPTER_MODES
         self.per_frame = manifest.visual_tokens.count
+        graph = manifest.graphs.get(self.spec.graph) if self.pooled and manifest.graphs else None
+        self.positions = graph is not None and graph.input("frame_positions") is not None
         if self.pooled and manifest.graphs:
             self._check_graph(manifest, source)
 
@@ -146,6 +157,7 @@ class Frames:
         """A rendered conversation whose image turn holds placeholders(count) -> (ids [T], image slots [L])."""
         return prompter.conversation_ids(text, self.placeholders(count), self.spec.tokens if self.pooled else None)
 
-    def combine(self, backend, tokens: np.ndarray) -> np.ndarray:
-        """The vision graph's tokens of the frames [n,K,D] -> the turn's visual tokens [1,L,D]."""
-        return COMBINERS[self.mode](backend, tokens, self.spec)
+    def combine(self, backend, tokens: np.ndarray, kept: np.ndarray | None = None) -> np.ndarray:
+        """The vision graph's tokens of the frames [n,K,D] (its kept_patches [n,K] or None) -> the turn's visual
+        tokens [1,L,D]."""
+        return COMBINERS[self.mode](backend, tokens, self.spec, kept, self.positions)

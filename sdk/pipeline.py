@@ -262,7 +262,7 @@ class Pipeline:
                                      np.repeat(prompt_vector, len(frames), axis=0))
         t["vision_ms"] = _ms(stage)
         stage = time.perf_counter()
-        visual = self.frames.combine(self.backend, vision.visual_tokens)  # [1, L, D]
+        visual = self.frames.combine(self.backend, vision.visual_tokens, vision.kept_patches)  # [1, L, D]
         if self.frames.pooled:
             t["adapter_ms"] = _ms(stage)
         result.visual_tokens, result.frames = len(image_slots), len(frames)

@@ -79,7 +79,7 @@ def test_adapter_follow_up_equals_a_fresh_run_and_the_reference(adapter, checkpo
     pixels = np.concatenate([pipeline.pixel_values(im) for im in images])
     for question, same in ((FIRST, True), (SECOND, False)):
         vision = pipeline.backend.vision(pixels, np.repeat(pipeline.encode_prompt(question), 3, axis=0))
-        pooled = pipeline.frames.combine(pipeline.backend, vision.visual_tokens)[0]
+        pooled = pipeline.frames.combine(pipeline.backend, vision.visual_tokens, vision.kept_patches)[0]
         assert np.allclose(conv.cached_visual, pooled, atol=1e-5) == same, question
     second = conv.ask(SECOND, max_new_tokens=NEW)
     first_prompt = len(pipeline.frames.prompt_ids(pipeline.prompter, FIRST, 3)[0])

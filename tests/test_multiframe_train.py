@@ -59,8 +59,11 @@ def test_the_stage_records_every_choice_and_freezes_the_rest(runs):
     from export.model.mivpg import FrameAdapter as Loaded
 
     trained = Loaded.load(runs / "mivpg")
-    assert trained.config.output == "calibrated"
-    assert abs(float(trained.out_shift.norm()) - calibration["mean_norm"]) < 0.05 * calibration["mean_norm"]
+    # the recipe (multiframe.DEFAULTS): patch positions of the tiny 8 x 8 grid and the regions shortcut, which gives
+    # the tokens' mean itself: the stream's output is scaled to their std and starts at zero
+    assert (trained.config.positions, trained.config.shortcut, trained.config.num_patches) == ("patch", "regions", 64)
+    assert config["adapter_config"]["shortcut"] == "regions" and trained.config.output == "calibrated"
+    assert abs(float(trained.out_scale.mean()) - calibration["std_mean"]) < 0.05 * calibration["std_mean"]
     from safetensors.torch import load_file
 
     before, after = (load_file(str(runs / d / "model.safetensors")) for d in ("s2", "mivpg"))
@@ -104,7 +107,8 @@ def test_what_is_trained_is_what_the_sdk_runs(runs, tmp_path):
         trained = frame_tokens(model, vision, adapter, batch)[0].numpy()
     pixels = np.concatenate([preprocess(f, pipeline.preprocessing) for f in example.frames])
     vector = np.repeat(pipeline.encode_prompt(example.prompt), 3, axis=0)
-    served = pipeline.frames.combine(pipeline.backend, pipeline.backend.vision(pixels, vector).visual_tokens)[0]
+    seen = pipeline.backend.vision(pixels, vector)  # the adapter reads each token's patch: kept_patches
+    served = pipeline.frames.combine(pipeline.backend, seen.visual_tokens, seen.kept_patches)[0]
     np.testing.assert_allclose(served, trained, atol=2e-3, rtol=0)  # bf16 checkpoint weights, fp32 both sides
 
 

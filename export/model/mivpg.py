@@ -1,7 +1,9 @@
 """Frame adapters: several frames' visual tokens -> R tokens the LLM sees, however many frames (MIVPG, seed 001).
 
-    frame_tokens [B,F,K,D_llm] (the vision graph's output per frame, F = N_max slots), frame_mask [B,F] (1 = a frame)
+    frame_tokens [B,F,K,D_llm] (the vision graph's output per frame, F = N_max slots), frame_mask [B,F] (1 = a frame),
+    frame_positions [B,F,K] int64 (each token's patch index in its frame; only when positions/shortcut are set)
       -> LayerNorm -> Linear(D_llm, d) (+ a learned vector per frame slot when frame_order = "embedded")
+                                       (+ a learned vector per patch position when positions = "patch")
     qformer:  instances = all F*K patch tokens (absent frames' keys masked)
               R learned queries x `layers` blocks [self-attention among queries, cross-attention to the
               instances, MLP]                                               (BLIP-2's Q-Former, no CSA)
@@ -9,7 +11,10 @@
                   CSA among the K patches, then R_f frame queries cross-attend -> [B*F, R_f, d]
               level 2, frames within the sample (F*R_f instances, absent frames' keys masked):
                   CSA among the frame instances, then the R queries' blocks as in qformer
-      -> LayerNorm -> Linear(d, D_llm) -> visual_tokens [B,R,D_llm]
+      -> LayerNorm -> Linear(d, D_llm) (x std + mean when calibrated)
+         (+ shortcut "regions": slot r = softmax-weighted mean of the frame tokens by a learned [N,R] bias table
+            that starts as "patch n lies in region r"; Linear(d, D_llm) then starts at zero)
+      -> visual_tokens [B,R,D_llm]
 
 MIVPG (arXiv 2406.02987) as far as public sources describe it: a Q-Former is multi-instance pooling that treats
 instances as independent; MIVPG adds correlated self-attention (CSA) among the instances and pools
@@ -22,13 +27,15 @@ in reachable sources; ours (every choice a field of AdapterConfig, saved beside 
     csa "full":    X += Attn(X, X); X += MLP(X). O(n^2).
 
 Frames enter no attention as a sequence: without frame_order "embedded" the output is invariant to the order
-of the frames (and of the patches within one), and an absent frame is masked out of every attention as a key,
+of the frames (patch positions and the shortcut use one table for every frame, so they keep this), and to the
+order of the patches within one (with positions: of the (token, position) pairs), and an absent frame is masked out of every attention as a key,
 so F frames padded to N_max give the output of the F frames alone (tests/test_frames_adapter.py).
 The T-CLS output token is no instance: the vision graph drops it (LLaVA's "default" strategy); the CSA sees
 the patch tokens, which attended to the prompt's T-CLS in every ViT layer.
 
 Static for export: constant shapes (B = 1, F = N_max, K), masks by Where, only MatMul, Softmax,
-LayerNormalization, Erf (GELU), Reshape, Expand, Where, Add, Mul, Concat: TensorRT's ONNX parser takes them all.
+LayerNormalization, Erf (GELU), Reshape, Expand, Where, Add, Mul, Concat (+ Gather, Transpose for the positions):
+TensorRT's ONNX parser takes them all.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ CONFIG_FILE = "adapter.json"
 CSA_KINDS = ("induced", "full")
 FRAME_ORDERS = ("ignored", "embedded")
 OUTPUTS = ("calibrated", "plain")
+POSITIONS = ("none", "patch")
+SHORTCUTS = ("none", "regions")
+REGION_BIAS = 10.0  # a region's patches start 10 logits above the others: ~0.5% of the weight leaks to 126 patches
 NEG = -1.0e4  # score of a masked key: exp(NEG - max) is exactly 0 in fp32, and NEG fits fp16
 
 
@@ -72,6 +82,24 @@ class AdapterConfig:
     # reads tokens at the scale it was trained on from step 0; "plain": proj_out(...) alone (norm ~9 at init: the
     # optimiser then spends its steps growing a constant, and the pooled tokens collapse to one input-free vector)
     output: str = "calibrated"
+    # where each instance sits in its frame (frame_positions input: the vision's kept_patches, raster indices in
+    # [0, num_patches)). Measured on the H200 runs (docs/multi-image.md): without it the R queries all attend
+    # uniformly (entropy 0.99-1.0 of log M at init and still 0.77-1.0 trained), so the R tokens are one mean of
+    # the frame's patches repeated (their std across slots 0.13-0.45 against 4.5 across questions) and colour/shape
+    # of one frame stay at chance. "patch": a learned embedding per patch position added to every instance (one
+    # table for all frames: the output stays invariant to the frames' order; patches permuted with their
+    # positions leave it unchanged, patches permuted alone do not)
+    positions: str = "none"
+    num_patches: int = 256  # N: patch positions of a frame (the vision's grid ** 2)
+    # "regions": visual_tokens = a region pooling of the frame tokens themselves (slot r: the present tokens whose
+    # patch lies in region r of a grid of R regions over the patch grid, by a learned [R, N] bias table that starts
+    # at REGION_BIAS inside the region) + the adapter's stream through a zero-initialised proj_out: at step 0 the
+    # LLM reads pooled projector tokens, as concat at a quarter budget, and the stream learns what pooling loses
+    shortcut: str = "none"
+
+    @property
+    def needs_positions(self) -> bool:
+        return self.positions != "none" or self.shortcut != "none"
 
     def __post_init__(self):
         checks = [(self.mode in ADAPTER_MODES, f"mode {self.mode!r}: choose {' or '.join(ADAPTER_MODES)}"),
@@ -79,9 +107,11 @@ class AdapterConfig:
                   (self.frame_order in FRAME_ORDERS, f"frame_order {self.frame_order!r}: choose "
                                                      f"{' or '.join(FRAME_ORDERS)}"),
                   (self.output in OUTPUTS, f"output {self.output!r}: choose {' or '.join(OUTPUTS)}"),
+                  (self.positions in POSITIONS, f"positions {self.positions!r}: choose {' or '.join(POSITIONS)}"),
+                  (self.shortcut in SHORTCUTS, f"shortcut {self.shortcut!r}: choose {' or '.join(SHORTCUTS)}"),
                   (self.d_model % self.heads == 0, f"d_model {self.d_model} is not a multiple of heads {self.heads}"),
                   (min(self.d_in, self.queries, self.layers, self.csa_points, self.frame_queries,
-                       self.max_frames, self.mlp_ratio) >= 1, "every size must be at least 1")]
+                       self.max_frames, self.mlp_ratio, self.num_patches) >= 1, "every size must be at least 1")]
         for ok, message in checks:
             if not ok:
                 raise ExportError(f"adapter config: {message}")
@@ -191,10 +221,16 @@ class FrameAdapter(nn.Module):
         self.norm_out, self.proj_out = nn.LayerNorm(d), nn.Linear(d, config.d_in)
         if config.output == "calibrated":  # identity until calibrate() measures the frame tokens
             self.out_scale, self.out_shift = nn.Parameter(torch.ones(config.d_in)), nn.Parameter(torch.zeros(config.d_in))
+        if config.positions == "patch":  # [N,d], at the scale of proj_in's output (std ~0.6) so it is read at once
+            self.patch_embedding = nn.Parameter(torch.randn(config.num_patches, d) * 0.5)
+        if config.shortcut == "regions":
+            self.region_bias = nn.Parameter(region_table(config.queries, config.num_patches))  # [N,R]
+            nn.init.zeros_(self.proj_out.weight)  # step 0: the region pooling alone
+            nn.init.zeros_(self.proj_out.bias)
 
     @property
     def input_names(self) -> list[str]:
-        return ["frame_tokens", "frame_mask"]
+        return ["frame_tokens", "frame_mask"] + (["frame_positions"] if self.config.needs_positions else [])
 
     @property
     def output_names(self) -> list[str]:
@@ -211,20 +247,39 @@ class FrameAdapter(nn.Module):
         keys = present[:, :, None].expand(b, f, r).reshape(b, f * r)
         return self.frame_csa(z, keys), keys  # level 2: the frames of the sample
 
-    def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    def regions(self, frame_tokens: torch.Tensor, present: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The shortcut: frame_tokens [B,F,K,D_in], present [B,F], positions [B,F,K] -> [B,R,D_in], slot r a softmax
+        over the present tokens of region_bias[position, r] (absent frames' tokens masked)."""
+        b, f, k, d_in = frame_tokens.shape
+        scores = self.region_bias[positions.reshape(b, f * k)].transpose(1, 2)  # [B,R,F*K]
+        keys = present[:, :, None].expand(b, f, k).reshape(b, 1, f * k)
+        scores = torch.where(keys, scores, torch.full_like(scores, NEG))
+        return torch.matmul(torch.softmax(scores, dim=-1), frame_tokens.reshape(b, f * k, d_in))
+
+    def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor,
+                frame_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """frame_positions [B,F,K] int64: each token's patch index in its frame (needed by positions / shortcut)."""
         b, f = frame_tokens.shape[:2]
         if self.config.frame_order == "embedded" and f > self.config.max_frames:
             raise ExportError(f"{f} frame slots but the adapter has order vectors for {self.config.max_frames}")
+        if self.config.needs_positions and frame_positions is None:
+            raise ExportError("this adapter reads where each token sits (positions/shortcut): pass frame_positions")
         present = frame_mask > 0.5 if frame_mask.dtype != torch.bool else frame_mask
         h = self.proj_in(self.norm_in(frame_tokens))  # [B,F,K,d]
         if self.config.frame_order == "embedded":
             h = h + self.frame_embedding[:f][None, :, None, :]
+        if self.config.positions == "patch":
+            h = h + self.patch_embedding[frame_positions]  # [B,F,K,d]: the same table for every frame
         instances, keys = self.instances(h, present)
         q = self.queries.expand(b, -1, -1)
         for block in self.blocks:
             q = block(q, instances, keys)
         out = self.proj_out(self.norm_out(q))  # [B,R,D_in]
-        return out * self.out_scale + self.out_shift if self.config.output == "calibrated" else out
+        if self.config.output == "calibrated":
+            out = out * self.out_scale + self.out_shift
+        if self.config.shortcut == "regions":
+            out = out + self.regions(frame_tokens, present, frame_positions)
+        return out
 
     @torch.no_grad()
     def calibrate(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict:
@@ -235,9 +290,13 @@ class FrameAdapter(nn.Module):
             raise ExportError("calibrate() needs an adapter with output = \"calibrated\"")
         tokens = frame_tokens[frame_mask > 0.5].reshape(-1, frame_tokens.shape[-1]).float()  # [n,D_in]
         mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-6)
-        self.out_shift.copy_(mean)
         self.out_scale.copy_(std)
-        nn.init.normal_(self.proj_out.weight, std=1.0 / math.sqrt(self.config.d_model))
+        if self.config.shortcut == "none":
+            self.out_shift.copy_(mean)
+            nn.init.normal_(self.proj_out.weight, std=1.0 / math.sqrt(self.config.d_model))
+        else:  # the shortcut already gives the tokens' mean and scale: the stream starts at zero, in units of std
+            self.out_shift.zero_()
+            nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         return {"tokens": int(tokens.shape[0]), "mean_norm": float(mean.norm()), "std_mean": float(std.mean()),
                 "token_norm": float(tokens.norm(dim=-1).mean())}
@@ -279,6 +338,18 @@ class FrameAdapter(nn.Module):
         return adapter.eval()
 
 
+def region_table(regions: int, num_patches: int) -> torch.Tensor:
+    """[N,R] starting bias of the shortcut: 0 where patch n lies in region r, -REGION_BIAS elsewhere. The patch grid
+    (rows x cols, square where N is) is cut into a grid of R regions, as square as R's divisors allow (64: 8 x 8)."""
+    rows = math.isqrt(num_patches) if math.isqrt(num_patches) ** 2 == num_patches else 1
+    cols = num_patches // rows
+    region_rows = max(r for r in range(1, math.isqrt(regions) + 1) if regions % r == 0)
+    region_cols = regions // region_rows
+    n = torch.arange(num_patches)
+    region = (n // cols * region_rows // rows) * region_cols + (n % cols * region_cols // cols)  # [N]
+    return torch.where(region[:, None] == torch.arange(regions)[None], 0.0, -REGION_BIAS)
+
+
 def parameter_count(adapter: nn.Module) -> int:
     return sum(p.numel() for p in adapter.parameters())
 
@@ -286,4 +357,7 @@ def parameter_count(adapter: nn.Module) -> int:
 def random_adapter(mode: str, d_in: int, seed: int = 0, **settings) -> FrameAdapter:
     """An adapter with PyTorch's initialisation (tests, latency): its outputs are as large as a trained one's."""
     torch.manual_seed(seed)
-    return FrameAdapter(AdapterConfig(mode=mode, d_in=d_in, **settings)).eval()
+    adapter = FrameAdapter(AdapterConfig(mode=mode, d_in=d_in, **settings))
+    if adapter.config.shortcut != "none":  # its zero start would hide the stream (a trained one's has grown)
+        adapter.proj_out.reset_parameters()
+    return adapter.eval()

@@ -55,7 +55,13 @@ SEED_STRIDE = 10_000_000
 # lr 1e-4 for the adapter and the LLM alike: at 1e-3 (the first GPU run) Adam grew a constant in the adapter's
 # residual stream within ~100 steps, its LayerNorms then divided the frames' part away, and the pooled tokens became
 # one vector whatever the frames (log.jsonl "spread" ~0.001; answers at chance, docs/multi-image.md)
-DEFAULTS = {"steps": 1500, "batch_size": 64, "lr": 1e-4}
+DEFAULTS = {"steps": 1500, "batch_size": 64, "lr": 1e-4,
+            # AdapterConfig fields under --adapter-set (which overrides them, e.g. shortcut=none for the first runs'
+            # adapters): the tokens' patch positions and the regions shortcut. Without them the 2000-step H200 runs
+            # answered one-frame colour/shape at 0.30/0.33-0.41 (concat 0.98): the R tokens were one mean of the
+            # frame repeated (std across slots 0.13-0.45 against 4.5 across questions; queries' attention entropy
+            # 0.99-1.0 of uniform). scripts/mv_adapter_probe.py, 300 CPU steps, same data and seed: docs/multi-image.md
+            "adapter_settings": {"positions": "patch", "shortcut": "regions"}}
 
 
 class MultiFrameTrainError(PipmmError):
@@ -78,18 +84,18 @@ def add_arguments(p) -> None:
                         "one frame stays answered as before")
 
 
-def adapter_config(args, d_llm: int) -> AdapterConfig:
-    settings = {}
+def adapter_config(args, d_llm: int, num_patches: int = 256) -> AdapterConfig:
+    settings = dict(DEFAULTS["adapter_settings"])
     for pair in args.adapter_set:
         key, sep, value = pair.partition("=")
         if not sep:
             raise MultiFrameTrainError(f"--adapter-set {pair!r}: write KEY=VALUE, e.g. csa=full")
         settings[key] = int(value) if value.lstrip("-").isdigit() else value
-    known = set(AdapterConfig.__dataclass_fields__) - {"mode", "d_in", "max_frames"}
+    known = set(AdapterConfig.__dataclass_fields__) - {"mode", "d_in", "max_frames", "num_patches"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise MultiFrameTrainError(f"--adapter-set {', '.join(unknown)}: not an adapter setting ({', '.join(sorted(known))})")
-    return AdapterConfig(mode=args.adapter, d_in=d_llm, max_frames=args.n_max, **settings)
+    return AdapterConfig(mode=args.adapter, d_in=d_llm, max_frames=args.n_max, num_patches=num_patches, **settings)
 
 
 # ----------------------------------------------------------------------------- data
@@ -178,16 +184,29 @@ def encode_frames(model, vision, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     return tokens, out[2].view(q, n, -1) if len(out) > 2 else None
 
 
-def combine(adapter, tokens: torch.Tensor) -> torch.Tensor:
-    """[Q,n,K,D] -> the image slots' tokens [Q,L,D]: concatenated (L = n*K) or pooled by the adapter (L = R)."""
+def frame_positions(kept: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """[Q,n,K] patch index of every token in its frame: the kept patches, or token i at i (a reducer that keeps
+    no patch: its tokens are regions in raster order), as sdk/frames.py feeds the adapter graph."""
+    if kept is not None:
+        return kept
+    q, n, k = tokens.shape[:3]
+    return torch.arange(k, device=tokens.device).expand(q, n, k)
+
+
+def combine(adapter, tokens: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """[Q,n,K,D] (kept [Q,n,K] or None) -> the image slots' tokens [Q,L,D]: concatenated (L = n*K) or pooled by
+    the adapter (L = R; an adapter with positions or a shortcut reads where each token sits)."""
     if adapter is None:
         return tokens.flatten(1, 2)
-    return adapter(tokens, torch.ones(tokens.shape[:2], device=tokens.device))
+    mask = torch.ones(tokens.shape[:2], device=tokens.device)
+    if adapter.config.needs_positions:
+        return adapter(tokens, mask, frame_positions(kept, tokens))
+    return adapter(tokens, mask)
 
 
 def frame_tokens(model, vision, adapter, batch: dict) -> torch.Tensor:
     """-> the image slots' tokens [Q,L,D] of a batch (encode_frames, then combine)."""
-    return combine(adapter, encode_frames(model, vision, batch)[0])
+    return combine(adapter, *encode_frames(model, vision, batch))
 
 
 def position_ids(model, vision, adapter, batch: dict, kept: torch.Tensor | None, positions: str):
@@ -202,7 +221,7 @@ def position_ids(model, vision, adapter, batch: dict, kept: torch.Tensor | None,
 
 def forward_loss(model, vision, adapter, batch: dict, positions: str = "sequence") -> dict:
     frames, kept = encode_frames(model, vision, batch)
-    tokens = combine(adapter, frames)  # [Q,L,D]
+    tokens = combine(adapter, frames, kept)  # [Q,L,D]
     embeds = embed_sequence(model, batch["input_ids"], tokens)
     ids = position_ids(model, vision, adapter, batch, kept, positions)
     # with jumping position ids the all-ones mask keeps transformers from reading packed sequences (model.py)
@@ -234,7 +253,7 @@ def validate(model, vision, adapter, data: MultiViewBatches, samples: int, devic
             batch = {k: v.to(device) for k, v in val.batch(index, prompter, frames=frames).items()}
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 tokens, kept = encode_frames(model, vision, batch)
-                outputs = greedy_generate(model, vision, batch, 16, tokens=combine(adapter, tokens),
+                outputs = greedy_generate(model, vision, batch, 16, tokens=combine(adapter, tokens, kept),
                                           position_ids=position_ids(model, vision, adapter, batch, kept, positions))
             labels = batch["labels"].cpu()
             for row, tokens in enumerate(outputs):
@@ -337,7 +356,8 @@ def run(args) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     d_llm = model.config.text_config.hidden_size
-    adapter_cfg = None if args.adapter == "concat" else adapter_config(args, d_llm)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    adapter_cfg = None if args.adapter == "concat" else adapter_config(args, d_llm, grid ** 2)
     setting = choose_setting(args, model.config, init, parent, adapter_cfg)
     budget, positions = setting.budget, setting.positions
     vision = make_vision(model, budget, args.reducer, mlp)
