@@ -27,8 +27,8 @@ from functools import partial
 
 import numpy as np
 
-from .decoder_flavour import (FUSED_DECODER, choose_flavour, decoder_threads, separate_prefill, session_options,
-                              spinning_default, token_step_choice)
+from .decoder_flavour import (FUSED_DECODER, choose_flavour, decoder_spinning, decoder_threads, separate_prefill,
+                              session_options, spinning_default, token_step_choice)
 from .fused_device import DeviceBufferCaches
 from .inplace_cache import InPlaceCaches, cpu_cache
 from .kv_caches import STATIC_DECODER, DeviceKVCache, KVCache, resolve_cache
@@ -124,8 +124,9 @@ class OnnxRuntimeBackend:
         self.options = session_options(ort, self.ort_device, threads, self.spinning)
         # a small decoder on CPU runs on one thread (runtimes/decoder_flavour.py decoder_threads: measured)
         self.decoder_threads = decoder_threads(bundle, self.decoder_graph, self.device, threads)
-        self.decoder_options = self.options if self.decoder_threads == threads else \
-            session_options(ort, self.ort_device, self.decoder_threads, self.spinning)
+        self.decoder_spinning = decoder_spinning(self.spinning)  # PIPMM_DECODER_SPINNING: the decoder's alone
+        self.decoder_options = self.options if (self.decoder_threads, self.decoder_spinning) == (threads, self.spinning) \
+            else session_options(ort, self.ort_device, self.decoder_threads, self.decoder_spinning)
         self.sessions = {}
         # + the frame adapter of a qformer/mivpg bundle (sdk/frames.py)
         for name in ("vision",) + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
@@ -293,7 +294,7 @@ class OnnxRuntimeBackend:
                 "decoder_intra_op_threads": self.decoder_threads or "default",
                 "prefill_session": "separate, intra-op threads as the other sessions'" if
                 self.prefill_session is not self.sessions[self.decoder_graph] else "the decoder's",
-                "spinning": self.spinning}
+                "spinning": self.spinning, "decoder_spinning": self.decoder_spinning}
 
     # -- graphs -----------------------------------------------------------------------------------
 

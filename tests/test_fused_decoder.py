@@ -140,6 +140,11 @@ def test_cpu_sessions_sleep_between_runs_unless_told(bundles, monkeypatch):
     monkeypatch.setenv("PIPMM_SPINNING", "1")
     assert OnnxRuntimeBackend(bundle, device="cpu").info()["spinning"] is True
     assert OnnxRuntimeBackend(bundle, device="cpu", spinning=False).info()["spinning"] is False
+    monkeypatch.setenv("PIPMM_DECODER_SPINNING", "1")  # the decoder's threads alone (the 2-thread decode, docs/gpu.md)
+    alone = OnnxRuntimeBackend(bundle, device="cpu", spinning=False)
+    assert (alone.info()["spinning"], alone.info()["decoder_spinning"]) == (False, True)
+    assert alone.decoder_options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert alone.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_prefills_run_on_every_core_in_a_second_session_with_the_same_bits(fused_bundle, image, monkeypatch):
