@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "command": "python3 scripts/cpu_describe_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "load_average_1min": load,
                     "environment": {k: v for k, v in os.environ.items() if k.startswith("PIPMM_") or k == "OMP_NUM_THREADS"}},
-        "bundle": str(args.bundle), "backend": {k: backend.info()[k] for k in (
+        "bundle": str(args.bundle), "backend": {k: backend.info().get(k) for k in (
             "decoder_graph", "kv_cache", "intra_op_threads", "decoder_intra_op_threads", "prefill_session", "spinning",
             "decoder_spinning")},
         "config": {"new_tokens": args.new_tokens, "requests": n, "warmup": 1, "image": "sdk.bench.bench_image() 640x480"},
