@@ -7,6 +7,10 @@ weights as ONNX Runtime's fused contrib ops, for the CPU).
                      "plain": the traced decoder always;  "fused": decoder_fused, refused where it cannot run
     PIPMM_DECODER    the same choice from the environment (the argument wins)
     PIPMM_SPINNING   1/0: intra-op threads spin between runs or sleep (default: sleep on CPU, spin on GPUs)
+    PIPMM_DECODER_SPINNING  1/0: the decoder session's alone (default: as PIPMM_SPINNING). With
+                     PIPMM_DECODER_THREADS=2 on a quiet 2-core CPU the default model's decode step is 0.43 ms
+                     instead of 0.58 (both cores stream the weights); with other processes on the cores the
+                     describe is slower than on one sleeping thread (docs/gpu.md, CPU): not the default
     PIPMM_THREADS    intra-op threads of every session (default: ONNX Runtime's, one per core; threads=)
     PIPMM_DECODER_THREADS  the decoder's alone (default: 1 on CPU for a decoder of at most SMALL_DECODER_BYTES)
     PIPMM_PREFILL_SESSION  0: no second decoder session for prefills (separate_prefill; default 1)
@@ -105,6 +109,15 @@ def spinning_default(device: str) -> bool:
     if given is not None:
         return given.strip() not in ("0", "", "false", "no")
     return device != "cpu"
+
+
+def decoder_spinning(spinning: bool) -> bool:
+    """Whether the decoder session's threads spin (PIPMM_DECODER_SPINNING), else `spinning` (the other sessions').
+    The other sessions stay asleep while the decoder runs, so only its own threads take the cores."""
+    given = os.environ.get("PIPMM_DECODER_SPINNING")
+    if given is None:
+        return spinning
+    return given.strip() not in ("0", "", "false", "no")
 
 
 def session_options(ort, ort_device: str, threads: int | None, spinning: bool):

@@ -141,7 +141,7 @@ class InPlaceCaches:
         self.ort, self.session = ort, session
         for name in ("kv_dtype", "embed_dtype", "logits_dtype", "hidden_dtype", "bias_dtype", "bias_layers",
                      "hidden_size", "vocab_size", "head_dim", "max_context", "has_attention", "cache_slots",
-                     "prefill_session"):
+                     "prefill_session", "embed_table"):
             setattr(self, name, getattr(backend, name))
         self.layers, self.kv_heads = backend.num_layers, backend.num_kv_heads
         self.past_names = [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
@@ -178,8 +178,8 @@ class InPlaceCaches:
         return buffer.decode_binding
 
     def token_step(self, embed_session, token_id: int, cache: InPlaceKVCache, greedy: bool = False):
-        """A decode step from a token id, no CMAI bias: the embed graph writes the row into the decoder's bound
-        input, then the decoder runs -> (logits [1,V], the grown cache). greedy: asks nothing here (the logits are
+        """A decode step from a token id, no CMAI bias: the embed graph (or the backend's host table of its rows)
+        writes the row into the decoder's bound input, then the decoder runs -> (logits [1,V], the grown cache). greedy: asks nothing here (the logits are
         host memory already; the device-buffer cache's token step takes its argmax on the device)."""
         end = cache.length + 1
         self._check(cache, end)
@@ -190,13 +190,19 @@ class InPlaceCaches:
                 buffer.bias[:, :, :end], buffer.bias_written = 0, False
             else:
                 buffer.bias[:, :, cache.length] = 0
-        if buffer.embed_binding is None:
-            buffer.embed_binding = embed_session.io_binding()
-            buffer.embed_binding.bind_cpu_input("input_ids", buffer.token)
-            buffer.embed_binding.bind_ortvalue_output("inputs_embeds", self.ort.OrtValue.ortvalue_from_numpy(
-                buffer.embeds))
-        buffer.token[0, 0], buffer.position[0, 0] = token_id, cache.next_position
-        embed_session.run_with_iobinding(buffer.embed_binding)
+        buffer.position[0, 0] = cache.next_position
+        if self.embed_table is not None:  # the backend's host rows (a small vocabulary): a copy, no session run
+            if not 0 <= token_id < len(self.embed_table):  # numpy would wrap a negative id
+                raise BackendError(f"token id {token_id} is outside the vocabulary (0..{len(self.embed_table) - 1})")
+            buffer.embeds[0, 0] = self.embed_table[token_id]
+        else:
+            if buffer.embed_binding is None:
+                buffer.embed_binding = embed_session.io_binding()
+                buffer.embed_binding.bind_cpu_input("input_ids", buffer.token)
+                buffer.embed_binding.bind_ortvalue_output("inputs_embeds", self.ort.OrtValue.ortvalue_from_numpy(
+                    buffer.embeds))
+            buffer.token[0, 0] = token_id
+            embed_session.run_with_iobinding(buffer.embed_binding)
         self.session.run_with_iobinding(self._decode_binding(buffer))
         buffer.writes += 1
         buffer.stamps[cache.length] = buffer.writes

@@ -27,8 +27,8 @@ from functools import partial
 
 import numpy as np
 
-from .decoder_flavour import (FUSED_DECODER, choose_flavour, decoder_threads, separate_prefill, session_options,
-                              spinning_default, token_step_choice)
+from .decoder_flavour import (FUSED_DECODER, choose_flavour, decoder_spinning, decoder_threads, separate_prefill,
+                              session_options, spinning_default, token_step_choice)
 from .fused_device import DeviceBufferCaches
 from .inplace_cache import InPlaceCaches, cpu_cache
 from .kv_caches import STATIC_DECODER, DeviceKVCache, KVCache, resolve_cache
@@ -50,6 +50,7 @@ PROVIDERS: dict[str, list[str]] = {
 # where OrtValues of a device live
 ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
 DEFAULT_MAX_CACHE = 4096
+HOST_EMBED_TABLE_BYTES = 4 << 20  # default model: 512 x 256 float32 = 0.5 MB; a 0.5B model's 540 MB stays in the graph
 KV_CACHES = ("inplace", "numpy", "device", "static")
 ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
 
@@ -124,8 +125,9 @@ class OnnxRuntimeBackend:
         self.options = session_options(ort, self.ort_device, threads, self.spinning)
         # a small decoder on CPU runs on one thread (runtimes/decoder_flavour.py decoder_threads: measured)
         self.decoder_threads = decoder_threads(bundle, self.decoder_graph, self.device, threads)
-        self.decoder_options = self.options if self.decoder_threads == threads else \
-            session_options(ort, self.ort_device, self.decoder_threads, self.spinning)
+        self.decoder_spinning = decoder_spinning(self.spinning)  # PIPMM_DECODER_SPINNING: the decoder's alone
+        self.decoder_options = self.options if (self.decoder_threads, self.decoder_spinning) == (threads, self.spinning) \
+            else session_options(ort, self.ort_device, self.decoder_threads, self.decoder_spinning)
         self.sessions = {}
         # + the frame adapter of a qformer/mivpg bundle (sdk/frames.py)
         for name in ("vision",) + tuple(g for g in ADAPTER_GRAPHS if g in bundle.graphs):
@@ -174,6 +176,9 @@ class OnnxRuntimeBackend:
         embed_out = bundle.graphs["embed"].outputs[0]  # bound straight into the decoder's input row where it fits
         embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
         self._token_step, self._buffer = None, None  # decode_token's in-place path (token id -> logits)
+        # a small vocabulary's embedding rows on the host: the in-place token step copies its row instead of
+        # running the embed graph (one session run less per token; inplace_cache.py token_step)
+        self.embed_table = self._host_embed_table() if self.kv_cache == "inplace" and embed_binds else None
         if self.kv_cache == "inplace":
             self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
@@ -188,6 +193,19 @@ class OnnxRuntimeBackend:
         self._new_cache, self._decode_step = kinds[self.kv_cache]
 
     # -- sessions ---------------------------------------------------------------------------------
+
+    def _host_embed_table(self) -> np.ndarray | None:
+        """The embed graph's rows [V, D] for every id, read-only, where they take at most HOST_EMBED_TABLE_BYTES
+        (PIPMM_HOST_EMBED=0: none). A Gather copies rows, so a row taken here is the graph's own bits. After a
+        decode step streamed the decoder's weights, the embed graph's run is cold: 19 us a token on the default
+        model (scripts/cpu_describe_profile.py), where the row copy is 1."""
+        if os.environ.get("PIPMM_HOST_EMBED", "1").strip() in ("0", "false", "no"):
+            return None
+        if self.vocab_size * self.hidden_size * np.dtype(self.embed_dtype).itemsize > HOST_EMBED_TABLE_BYTES:
+            return None
+        table = np.ascontiguousarray(self.embed(np.arange(self.vocab_size, dtype=np.int64)[None])[0])
+        table.setflags(write=False)
+        return table
 
     def provider_options(self, graph: str) -> list:
         """The providers, with this backend's options (device id, arena, TF32), for an optional graph that another
@@ -284,6 +302,7 @@ class OnnxRuntimeBackend:
                 "kv_cache": self.kv_cache, "kv_cache_note": self.kv_cache_note,
                 "static_cache_slots": self.cache_slots if self.static_cache else None, "static_cache_bytes": kv_bytes,
                 "inplace_cache_bytes": self._inplace.nbytes if self.kv_cache == "inplace" else None,
+                "host_embed_table_bytes": None if self.embed_table is None else self.embed_table.nbytes,
                 "token_step": self._buffer is not None and "ids" in self._buffer.bindings,
                 "device_argmax": self._buffer is not None and self._buffer.device_argmax,
                 "token_step_note": self.token_step_note, "embed_device": self.embed_device,
@@ -293,7 +312,7 @@ class OnnxRuntimeBackend:
                 "decoder_intra_op_threads": self.decoder_threads or "default",
                 "prefill_session": "separate, intra-op threads as the other sessions'" if
                 self.prefill_session is not self.sessions[self.decoder_graph] else "the decoder's",
-                "spinning": self.spinning}
+                "spinning": self.spinning, "decoder_spinning": self.decoder_spinning}
 
     # -- graphs -----------------------------------------------------------------------------------
 

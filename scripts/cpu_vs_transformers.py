@@ -19,9 +19,13 @@ Variants (each a bundle or a transformers attention implementation):
   *-int4          the bundle quantized (export/precision/quantize.py, as `pipmm export --precision int4`, + its INT4
                   decoder_fused), with --precisions fp32,int4; transformers stays FP32 (it has no CPU INT4 path here)
   transformers-eager / -sdpa  transformers at each --hf-attn
-  --ablations     + pipmm-one-decoder-session (prefills on the decode session's one thread) and pipmm-plain-decoder
+  --before DIR    + pipmm@REV: the same bundle through DIR's code (a worktree of the commit before a change),
+                  in the same interleaved rounds
+  --ablations     + pipmm-one-decoder-session (prefills on the decode session's one thread), pipmm-plain-decoder
                   (the traced decoder with its numpy cache: what sdk.describe ran before the default bundle carried
-                  decoder_fused), the same bundle with one switch each (ABLATIONS)
+                  decoder_fused), pipmm-no-prompt-cache (every request runs its prompt pass: each process here asks
+                  one question 4 times) and pipmm-decoder-2-spinning (the decoder on 2 spinning threads), the same
+                  bundle with one switch each (ABLATIONS)
 Every variant runs in its OWN subprocess per round (this file with --child), which imports, loads, warms up once and
 times --requests requests, so its peak RSS (VmHWM of that process; see peak_rss_mb for why not ru_maxrss) and its RSS growth over
 the RSS after its imports are its own. Rounds are interleaved, the order rotated per round; per variant the median
@@ -45,10 +49,13 @@ sys.path.insert(0, str(ROOT))
 SCHEMA = "pipmm-cpu-vs-transformers/1"
 TARGETS = {"describe_speedup": 5.0, "peak_rss_ratio": 0.5}  # issue 18: >= 5x faster, <= 0.5x peak RSS
 ENVIRONMENT = ("OMP_NUM_THREADS", "PIPMM_THREADS", "PIPMM_DECODER_THREADS", "PIPMM_SPINNING", "PIPMM_DECODER",
-               "PIPMM_PREFILL_SESSION")  # recorded in the JSON: they change what runs
-# --ablations: the `pipmm` variant with one change undone each (runtimes/decoder_flavour.py's environment switches)
+               "PIPMM_PREFILL_SESSION", "PIPMM_DECODER_SPINNING", "PIPMM_PROMPT_CACHE")  # recorded: they change what runs
+# --ablations: the `pipmm` variant with one switch each (runtimes/decoder_flavour.py's, sdk/prompt_pass.py's)
 ABLATIONS = {"pipmm-one-decoder-session": {"PIPMM_PREFILL_SESSION": "0"},  # prefills on the decode step's 1 thread
-             "pipmm-plain-decoder": {"PIPMM_DECODER": "plain", "PIPMM_PREFILL_SESSION": "0"}}  # the traced decoder
+             "pipmm-plain-decoder": {"PIPMM_DECODER": "plain", "PIPMM_PREFILL_SESSION": "0"},  # the traced decoder
+             "pipmm-no-prompt-cache": {"PIPMM_PROMPT_CACHE": "0"},  # every request runs its prompt pass
+             # the decoder (decode steps and prefills) on 2 spinning threads, the other sessions asleep: not default
+             "pipmm-decoder-2-spinning": {"PIPMM_DECODER_THREADS": "2", "PIPMM_DECODER_SPINNING": "1"}}
 
 
 def _status_mb(key: str) -> float:
@@ -174,8 +181,10 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore", **spec.get("env", {})})
+    root = Path(spec.get("root", ROOT))  # --before: another checkout's child, its own sdk/ and runtimes/
+    done = subprocess.run([sys.executable, str(root / "scripts" / Path(__file__).name), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **spec.get("env", {})})
     if done.returncode != 0:
         raise SystemExit(f"variant {spec['name']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -225,6 +234,10 @@ def variants(args, work: Path) -> dict:
     if args.ablations:  # the default bundle as describe ran it before (issue 18 CPU pass 2): same tokens, slower
         for name, env in ABLATIONS.items():
             specs[name] = {**specs["pipmm"], "env": env}
+    if args.before is not None:  # the same bundle through another checkout's code (the commit before a change)
+        rev = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip() or "before"
+        specs[f"pipmm@{rev}"] = {**specs["pipmm"], "root": str(args.before.resolve())}
     for attn in args.hf_attn:
         specs[f"transformers-{attn}"] = {"side": "transformers", "checkpoint": str(args.checkpoint), "attn": attn,
                                          "precision": "fp32", "eos": sorted(set(manifest.special_tokens.eos)),
@@ -293,6 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-attn", default="eager,sdpa", help="transformers' attn_implementation(s), comma list")
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="the bundles without decoder_fused")
     parser.add_argument("--ablations", action="store_true", help="also the default bundle with each of ABLATIONS")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another checkout of this repo: its pipmm on the same bundle, interleaved (pipmm@REV)")
     parser.add_argument("--prompt", default=None, help="the question (default: sdk.bench's)")
     parser.add_argument("--work", type=Path, default=None, help="where the derived bundles go")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "gpu-results" / "cpu-vs-transformers-default.json")

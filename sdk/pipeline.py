@@ -86,6 +86,7 @@ class Pipeline:
         self.visual_prompt = None
         self.visual_prompt = self.framing(visual_prompt)
         self.prompt_vector_spec = manifest.prompt_vector
+        self.prompt_vectors = prompt_pass.VectorCache()  # repeated prompts skip the prompt pass (sdk/prompt_pass.py)
         self.max_context = manifest.model.max_context
         self.defaults = manifest.generation
         self.visual_positions = manifest.visual_tokens.positions

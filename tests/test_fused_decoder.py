@@ -140,6 +140,11 @@ def test_cpu_sessions_sleep_between_runs_unless_told(bundles, monkeypatch):
     monkeypatch.setenv("PIPMM_SPINNING", "1")
     assert OnnxRuntimeBackend(bundle, device="cpu").info()["spinning"] is True
     assert OnnxRuntimeBackend(bundle, device="cpu", spinning=False).info()["spinning"] is False
+    monkeypatch.setenv("PIPMM_DECODER_SPINNING", "1")  # the decoder's threads alone (the 2-thread decode, docs/gpu.md)
+    alone = OnnxRuntimeBackend(bundle, device="cpu", spinning=False)
+    assert (alone.info()["spinning"], alone.info()["decoder_spinning"]) == (False, True)
+    assert alone.decoder_options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert alone.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_prefills_run_on_every_core_in_a_second_session_with_the_same_bits(fused_bundle, image, monkeypatch):
@@ -350,3 +355,29 @@ def test_inplace_cache_needs_decoder_fused_and_says_why_it_is_not_used(fused_bun
     info = OnnxRuntimeBackend(load_bundle(older, verify=False), device="cpu").info()
     assert info["decoder_graph"] == "decoder_fused" and info["kv_cache"] == "numpy"
     assert "--overwrite" in info["kv_cache_note"]
+
+
+def test_token_steps_copy_host_embedding_rows_with_the_embed_graphs_tokens(fused_bundle, image, monkeypatch):
+    """A small vocabulary's rows live on the host (runtimes/onnxruntime.py _host_embed_table): the in-place token
+    step copies one instead of running the embed graph; the rows are the graph's bits, so the tokens are the same."""
+    from runtimes.onnxruntime import OnnxRuntimeBackend
+    from sdk.bundle import load_bundle
+    from sdk.pipeline import Pipeline
+
+    bundle = load_bundle(fused_bundle("llama", pipmm=True, budget="half", reducer="prompt-topk"))
+    host = Pipeline(bundle.manifest, bundle.tokenizer_path, OnnxRuntimeBackend(bundle, device="cpu"))
+    table = host.backend.embed_table
+    assert host.backend.kv_cache == "inplace" and table.shape == (bundle.manifest.model.vocab_size,
+                                                                  bundle.manifest.model.hidden_size)
+    ids = np.arange(len(table), dtype=np.int64)[None]
+    np.testing.assert_array_equal(table, host.backend.embed(ids)[0])
+    assert host.backend.info()["host_embed_table_bytes"] == table.nbytes and not table.flags.writeable
+    monkeypatch.setenv("PIPMM_HOST_EMBED", "0")
+    graph = Pipeline(bundle.manifest, bundle.tokenizer_path, OnnxRuntimeBackend(bundle, device="cpu"))
+    assert graph.backend.embed_table is None
+    for prompt in ("What is it?", "Describe the scene."):
+        want = graph.generate(image, prompt, max_new_tokens=12, min_new_tokens=12, temperature=0.0).token_ids
+        assert host.generate(image, prompt, max_new_tokens=12, min_new_tokens=12, temperature=0.0).token_ids == want
+    cache = host.backend.new_cache(1)
+    with pytest.raises(BackendError, match="outside the vocabulary"):
+        host.backend.decode_token(-1, cache)
