@@ -56,11 +56,9 @@ SEED_STRIDE = 10_000_000
 # residual stream within ~100 steps, its LayerNorms then divided the frames' part away, and the pooled tokens became
 # one vector whatever the frames (log.jsonl "spread" ~0.001; answers at chance, docs/multi-image.md)
 DEFAULTS = {"steps": 1500, "batch_size": 64, "lr": 1e-4,
-            # AdapterConfig fields under --adapter-set (which overrides them, e.g. shortcut=none for the first runs'
-            # adapters): the tokens' patch positions and the regions shortcut. Without them the 2000-step H200 runs
-            # answered one-frame colour/shape at 0.30/0.33-0.41 (concat 0.98): the R tokens were one mean of the
-            # frame repeated (std across slots 0.13-0.45 against 4.5 across questions; queries' attention entropy
-            # 0.99-1.0 of uniform). scripts/mv_adapter_probe.py, 300 CPU steps, same data and seed: docs/multi-image.md
+            # AdapterConfig fields (--adapter-set overrides them; shortcut=none: the first runs' adapters). Without
+            # them the 2000-step H200 runs' R tokens were one mean of the frame repeated (std across slots 0.13-0.45
+            # against 4.5 across questions): one-frame colour 0.30 against concat's 0.98 (docs/multi-image.md)
             "adapter_settings": {"positions": "patch", "shortcut": "regions"}}
 
 
