@@ -94,9 +94,8 @@ def run(pipeline, prompt: str, prefill_ids: np.ndarray | None = None) -> PromptP
         _, hidden, cache = backend.decoder(backend.embed(ids[None]), backend.new_cache(1))
         return PromptPass(pool(hidden, spec.pooling), PREFIX, cache, len(ids))
     mode = ENCODER if getattr(backend, "prompt_encoder_graph", None) else DECODER
-    vectors = getattr(pipeline, "prompt_vectors", None)  # None: a caller's own object without the cache
     key = (mode, spec.pooling, np.asarray(ids, np.int64).tobytes())
-    vector = vectors.get(key) if vectors is not None else None
+    vector = pipeline.prompt_vectors.get(key)
     if vector is not None:
         return PromptPass(vector, mode)
     embeds = backend.embed(ids[None])
@@ -105,4 +104,4 @@ def run(pipeline, prompt: str, prefill_ids: np.ndarray | None = None) -> PromptP
     else:
         _, hidden, _ = backend.decoder(embeds, backend.new_cache(1))
         vector = pool(hidden, spec.pooling)
-    return PromptPass(vector if vectors is None else vectors.put(key, vector), mode)
+    return PromptPass(pipeline.prompt_vectors.put(key, vector), mode)

@@ -82,7 +82,7 @@ def add_arguments(p) -> None:
                         "one frame stays answered as before")
 
 
-def adapter_config(args, d_llm: int, num_patches: int = 256) -> AdapterConfig:
+def adapter_config(args, d_llm: int, num_patches: int) -> AdapterConfig:
     settings = dict(DEFAULTS["adapter_settings"])
     for pair in args.adapter_set:
         key, sep, value = pair.partition("=")

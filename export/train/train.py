@@ -76,17 +76,6 @@ def _arch(args, resumed: dict | None) -> Arch:
     return arch
 
 
-def _sizes(args, parent: dict | None) -> ModelSizes:
-    if parent is not None:
-        return ModelSizes(**parent["model_sizes"])
-    sizes = ModelSizes.tiny() if args.tiny else ModelSizes()
-    for field in ("image_size", "vocab_size", "vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
-                  "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp"):
-        if getattr(args, field, None) is not None:
-            setattr(sizes, field, getattr(args, field))
-    return sizes
-
-
 def _template(args, parent: dict | None) -> str:
     """--template, else the parent checkpoint's (train_config.json "template"; older ones: llava-1.5)."""
     if args.template is not None:
@@ -153,7 +142,7 @@ def setup(args):
         # (stage 0 with --init: more base training of every weight, with a fresh optimizer and schedule)
         src = Path(args.init)
         model, parent = _load_init(src)
-        arch = Arch(_sizes(args, parent), recorded_arch(parent).answerless)
+        arch = Arch(ModelSizes(**parent["model_sizes"]), recorded_arch(parent).answerless)
         sizes = arch.sizes
         out.mkdir(parents=True, exist_ok=True)
         copy_assets(src, out)
@@ -163,17 +152,13 @@ def setup(args):
     budget = args.budget or ("half" if stage == 2 else "full")
     if stage == 1 and args.no_prompt_mlp:
         raise TrainError("stage 1 trains the prompt MLP: --no-prompt-mlp makes no sense there")
-    from export.model.prompt import CONFIG_FILE
+    from export.model.prompt import CONFIG_FILE, PromptMLP
 
     if stage in (1, 2) and saved_weights and (out / CONFIG_FILE).is_file():
-        from export.model.prompt import PromptMLP
-
         mlp = PromptMLP.load(out)  # --resume: the run's own MLP (a full trainer state overwrites it again)
     elif stage == 1:
         mlp = _new_prompt_mlp(model, args)
     elif stage == 2 and not args.no_prompt_mlp:
-        from export.model.prompt import CONFIG_FILE, PromptMLP
-
         if not (src / CONFIG_FILE).is_file():
             raise TrainError(f"--init {src} has no prompt MLP: start stage 2 from stage 1, or pass --no-prompt-mlp")
         mlp = PromptMLP.load(src)
