@@ -36,8 +36,9 @@ def multi_image_section(adapter: FrameAdapter | None = None, n_max: int | None =
         return MultiImage(mode="concat", n_max=n_max or DEFAULT_N_MAX, separator=separator)
     config = adapter.config
     n = n_max or config.max_frames
-    if config.frame_order == "embedded" and n > config.max_frames:
-        raise ExportError(f"--n-max {n}: the adapter has frame-order vectors for {config.max_frames} frames")
+    if config.bounds_frames and n > config.max_frames:  # order vectors or per-frame-count shortcut tables
+        raise ExportError(f"--n-max {n}: the adapter has frame-order vectors / shortcut tables for "
+                          f"{config.max_frames} frames")
     settings = {**config.settings(), "d_model": config.d_model, "parameters": parameter_count(adapter),
                 "instances": "the vision graph's visual tokens of every frame (patch tokens; the T-CLS output "
                              "is not an instance)"}

@@ -13,7 +13,9 @@
                   CSA among the frame instances, then the R queries' blocks as in qformer
       -> LayerNorm -> Linear(d, D_llm) (x std + mean when calibrated)
          (+ shortcut "regions": slot r = softmax-weighted mean of the frame tokens by a learned [N,R] bias table
-            that starts as "patch n lies in region r"; Linear(d, D_llm) then starts at zero)
+            that starts as "patch n lies in region r"; "frame_regions": the R slots shared out among the present
+            frames, slot s pooling regions of its own frame only (export/model/frame_shortcut.py); Linear(d, D_llm)
+            then starts at zero)
       -> visual_tokens [B,R,D_llm]
 
 MIVPG (arXiv 2406.02987) as far as public sources describe it: a Q-Former is multi-instance pooling that treats
@@ -27,7 +29,9 @@ in reachable sources; ours (every choice a field of AdapterConfig, saved beside 
     csa "full":    X += Attn(X, X); X += MLP(X). O(n^2).
 
 Frames enter no attention as a sequence: without frame_order "embedded" the output is invariant to the order
-of the frames (patch positions and the shortcut use one table for every frame, so they keep this), and to the
+of the frames (patch positions and the "regions" shortcut use one table for every frame, so they keep this; the
+"frame_regions" shortcut does not: slot s pools the present frame of rank j, so the output follows the frames'
+order, as "which frame shows X" needs), and to the
 order of the patches within one (with positions: of the (token, position) pairs), and an absent frame is masked out of every attention as a key,
 so F frames padded to N_max give the output of the F frames alone (tests/test_frames_adapter.py).
 The T-CLS output token is no instance: the vision graph drops it (LLaVA's "default" strategy); the CSA sees
@@ -48,6 +52,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.model import frame_shortcut as shortcuts
+from export.model.frame_shortcut import NEG, REGION_BIAS, region_table  # noqa: F401 (REGION_BIAS, region_table: API)
 from sdk.errors import ExportError
 from sdk.manifest_multi import ADAPTER_MODES
 
@@ -57,9 +63,7 @@ CSA_KINDS = ("induced", "full")
 FRAME_ORDERS = ("ignored", "embedded")
 OUTPUTS = ("calibrated", "plain")
 POSITIONS = ("none", "patch")
-SHORTCUTS = ("none", "regions")
-REGION_BIAS = 10.0  # a region's patches start 10 logits above the others: ~0.5% of the weight leaks to 126 patches
-NEG = -1.0e4  # score of a masked key: exp(NEG - max) is exactly 0 in fp32, and NEG fits fp16
+SHORTCUTS = ("none",) + tuple(shortcuts.SHORTCUTS)
 
 
 @dataclass
@@ -94,12 +98,20 @@ class AdapterConfig:
     # "regions": visual_tokens = a region pooling of the frame tokens themselves (slot r: the present tokens whose
     # patch lies in region r of a grid of R regions over the patch grid, by a learned [R, N] bias table that starts
     # at REGION_BIAS inside the region) + the adapter's stream through a zero-initialised proj_out: at step 0 the
-    # LLM reads pooled projector tokens, as concat at a quarter budget, and the stream learns what pooling loses
+    # LLM reads pooled projector tokens, as concat at a quarter budget, and the stream learns what pooling loses.
+    # "frame_regions": the same, but the slots shared out among the present frames, each pooling its own frame
+    # (export/model/frame_shortcut.py; a [max_frames, N, R] table: a graph's N_max may not exceed max_frames)
     shortcut: str = "none"
 
     @property
     def needs_positions(self) -> bool:
         return self.positions != "none" or self.shortcut != "none"
+
+    @property
+    def bounds_frames(self) -> bool:
+        """True when the graph's frame slots may not exceed max_frames (order vectors, per-count shortcut tables)."""
+        return self.frame_order == "embedded" or (self.shortcut != "none"
+                                                  and shortcuts.SHORTCUTS[self.shortcut].per_frame_tables)
 
     def __post_init__(self):
         checks = [(self.mode in ADAPTER_MODES, f"mode {self.mode!r}: choose {' or '.join(ADAPTER_MODES)}"),
@@ -223,8 +235,9 @@ class FrameAdapter(nn.Module):
             self.out_scale, self.out_shift = nn.Parameter(torch.ones(config.d_in)), nn.Parameter(torch.zeros(config.d_in))
         if config.positions == "patch":  # [N,d], at the scale of proj_in's output (std ~0.6) so it is read at once
             self.patch_embedding = nn.Parameter(torch.randn(config.num_patches, d) * 0.5)
-        if config.shortcut == "regions":
-            self.region_bias = nn.Parameter(region_table(config.queries, config.num_patches))  # [N,R]
+        self.shortcut = shortcuts.SHORTCUTS.get(config.shortcut)  # None for "none"
+        if self.shortcut is not None:  # region_bias (+ slot_frame) on the adapter: the saved files' key names
+            self.shortcut.build(self, config)
             nn.init.zeros_(self.proj_out.weight)  # step 0: the region pooling alone
             nn.init.zeros_(self.proj_out.bias)
 
@@ -247,21 +260,13 @@ class FrameAdapter(nn.Module):
         keys = present[:, :, None].expand(b, f, r).reshape(b, f * r)
         return self.frame_csa(z, keys), keys  # level 2: the frames of the sample
 
-    def regions(self, frame_tokens: torch.Tensor, present: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The shortcut: frame_tokens [B,F,K,D_in], present [B,F], positions [B,F,K] -> [B,R,D_in], slot r a softmax
-        over the present tokens of region_bias[position, r] (absent frames' tokens masked)."""
-        b, f, k, d_in = frame_tokens.shape
-        scores = self.region_bias[positions.reshape(b, f * k)].transpose(1, 2)  # [B,R,F*K]
-        keys = present[:, :, None].expand(b, f, k).reshape(b, 1, f * k)
-        scores = torch.where(keys, scores, torch.full_like(scores, NEG))
-        return torch.matmul(torch.softmax(scores, dim=-1), frame_tokens.reshape(b, f * k, d_in))
-
     def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor,
                 frame_positions: torch.Tensor | None = None) -> torch.Tensor:
         """frame_positions [B,F,K] int64: each token's patch index in its frame (needed by positions / shortcut)."""
         b, f = frame_tokens.shape[:2]
-        if self.config.frame_order == "embedded" and f > self.config.max_frames:
-            raise ExportError(f"{f} frame slots but the adapter has order vectors for {self.config.max_frames}")
+        if self.config.bounds_frames and f > self.config.max_frames:
+            raise ExportError(f"{f} frame slots but the adapter has order vectors / shortcut tables for "
+                              f"{self.config.max_frames}")
         if self.config.needs_positions and frame_positions is None:
             raise ExportError("this adapter reads where each token sits (positions/shortcut): pass frame_positions")
         present = frame_mask > 0.5 if frame_mask.dtype != torch.bool else frame_mask
@@ -277,8 +282,8 @@ class FrameAdapter(nn.Module):
         out = self.proj_out(self.norm_out(q))  # [B,R,D_in]
         if self.config.output == "calibrated":
             out = out * self.out_scale + self.out_shift
-        if self.config.shortcut == "regions":
-            out = out + self.regions(frame_tokens, present, frame_positions)
+        if self.shortcut is not None:
+            out = out + self.shortcut.pool(self, frame_tokens, present, frame_positions)
         return out
 
     @torch.no_grad()
@@ -336,18 +341,6 @@ class FrameAdapter(nn.Module):
         except Exception as err:  # wrong shapes or keys
             raise ExportError(f"adapter weights {weights} do not match {config_path.name} ({err})") from err
         return adapter.eval()
-
-
-def region_table(regions: int, num_patches: int) -> torch.Tensor:
-    """[N,R] starting bias of the shortcut: 0 where patch n lies in region r, -REGION_BIAS elsewhere. The patch grid
-    (rows x cols, square where N is) is cut into a grid of R regions, as square as R's divisors allow (64: 8 x 8)."""
-    rows = math.isqrt(num_patches) if math.isqrt(num_patches) ** 2 == num_patches else 1
-    cols = num_patches // rows
-    region_rows = max(r for r in range(1, math.isqrt(regions) + 1) if regions % r == 0)
-    region_cols = regions // region_rows
-    n = torch.arange(num_patches)
-    region = (n // cols * region_rows // rows) * region_cols + (n % cols * region_cols // cols)  # [N]
-    return torch.where(region[:, None] == torch.arange(regions)[None], 0.0, -REGION_BIAS)
 
 
 def parameter_count(adapter: nn.Module) -> int:
