@@ -17,7 +17,8 @@
 #
 # Rows ($ROWS, default all): concat, qformer, mivpg (frame order embedded, so "which frame" and "compare" are
 # answerable), mivpg-inv (order ignored: permutation invariant), mivpg-full (CSA over all instances, not induced),
-# mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer), mivpg-frozen (the LLM frozen too: only the
+# mivpg-fr / qformer-fr (shortcut=frame_regions: each frame's own slots pool its own regions, so frame identity
+# does not have to come from the adapter stream; export/model/frame_shortcut.py), mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer), mivpg-frozen (the LLM frozen too: only the
 # adapter trains, so it ships as a few-MB file beside the default model). All start from the shipped default model
 # with the vision tower, projector and prompt MLP frozen and (except mivpg-frozen) the LLM lightly tuned
 # (--train-llm), on 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
@@ -63,6 +64,8 @@ flags() {  # the stage-mv flags of a row
     concat)      echo "$common --adapter concat --n-max 4 --init models/default_model" ;;
     qformer)     echo "$common --n-max 8 --adapter qformer --adapter-set frame_order=embedded --init models/default_model" ;;
     mivpg)       echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
+    mivpg-fr)    echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --adapter-set shortcut=frame_regions --init models/default_model" ;;
+    qformer-fr)  echo "$common --n-max 8 --adapter qformer --adapter-set frame_order=embedded --adapter-set shortcut=frame_regions --init models/default_model" ;;
     mivpg-inv)   echo "$common --n-max 8 --adapter mivpg --init models/default_model" ;;
     mivpg-full)  echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --adapter-set csa=full --init models/default_model" ;;
     mivpg-plain) echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --reducer pool --init $RUNS/plain" ;;
