@@ -18,8 +18,10 @@
 # Rows ($ROWS, default all): concat, qformer, mivpg (frame order embedded, so "which frame" and "compare" are
 # answerable), mivpg-inv (order ignored: permutation invariant), mivpg-full (CSA over all instances, not induced),
 # mivpg-fr / qformer-fr (shortcut=frame_regions: each frame's own slots pool its own regions, so frame identity
-# does not have to come from the adapter stream; export/model/frame_shortcut.py), mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer), mivpg-frozen (the LLM frozen too: only the
-# adapter trains, so it ships as a few-MB file beside the default model). All start from the shipped default model
+# does not have to come from the adapter stream; export/model/frame_shortcut.py), mivpg-full-fr (both),
+# mivpg-frozen-fr (frozen LLM, frame_regions), mivpg-plain (PIP-MM off: the plain baseline's tower, pool reducer),
+# mivpg-frozen (the LLM frozen too: only the adapter trains, so it ships as a few-MB file beside the default
+# model). All start from the shipped default model
 # with the vision tower, projector and prompt MLP frozen and (except mivpg-frozen) the LLM lightly tuned
 # (--train-llm), on 2-4 frames (and a quarter of one-frame batches); every choice lands in train_config.json.
 # Budget and positions: the init model's own (half, patch) where N_max frames fit its context, else the next
@@ -54,6 +56,7 @@ phase=${1:?phase: train, resume, export, eval, single or latency}
 rows=($ROWS)
 workers=$(( 14 / ${#rows[@]} )); [ "$workers" -lt 1 ] && workers=1
 EVAL_N=${EVAL_N:-2000}
+SHIP=${SHIP:-mivpg}  # the row whose weights come back and whose single-frame families are checked
 
 flags() {  # the stage-mv flags of a row
   local frozen="--stage mv --frames 2 4 --steps ${STEPS:-2000} --batch-size 64
@@ -66,6 +69,8 @@ flags() {  # the stage-mv flags of a row
     mivpg)       echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --init models/default_model" ;;
     mivpg-fr)    echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --adapter-set shortcut=frame_regions --init models/default_model" ;;
     qformer-fr)  echo "$common --n-max 8 --adapter qformer --adapter-set frame_order=embedded --adapter-set shortcut=frame_regions --init models/default_model" ;;
+    mivpg-full-fr) echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --adapter-set csa=full --adapter-set shortcut=frame_regions --init models/default_model" ;;
+    mivpg-frozen-fr) echo "$frozen --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --adapter-set shortcut=frame_regions --init models/default_model" ;;
     mivpg-inv)   echo "$common --n-max 8 --adapter mivpg --init models/default_model" ;;
     mivpg-full)  echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --adapter-set csa=full --init models/default_model" ;;
     mivpg-plain) echo "$common --n-max 8 --adapter mivpg --adapter-set frame_order=embedded --reducer pool --init $RUNS/plain" ;;
@@ -100,7 +105,8 @@ train|resume)
   done
   wait
   tail -n 3 "$RUNS"/train-*.log
-  pack mv-mivpg/model.safetensors mv-mivpg/adapter.safetensors mv-mivpg-frozen/adapter.safetensors
+  pack mv-$SHIP/model.safetensors mv-$SHIP/adapter.safetensors mv-mivpg-frozen/adapter.safetensors \
+       mv-mivpg-frozen-fr/adapter.safetensors
   ;;
 export|eval|finish)
   if [ "$phase" != eval ]; then
@@ -130,15 +136,15 @@ export|eval|finish)
           --max-new-tokens 8 --quiet --json "$RUNS/eval-$row-${frames}f.json" | tail -n 8
     done
   fi
-  if [ "$phase" = finish ] && [ -d "$RUNS/bundle-mivpg" ]; then  # forgetting: the single-frame families, 500
-    $CLI eval "$RUNS/bundle-mivpg" --n 500 --split test --jobs 14 --device cpu --quiet \
-        --json "$RUNS/eval-mivpg-single.json" | tail -n 12
+  if [ "$phase" = finish ] && [ -d "$RUNS/bundle-$SHIP" ]; then  # forgetting: the single-frame families, 500
+    $CLI eval "$RUNS/bundle-$SHIP" --n 500 --split test --jobs 14 --device cpu --quiet \
+        --json "$RUNS/eval-$SHIP-single.json" | tail -n 12
   fi
   pack
   ;;
 single)
-  $CLI eval "$RUNS/bundle-mivpg" --n 2000 --split test --jobs 14 --device cpu --quiet \
-      --json "$RUNS/eval-mivpg-single.json" | tail -n 12
+  $CLI eval "$RUNS/bundle-$SHIP" --n 2000 --split test --jobs 14 --device cpu --quiet \
+      --json "$RUNS/eval-$SHIP-single.json" | tail -n 12
   pack
   ;;
 latency)

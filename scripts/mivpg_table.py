@@ -12,7 +12,8 @@ measure: the default model (models/default_model, exported as the embedded bundl
 patch positions) with its context raised to 4096 positions for these rows only (RoPE has no table: the graphs
 are the same, the LLM was never trained that long, so only time and memory are meaningful), or a PRESETS-shaped
 random checkpoint (export/synthetic.py; --preset). concat is that bundle as it is; qformer and mivpg are copies
-with random-weight adapters (export/model/mivpg.py, AdapterConfig defaults, N_max 8) attached. Each run is
+with random-weight adapters (export/model/mivpg.py) of the shipped recipe's settings (frame order embedded and
+export/train/multiframe.py DEFAULTS; --adapter-set overrides, as in `pipmm train`), N_max 8, attached. Each run is
 generate(frames, prompt, max_new_tokens=N, min_new_tokens=N, temperature=0) after one warm-up, the three modes'
 requests interleaved in one process per frame count (a changing load falls on all alike); reported: medians of
 ttft_ms and of the stages, the tokens the LLM saw, and the peak host RSS (and device memory on a GPU) of a fresh
@@ -42,7 +43,19 @@ PROMPT = "Is there a red object in every frame?"
 CONTEXT = 4096
 
 
-def build(work: Path, preset: str | None, device: str, log=print) -> dict[str, Path]:
+def adapter_settings(pairs: list[str]) -> dict:
+    """The shipped recipe's AdapterConfig fields (frame order embedded + export/train/multiframe.py DEFAULTS),
+    with KEY=VALUE overrides: what a trained adapter computes, so its latency is the one measured."""
+    from export.train.multiframe import DEFAULTS
+
+    settings = {"frame_order": "embedded", **DEFAULTS["adapter_settings"]}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        settings[key] = int(value) if value.lstrip("-").isdigit() else value
+    return settings
+
+
+def build(work: Path, preset: str | None, device: str, settings: dict, log=print) -> dict[str, Path]:
     """mode -> bundle directory (built once under `work`)."""
     import torch
 
@@ -69,12 +82,15 @@ def build(work: Path, preset: str | None, device: str, log=print) -> dict[str, P
         export_bundle(checkpoint, bundles["concat"], prompt_mlp=checkpoint, budget="half", reducer="prompt-topk",
                       visual_positions="patch", overwrite=True, progress=False)
         log(f"exported {bundles['concat']} in {time.perf_counter() - start:.0f} s")
-    width = json.loads((checkpoint / "config.json").read_text())["text_config"]["hidden_size"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    vision = config["vision_config"]
+    shape = {"d_in": config["text_config"]["hidden_size"],
+             "num_patches": (vision["image_size"] // vision["patch_size"]) ** 2}
     for mode in ("qformer", "mivpg"):
         if not (bundles[mode] / "adapter.onnx").is_file():
             shutil.rmtree(bundles[mode], ignore_errors=True)
             shutil.copytree(bundles["concat"], bundles[mode])
-            attach_adapter(bundles[mode], random_adapter(mode, width, seed=0), n_max=max(FRAMES))
+            attach_adapter(bundles[mode], random_adapter(mode, seed=0, **shape, **settings), n_max=max(FRAMES))
             log(f"attached a random {mode} adapter to {bundles[mode]}")
     return bundles
 
@@ -137,7 +153,7 @@ def measure(args) -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    bundles = build(work, args.preset, args.device)
+    bundles = build(work, args.preset, args.device, adapter_settings(args.adapter_set))
     rows, load = [], [os.getloadavg()[0]]
     for frames in args.frames:
         common = ["--frames", str(frames), "--new-tokens", str(args.new_tokens), "--device", args.device]
@@ -152,8 +168,8 @@ def measure(args) -> None:
     out = {"schema": "pipmm-mivpg-latency/1", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": " ".join(["python scripts/mivpg_table.py", *sys.argv[1:]]),
            "model": args.preset or "default_model (context raised to 4096 for these rows)", "device": describe(args.device),
-           "weights": "shipped default model; random-weight adapters (AdapterConfig defaults)" if args.preset is None
-           else f"random {args.preset} checkpoint and adapters", "prompt": PROMPT, "new_tokens": args.new_tokens,
+           "weights": "shipped default model; random-weight adapters (the shipped recipe's settings)" if args.preset is None
+           else f"random {args.preset} checkpoint and adapters", "adapter_set": args.adapter_set, "prompt": PROMPT, "new_tokens": args.new_tokens,
            "runs": args.runs, "intra_op_threads": args.threads or "onnxruntime's default",
            "load_average_1min": [round(v, 2) for v in load],
            "timing": "one process per frame count, the three modes' requests interleaved; memory: one fresh "
@@ -209,6 +225,8 @@ def main() -> None:
     m.add_argument("--runs", type=int, default=7)
     m.add_argument("--new-tokens", type=int, default=8)
     m.add_argument("--threads", type=int, default=None, help="PIPMM_THREADS for the runs (default: ONNX Runtime's)")
+    m.add_argument("--adapter-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an AdapterConfig field over the shipped recipe (frame_order=embedded + multiframe DEFAULTS)")
     for name in ("timing", "memory"):
         o = sub.add_parser(name)
         o.add_argument("bundles", nargs="+")

@@ -17,8 +17,8 @@ from test_tensorrt_ops import AXES_INPUT, TABLE
 D = 64  # the tiny checkpoints' LLM width
 SMALL = dict(d_model=32, heads=4, queries=6, frame_queries=4, csa_points=3, max_frames=5)
 PATCHES = 16  # a 4 x 4 patch grid for the cases that read where each token sits
-REGIONS = dict(positions="patch", shortcut="regions", num_patches=PATCHES)  # stage mv's recipe (multiframe.DEFAULTS)
-FRAME_REGIONS = dict(REGIONS, shortcut="frame_regions")  # the per-frame shortcut: slots shared out among the frames
+REGIONS = dict(positions="patch", shortcut="regions", num_patches=PATCHES)  # one region table for all the frames
+FRAME_REGIONS = dict(REGIONS, shortcut="frame_regions")  # slots shared out among the frames (multiframe.DEFAULTS)
 CASES = {"qformer": dict(mode="qformer"), "mivpg-induced": dict(mode="mivpg", csa="induced"),
          "mivpg-full": dict(mode="mivpg", csa="full"), "qformer-regions": dict(mode="qformer", **REGIONS),
          "mivpg-regions": dict(mode="mivpg", csa="induced", **REGIONS),

@@ -59,10 +59,10 @@ def test_the_stage_records_every_choice_and_freezes_the_rest(runs):
     from export.model.mivpg import FrameAdapter as Loaded
 
     trained = Loaded.load(runs / "mivpg")
-    # the recipe (multiframe.DEFAULTS): patch positions of the tiny 8 x 8 grid and the regions shortcut, which gives
+    # the recipe (multiframe.DEFAULTS): patch positions of the tiny 8 x 8 grid and the frame_regions shortcut, which gives
     # the tokens' mean itself: the stream's output is scaled to their std and starts at zero
-    assert (trained.config.positions, trained.config.shortcut, trained.config.num_patches) == ("patch", "regions", 64)
-    assert config["adapter_config"]["shortcut"] == "regions" and trained.config.output == "calibrated"
+    assert (trained.config.positions, trained.config.shortcut, trained.config.num_patches) == ("patch", "frame_regions", 64)
+    assert config["adapter_config"]["shortcut"] == "frame_regions" and trained.config.output == "calibrated"
     assert abs(float(trained.out_scale.mean()) - calibration["std_mean"]) < 0.05 * calibration["std_mean"]
     from safetensors.torch import load_file
 

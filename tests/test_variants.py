@@ -39,3 +39,24 @@ def test_assemble_refuses_a_variant_missing_weights(tmp_path):
     save_file(weights, str(part / WITHOUT_VISION))
     with pytest.raises(ValueError, match="lacks 1 tensors"):
         assemble_variant(base, part, tmp_path / "whole")
+
+
+def test_a_stage_mv_run_ships_its_adapter_in_bf16_and_loads_back(tmp_path):
+    from export.model.mivpg import FrameAdapter, random_adapter
+
+    run = build_tiny_llava(tmp_path / "run", seed=0)
+    adapter = random_adapter("mivpg", 64, seed=3, d_model=32, heads=4, queries=6, frame_queries=4, csa_points=3)
+    adapter.save(run)
+    part = split_variant(run, tmp_path / "part")
+    assert (part / WITHOUT_VISION).is_file()
+    stored = load_file(str(part / "adapter.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.bfloat16}
+    loaded = FrameAdapter.load(part)  # bf16 on disk, fp32 in the module: the values rounded to bf16
+    assert loaded.config == adapter.config
+    for key, value in adapter.state_dict().items():
+        got = loaded.state_dict()[key]
+        assert got.dtype == torch.float32 and torch.equal(got, value.bfloat16().float()), key
+
+    frozen = split_variant(run, tmp_path / "frozen", llm=False)  # a frozen-LLM run: the adapter and configs only
+    assert not (frozen / WITHOUT_VISION).exists() and (frozen / "adapter.safetensors").is_file()
+    assert (frozen / "config.json").is_file()

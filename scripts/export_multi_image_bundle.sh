@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A bundle for several frames from a shipped multi-image variant (docs/multi-image.md "The shipped adapter"):
+# the variant made whole with the default model's tower (or the default model itself when the variant's LLM
+# stayed frozen: it ships the adapter alone), exported at the run's own budget and positions (its
+# train_config.json), with its adapter graph for N_max frames. Needs the [export] extra (torch) once; the
+# bundle then runs torch-free.
+#
+#   bash scripts/export_multi_image_bundle.sh [VARIANT_DIR] [OUT_DIR] [N_MAX]
+#       # defaults: models/variants/mivpg mivpg-bundle 8
+#   pipmm describe head.png wrist.png rear.png --prompt "Which frame shows the red star?" --bundle mivpg-bundle
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variant="${1:-models/variants/mivpg}"
+out="${2:-mivpg-bundle}"
+n_max="${3:-8}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -f "$variant/adapter.json" ] || { echo "$variant has no adapter.json: not a multi-image variant" >&2; exit 2; }
+if [ -f "$variant/without_vision.safetensors" ]; then  # a tuned LLM: made whole with the default model's tower
+  ckpt="$(mktemp -d)/checkpoint"
+  python -c "from export.train.state import assemble_variant as a; a('models/default_model', '$variant', '$ckpt')"
+else
+  ckpt=models/default_model
+fi
+read -r budget positions < <(python -c "import json; c = json.load(open('$variant/train_config.json')); print(c['budget'], c['positions'])")
+python -m sdk.cli export "$ckpt" --prompt-mlp "$ckpt" --visual-tokens "$budget" --reducer prompt-topk \
+  --visual-positions "$positions" --out "$out" --overwrite --quiet
+python -m sdk.cli add-graphs "$out" --adapter "$variant" --n-max "$n_max" --overwrite
+echo "wrote $out: pipmm describe A.png B.png --prompt '...' --bundle $out"
