@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-max", type=int, default=None, help="frames per request at most (default: the adapter's "
                         "max_frames; concat 8)")
     parser.add_argument("--image-separator", default="\n", help="concat: text between two frames' placeholders")
+    parser.add_argument("--single-frame", default="adapter", choices=("adapter", "own"),
+                        help="--adapter: one frame through the adapter (as stage mv trains it) or as the bundle "
+                             "without it takes one (own K tokens; for an adapter trained beside a frozen LLM)")
 
 
 def referring_settings(pairs: list[str]) -> dict:
@@ -72,7 +75,7 @@ def run(args) -> int:
         if args.adapter and args.multi_image:
             raise ExportError("--adapter and --multi-image concat contradict each other: pass one")
         if args.adapter:
-            attach_adapter(args.bundle, args.adapter, args.n_max, args.overwrite, args.image_separator)
+            attach_adapter(args.bundle, args.adapter, args.n_max, args.overwrite, args.image_separator, args.single_frame)
         else:
             set_concat(args.bundle, args.n_max, args.image_separator)
         section = "adapter" if args.adapter else "concat settings"

@@ -27,9 +27,9 @@ ADAPTER_GRAPH = "adapter"
 
 
 def multi_image_section(adapter: FrameAdapter | None = None, n_max: int | None = None,
-                        separator: str = DEFAULT_SEPARATOR) -> MultiImage:
+                        separator: str = DEFAULT_SEPARATOR, single_frame: str = "adapter") -> MultiImage:
     """concat (adapter None) or the adapter's mode, with its recorded settings; n_max None: the adapter's
-    max_frames (concat: DEFAULT_N_MAX)."""
+    max_frames (concat: DEFAULT_N_MAX); single_frame: sdk/manifest_multi.py SINGLE_FRAME."""
     if n_max is not None and n_max < 1:
         raise ExportError(f"--n-max {n_max}: a bundle takes at least one frame")
     if adapter is None:
@@ -43,7 +43,7 @@ def multi_image_section(adapter: FrameAdapter | None = None, n_max: int | None =
                 "instances": "the vision graph's visual tokens of every frame (patch tokens; the T-CLS output "
                              "is not an instance)"}
     return MultiImage(mode=config.mode, n_max=n, tokens=config.queries, separator=separator, graph=ADAPTER_GRAPH,
-                      settings=settings)
+                      settings=settings, single_frame=single_frame)
 
 
 def _publish(bundle_dir: Path, manifest, moved: list[Path], **changes) -> Path:
@@ -54,7 +54,7 @@ def _publish(bundle_dir: Path, manifest, moved: list[Path], **changes) -> Path:
 
 
 def attach_adapter(bundle_dir, adapter, n_max: int | None = None, overwrite: bool = False,
-                   separator: str = DEFAULT_SEPARATOR) -> Path:
+                   separator: str = DEFAULT_SEPARATOR, single_frame: str = "adapter") -> Path:
     """Trace `adapter` (a FrameAdapter or its folder) for the bundle's shapes and add it with its section."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=True)
@@ -68,7 +68,7 @@ def attach_adapter(bundle_dir, adapter, n_max: int | None = None, overwrite: boo
     if adapter.config.needs_positions and adapter.config.num_patches != manifest.vision.num_patches:
         raise ExportError(f"the adapter reads patch positions of a {adapter.config.num_patches}-patch frame but this "
                           f"bundle's vision has {manifest.vision.num_patches} patches: it was trained for another model")
-    section = multi_image_section(adapter.float().eval(), n_max, separator)
+    section = multi_image_section(adapter.float().eval(), n_max, separator, single_frame)
     moved = []
     with tempfile.TemporaryDirectory(prefix=f".{bundle_dir.name}.adapter-", dir=bundle_dir.parent) as scratch:
         path = Path(scratch) / f"{ADAPTER_GRAPH}.onnx"

@@ -2,8 +2,9 @@
 # A bundle for several frames from a shipped multi-image variant (docs/multi-image.md "The shipped adapter"):
 # the variant made whole with the default model's tower (or the default model itself when the variant's LLM
 # stayed frozen: it ships the adapter alone), exported at the run's own budget and positions (its
-# train_config.json), with its adapter graph for N_max frames. Needs the [export] extra (torch) once; the
-# bundle then runs torch-free.
+# train_config.json), with its adapter graph for N_max frames; one frame goes through the adapter for a tuned
+# LLM, and as the default model takes it for a frozen one (SINGLE_FRAME=adapter|own overrides). Needs the
+# [export] extra (torch) once; the bundle then runs torch-free.
 #
 #   bash scripts/export_multi_image_bundle.sh [VARIANT_DIR] [OUT_DIR] [N_MAX]
 #       # defaults: models/variants/mivpg mivpg-bundle 8
@@ -18,11 +19,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -f "$variant/without_vision.safetensors" ]; then  # a tuned LLM: made whole with the default model's tower
   ckpt="$(mktemp -d)/checkpoint"
   python -c "from export.train.state import assemble_variant as a; a('models/default_model', '$variant', '$ckpt')"
-else
+  single=${SINGLE_FRAME:-adapter}  # as stage mv's one-frame batches trained it
+else  # the LLM stayed frozen: one frame is the default model's own request
   ckpt=models/default_model
+  single=${SINGLE_FRAME:-own}
 fi
 read -r budget positions < <(python -c "import json; c = json.load(open('$variant/train_config.json')); print(c['budget'], c['positions'])")
 python -m sdk.cli export "$ckpt" --prompt-mlp "$ckpt" --visual-tokens "$budget" --reducer prompt-topk \
   --visual-positions "$positions" --out "$out" --overwrite --quiet
-python -m sdk.cli add-graphs "$out" --adapter "$variant" --n-max "$n_max" --overwrite
+python -m sdk.cli add-graphs "$out" --adapter "$variant" --n-max "$n_max" --single-frame "$single" --overwrite
 echo "wrote $out: pipmm describe A.png B.png --prompt '...' --bundle $out"

@@ -136,9 +136,15 @@ export|eval|finish)
           --max-new-tokens 8 --quiet --json "$RUNS/eval-$row-${frames}f.json" | tail -n 8
     done
   fi
-  if [ "$phase" = finish ] && [ -d "$RUNS/bundle-$SHIP" ]; then  # forgetting: the single-frame families, 500
-    $CLI eval "$RUNS/bundle-$SHIP" --n 500 --split test --jobs 14 --device cpu --quiet \
-        --json "$RUNS/eval-$SHIP-single.json" | tail -n 12
+  if [ "$phase" = finish ] && [ -d "$RUNS/bundle-$SHIP" ]; then  # forgetting: the single-frame families, 500,
+    # through the adapter and (a copy with multi_image.single_frame "own") from the frame's own tokens
+    rm -rf "$RUNS/bundle-$SHIP-own" && cp -r "$RUNS/bundle-$SHIP" "$RUNS/bundle-$SHIP-own"
+    python3 -c "import json, sys; p = sys.argv[1] + '/manifest.json'; m = json.load(open(p))
+m['multi_image']['single_frame'] = 'own'; json.dump(m, open(p, 'w'))" "$RUNS/bundle-$SHIP-own"
+    for b in "$SHIP" "$SHIP-own"; do
+      $CLI eval "$RUNS/bundle-$b" --n 500 --split test --jobs 14 --device cpu --quiet \
+          --json "$RUNS/eval-$b-single.json" | tail -n 12
+    done
   fi
   pack
   ;;

@@ -390,7 +390,8 @@ class Conversation:
         t["vision_ms"] = (time.perf_counter() - stage) * 1000.0
 
         stage = time.perf_counter()  # the adapter's R tokens have no patch of their own: sequence positions
-        positions = None if pipeline.frames.pooled else pipeline.prefill_positions(len(ids), image_slots, vision)
+        pooled = pipeline.frames.pools(len(self.frames))
+        positions = None if pooled else pipeline.prefill_positions(len(ids), image_slots, vision)
         positions = np.arange(len(ids), dtype=np.int64) if positions is None else positions[0]
         whole = None
         if steering is not None:  # the energy reads the whole conversation's attention to the image

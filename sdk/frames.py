@@ -5,7 +5,8 @@ frames' visual tokens become the tokens the LLM sees (the manifest's multi_image
     prompt vector [1,D] (PIP-MM, one per request) --repeated--> [n,D]: every frame encoded with the prompt's T-CLS
     vision graph (batch n) -> visual tokens [n,K,D]
     concat:         [1, n*K, D] into n placeholders of the turn (separator between), frame after frame
-    qformer/mivpg:  padded to [1,N_max,K,D] with frame_mask [1,N_max] (1 = a frame, 0 = absent, zeros)
+    qformer/mivpg:  (one frame with single_frame "own": as concat, its own K tokens)
+                    padded to [1,N_max,K,D] with frame_mask [1,N_max] (1 = a frame, 0 = absent, zeros)
                     (+ frame_positions [1,N_max,K] int64 when the graph takes it: each token's patch index, the
                     vision graph's kept_patches, or i for token i of a reducer that keeps none)
                     -> the adapter graph -> [1,R,D] into one placeholder of R slots
@@ -133,31 +134,36 @@ class Frames:
                                   f"(multi_image {self.mode}, n_max {self.spec.n_max}): send fewer frames, or see "
                                   "docs/multi-image.md for bundles that take more")
 
-    def check_steering(self, steering) -> None:
+    def pools(self, count: int) -> bool:
+        """Whether a turn with `count` frames goes through the adapter (one frame may not: single_frame "own")."""
+        return self.pooled and not (count == 1 and self.spec.single_frame == "own")
+
+    def check_steering(self, steering, count: int = 1) -> None:
         """Energy referring steers one frame's own K visual tokens; an adapter bundle's LLM sees R pooled ones."""
-        if steering is not None and self.pooled:
+        if steering is not None and self.pools(count):
             raise BundleError(f"referring by energy steers a frame's own visual tokens, but this bundle pools frames "
                               f"with an adapter ({self.mode}): use referring='overlay'")
 
     def slots(self, count: int) -> int:
         """The image slots of a turn with `count` frames: what the LLM sees."""
-        return self.spec.tokens if self.pooled else count * self.per_frame
+        return self.spec.tokens if self.pools(count) else count * self.per_frame
 
     def prompt_ids(self, prompter, prompt: str, count: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (ids [T], image slots [L]) of a turn with `count` frames (sdk.prompting.Prompter.prompt_ids)."""
-        if self.pooled:  # one placeholder holding the adapter's R tokens, whatever the number of frames
+        if self.pools(count):  # one placeholder holding the adapter's R tokens, whatever the number of frames
             return prompter.prompt_ids(prompt, 1, slots=self.spec.tokens)
         return prompter.prompt_ids(prompt, count, self.spec.separator)
 
     def placeholders(self, count: int) -> int:
         """Image placeholders a turn with `count` frames renders: one per frame (concat), one for the adapter's R."""
-        return 1 if self.pooled else count
+        return 1 if self.pools(count) else count
 
     def conversation_ids(self, prompter, text: str, count: int) -> tuple[np.ndarray, np.ndarray]:
         """A rendered conversation whose image turn holds placeholders(count) -> (ids [T], image slots [L])."""
-        return prompter.conversation_ids(text, self.placeholders(count), self.spec.tokens if self.pooled else None)
+        return prompter.conversation_ids(text, self.placeholders(count), self.spec.tokens if self.pools(count) else None)
 
     def combine(self, backend, tokens: np.ndarray, kept: np.ndarray | None = None) -> np.ndarray:
         """The vision graph's tokens of the frames [n,K,D] (its kept_patches [n,K] or None) -> the turn's visual
         tokens [1,L,D]."""
-        return COMBINERS[self.mode](backend, tokens, self.spec, kept, self.positions)
+        mode = self.mode if self.pools(len(tokens)) else "concat"
+        return COMBINERS[mode](backend, tokens, self.spec, kept, self.positions)

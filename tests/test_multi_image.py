@@ -105,6 +105,28 @@ def test_frame_count_errors(adapter_bundle, bundles, tmp_path):
         concat.generate(frames(11), QUESTION)
 
 
+def test_single_frame_own_answers_one_frame_as_the_bundle_without_the_adapter(adapter_bundle, bundles, tmp_path):
+    """multi_image.single_frame "own": one frame is the plain bundle's request (its own 25 tokens at its positions,
+    no adapter), in generate and in a conversation; two frames still go through the adapter."""
+    source = bundles("llama", pipmm=True, budget="half", reducer="prompt-topk")
+    path = tmp_path / "own"
+    shutil.copytree(adapter_bundle("mivpg")[0], path)
+    edit_manifest(path, lambda m: m["multi_image"].update(single_frame="own"))
+    own, pooled, plain = (sdk.load(p, device="cpu") for p in (path, adapter_bundle("mivpg")[0], source))
+    image = frames(1, seed=5)[0]
+    one, want = (p.generate(image, QUESTION, max_new_tokens=NEW_TOKENS) for p in (own, plain))
+    assert one.token_ids == want.token_ids and one.visual_tokens == 25 and "adapter_ms" not in one.timings
+    assert pooled.generate(image, QUESTION, max_new_tokens=2).visual_tokens == 6  # the default: through the adapter
+    two = own.generate(frames(2), QUESTION, max_new_tokens=NEW_TOKENS)
+    assert two.token_ids == pooled.generate(frames(2), QUESTION, max_new_tokens=NEW_TOKENS).token_ids
+    assert two.visual_tokens == 6 and "adapter_ms" in two.timings
+    answers = [p.conversation(image).ask(QUESTION, max_new_tokens=NEW_TOKENS) for p in (own, plain)]
+    assert answers[0].token_ids == answers[1].token_ids and answers[0].visual_tokens == 25
+    with pytest.raises(BundleError, match="'single_frame' must be 'adapter' or 'own'"):
+        MultiImage.from_dict({"mode": "mivpg", "n_max": 4, "graph": "adapter", "tokens": 6, "single_frame": "first"},
+                             "m.json")
+
+
 def test_the_manifest_section_is_checked(adapter_bundle, tmp_path):
     with pytest.raises(BundleError, match="'graph' and 'tokens' must be given for mode 'mivpg'"):
         MultiImage.from_dict({"mode": "mivpg", "n_max": 4}, "m.json")
