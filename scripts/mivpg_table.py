@@ -13,7 +13,8 @@ patch positions) with its context raised to 4096 positions for these rows only (
 are the same, the LLM was never trained that long, so only time and memory are meaningful), or a PRESETS-shaped
 random checkpoint (export/synthetic.py; --preset). concat is that bundle as it is; qformer and mivpg are copies
 with random-weight adapters (export/model/mivpg.py) of the shipped recipe's settings (frame order embedded and
-export/train/multiframe.py DEFAULTS; --adapter-set overrides, as in `pipmm train`), N_max 8, attached. Each run is
+export/train/multiframe.py DEFAULTS; --adapter-set overrides, as in `pipmm train`), N_max 8, attached, one frame
+answered from its own tokens (multi_image.single_frame "own", as the shipped bundle). Each run is
 generate(frames, prompt, max_new_tokens=N, min_new_tokens=N, temperature=0) after one warm-up, the three modes'
 requests interleaved in one process per frame count (a changing load falls on all alike); reported: medians of
 ttft_ms and of the stages, the tokens the LLM saw, and the peak host RSS (and device memory on a GPU) of a fresh
@@ -90,7 +91,8 @@ def build(work: Path, preset: str | None, device: str, settings: dict, log=print
         if not (bundles[mode] / "adapter.onnx").is_file():
             shutil.rmtree(bundles[mode], ignore_errors=True)
             shutil.copytree(bundles["concat"], bundles[mode])
-            attach_adapter(bundles[mode], random_adapter(mode, seed=0, **shape, **settings), n_max=max(FRAMES))
+            attach_adapter(bundles[mode], random_adapter(mode, seed=0, **shape, **settings), n_max=max(FRAMES),
+                           single_frame="own")  # as scripts/export_multi_image_bundle.sh ships it
             log(f"attached a random {mode} adapter to {bundles[mode]}")
     return bundles
 
