@@ -29,17 +29,19 @@
 # model (context 512) the adapters keep half/patch (R + the question) and concat at N_max 4 takes quarter/sequence
 # (4 x 256 patch positions, or 4 x 128 tokens, do not fit beside the question).
 #
-# The lead's two calls for concat / qformer / mivpg (3 rows in parallel, 4 data workers each on the 16 cores):
-#   ROWS="concat qformer mivpg" bash scripts/gpu_mivpg.sh train 420      (then, same warm machine:)
-#   ROWS="concat qformer mivpg" bash scripts/gpu_mivpg.sh finish 4
+# The shipped variant's call (2026-12-03; 4 rows, 497 s). The tracked tree is 65.6 MiB and a call carries 64: for
+# the call, `rm -rf models/variants sdk/default_bundle` (not read here), then `git checkout -- models sdk/default_bundle`:
+#   ROWS="mivpg-fr qformer-fr mivpg-full-fr mivpg-frozen-fr" SHIP=mivpg-fr bash scripts/gpu_mivpg.sh train 390 && \
+#   ROWS="mivpg-fr qformer-fr mivpg-full-fr mivpg-frozen-fr" SHIP=mivpg-fr bash scripts/gpu_mivpg.sh finish 4
+# (train and finish in one command: the machine is given back 30 s after a call, and /tmp with it).
 # Recipe (export/train/multiframe.py DEFAULTS): adapter lr 1e-4 (1e-3 collapsed the pooled tokens to one
 # input-free vector: docs/multi-image.md), LLM at the same lr (--llm-lr-scale 1), the adapter's output calibrated
-# to the projector tokens' statistics before step 1, and (since the 2026-12-02 runs answered one frame's colour
-# at 0.30: their R tokens were one mean of the frame repeated) adapter settings positions=patch shortcut=regions:
-# each token's patch position, and slot r starting as the mean of the frame tokens in region r of an 8 x 8 grid
-# (scripts/mv_adapter_probe.py on CPU, docs/multi-image.md "Why the first adapters saw nothing"); the first runs'
-# adapters are --adapter-set positions=none --adapter-set shortcut=none. log.jsonl has the loss, each part's
-# gradient norm and the "spread" of the pooled tokens between questions (~1 healthy, ~0 collapsed).
+# to the projector tokens' statistics before step 1, and adapter settings positions=patch shortcut=frame_regions:
+# each token's patch position, and each present frame's own slots starting as its region means (the 2026-12-02
+# runs without them answered one frame's colour at 0.30; shortcut=regions, one table over all frames, left "which
+# frame" at chance: docs/multi-image.md); the first runs' adapters are --adapter-set positions=none --adapter-set
+# shortcut=none. log.jsonl has the loss, each part's gradient norm and the "spread" of the pooled tokens between
+# questions (~1 healthy, ~0 collapsed).
 # Results go to $OUT (what comes back: at most 8 files, each < 16 MiB): small.tar.gz (configs, log.jsonl and the
 # stdout logs of every row, eval JSONs; no weights), and the mivpg row's model.safetensors + adapter (to ship as
 # models/variants/mivpg).
