@@ -141,8 +141,8 @@ export|eval|finish)
   if [ "$phase" = finish ] && [ -d "$RUNS/bundle-$SHIP" ]; then  # forgetting: the single-frame families, 500,
     # through the adapter and (a copy with multi_image.single_frame "own") from the frame's own tokens
     rm -rf "$RUNS/bundle-$SHIP-own" && cp -r "$RUNS/bundle-$SHIP" "$RUNS/bundle-$SHIP-own"
-    python3 -c "import json, sys; p = sys.argv[1] + '/manifest.json'; m = json.load(open(p))
-m['multi_image']['single_frame'] = 'own'; json.dump(m, open(p, 'w'))" "$RUNS/bundle-$SHIP-own"
+    $CLI add-graphs "$RUNS/bundle-$SHIP-own" --adapter "$RUNS/mv-$SHIP" --single-frame own --overwrite \
+        --n-max "$(python3 -c "import json; print(json.load(open('$RUNS/mv-$SHIP/train_config.json'))['n_max'])")"
     for b in "$SHIP" "$SHIP-own"; do
       $CLI eval "$RUNS/bundle-$b" --n 500 --split test --jobs 14 --device cpu --quiet \
           --json "$RUNS/eval-$b-single.json" | tail -n 12

@@ -47,13 +47,9 @@ CONTEXT = 4096
 def adapter_settings(pairs: list[str]) -> dict:
     """The shipped recipe's AdapterConfig fields (frame order embedded + export/train/multiframe.py DEFAULTS),
     with KEY=VALUE overrides: what a trained adapter computes, so its latency is the one measured."""
-    from export.train.multiframe import DEFAULTS
+    from export.train import multiframe
 
-    settings = {"frame_order": "embedded", **DEFAULTS["adapter_settings"]}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        settings[key] = int(value) if value.lstrip("-").isdigit() else value
-    return settings
+    return multiframe.adapter_settings(pairs, {"frame_order": "embedded", **multiframe.DEFAULTS["adapter_settings"]})
 
 
 def build(work: Path, preset: str | None, device: str, settings: dict, log=print) -> dict[str, Path]:

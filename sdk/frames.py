@@ -138,9 +138,10 @@ class Frames:
         """Whether a turn with `count` frames goes through the adapter (one frame may not: single_frame "own")."""
         return self.pooled and not (count == 1 and self.spec.single_frame == "own")
 
-    def check_steering(self, steering, count: int = 1) -> None:
-        """Energy referring steers one frame's own K visual tokens; an adapter bundle's LLM sees R pooled ones."""
-        if steering is not None and self.pools(count):
+    def check_steering(self, steering) -> None:
+        """Energy referring steers one frame's own K visual tokens; an adapter bundle's LLM sees R pooled ones
+        (a single frame of a single_frame "own" bundle is its own tokens)."""
+        if steering is not None and self.pools(1):
             raise BundleError(f"referring by energy steers a frame's own visual tokens, but this bundle pools frames "
                               f"with an adapter ({self.mode}): use referring='overlay'")
 

@@ -264,7 +264,8 @@ class Pipeline:
         t["vision_ms"] = _ms(stage)
         stage = time.perf_counter()
         visual = self.frames.combine(self.backend, vision.visual_tokens, vision.kept_patches)  # [1, L, D]
-        if self.frames.pools(len(frames)):
+        pooled = self.frames.pools(len(frames))  # several frames through the adapter (sdk/frames.py)
+        if pooled:
             t["adapter_ms"] = _ms(stage)
         result.visual_tokens, result.frames = len(image_slots), len(frames)
 
@@ -272,7 +273,7 @@ class Pipeline:
         embeds = self.backend.embed(ids[None]).copy()
         embeds[0, image_slots] = visual[0].astype(embeds.dtype)
         # the adapter's R tokens have no patch of their own: sequence positions
-        positions = None if self.frames.pools(len(frames)) else self.prefill_positions(len(ids), image_slots, vision)
+        positions = None if pooled else self.prefill_positions(len(ids), image_slots, vision)
         if steering is not None:  # referring: the latent joins the image rows before prefill
             embeds = steering(embeds, image_slots, positions, vision)
             result.referring = steering.report.to_dict()

@@ -81,13 +81,19 @@ def add_arguments(p) -> None:
                         "one frame stays answered as before")
 
 
-def adapter_config(args, d_llm: int, num_patches: int) -> AdapterConfig:
-    settings = dict(DEFAULTS["adapter_settings"])
-    for pair in args.adapter_set:
+def adapter_settings(pairs: list[str], base: dict | None = None) -> dict:
+    """--adapter-set KEY=VALUE pairs over `base` (default: the recipe, DEFAULTS["adapter_settings"])."""
+    settings = dict(DEFAULTS["adapter_settings"] if base is None else base)
+    for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise MultiFrameTrainError(f"--adapter-set {pair!r}: write KEY=VALUE, e.g. csa=full")
         settings[key] = int(value) if value.lstrip("-").isdigit() else value
+    return settings
+
+
+def adapter_config(args, d_llm: int, num_patches: int) -> AdapterConfig:
+    settings = adapter_settings(args.adapter_set)
     known = set(AdapterConfig.__dataclass_fields__) - {"mode", "d_in", "max_frames", "num_patches"}
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -162,7 +162,6 @@ def _name_of(params: dict, p) -> str:
 # its configs, and is made whole again with the default model's tower.
 
 WITHOUT_VISION = "without_vision.safetensors"
-ADAPTER_WEIGHTS = "adapter.safetensors"  # export/model/mivpg.py WEIGHTS_FILE (not imported: state.py stays light)
 _VARIANT_FILES = ("config.json", "generation_config.json", "train_config.json", "log.jsonl", "prompt_mlp.json",
                   "prompt_mlp.safetensors", "chat_template.jinja")
 # besides WITHOUT_VISION; the prompt MLP only for PIP-MM variants, the template only for prompt-first ones
@@ -175,18 +174,20 @@ def split_variant(checkpoint: Path, out: Path, llm: bool = True) -> Path:
     ships no weights but the adapter (it runs beside the model it was trained from, unchanged)."""
     from safetensors.torch import load_file, save_file
 
+    from export.model.mivpg import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS
+
     checkpoint, out = Path(checkpoint), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = {}
-    for shard in sorted(checkpoint.glob("model*.safetensors")) if llm else ():
-        weights.update(load_file(str(shard)))
     if llm:
+        weights = {}
+        for shard in sorted(checkpoint.glob("model*.safetensors")):
+            weights.update(load_file(str(shard)))
         save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, str(out / WITHOUT_VISION),
                   metadata={"format": "pt"})
     if (checkpoint / ADAPTER_WEIGHTS).is_file():
         adapter = load_file(str(checkpoint / ADAPTER_WEIGHTS))
         save_file({k: v.bfloat16().contiguous() for k, v in adapter.items()}, str(out / ADAPTER_WEIGHTS))
-        shutil.copyfile(checkpoint / "adapter.json", out / "adapter.json")
+        shutil.copyfile(checkpoint / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
     for name in _VARIANT_FILES:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
