@@ -39,7 +39,8 @@
 #        on the CPU side: what a big0/big call brought back (FILES_DIR) -> DIR (default runs/big/s0), the
 #        directory the next call carries
 #   Flags of big0/big: $DEVICE (auto; cpu for a smoke run), $BATCH (256), $W (data workers, 14), $LR (8e-4),
-#   $WARMUP (300), $PARA (paraphrase fraction, 0.5), $EXTRA0 (more train flags, big0 only). A portable copy is
+#   $WARMUP (300), $PARA (paraphrase fraction, 0.5), $PACK (1: --pack-questions, a scene's questions in one
+#   sequence after its image; 0: a row a question), $EXTRA0 (more train flags, big0 only). A portable copy is
 #   the run's bf16 model shards (< 15 MiB each; m20: 3 of them) + big-small.tar.gz (configs, tokenizer, log,
 #   trainer_state.json, trainer_extra.safetensors), no optimizer state: 38 MB for m20, which a call carries
 #   beside the tree once models/ and sdk/default_bundle are removed from the working tree for that call.
@@ -208,7 +209,7 @@ big0)
   rm -rf "$RUNS/big"
   $T --stage 0 --arch "${ARCH:-m20}" --out "$RUNS/big" --steps 10000000 --time-budget "${2:-4000}" \
      --stop-after-seconds "${3:-480}" --warmup "${WARMUP:-300}" --batch-size "${BATCH:-256}" --lr "${LR:-8e-4}" \
-     --paraphrase-fraction "${PARA:-0.5}" $BIG $EXTRA0
+     --paraphrase-fraction "${PARA:-0.5}" $([ "${PACK:-1}" = 1 ] && echo --pack-questions) $BIG $EXTRA0
   pack_portable
   ;;
 big)

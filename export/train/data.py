@@ -202,11 +202,47 @@ def text_tensors(encoded: list[tuple[list[int], list[int], list[int]]], pad: int
     }
 
 
+def pack_scene(encoded: list[tuple[list[int], list[int], list[int]]], image_token: int) -> tuple[list[int], ...]:
+    """One scene's questions [encode_example(...)] -> one packed row (ids, positions, segments, targets).
+
+    The image is encoded once: the row is the shared prefix up to the last image slot, then every question's
+    rest (question, answer, EOS) one after another, each starting at the position the prefix ends at:
+
+        ids       [<s> U S E R : Ġ <image>*K | Ċ What ... ASSISTANT : Ġred </s> | Ċ How ... Ġ3 </s> | ...]
+        positions [0 ...                P-1 | P P+1 ...                       | P P+1 ...          | ...]
+        segments  [0 ...                  0 | 1 ...                           | 2 ...              | ...]
+
+    A token of segment i > 0 attends to the prefix and causally to segment i (model.packed_attention_mask), so
+    each question sees exactly the tokens and positions of its own unpacked sequence. targets[t] is the token
+    that position t predicts within its segment (the label of the next token, IGNORE at a segment's end).
+    """
+    ids0 = encoded[0][0]
+    prefix = len(ids0) - ids0[::-1].index(image_token)  # just after the last image slot
+    ids, positions, segments = list(ids0[:prefix]), list(range(prefix)), [0] * prefix
+    targets = [IGNORE] * prefix  # the prefix's last token would predict a question's first token: never scored
+    for i, (row, labels, _) in enumerate(encoded, 1):
+        if row[:prefix] != ids0[:prefix] or any(t != IGNORE for t in labels[:prefix + 1]):
+            raise ValueError("packing needs questions that share the prefix up to the image and ask after it")
+        ids += row[prefix:]
+        positions += range(prefix, len(row))
+        segments += [i] * (len(row) - prefix)
+        targets += labels[prefix + 1:] + [IGNORE]
+    return ids, positions, segments, targets
+
+
+def packed_tensors(rows: list[tuple[list[int], ...]], pad: int) -> dict:
+    """[pack_scene(...)] -> right-padded [S,L] tensors; pads are segment -1."""
+    ids, positions, segments, targets = (list(column) for column in zip(*rows))
+    return {"packed_ids": pad_rows(ids, pad), "packed_positions": pad_rows(positions, 0),
+            "packed_segments": pad_rows(segments, -1), "packed_targets": pad_rows(targets, IGNORE)}
+
+
 def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessing: dict, grid: int,
-                   families=scenes.FAMILIES) -> dict:
-    """[(scene, [Question])] -> one batch dict of tensors (see SceneBatches)."""
+                   families=scenes.FAMILIES, pack: bool = False) -> dict:
+    """[(scene, [Question])] -> one batch dict of tensors (see SceneBatches); pack: one packed row a scene
+    (pack_scene) instead of a row a question (stage 0's language-model loss reads only these)."""
     pixels, encoded, scene_index, grounding, family = [], [], [], [], []
-    classes = []
+    classes, packed = [], []
     for s, (scene, questions) in enumerate(items):
         pixels.append(preprocess(scene.image, preprocessing)[0])
         classes.append(patch_targets(scene, grid))
@@ -215,10 +251,14 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
             scene_index.append(s)
             grounding.append(relevant_patches(scene, q, grid))
             family.append(families.index(q.family) if q.family in families else -1)
+        if pack:
+            packed.append(pack_scene(encoded[-len(questions):], int(spec.special["image"])))
     pad = int(spec.special["pad"])
+    # input_ids, labels [Q,T], encoder_ids [Q,Te], encoder_lengths [Q]; packed: packed_ids ... packed_targets [S,L]
+    text = packed_tensors(packed, pad) if pack else text_tensors(encoded, pad)
     return {
         "pixel_values": torch.from_numpy(np.stack(pixels)),                       # [S,3,H,W] float32
-        **text_tensors(encoded, pad),  # input_ids, labels [Q,T], encoder_ids [Q,Te], encoder_lengths [Q]
+        **text,
         "scene_index": torch.tensor(scene_index, dtype=torch.int64),              # [Q] -> row of pixel_values
         "grounding": torch.from_numpy(np.stack(grounding)),                       # [Q,N] bool
         "family": torch.tensor(family, dtype=torch.int64),                        # [Q] index into FAMILIES
@@ -271,9 +311,10 @@ class SceneBatches(IndexedBatches):
 
     def __init__(self, spec: SequenceSpec, preprocessing: dict, scenes_per_batch: int, image_size: int, grid: int,
                  seed_offset: int = 0, start: int = 0, split: str = "train", families=None,
-                 instruction_fraction: float = 0.0, paraphrase_fraction: float = 0.0):
+                 instruction_fraction: float = 0.0, paraphrase_fraction: float = 0.0, pack: bool = False):
         super().__init__()
         self.instruction_fraction, self.paraphrase_fraction = instruction_fraction, paraphrase_fraction
+        self.pack = pack  # one packed row a scene (pack_scene)
         self.spec, self.preprocessing, self.grid = spec, preprocessing, grid
         self.scenes_per_batch, self.image_size = scenes_per_batch, image_size
         self.seed_offset, self.start, self.split = seed_offset, start, split
@@ -285,7 +326,7 @@ class SceneBatches(IndexedBatches):
         items = scene_items(self.split, first, self.scenes_per_batch, self.image_size, self.families,
                             instruction_fraction=self.instruction_fraction,
                             paraphrase_fraction=self.paraphrase_fraction)
-        return collate_scenes(items, self.spec, prompter, self.preprocessing, self.grid)
+        return collate_scenes(items, self.spec, prompter, self.preprocessing, self.grid, pack=self.pack)
 
 
 

@@ -226,14 +226,46 @@ def kept_position_ids(input_ids: torch.Tensor, image_token: int, kept: torch.Ten
     return torch.where(slots, places - j + patch, places)
 
 
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[S,1,L,L] bool (True = attend) for packed rows (data.pack_scene), segments [S,L]: 0 = the shared prefix,
+    i > 0 = question i, -1 = pad. Causal, and a token of question i reads the prefix and question i only; a pad
+    reads the prefix and itself (never scored, but a row of all False would give NaN). transformers passes a 4-D
+    mask through unchanged (masking_utils: "already 4D ... return as-is") to SDPA, where True means attend."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)  # [S,L(query),L(key)]
+    return (same & causal).unsqueeze(1)
+
+
+def _packed_lm_loss(model, batch: dict, scene_tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Answer cross-entropy of packed rows (one a scene, data.pack_scene) -> (mean loss, answer tokens)."""
+    embeds = embed_sequence(model, batch["packed_ids"], scene_tokens)  # [S,L,D], one image a row
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False, position_ids=batch["packed_positions"],
+                                        attention_mask=packed_attention_mask(batch["packed_segments"])).last_hidden_state
+    targets = batch["packed_targets"]
+    keep = targets != IGNORE  # position t predicts targets[t], its segment's next token
+    return F.cross_entropy(model.lm_head(hidden[keep]).float(), targets[keep]), int(keep.sum())
+
+
 def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
                  frozen_llm_for_prompt: bool = True, aux_head: torch.nn.Module | None = None,
                  aux_weight: float = 0.0, reduced: tuple | None = None, patch_positions: bool = False) -> dict:
     """Next-token cross-entropy on the answer tokens (+ EOS); optionally the grounding term:
     -log(attention mass T-CLS puts on the patches of the objects the question names), and (stage 0)
     the auxiliary patch-classification term of aux_patch_loss on the full-budget visual tokens, and
-    (stage 0, reduced = (fraction, budgets, generator)) answers from reduced sets (sample_keep)."""
+    (stage 0, reduced = (fraction, budgets, generator)) answers from reduced sets (sample_keep). A packed batch
+    (data.pack_scene: stage 0, the plain model at full budget) runs the language model once a scene."""
     aux = None
+    if "packed_ids" in batch:
+        if vision.prompt_mlp is not None or reduced is not None or patch_positions or grounding_weight > 0:
+            raise ValueError("packed questions are a stage-0 setting: the plain model, all visual tokens")
+        scene_tokens = vision(batch["pixel_values"], None)[0]  # [S,N,D]
+        lm_loss, answers = _packed_lm_loss(model, batch, scene_tokens)
+        out = {"lm_loss": lm_loss, "answer_tokens": answers, "loss": lm_loss}
+        if aux_head is not None and aux_weight > 0:
+            out["aux_loss"] = aux_patch_loss(aux_head, scene_tokens, batch["patch_classes"], batch["patch_chars"])
+            out["loss"] = lm_loss + aux_weight * out["aux_loss"]
+        return out
     if aux_head is not None and aux_weight > 0:
         if vision.prompt_mlp is not None or vision.config.num_tokens != vision.config.grid ** 2:
             raise ValueError("the auxiliary patch loss needs the plain model at full budget (stage 0)")

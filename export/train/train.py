@@ -209,6 +209,7 @@ def _config(args, arch, model, mlp, vision, trainable, parent, resolved: dict) -
         "aux_patch_weight": _aux_weight(args),
         "reduced_fraction": args.reduced_fraction if args.stage == 0 else 0.0,
         "reduced_budgets": list(args.reduced_budgets) if args.stage == 0 and args.reduced_fraction > 0 else None,
+        "pack_questions": bool(args.pack_questions),
         "train_llm": bool(args.train_llm),
         "template": _template(args, parent),  # export/train/templates.py; the export reads DIR/chat_template.jinja
         "chat_template": {k: getattr(TEMPLATES[_template(args, parent)].chat, k) for k in ("prompt", "prompt_encoder")},
@@ -290,6 +291,10 @@ def run(args) -> int:
         args.paraphrase_fraction = 0.0
     if args.reduced_fraction is None:
         args.reduced_fraction = 0.0
+    args.pack_questions = bool(args.pack_questions)
+    if args.pack_questions and (args.stage != 0 or args.reduced_fraction > 0):
+        raise TrainError("--pack-questions is a stage-0 setting without --reduced-fraction (a reduced question "
+                         "reads its own subset of the image, at its own positions)")
     if not 0 <= args.paraphrase_fraction <= 1:
         raise TrainError(f"--paraphrase-fraction {args.paraphrase_fraction} is outside 0-1")
     if not 0 <= args.instruction_fraction <= 1:
@@ -349,7 +354,9 @@ def run(args) -> int:
     offset = args.data_offset if args.data_offset is not None else DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
     data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start,
                         split=SCENE_MIXES[args.scene_mix], instruction_fraction=args.instruction_fraction,
-                        paraphrase_fraction=args.paraphrase_fraction)
+                        paraphrase_fraction=args.paraphrase_fraction, pack=args.pack_questions)
+    if args.pack_questions and TEMPLATES[template].prompt_first:
+        raise TrainError("--pack-questions needs the image before the question (not the prompt-first template)")
     resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,
                 "batch_size": batch_size, "scenes_per_batch": scenes_per_batch, "lr": lr, "warmup": warmup,
                 "data_offset": offset, "workers": workers, "device": str(device), "resumes": resumes}
@@ -430,7 +437,7 @@ def run(args) -> int:
             resolved.update(steps=total_steps)
         if step % args.log_every == 0 or step == total_steps:
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm),
-                      "questions": int(batch["input_ids"].shape[0]), "seconds": round(elapsed(), 2),
+                      "questions": int(batch["scene_index"].shape[0]), "seconds": round(elapsed(), 2),
                       "data_wait_s": round(data_wait, 2),
                       **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}}
             log.write(json.dumps(record) + "\n")

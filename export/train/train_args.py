@@ -55,6 +55,10 @@ def add_arguments(parser) -> None:
     p.add_argument("--reduced-fraction", type=float, default=None,
                    help="stage 0: fraction of questions trained on a reduced visual-token set (their objects' "
                         "patches + random others; see model.sample_keep; default 0; a --resume keeps the run's)")
+    p.add_argument("--pack-questions", action="store_const", const=True, default=None,
+                   help="stage 0: one sequence a scene, the image once and each question after it attending to the "
+                        "image and itself (data.pack_scene; the same loss as a row a question, ~4x fewer LLM tokens; "
+                        "not with --reduced-fraction or the prompt-first template; a --resume keeps the run's)")
     p.add_argument("--reduced-budgets", nargs="+", default=["half", "quarter"],
                    help="stage 0: the budgets those reduced sets are drawn from")
     p.add_argument("--tokenizer-scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
