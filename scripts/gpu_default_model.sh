@@ -17,10 +17,12 @@
 #        reworded with probability PARA (default 0.5, export/tasks/paraphrase.py), then the GPU eval of the result
 #        on the test / phrasing / style / classic splits (2000 questions each) -> $RUNS/c2, $RUNS/evals ($W2: data
 #        workers, default 14)
-#   [PATCH=1] [INSTR=F] [MERGE=1] [S0=DIR] bash scripts/gpu_default_model.sh finetune
+#   [PATCH=1] [INSTR=F] [PARA=F] [SEEDS="0 1 2"] [EVALS=0] [MERGE=1] [S0=DIR] bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
 #        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
-#        INSTR=F: stages 1-2 and the baseline with --instruction-fraction F; MERGE=1: also seed 0's
+#        INSTR=F: stages 1-2 and the baseline with --instruction-fraction F, PARA=F with --paraphrase-fraction F;
+#        SEEDS: the seeds trained; EVALS=0: no GPU evals, pip0 and plain0 come back at once; W2: data workers
+#        of each run (2); MERGE=1: also seed 0's
 #        stage 2 with the merge reducer at quarter budget, as merge0; SEQ=1 with PATCH=1: also seed 0's
 #        stage 2 with sequence positions, as pipseq0; PF=1: also seed 0's stages 1-2 with the
 #        prompt-first template (--template prompt-first), as pf0; PL=L: also seed 0's stages 1-2 with
@@ -131,7 +133,8 @@ cont2)
 finetune)
   # PIP-MM stage 1 (prompt MLP alone, full budget) then stage 2 (MLP + projector + LLM at half,
   # prompt-topk); the plain baseline gets the same stage-2 fine-tune (projector + LLM at half, pool).
-  P="--batch-size 128 --warmup 30 --workers 2 --val-scenes 0 --quiet --log-every 20 --instruction-fraction ${INSTR:-0}"
+  P="--batch-size 128 --warmup 30 --workers ${W2:-2} --val-scenes 0 --quiet --log-every 20 --instruction-fraction ${INSTR:-0}"
+  P="$P --paraphrase-fraction ${PARA:-0}"
   S0=${S0:-$RUNS/s0}
   G=${GROUNDING:-0.25}
   # PATCH=1: PIP-MM's stage 2 with the kept tokens at their patch positions (export those runs with
@@ -164,14 +167,17 @@ finetune)
   }
   for s in 0 1 2; do rm -rf "$RUNS/pip$s" "$RUNS/pip$s-s1" "$RUNS/plain$s"; done
   rm -rf "$RUNS/merge0" "$RUNS/pipseq0" "$RUNS/pf0" "$RUNS/pf0-s1" "$RUNS/pl0" "$RUNS/pl0-s1"
-  for s in 0 1 2; do chain $s pip$s > "$RUNS/pip$s.log" 2>&1 & done
+  for s in ${SEEDS:-0 1 2}; do chain $s pip$s > "$RUNS/pip$s.log" 2>&1 & done
   [ "${PF:-0}" = 1 ] && { prompt_first > "$RUNS/pf0.log" 2>&1 & }
   [ -n "${PL:-}" ] && { { $T --stage 1 --init "$S0" --out "$RUNS/pl0-s1" --seed 0 --steps 100000 --prompt-layer "$PL" \
        --time-budget "${S1:-120}" --lr 1e-3 --grounding-weight "$G" $P && \
      stage2 0 "$RUNS/pl0-s1" "$RUNS/pl0" --budget half --reducer prompt-topk $PP; } > "$RUNS/pl0.log" 2>&1 & }
-  for s in 0 1 2; do plain $s > "$RUNS/plain$s.log" 2>&1 & done
+  for s in ${SEEDS:-0 1 2}; do plain $s > "$RUNS/plain$s.log" 2>&1 & done
   wait
   tail -n 2 "$RUNS"/*.log
+  if [ "${EVALS:-1}" = 0 ]; then  # the evals run elsewhere (e.g. pipmm eval through the SDK on the CPU side)
+    pack pip0/model.safetensors plain0/model.safetensors; echo "phase $phase done"; exit 0
+  fi
   mkdir -p "$RUNS/evals"
   E="python3 -m sdk.cli eval --quiet --batch-size 250 --device cuda --split val --n 2000"
   O="--families color shape position"
