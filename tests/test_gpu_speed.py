@@ -76,3 +76,20 @@ def test_export_steps_are_checked(capsys):
     with pytest.raises(SystemExit):
         gpu_speed.main(["--export", "checkpoint;float+bogus", "--rounds", "0"])
     assert "unknown export stages bogus" in capsys.readouterr().err
+
+
+def test_the_chart_draws_every_measured_variant(tmp_path):
+    import gpu_speed_chart
+
+    pytest.importorskip("matplotlib")
+    doc = {"preset": "p", "device": "cuda", "time": "2026-12-03T00:00:00Z",
+           "config": {"new_tokens": 4, "rounds": 1, "runs": 1},
+           "variants": {"fused": {"median": {"preprocess_ms": 1.0, "vision_ms": 2.0, "prefill_ms": 3.0, "ttft_ms": 6.2,
+                                             "decode_tokens_per_s": 100.0}},
+                        "genai": {"median": {"ttft_ms": 2.0, "prefill_ms": 2.0, "decode_tokens_per_s": 120.0}},
+                        "genai-int4": {"rounds": [{"error": "no model"}]}}}
+    assert [name for name, _ in gpu_speed_chart.rows(doc)] == ["fused", "genai"]
+    png = gpu_speed_chart.chart(doc, tmp_path / "speed.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no measured variant"):
+        gpu_speed_chart.chart({**doc, "variants": {"genai-int4": doc["variants"]["genai-int4"]}}, tmp_path / "x.png")
