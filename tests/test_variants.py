@@ -30,6 +30,21 @@ def test_split_then_assemble_gives_back_the_variant_with_the_base_tower(tmp_path
     assert any(not torch.equal(want_base[k], want_variant[k]) for k in got if "vision_tower" in k)  # seeds differ
 
 
+def test_a_sharded_base_gives_the_same_whole(tmp_path):
+    """m20's checkpoints come in shards (model-0000k-of-0000n.safetensors): the tower is read from all of them."""
+    base = build_tiny_llava(tmp_path / "base", seed=0)
+    part = split_variant(build_tiny_llava(tmp_path / "variant", seed=1), tmp_path / "part")
+    want = assemble_variant(base, part, tmp_path / "whole")
+    weights = load_file(str(base / "model.safetensors"))
+    names = sorted(weights)
+    (base / "model.safetensors").unlink()
+    for i, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        save_file({k: weights[k] for k in chunk}, str(base / f"model-0000{i}-of-00002.safetensors"))
+    got = load_file(str(assemble_variant(base, part, tmp_path / "sharded") / "model.safetensors"))
+    expected = load_file(str(want / "model.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_assemble_refuses_a_variant_missing_weights(tmp_path):
     base = build_tiny_llava(tmp_path / "base", seed=0)
     part = split_variant(base, tmp_path / "part")

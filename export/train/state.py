@@ -195,14 +195,19 @@ def split_variant(checkpoint: Path, out: Path, llm: bool = True) -> Path:
 
 
 def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
-    """A whole checkpoint directory in out: base's vision tower and assets + variant's other weights."""
+    """A whole checkpoint directory in out (one model.safetensors): base's vision tower and assets (base: one file
+    or shards) + variant's other weights."""
     from safetensors.torch import load_file, save_file
 
     base, variant, out = Path(base), Path(variant), Path(out)
     if (out / "model.safetensors").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tower = load_file(str(base / "model.safetensors"))
+    tower = {}
+    for shard in sorted(base.glob("model*.safetensors")):  # one file, or a sharded checkpoint's shards
+        tower.update(load_file(str(shard)))
+    if not tower:
+        raise ValueError(f"{base} has no model*.safetensors")
     rest = load_file(str(variant / WITHOUT_VISION))
     missing = [k for k in tower if "vision_tower" not in k and k not in rest]
     if missing:
