@@ -39,6 +39,9 @@ def add_arguments(parser) -> None:
                    help="weight-only block size along K (power of two >= 16; default 32)")
     q.add_argument("--int8-decoder", default=None, choices=["static", "weight-only"],
                    help="int8 decoder: static QDQ (TensorRT) or weight-only MatMulNBits (ONNX Runtime; default)")
+    q.add_argument("--int8-vision", action="store_const", const=True, default=None,
+                   help="with --precision fp16: the vision graph in static int8 (about half an fp16 bundle's size "
+                        "for a small model; the decoder stays fp16, so --controlmllm and decoder_fused still fit)")
     q.add_argument("--keep-fp32-ops", nargs="+", default=None, metavar="OP",
                    help="op types kept in float, plus lm_head, attention (MatMuls of two activations) and "
                         "prompt_mlp; "
@@ -61,7 +64,8 @@ def run(args) -> int:
     from export.writer import export_bundle
 
     given = {"calibration_set": args.calibration, "calibration_size": args.calibration_size,
-             "block_size": args.block_size, "int8_decoder": args.int8_decoder, "keep_fp32_ops": args.keep_fp32_ops}
+             "block_size": args.block_size, "int8_decoder": args.int8_decoder, "keep_fp32_ops": args.keep_fp32_ops,
+             "int8_vision": args.int8_vision}
     options = {k: v for k, v in given.items() if v is not None}
     graphs = tuple(dict.fromkeys(list(args.graph or []) + (["energy_grad"] if args.controlmllm else [])))
     if args.referring_set and "energy_grad" not in graphs:

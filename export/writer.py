@@ -149,7 +149,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, prompt_mlp: s
                   precision: str = "fp32", visual_positions: str | None = None, reducer_options: dict | None = None,
                   cmai: dict | None = None, **quantize_options) -> Path:
     """quantize_options (precision other than fp32): calibration_set, calibration_size, block_size,
-    int8_decoder, keep_fp32_ops; see export.precision.quantize.quantize_bundle."""
+    int8_decoder, keep_fp32_ops, int8_vision; see export.precision.quantize.quantize_bundle."""
     out_dir = Path(out_dir)
     if precision != "fp32":
         return _export_quantized(checkpoint_dir, out_dir, precision, quantize_options, overwrite, progress,
@@ -196,8 +196,9 @@ def _export_quantized(checkpoint_dir, out_dir: Path, precision: str, options: di
     refuse_existing(out_dir, overwrite)
     quantize.check_options(precision, options.get("block_size", quantize.DEFAULT_BLOCK_SIZE),
                            options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER), options.get("keep_fp32_ops"),
-                           options.get("calibration_set"))
-    if quantize.needs_calibration(precision, options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER)):
+                           options.get("calibration_set"), options.get("int8_vision", False))
+    if quantize.needs_calibration(precision, options.get("int8_decoder", quantize.DEFAULT_INT8_DECODER),
+                                  options.get("int8_vision", False)):
         options["pairs"] = calibration.load_pairs(options.pop("calibration_set", None),
                                                   options.pop("calibration_size", calibration.DEFAULT_SIZE))
     out_dir.parent.mkdir(parents=True, exist_ok=True)

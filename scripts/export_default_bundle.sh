@@ -4,7 +4,10 @@
 # half), energy_grad for referring (docs/referring.md) and decoder_fused sharing the decoder's weights in decoder.onnx.data,
 # with the referring settings chosen for this model on test scenes below index 100.
 #
-#   bash scripts/export_default_bundle.sh [CHECKPOINT_DIR] [OUT_DIR]     # defaults: models/default_model sdk/default_bundle
+#   [PRECISION=fp16 INT8_VISION=1] bash scripts/export_default_bundle.sh [CHECKPOINT_DIR] [OUT_DIR]
+#   defaults: models/default_model sdk/default_bundle, fp32 (r11). m20's FP32 bundle is 73 MB and its FP16 one 43 MB,
+#   over issue 19's 40 MB; an int8 decoder cannot lend energy_grad and decoder_fused its weights, so m20 ships fp16
+#   with the vision graph in static int8 (--int8-vision, docs/precision.md)
 #
 # After a retrain, re-check the referring settings (scripts/referring_table.py --first 0 --n 24 on a copy
 # exported with other --referring-set values) and then the table (--first 100 --n 60).
@@ -16,7 +19,7 @@ PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m sdk.cli export "$ckpt" --
   --visual-tokens half --reducer prompt-topk --visual-positions patch \
   --controlmllm --referring-set controlmllm.lr=100 --referring-set controlmllm.stop_ratio=0.5 \
   --referring-set controlmllm++.lr=1.5 \
-  --out "$out" --overwrite --quiet
+  --precision "${PRECISION:-fp32}" $([ "${INT8_VISION:-0}" = 1 ] && echo --int8-vision) --out "$out" --overwrite --quiet
 # decoder_fused (the CPU's default flavour, docs/gpu.md): its float weights are the decoder's, shared in
 # decoder.onnx.data, so it adds 0.16 MB, not another 10 MB
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m sdk.cli add-graphs "$out" --checkpoint "$ckpt" --graph decoder_fused
@@ -25,5 +28,5 @@ import sys
 from pathlib import Path
 mb = lambda d: sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file()) / 1e6
 ckpt, out = mb(sys.argv[1]), mb(sys.argv[2])
-print(f"bundle {out:.2f} MB + checkpoint {ckpt:.2f} MB = {out + ckpt:.2f} MB (budget 40)")
+print(f"bundle {out:.2f} MB (issue 19: <= 40), checkpoint {ckpt:.2f} MB (<= 60)")
 PY

@@ -385,7 +385,9 @@ METHODS = {"fp16": to_fp16, "int8-static": int8_static, "int8-gather": int8_gath
 
 # ----------------------------------------------------------------------------- bundle
 
-def plan(precision: str, int8_decoder: str = DEFAULT_INT8_DECODER) -> dict[str, str]:
+def plan(precision: str, int8_decoder: str = DEFAULT_INT8_DECODER, int8_vision: bool = False) -> dict[str, str]:
+    """graph -> method. int8_vision: an fp16 bundle whose vision graph is static int8 (the ViT is most of a small
+    model's weights; the decoder stays fp16, so optional graphs that borrow its weights can still be added)."""
     if precision not in PLANS:
         raise PrecisionError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if int8_decoder not in INT8_DECODER:
@@ -393,15 +395,22 @@ def plan(precision: str, int8_decoder: str = DEFAULT_INT8_DECODER) -> dict[str, 
     chosen = dict(PLANS[precision])
     if chosen["decoder"] is None:
         chosen["decoder"] = f"int8-{int8_decoder}"
+    if int8_vision:
+        if precision != "fp16":
+            raise PrecisionError(f"--int8-vision is an fp16 bundle's option (a {precision} bundle's vision graph is "
+                                 f"{chosen['vision']} already)")
+        chosen["vision"] = "int8-static"
     return chosen
 
 
 def check_options(precision: str, block_size: int = DEFAULT_BLOCK_SIZE, int8_decoder: str = DEFAULT_INT8_DECODER,
-                  keep_fp32_ops=None, calibration_set=None) -> tuple[dict, tuple[str, ...]]:
+                  keep_fp32_ops=None, calibration_set=None, int8_vision: bool = False) -> tuple[dict, tuple[str, ...]]:
     """(graph -> method, keep list) or PrecisionError, before anything is exported or written."""
     if precision == "fp32":
+        if int8_vision:
+            raise PrecisionError("--int8-vision is an fp16 bundle's option: add --precision fp16")
         return {}, ()
-    methods = plan(precision, int8_decoder)
+    methods = plan(precision, int8_decoder, int8_vision)
     if calibration_set is not None and "int8-static" not in methods.values():
         raise PrecisionError(f"--calibration applies to static int8 graphs and a {precision} bundle has "
                              "no static int8 graph: leave it out")
@@ -413,17 +422,17 @@ def check_options(precision: str, block_size: int = DEFAULT_BLOCK_SIZE, int8_dec
     return methods, tuple(keep)
 
 
-def needs_calibration(precision: str, int8_decoder: str = DEFAULT_INT8_DECODER) -> bool:
-    return precision != "fp32" and "int8-static" in plan(precision, int8_decoder).values()
+def needs_calibration(precision: str, int8_decoder: str = DEFAULT_INT8_DECODER, int8_vision: bool = False) -> bool:
+    return precision != "fp32" and "int8-static" in plan(precision, int8_decoder, int8_vision).values()
 
 
 def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibration_set=None,
                     calibration_size: int = calibration.DEFAULT_SIZE, block_size: int = DEFAULT_BLOCK_SIZE,
                     int8_decoder: str = DEFAULT_INT8_DECODER, keep_fp32_ops=None, overwrite: bool = False,
-                    progress: bool = True, pairs=None) -> Path:
+                    progress: bool = True, pairs=None, int8_vision: bool = False) -> Path:
     """Write `out_dir`, the FP32 bundle `src` at `precision`. `pairs` = calibration.load_pairs(...) if already read."""
     src, out_dir = Path(src), Path(out_dir)
-    methods, keep = check_options(precision, block_size, int8_decoder, keep_fp32_ops, calibration_set)
+    methods, keep = check_options(precision, block_size, int8_decoder, keep_fp32_ops, calibration_set, int8_vision)
     if precision == "fp32":
         raise PrecisionError("quantize_bundle makes fp16, int8 or int4 bundles; an fp32 bundle is `pipmm export`'s")
     refuse_existing(out_dir, overwrite)
@@ -453,7 +462,11 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, precision: str, calibr
                 continue
             src_path, dst_path = source.graph_path(name), stage.directory / spec.file
             start = time.perf_counter()
-            info = METHODS[method](name, src_path, dst_path, ctx)
+            # a graph at another precision than the bundle's (--int8-vision) keeps that precision's default ops
+            # in float unless --keep-fp32-ops was given
+            graph_keep = keep if keep_fp32_ops is not None or METHOD_PRECISION[method] == precision else \
+                KEEP_FP32_DEFAULT[METHOD_PRECISION[method]]
+            info = METHODS[method](name, src_path, dst_path, {**ctx, "keep": graph_keep})
             model = onnx.load(str(dst_path), load_external_data=False)
             details[name] = {"precision": info.pop("precision", METHOD_PRECISION[method]), "method_name": method,
                              **info, "runtimes": _encoding_runtimes(model),
