@@ -155,6 +155,9 @@ class OnnxRuntimeBackend:
         self.embed_dtype = _NUMPY_DTYPES[decoder_inputs["inputs_embeds"].dtype]
         vision_inputs = {i.name: i for i in bundle.graphs["vision"].inputs}
         self.pixel_dtype = _NUMPY_DTYPES[vision_inputs["pixel_values"].dtype]
+        # the decoder's dtype, except in an fp16 bundle with a static-int8 vision graph (float32 in and out)
+        prompt_input = vision_inputs.get("prompt_vector")
+        self.prompt_vector_dtype = _NUMPY_DTYPES[prompt_input.dtype] if prompt_input else self.embed_dtype
         decoder_outputs = {o.name: o for o in bundle.graphs[self.decoder_graph].outputs}
         self.logits_dtype = _NUMPY_DTYPES[decoder_outputs["logits"].dtype]
         self.hidden_dtype = _NUMPY_DTYPES[decoder_outputs["hidden"].dtype]
@@ -325,7 +328,7 @@ class OnnxRuntimeBackend:
                                f"{pixel_values.dtype}: make them with sdk.preprocess.pixel_input(image, preprocessing)")
         feeds = {"pixel_values": pixel_values.astype(self.pixel_dtype)}
         if prompt_vector is not None:
-            feeds["prompt_vector"] = prompt_vector.astype(self.embed_dtype)
+            feeds["prompt_vector"] = prompt_vector.astype(self.prompt_vector_dtype)
         session = self.sessions["vision"]
         names = [o.name for o in session.get_outputs()]
         return VisionOutput.from_graph(dict(zip(names, session.run(names, feeds))))

@@ -37,6 +37,9 @@
 #        continue it: from $RUNS/big on the same machine (optimizer kept), else from CARRIED_DIR (default
 #        runs/big/s0: the portable copy of the last call, unpacked and carried in this call; fresh optimizer,
 #        learning rate re-warmed over $REWARM steps, default 200)
+#   bash scripts/gpu_default_model.sh variants FILES_DIR BASE [DST]
+#        on the CPU side: what a finetune call brought back -> whole checkpoints DST/pip0, DST/plain0 ... (default
+#        runs/finetune), the vision tower taken from the stage-0 checkpoint BASE (e.g. models/stage0/m20)
 #   bash scripts/gpu_default_model.sh unpack FILES_DIR [DIR]
 #        on the CPU side: what a big0/big call brought back (FILES_DIR) -> DIR (default runs/big/s0), the
 #        directory the next call carries
@@ -55,18 +58,29 @@ RUNS=${RUNS:-/tmp/pipmm-runs}
 OUT=${OUT:-/tmp/pipmm-out}
 T="python3 -m sdk.cli train"
 mkdir -p "$RUNS" "$OUT"
-phase=${1:?phase: stage0, resume0, cont0, cont2, finetune, big0, big or unpack}
+phase=${1:?phase: stage0, resume0, cont0, cont2, finetune, big0, big, variants or unpack}
 
 pack() {  # small files of every run -> one tar; listed weights -> one file each (a sharded DIR/model.safetensors:
           # its model-*-of-*.safetensors shards, e.g. 3 for m20, so mind the 8 files that come back)
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
-      --exclude='projector.safetensors' */ 2>/dev/null) || true
+      --exclude='projector.safetensors' --exclude='without_vision.safetensors' */ 2>/dev/null) || true
   for f in "$@"; do
     if [ -f "$RUNS/$f" ]; then cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; continue; fi
     for g in "$RUNS/$(dirname "$f")"/model-*-of-*.safetensors; do
       [ -f "$g" ] && cp "$g" "$OUT/$(echo "${g#"$RUNS"/}" | tr / _)"
     done
   done; true
+}
+
+pack_variants() {  # NAME...: each finetuned run's weights without the frozen vision tower (export.train.state split),
+  # in 15 MiB parts (m20's is 17.2 MB, over the 16 MiB a file may be), its configs in the tar; `variants` joins them
+  for n in "$@"; do
+    [ -f "$RUNS/$n/config.json" ] || continue
+    python3 -m export.train.state split "$RUNS/$n" "$RUNS/$n-wv" > /dev/null
+    split -b 15M -d "$RUNS/$n-wv/without_vision.safetensors" "$OUT/$n-without_vision.part"
+  done
+  (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
+      --exclude='projector.safetensors' --exclude='without_vision.safetensors' */ 2>/dev/null) || true
 }
 
 pack_portable() {  # $RUNS/big -> its portable copy in $OUT: bf16 model shards + one tar of the small files
@@ -176,7 +190,7 @@ finetune)
   wait
   tail -n 2 "$RUNS"/*.log
   if [ "${EVALS:-1}" = 0 ]; then  # the evals run elsewhere (e.g. pipmm eval through the SDK on the CPU side)
-    pack pip0/model.safetensors plain0/model.safetensors; echo "phase $phase done"; exit 0
+    pack_variants pip0 plain0; echo "phase $phase done"; exit 0
   fi
   mkdir -p "$RUNS/evals"
   E="python3 -m sdk.cli eval --quiet --batch-size 250 --device cuda --split val --n 2000"
@@ -205,10 +219,9 @@ finetune)
      --budget half --reducer prompt-topk --json "$RUNS/evals/pipseq0-half-topk.json" > /dev/null 2>&1 & }
   wait
   summarize_evals
-  # 64 MiB come back at most: the tar and five 10.4 MB bf16 checkpoints (pf0 with PF=1, pl0 with PL=L);
-  # the other seeds are measured above
-  pack pip0/model.safetensors plain0/model.safetensors merge0/model.safetensors pf0/model.safetensors \
-       pl0/model.safetensors
+  # 8 files and 64 MiB come back at most: the tar and each listed run's weights without its (frozen) vision tower,
+  # 2 parts each at m20's size (pf0 with PF=1, pl0 with PL=L); the other seeds are measured above
+  pack_variants pip0 plain0 merge0 pf0 pl0
   ;;
 big0)
   nvidia-smi -L || true
@@ -226,6 +239,19 @@ big)
   fi
   $T --stage 0 --out "$RUNS/big" --resume --stop-after-seconds "${2:-480}" --rewarmup "${REWARM:-200}" $BIG
   pack_portable
+  ;;
+variants)
+  # on the CPU side: what a finetune call brought back (FILES_DIR) -> one whole checkpoint per run in DST/NAME,
+  # its vision tower from the stage-0 checkpoint BASE (frozen in stages 1-2)
+  src=${2:?FILES_DIR: the files a finetune call brought back}; base=${3:?BASE: the stage-0 checkpoint}
+  dst=${4:-runs/finetune}
+  rm -rf "$dst" && mkdir -p "$dst/wv" && tar xzf "$src/small.tar.gz" -C "$dst/wv"
+  for part0 in "$src"/*-without_vision.part00; do
+    n=$(basename "$part0" -without_vision.part00)
+    cat "$src/$n"-without_vision.part* > "$dst/wv/$n-wv/without_vision.safetensors"
+    python3 -c "import sys; from export.train.state import assemble_variant as a; print(a(*sys.argv[1:]))" \
+      "$base" "$dst/wv/$n-wv" "$dst/$n"
+  done
   ;;
 unpack)
   src=${2:?FILES_DIR: the files a big0/big call brought back}; dst=${3:-runs/big/s0}

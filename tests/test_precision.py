@@ -129,6 +129,8 @@ def test_graphs_load_run_and_stay_within_tolerance_of_fp32(variant, variants, fp
                            np.argmax(ours.run(["logits"], _as_inputs(ours, f))[0], -1))
             for f in held_out_feeds["decoder"]]
     assert np.mean(same) >= AGREEMENT[variant], f"{variant}: next-token agreement {np.mean(same):.2f} of {len(same)}"
+    # the whole PIP-MM path: the prompt vector (the decoder's dtype) fed to a vision graph of another precision
+    assert len(pipeline.generate(image, PROMPTS[0], max_new_tokens=4).token_ids) >= 1
 
     if variant == "fp16":
         agree = total = 0

@@ -222,9 +222,12 @@ def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
     return out
 
 
-if __name__ == "__main__":  # python3 -m export.train.state portable SRC DST
+# python3 -m export.train.state portable SRC DST | split CHECKPOINT OUT
+COMMANDS = {"portable": portable_copy, "split": split_variant}
+
+if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 4 or sys.argv[1] != "portable":
-        sys.exit("usage: python3 -m export.train.state portable SRC DST")
-    print(portable_copy(Path(sys.argv[2]), Path(sys.argv[3])))
+    if len(sys.argv) != 4 or sys.argv[1] not in COMMANDS:
+        sys.exit("usage: python3 -m export.train.state {portable|split} SRC DST")
+    print(COMMANDS[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3])))
