@@ -60,10 +60,14 @@ T="python3 -m sdk.cli train"
 mkdir -p "$RUNS" "$OUT"
 phase=${1:?phase: stage0, resume0, cont0, cont2, finetune, big0, big, variants or unpack}
 
-pack() {  # small files of every run -> one tar; listed weights -> one file each (a sharded DIR/model.safetensors:
-          # its model-*-of-*.safetensors shards, e.g. 3 for m20, so mind the 8 files that come back)
+pack_small() {  # the small files of every run in $RUNS -> $OUT/small.tar.gz (no weights, no trainer state)
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
       --exclude='projector.safetensors' --exclude='without_vision.safetensors' */ 2>/dev/null) || true
+}
+
+pack() {  # small files of every run -> one tar; listed weights -> one file each (a sharded DIR/model.safetensors:
+          # its model-*-of-*.safetensors shards, e.g. 3 for m20, so mind the 8 files that come back)
+  pack_small
   for f in "$@"; do
     if [ -f "$RUNS/$f" ]; then cp "$RUNS/$f" "$OUT/$(echo "$f" | tr / _)"; continue; fi
     for g in "$RUNS/$(dirname "$f")"/model-*-of-*.safetensors; do
@@ -79,8 +83,7 @@ pack_variants() {  # NAME...: each finetuned run's weights without the frozen vi
     python3 -m export.train.state split "$RUNS/$n" "$RUNS/$n-wv" > /dev/null
     split -b 15M -d "$RUNS/$n-wv/without_vision.safetensors" "$OUT/$n-without_vision.part"
   done
-  (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
-      --exclude='projector.safetensors' --exclude='without_vision.safetensors' */ 2>/dev/null) || true
+  pack_small
 }
 
 pack_portable() {  # $RUNS/big -> its portable copy in $OUT: bf16 model shards + one tar of the small files
