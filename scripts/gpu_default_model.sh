@@ -16,7 +16,7 @@
 #        shipped checkpoint DIR (e.g. models/default_model) on fresh scenes (data offset 250M), the questions
 #        reworded with probability PARA (default 0.5, export/tasks/paraphrase.py), then the GPU eval of the result
 #        on the test / phrasing / style / classic splits (2000 questions each) -> $RUNS/c2, $RUNS/evals ($W2: data
-#        workers, default 14)
+#        workers, default 14; $EXTRA2: more train flags, e.g. EXTRA2="--extra-questions relation=2")
 #   [PATCH=1] [INSTR=F] [PARA=F] [SEEDS="0 1 2"] [EVALS=0] [MERGE=1] [S0=DIR] bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
 #        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
@@ -137,7 +137,7 @@ cont2)
   $T --stage 2 --init "${2:?DIR with a PIP-MM checkpoint}" --out "$RUNS/c2" --seed 0 --steps 100000 \
      --time-budget "${3:-420}" --lr "${4:-2e-4}" --warmup 50 --batch-size 128 --workers "${W2:-14}" --val-scenes 0 --quiet \
      --log-every 50 --grounding-weight 0.25 --train-llm --budget half --reducer prompt-topk --patch-positions \
-     --instruction-fraction 0.2 --paraphrase-fraction "${PARA:-0.5}" --data-offset 250000000
+     --instruction-fraction 0.2 --paraphrase-fraction "${PARA:-0.5}" --data-offset 250000000 $EXTRA2
   E="python3 -m sdk.cli eval --quiet --batch-size 250 --device cuda --n 2000 --checkpoint $RUNS/c2 --prompt-mlp $RUNS/c2"
   for sp in test phrasing style classic; do
     $E --split $sp --budget half --reducer prompt-topk --visual-positions patch --json "$RUNS/evals/c2-$sp.json" \

@@ -17,7 +17,7 @@ With phrasing "legacy" every question draws from the stream exactly as the origi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -173,16 +173,20 @@ def _ask(family: str, scene: Scene, rng: np.random.Generator, phrasing: str = "t
     raise ValueError(f"unknown question family {family!r}")
 
 
-def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES, per_family: int = 1,
-                   phrasing: str = "train", paraphrase: float = 0.0,
+def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES,
+                   per_family: int | Mapping[str, int] = 1, phrasing: str = "train", paraphrase: float = 0.0,
                    paraphrase_rng: np.random.Generator | None = None) -> list[Question]:
-    """Up to `per_family` distinct questions of each family (fewer when the scene has none to ask).
+    """Up to `per_family` distinct questions of each family (fewer when the scene has none to ask); a mapping
+    gives a family's own count (1 where it is not named, e.g. {"relation": 3}).
 
     paraphrase: the chance that a question's template is reworded first (export/tasks/paraphrase.py; same
     meaning and answer), drawn from `paraphrase_rng` (required then), so the questions asked (content and answers)
     are those of paraphrase 0; at 0 nothing is drawn for it at all."""
+    counts = {f: per_family.get(f, 1) if isinstance(per_family, Mapping) else per_family for f in families}
     unknown = [f for f in families if f not in FAMILIES]
-    if unknown or not families or per_family < 1 or phrasing not in PHRASINGS:
+    if isinstance(per_family, Mapping):
+        unknown += [f for f in per_family if f not in FAMILIES]
+    if unknown or not families or min(counts.values()) < 1 or phrasing not in PHRASINGS:
         raise QuestionArgumentError(f"bad families {list(families)}, per_family {per_family} or phrasing "
                                     f"{phrasing!r}: use families from {', '.join(FAMILIES)}, per_family >= 1 and "
                                     f"a phrasing of {', '.join(PHRASINGS)}")
@@ -197,8 +201,8 @@ def make_questions(scene: Scene, rng_or_seed, families: Sequence[str] = FAMILIES
     out: list[Question] = []
     for family in families:
         seen: set[str] = set()
-        for _ in range(4 * per_family):
-            if len(seen) == per_family:
+        for _ in range(4 * counts[family]):
+            if len(seen) == counts[family]:
                 break
             a = _ask(family, scene, rng, phrasing)
             if a is not None and a.question.prompt not in seen:  # distinct in content, whatever the wording

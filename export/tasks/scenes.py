@@ -334,10 +334,10 @@ def split_families(split: str, families: Sequence[str] | None = None) -> tuple[s
 
 
 def scene_questions(scene: Scene, questions_per_scene: int | None, families, phrasing: str = "train",
-                    per_family: int = 1, paraphrase: float = 0.0) -> list[Question]:
+                    per_family=1, paraphrase: float = 0.0) -> list[Question]:
     """The questions of a scene; own stream per scene: they never shift the pixels, nor other scenes' questions.
     paraphrase: the fraction reworded (export/tasks/paraphrase.py), from the scene's stream [seed, 3], so the
-    questions asked are the same for any fraction."""
+    questions asked are the same for any fraction. per_family: an int, or {family: count} (make_questions)."""
     rng = np.random.Generator(np.random.PCG64([scene.seed, 1]))
     reword = {"paraphrase": paraphrase, "paraphrase_rng": np.random.Generator(np.random.PCG64([scene.seed, 3]))}
     if questions_per_scene is None:

@@ -268,12 +268,13 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
 
 
 def scene_items(split: str, first: int, count: int, size: int, families=None,
-                questions_per_family: int = 1, instruction_fraction: float = 0.0,
+                questions_per_family=1, instruction_fraction: float = 0.0,
                 paraphrase_fraction: float = 0.0) -> list[tuple]:
     """[(scene, [Question])] for scenes first..first+count-1 of `split` (its styles, phrasings and families;
     scenes.SPLITS); a fraction of the questions is reworded (export/tasks/paraphrase.py) and a fraction gets an
     answer-form instruction (export/tasks/instructions.py), each from its own stream, so the scenes and the
-    questions asked are the same for any fractions."""
+    questions asked are the same for any fractions. questions_per_family: an int, or {family: count} (1 where a
+    family is not named; make_questions)."""
     spec = scenes.SPLITS[split]
     families = scenes.split_families(split, families)
     items = []
@@ -311,9 +312,12 @@ class SceneBatches(IndexedBatches):
 
     def __init__(self, spec: SequenceSpec, preprocessing: dict, scenes_per_batch: int, image_size: int, grid: int,
                  seed_offset: int = 0, start: int = 0, split: str = "train", families=None,
-                 instruction_fraction: float = 0.0, paraphrase_fraction: float = 0.0, pack: bool = False):
+                 instruction_fraction: float = 0.0, paraphrase_fraction: float = 0.0, pack: bool = False,
+                 extra_questions: dict[str, int] | None = None):
         super().__init__()
         self.instruction_fraction, self.paraphrase_fraction = instruction_fraction, paraphrase_fraction
+        # {family: n}: n more questions of that family a scene (--extra-questions), one of every other
+        self.per_family = {f: 1 + n for f, n in (extra_questions or {}).items()}
         self.pack = pack  # one packed row a scene (pack_scene)
         self.spec, self.preprocessing, self.grid = spec, preprocessing, grid
         self.scenes_per_batch, self.image_size = scenes_per_batch, image_size
@@ -324,7 +328,7 @@ class SceneBatches(IndexedBatches):
         prompter = prompter or self.spec.prompter()
         first = self.seed_offset + index * self.scenes_per_batch
         items = scene_items(self.split, first, self.scenes_per_batch, self.image_size, self.families,
-                            instruction_fraction=self.instruction_fraction,
+                            questions_per_family=self.per_family, instruction_fraction=self.instruction_fraction,
                             paraphrase_fraction=self.paraphrase_fraction)
         return collate_scenes(items, self.spec, prompter, self.preprocessing, self.grid, pack=self.pack)
 

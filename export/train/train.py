@@ -219,6 +219,7 @@ def _config(args, arch, model, mlp, vision, trainable, parent, resolved: dict) -
         "loss": "cross-entropy on answer tokens + EOS (token mean)",
         "precision": "fp32 master weights, bf16 autocast on CUDA; checkpoint weights saved in bf16",
         "data": {**data_mix(args.scene_mix), "questions_per_scene": "one per family",
+                 "extra_questions": args.extra_questions,
                  "instruction_fraction": args.instruction_fraction,
                  "paraphrase_fraction": args.paraphrase_fraction,
                  "paraphrase": paraphrase.settings() if args.paraphrase_fraction else None,
@@ -273,9 +274,9 @@ def validate(model, vision, spec: SequenceSpec, preprocessing: dict, n_scenes: i
 
 def run(args) -> int:
     if args.stage == "mv":
-        if args.paraphrase_fraction:
-            raise TrainError("--paraphrase-fraction is for stages 0-2: --stage mv asks its own multi-frame "
-                             "questions (export/tasks/multiview.py), which it does not reword")
+        if args.paraphrase_fraction or args.extra_questions:
+            raise TrainError("--paraphrase-fraction and --extra-questions are for stages 0-2: --stage mv asks its "
+                             "own multi-frame questions (export/tasks/multiview.py)")
         return multiframe.run(args)
     out = Path(args.out)
     if out.exists() and any(out.glob("model*.safetensors")) and not args.resume:
@@ -292,6 +293,7 @@ def run(args) -> int:
     if args.reduced_fraction is None:
         args.reduced_fraction = 0.0
     args.pack_questions = bool(args.pack_questions)
+    args.extra_questions = dict(args.extra_questions or {})  # [(family, n)] from the flag, {family: n} from a resume
     if args.pack_questions and (args.stage != 0 or args.reduced_fraction > 0):
         raise TrainError("--pack-questions is a stage-0 setting without --reduced-fraction (a reduced question "
                          "reads its own subset of the image, at its own positions)")
@@ -304,7 +306,8 @@ def run(args) -> int:
     steps = args.steps or defaults["steps"]
     batch_size = args.batch_size or defaults["batch_size"]
     lr = args.lr or defaults["lr"]
-    scenes_per_batch = max(1, math.ceil(batch_size / len(scenes.split_families(SCENE_MIXES[args.scene_mix]))))
+    per_scene = len(scenes.split_families(SCENE_MIXES[args.scene_mix])) + sum(args.extra_questions.values())
+    scenes_per_batch = max(1, math.ceil(batch_size / per_scene))
     workers = args.workers if args.workers is not None else max(0, min(14, (os.cpu_count() or 2) - 2))
 
     model, mlp, vision, trainable, arch, parent, src, aux_head = setup(args)
@@ -354,7 +357,8 @@ def run(args) -> int:
     offset = args.data_offset if args.data_offset is not None else DATA_OFFSET[args.stage] + args.seed * SEED_STRIDE
     data = SceneBatches(spec, preprocessing, scenes_per_batch, sizes.image_size, grid, seed_offset=offset, start=start,
                         split=SCENE_MIXES[args.scene_mix], instruction_fraction=args.instruction_fraction,
-                        paraphrase_fraction=args.paraphrase_fraction, pack=args.pack_questions)
+                        paraphrase_fraction=args.paraphrase_fraction, pack=args.pack_questions,
+                        extra_questions=args.extra_questions)
     if args.pack_questions and TEMPLATES[template].prompt_first:
         raise TrainError("--pack-questions needs the image before the question (not the prompt-first template)")
     resolved = {"steps": total_steps, "requested_steps": steps, "time_budget_s": args.time_budget,

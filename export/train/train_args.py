@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+
 from export.model.reducers import REDUCERS
 from export.train import multiframe
 from export.train.archs import ARCHS
 from export.train.data import SCENE_MIXES
+from export.tasks.questions import FAMILIES
 from export.train.templates import TEMPLATES
+
+
+def family_count(text: str) -> tuple[str, int]:
+    """'relation=2' -> ('relation', 2): a question family (export/tasks/questions.py) and a count >= 0."""
+    family, _, count = text.partition("=")
+    if family not in FAMILIES or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: use FAMILY=N with N >= 0 and FAMILY one of {', '.join(FAMILIES)}")
+    return family, int(count)
 
 
 def add_arguments(parser) -> None:
@@ -78,6 +89,9 @@ def add_arguments(parser) -> None:
                    help="reword this fraction of the training questions (export/tasks/paraphrase.py: synonyms, "
                         "question/command forms, polite wrappers, casing noise; never a held-out template; "
                         "stages 0-2, 0-1, default 0; a --resume keeps the run's)")
+    p.add_argument("--extra-questions", nargs="+", type=family_count, default=None, metavar="FAMILY=N",
+                   help="N more questions of FAMILY a training scene beside one of each family (e.g. relation=2; "
+                        "the batch keeps its question count; a --resume keeps the run's)")
     p.add_argument("--scene-mix", default="mixed", choices=tuple(SCENE_MIXES),
                    help="training scenes: 'mixed' = the train styles and phrasings (export/tasks/styles.py "
                         "TRAIN_STYLES, phrasings.TRAIN; default), 'classic' = the original grey scenes and "
