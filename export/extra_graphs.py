@@ -249,8 +249,25 @@ def _check_names(graphs) -> None:
             raise ExportError(f"unknown optional graph {name!r}: choose from {', '.join(onnx_graphs.OPTIONAL_EXPORTERS)}")
 
 
+def _as_converted_fp16(checkpoint):
+    """The checkpoint's float16 weights as the fp16 bundle's decoder holds them: onnxruntime's converter
+    (convert_float_to_float16, export/precision/quantize.py) turns a value below float16's smallest subnormal into
+    +-5.96e-8 where torch rounds it to 0, so optional graphs traced from torch's .half() weights missed the
+    decoder's bytes for some matrices (m20: 4.3 MB carried twice). Loaded in float32, converted by the same
+    function."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    with torch.no_grad():
+        for param in checkpoint.model.parameters():
+            param.data = torch.from_numpy(convert_np_to_float16(param.data.float().numpy()))
+        checkpoint.model.half()  # the buffers (rotary frequencies) as the .half() load would
+    return checkpoint
+
+
 def _checked_checkpoint(checkpoint_dir, manifest: Manifest, dtype: torch.dtype):
-    checkpoint = load_checkpoint(checkpoint_dir, dtype=dtype)
+    checkpoint = load_checkpoint(checkpoint_dir, dtype=torch.float32 if dtype == torch.float16 else dtype)
+    if dtype == torch.float16:
+        checkpoint = _as_converted_fp16(checkpoint)
     model = manifest.model
     text = checkpoint.config.text_config
     got = (text.num_hidden_layers, text.num_key_value_heads, text.hidden_size, text.vocab_size)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A bundle for several frames from a shipped multi-image variant (docs/multi-image.md "The shipped adapter"):
-# the variant made whole with the default model's tower (or the default model itself when the variant's LLM
+# the variant made whole with its base model's tower (or the base itself when the variant's LLM
 # stayed frozen: it ships the adapter alone), exported at the run's own budget and positions (its
 # train_config.json), with its adapter graph for N_max frames; one frame is answered from its own tokens, as the
 # bundle without the adapter would (SINGLE_FRAME=adapter sends it through the adapter). Needs the [export] extra
@@ -16,11 +16,13 @@ out="${2:-mivpg-bundle}"
 n_max="${3:-8}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -f "$variant/adapter.json" ] || { echo "$variant has no adapter.json: not a multi-image variant" >&2; exit 2; }
-if [ -f "$variant/without_vision.safetensors" ]; then  # a tuned LLM: made whole with the default model's tower
+# the model it was trained from: its variant.json's base (the shipped mivpg: models/r11), else the default model
+base=$(python -c "from export.train.state import variant_base; print(variant_base('$variant'))")
+if [ -f "$variant/without_vision.safetensors" ]; then  # a tuned LLM: made whole with its base's tower
   ckpt="$(mktemp -d)/checkpoint"
-  python -c "from export.train.state import assemble_variant as a; a('models/default_model', '$variant', '$ckpt')"
-else  # the LLM stayed frozen: the adapter runs beside the default model itself
-  ckpt=models/default_model
+  python -c "from export.train.state import assemble_variant as a; a('$base', '$variant', '$ckpt')"
+else  # the LLM stayed frozen: the adapter runs beside its base itself
+  ckpt=$base
 fi
 # one frame from its own tokens: 62.4 % of 500 single-frame test questions against 52.2 % through the adapter
 # (the shipped mivpg variant, docs/multi-image.md)

@@ -122,7 +122,7 @@ def checkpoint_positions(checkpoint) -> str:
 
 def export_bundles(args) -> list[tuple[str, Path]]:
     from export.writer import export_bundle
-    from export.train.state import assemble_variant
+    from export.train.state import assemble_variant, variant_base
 
     root = Path(args.out) / "bundles"
     # (label, checkpoint, budget, reducer): the checkpoint's rows, then each --variant at its trained setting
@@ -131,7 +131,8 @@ def export_bundles(args) -> list[tuple[str, Path]]:
     for item in args.variant or []:
         label, _, path = item.rpartition("=")
         trained = json.loads((Path(path) / "train_config.json").read_text())
-        whole = assemble_variant(args.checkpoint, Path(path), Path(args.out) / "variants" / Path(path).name)
+        base = variant_base(Path(path), default=args.checkpoint)  # models/variants/merge-quarter: r11's
+        whole = assemble_variant(base, Path(path), Path(args.out) / "variants" / Path(path).name)
         wanted.append((label or Path(path).name, whole, trained["budget"], trained["reducer"]))
     topk_positions = args.topk_positions if args.topk_positions != "auto" else checkpoint_positions(args.checkpoint)
     out = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -85,6 +86,27 @@ def test_fp16_bundle_shares_its_decoders_weights(checkpoints, bundles, referring
     got_e, got_g = onnxruntime.InferenceSession(str(fp16 / "energy_grad.onnx"), providers=cpu).run(None, half)
     assert abs(float(got_e) - float(want_e)) <= 1e-2 * float(want_e)
     assert np.abs(got_g.astype(np.float32) - want_g).max() <= 2e-2 * np.abs(want_g).max()
+
+
+def test_fp16_sharing_survives_weights_below_the_smallest_float16(checkpoints, tmp_path):
+    """Trained weights hold values below float16's smallest subnormal (m20 did): onnxruntime's converter makes them
+    +-5.96e-8 in the decoder, torch's .half() 0; energy_grad is traced from the converter's values, so it still
+    finds every weight in the decoder (before: m20's energy_grad and decoder_fused carried 4.3 MB of their own)."""
+    from safetensors.torch import load_file, save_file
+
+    from export.precision.quantize import quantize_bundle
+    from export.writer import export_bundle
+
+    ckpt = Path(shutil.copytree(checkpoints["llama"], tmp_path / "ckpt"))
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = next(k for k in weights if "layers.0.self_attn.q_proj.weight" in k)
+    weights[name][0, :8] = torch.tensor([1e-8, -1e-8, 2e-8, -2.5e-8] * 2, dtype=weights[name].dtype)
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    fp32 = export_bundle(ckpt, tmp_path / "fp32", no_prompt_mlp=True, progress=False)
+    fp16 = quantize_bundle(fp32, tmp_path / "fp16", "fp16", progress=False)
+    add_graphs(fp16, ckpt, ("energy_grad",))
+    sharing = json.loads((fp16 / "manifest.json").read_text())["graphs"]["energy_grad"]["sharing"]
+    assert sharing["shared_bytes"] == sharing["weight_bytes"] > 0
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

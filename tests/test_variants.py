@@ -56,6 +56,25 @@ def test_assemble_refuses_a_variant_missing_weights(tmp_path):
         assemble_variant(base, part, tmp_path / "whole")
 
 
+def test_a_variant_of_another_model_names_its_base_and_is_refused_beside_this_one(tmp_path):
+    """r11's variants (models/variants/*) say models/r11 in variant.json; made whole with another model (m20's
+    wider LLM) they are refused by shape, not assembled into a broken checkpoint."""
+    import json
+
+    from export.train.state import REPOSITORY, VARIANT_JSON, variant_base
+
+    base = build_tiny_llava(tmp_path / "base", seed=0)
+    wider = build_tiny_llava(tmp_path / "wider", seed=1, text_hidden=96)
+    part = split_variant(wider, tmp_path / "part")
+    assert variant_base(part, default=base) == base
+    (part / VARIANT_JSON).write_text(json.dumps({"base": "models/r11"}))
+    assert variant_base(part, default=base) == REPOSITORY / "models" / "r11"
+    with pytest.raises(ValueError, match="trained from another model"):
+        assemble_variant(base, part, tmp_path / "whole")
+    for shipped in ("mivpg", "merge-quarter", "prompt-first"):
+        assert variant_base(REPOSITORY / "models" / "variants" / shipped) == REPOSITORY / "models" / "r11"
+
+
 def test_a_stage_mv_run_ships_its_adapter_in_bf16_and_loads_back(tmp_path):
     from export.model.mivpg import FrameAdapter, random_adapter
 

@@ -194,6 +194,19 @@ def split_variant(checkpoint: Path, out: Path, llm: bool = True) -> Path:
     return out
 
 
+VARIANT_JSON = "variant.json"  # {"base": "models/r11"}: the checkpoint (repository-relative) whose tower it shares
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def variant_base(variant: Path, default: Path = REPOSITORY / "models" / "default_model") -> Path:
+    """The base a variant is made whole with: its VARIANT_JSON's, else `default` (a variant trained from the
+    shipped default model; r11's variants name models/r11, the default before m20)."""
+    recorded = Path(variant) / VARIANT_JSON
+    if not recorded.is_file():
+        return Path(default)
+    return REPOSITORY / json.loads(recorded.read_text())["base"]
+
+
 def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
     """A whole checkpoint directory in out (one model.safetensors): base's vision tower and assets (base: one file
     or shards) + variant's other weights."""
@@ -212,6 +225,11 @@ def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
     missing = [k for k in tower if "vision_tower" not in k and k not in rest]
     if missing:
         raise ValueError(f"{variant / WITHOUT_VISION} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    other = [k for k in tower if k in rest and rest[k].shape != tower[k].shape]
+    if other:
+        raise ValueError(f"{variant} was trained from another model than {base} ({other[0]}: "
+                         f"{tuple(rest[other[0]].shape)} against {tuple(tower[other[0]].shape)}): "
+                         f"use its base ({VARIANT_JSON}, export.train.state.variant_base)")
     merged = {k: (v if "vision_tower" in k else rest[k]) for k, v in tower.items()}
     for name in _SHARED_ASSETS:
         shutil.copyfile(base / name, out / name)
