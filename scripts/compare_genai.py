@@ -111,12 +111,13 @@ def build_genai(checkpoint_dir: Path, work: Path, precision: str = "fp32") -> tu
 
 def made_from(out: Path, source: Path) -> bool:
     """Whether the cached `out` was made from `source` as it is now (a bundle's manifest.json, or a checkpoint's
-    model.safetensors): a stamp beside `out` holds the source's sha256. A re-export or retrain since makes the
+    weights, export.model.checkpoint.weights_sha256): a stamp beside `out` holds the source's sha256. A re-export or retrain since makes the
     copy stale, and it is made again (such a copy once carried another checkpoint's decoder_fused)."""
+    from export.model.checkpoint import weights_sha256
     from sdk.bundle import sha256_file
 
-    source = source / "manifest.json" if (source / "manifest.json").exists() else source / "model.safetensors"
-    digest = sha256_file(source)  # in chunks: a 7B checkpoint is 13.5 GB
+    # in chunks: a 7B checkpoint is 13.5 GB; a sharded one (m20) by its shards
+    digest = sha256_file(source / "manifest.json") if (source / "manifest.json").exists() else weights_sha256(source)
     stamp = out.parent / f"{out.name}.source-sha256"
     if out.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return True

@@ -60,6 +60,10 @@ T="python3 -m sdk.cli train"
 mkdir -p "$RUNS" "$OUT"
 phase=${1:?phase: stage0, resume0, cont0, cont2, finetune, big0, big, variants or unpack}
 
+has_weights() {  # DIR: a checkpoint's weights are there, one file or shards (m20's model-0000k-of-0000n)
+  compgen -G "$1/model*.safetensors" > /dev/null
+}
+
 pack_small() {  # the small files of every run in $RUNS -> $OUT/small.tar.gz (no weights, no trainer state)
   (cd "$RUNS" && tar czf "$OUT/small.tar.gz" --exclude='model*.safetensors' --exclude='trainer_state-*' \
       --exclude='projector.safetensors' --exclude='without_vision.safetensors' */ 2>/dev/null) || true
@@ -212,13 +216,13 @@ finetune)
     ${E/--split val/--split $sp} --checkpoint "$RUNS/pip0" --prompt-mlp "$RUNS/pip0" --budget half \
        --reducer prompt-topk $EP --json "$RUNS/evals/pip0-$sp.json" > /dev/null 2>&1 &
   done
-  [ -f "$RUNS/pf0/model.safetensors" ] && { ${E/--split val/--split test} --checkpoint "$RUNS/pf0" --prompt-mlp "$RUNS/pf0" \
+  has_weights "$RUNS/pf0" && { ${E/--split val/--split test} --checkpoint "$RUNS/pf0" --prompt-mlp "$RUNS/pf0" \
      --budget half --reducer prompt-topk $EP --json "$RUNS/evals/pf0-test.json" > /dev/null 2>&1 & }
-  [ -f "$RUNS/pl0/model.safetensors" ] && { ${E/--split val/--split test} --checkpoint "$RUNS/pl0" --prompt-mlp "$RUNS/pl0" \
+  has_weights "$RUNS/pl0" && { ${E/--split val/--split test} --checkpoint "$RUNS/pl0" --prompt-mlp "$RUNS/pl0" \
      --budget half --reducer prompt-topk $EP --json "$RUNS/evals/pl0-test.json" > /dev/null 2>&1 & }
-  [ -f "$RUNS/merge0/model.safetensors" ] && { $E --checkpoint "$RUNS/merge0" --prompt-mlp "$RUNS/merge0" \
+  has_weights "$RUNS/merge0" && { $E --checkpoint "$RUNS/merge0" --prompt-mlp "$RUNS/merge0" \
      --budget quarter --reducer merge --json "$RUNS/evals/merge0-quarter.json" > /dev/null 2>&1 & }
-  [ -f "$RUNS/pipseq0/model.safetensors" ] && { $E --checkpoint "$RUNS/pipseq0" --prompt-mlp "$RUNS/pipseq0" \
+  has_weights "$RUNS/pipseq0" && { $E --checkpoint "$RUNS/pipseq0" --prompt-mlp "$RUNS/pipseq0" \
      --budget half --reducer prompt-topk --json "$RUNS/evals/pipseq0-half-topk.json" > /dev/null 2>&1 & }
   wait
   summarize_evals

@@ -58,6 +58,10 @@ phase=${1:?phase: train, indep, table (or clip, prompts, finetune)}
 left() { echo $(( BUDGET - (SECONDS - BEGIN) - ${1:-20} )); }  # seconds left, less a margin for packing
 guard() { local s; s=$(left "${GUARD_MARGIN:-20}"); [ "$s" -gt 5 ] || s=5; timeout --signal=INT --kill-after=15 "$s" "$@"; }
 
+has_weights() {  # DIR: a checkpoint's weights are there, one file or shards (m20's model-0000k-of-0000n)
+  compgen -G "$1/model*.safetensors" > /dev/null
+}
+
 pack() {  # every small file of $RUNS -> small.tar.gz (paths runs/tvp/...); listed weights -> weights-$phase.tar
   local top
   top=$(mktemp -d)
@@ -163,8 +167,8 @@ indep)
   ;;
 table)
   CKPT=${2:-models/default_model}
-  IND=""; [ -f "$RUNS/seed1/model.safetensors" ] && IND="--independent $RUNS/seed1"
-  [ -f "$RUNS/ft-source/model.safetensors" ] && IND="$IND --finetuned $RUNS/ft-source"
+  IND=""; has_weights "$RUNS/seed1" && IND="--independent $RUNS/seed1"
+  has_weights "$RUNS/ft-source" && IND="$IND --finetuned $RUNS/ft-source"
   status=0
   guard python3 scripts/tvp_table.py --source "$CKPT" --plain "${PLAIN:-$CKPT/plain-baseline}" $IND --n "${3:-1000}" \
      --jobs "$JOBS" --out "$RUNS/table-f$FRAME$G" --json "$RUNS/table-f$FRAME$G.json" \

@@ -83,10 +83,9 @@ def checkpoints(args, out: Path) -> dict[str, Path]:
 
 def stamp_of(checkpoint: Path, flags: list[str]) -> dict:
     """What a bundle was exported from: a bundle whose stamp differs is exported again (a retrained checkpoint)."""
-    from sdk.bundle import sha256_file
+    from export.model.checkpoint import weights_sha256
 
-    return {"checkpoint": str(checkpoint), "model_sha256": sha256_file(checkpoint / "model.safetensors"),
-            "flags": flags}
+    return {"checkpoint": str(checkpoint), "model_sha256": weights_sha256(checkpoint), "flags": flags}
 
 
 def export_all(found: dict[str, Path], names: list[str], out: Path, jobs: int) -> dict[str, tuple[Path, str]]:

@@ -84,6 +84,21 @@ def _causal_lm_types() -> set[str]:
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def weights_sha256(path: str | Path) -> str:
+    """One digest of a checkpoint's weights: model.safetensors' sha256, or for a sharded checkpoint (m20's
+    model-0000k-of-0000n.safetensors) the sha256 of its shards' names and digests in order."""
+    import hashlib
+
+    from sdk.bundle import sha256_file
+
+    shards = sorted(Path(path).glob("model*.safetensors"))
+    if not shards:
+        raise ExportError(f"{path} has no model*.safetensors")
+    if len(shards) == 1:
+        return sha256_file(shards[0])
+    return hashlib.sha256("".join(f"{s.name}:{sha256_file(s)}\n" for s in shards).encode()).hexdigest()
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     from transformers import LlavaForConditionalGeneration
 
