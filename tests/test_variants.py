@@ -11,6 +11,16 @@ from export.synthetic import build_tiny_llava  # noqa: E402
 from export.train.state import WITHOUT_VISION, assemble_variant, split_variant  # noqa: E402
 
 
+def _shard(checkpoint):
+    """checkpoint's model.safetensors -> model-00001-of-00002 / model-00002-of-00002 (as m20's); -> (weights, names)."""
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    names = sorted(weights)
+    (checkpoint / "model.safetensors").unlink()
+    for i, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        save_file({k: weights[k] for k in chunk}, str(checkpoint / f"model-0000{i}-of-00002.safetensors"))
+    return weights, names
+
+
 def test_split_then_assemble_gives_back_the_variant_with_the_base_tower(tmp_path):
     base = build_tiny_llava(tmp_path / "base", seed=0)
     variant = build_tiny_llava(tmp_path / "variant", seed=1)
@@ -35,14 +45,26 @@ def test_a_sharded_base_gives_the_same_whole(tmp_path):
     base = build_tiny_llava(tmp_path / "base", seed=0)
     part = split_variant(build_tiny_llava(tmp_path / "variant", seed=1), tmp_path / "part")
     want = assemble_variant(base, part, tmp_path / "whole")
-    weights = load_file(str(base / "model.safetensors"))
-    names = sorted(weights)
-    (base / "model.safetensors").unlink()
-    for i, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
-        save_file({k: weights[k] for k in chunk}, str(base / f"model-0000{i}-of-00002.safetensors"))
+    weights, names = _shard(base)
     got = load_file(str(assemble_variant(base, part, tmp_path / "sharded") / "model.safetensors"))
     expected = load_file(str(want / "model.safetensors"))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_a_checkpoints_weight_digest_covers_its_shards(tmp_path):
+    """Benchmark caches key on it (scripts/compare_genai.py made_from): a sharded checkpoint (m20) has no
+    model.safetensors, and a changed shard must change the digest."""
+    from export.model.checkpoint import weights_sha256
+    from sdk.bundle import sha256_file
+
+    base = build_tiny_llava(tmp_path / "base", seed=0)
+    assert weights_sha256(base) == sha256_file(base / "model.safetensors")
+    weights, names = _shard(base)
+    before = weights_sha256(base)
+    second = {k: weights[k] for k in names[len(names) // 2:]}
+    second[names[-1]] = second[names[-1]] + 1
+    save_file(second, str(base / "model-00002-of-00002.safetensors"))
+    assert weights_sha256(base) != before
 
 
 def test_assemble_refuses_a_variant_missing_weights(tmp_path):
