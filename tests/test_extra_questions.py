@@ -1,6 +1,6 @@
-"""`pipmm train --extra-questions FAMILY=N`: N more questions of a family a training scene (m20 answered relation
-questions "no" 53 times in 60, docs/default-model.md), the batch keeping its question count, recorded in
-train_config.json and kept on resume."""
+"""`pipmm train --extra-questions FAMILY=N`: N more questions of a family a training scene (m20 answers relation
+questions at chance, docs/default-model.md), the batch keeping its question count, recorded in train_config.json
+and kept on resume."""
 
 from __future__ import annotations
 
