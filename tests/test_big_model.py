@@ -161,3 +161,29 @@ def test_the_planned_architectures_fit_issue_19_and_the_carry(name):
     assert total <= 30e6  # issue 19: up to 30M parameters
     assert 2 * total <= 60e6  # the bf16 checkpoint shipped
     assert 2 * total + _slim_tree_bytes() <= 64 * 2**20 - 2**20  # carried beside the slimmed tree (1 MiB spare)
+
+
+def test_a_finetune_call_comes_back_without_the_tower_and_is_made_whole(runs, tmp_path):
+    """scripts/gpu_default_model.sh finetune (EVALS=0) returns pip0 and plain0 without their frozen vision tower,
+    in parts (pack_variants: m20's are over the 16 MiB a returned file may be); `variants` joins them and puts the
+    stage-0 tower back: every tensor is the run's own, the tower is stage 0's."""
+    from safetensors.torch import load_file
+
+    env = {"RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "S0": str(runs / "portable"), "S1": "1",
+           "S2": "1", "SEEDS": "0", "EVALS": "0", "W2": "0", "PATH": __import__("os").environ["PATH"]}
+    done = subprocess.run(["bash", "scripts/gpu_default_model.sh", "finetune"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    returned = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert returned == ["pip0-without_vision.part00", "plain0-without_vision.part00", "small.tar.gz"]
+    done = subprocess.run(["bash", "scripts/gpu_default_model.sh", "variants", str(tmp_path / "out"),
+                           str(runs / "portable"), str(tmp_path / "whole")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tower = {k: v for k, v in load_file(str(runs / "portable" / "model.safetensors")).items() if "vision_tower" in k}
+    for name in ("pip0", "plain0"):
+        whole = load_file(str(tmp_path / "whole" / name / "model.safetensors"))
+        trained = load_file(str(tmp_path / "runs" / name / "model.safetensors"))
+        assert whole.keys() == trained.keys() and all(torch.equal(whole[k], trained[k]) for k in whole)
+        assert all(torch.equal(whole[k], tower[k]) for k in tower)
+    assert (tmp_path / "whole" / "pip0" / "prompt_mlp.safetensors").is_file()
