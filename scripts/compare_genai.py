@@ -111,8 +111,9 @@ def build_genai(checkpoint_dir: Path, work: Path, precision: str = "fp32") -> tu
 
 def made_from(out: Path, source: Path) -> bool:
     """Whether the cached `out` was made from `source` as it is now (a bundle's manifest.json, or a checkpoint's
-    weights, export.model.checkpoint.weights_sha256): a stamp beside `out` holds the source's sha256. A re-export or retrain since makes the
-    copy stale, and it is made again (such a copy once carried another checkpoint's decoder_fused)."""
+    weights, export.model.checkpoint.weights_sha256): a stamp beside `out` holds the source's sha256. A re-export
+    or retrain since makes the copy stale, and it is made again (such a copy once carried another checkpoint's
+    decoder_fused)."""
     from export.model.checkpoint import weights_sha256
     from sdk.bundle import sha256_file
 

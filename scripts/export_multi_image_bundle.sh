@@ -17,10 +17,10 @@ n_max="${3:-8}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -f "$variant/adapter.json" ] || { echo "$variant has no adapter.json: not a multi-image variant" >&2; exit 2; }
 # the model it was trained from: its variant.json's base (the shipped mivpg: models/r11), else the default model
-base=$(python -c "from export.train.state import variant_base; print(variant_base('$variant'))")
+base=$(python -m export.train.state base "$variant")
 if [ -f "$variant/without_vision.safetensors" ]; then  # a tuned LLM: made whole with its base's tower
   ckpt="$(mktemp -d)/checkpoint"
-  python -c "from export.train.state import assemble_variant as a; a('$base', '$variant', '$ckpt')"
+  python -m export.train.state assemble "$base" "$variant" "$ckpt" > /dev/null
 else  # the LLM stayed frozen: the adapter runs beside its base itself
   ckpt=$base
 fi

@@ -83,7 +83,7 @@ pack() {  # small files of every run -> one tar; listed weights -> one file each
 pack_variants() {  # NAME...: each finetuned run's weights without the frozen vision tower (export.train.state split),
   # in 15 MiB parts (m20's is 17.2 MB, over the 16 MiB a file may be), its configs in the tar; `variants` joins them
   for n in "$@"; do
-    [ -f "$RUNS/$n/config.json" ] || continue
+    has_weights "$RUNS/$n" || continue
     python3 -m export.train.state split "$RUNS/$n" "$RUNS/$n-wv" > /dev/null
     split -b 15M -d "$RUNS/$n-wv/without_vision.safetensors" "$OUT/$n-without_vision.part"
   done
@@ -256,8 +256,7 @@ variants)
   for part0 in "$src"/*-without_vision.part00; do
     n=$(basename "$part0" -without_vision.part00)
     cat "$src/$n"-without_vision.part* > "$dst/wv/$n-wv/without_vision.safetensors"
-    python3 -c "import sys; from export.train.state import assemble_variant as a; print(a(*sys.argv[1:]))" \
-      "$base" "$dst/wv/$n-wv" "$dst/$n"
+    python3 -m export.train.state assemble "$base" "$dst/wv/$n-wv" "$dst/$n"
   done
   ;;
 unpack)

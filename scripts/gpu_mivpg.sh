@@ -93,7 +93,7 @@ case $phase in
 train|resume)
   nvidia-smi -L || true
   if [[ " ${rows[*]} " == *" mivpg-plain "* ]] && [ ! -f "$RUNS/plain/model.safetensors" ]; then
-    python3 -c "from export.train.state import assemble_variant as a; a('models/default_model', 'models/default_model/plain-baseline', '$RUNS/plain')"
+    python3 -m export.train.state assemble models/default_model models/default_model/plain-baseline "$RUNS/plain" > /dev/null
   fi
   for row in "${rows[@]}"; do
     if [ "$phase" = resume ]; then

@@ -44,21 +44,30 @@ def first_when_yes(prompt: str) -> bool:
     return hits[0]
 
 
-def features(checkpoint: Path, examples, batch_size: int = 32):
-    """-> hidden [layers + 1, N, D] at each question's last prompt token, the model's greedy first answer token."""
+def load(checkpoint: Path):
+    """-> (pipeline for its prompter and preprocessing, the LLaVA, its PIP-MM vision at half, prompt-topk), as shipped."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from export.model.prompt import PromptMLP
-    from export.train.data import encode_example, text_tensors
     from export.train.evaluate import torch_pipeline
-    from export.train.model import IGNORE, embed_sequence, make_vision, patch_position_ids, visual_tokens
-    from sdk.preprocess import preprocess
+    from export.train.model import make_vision
 
     pipeline = torch_pipeline(checkpoint, checkpoint, "half", "prompt-topk", "cpu", "patch")
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True,
                                                           attn_implementation="sdpa").eval()
-    vision = make_vision(model, "half", "prompt-topk", PromptMLP.load(checkpoint).eval())
+    return pipeline, model, make_vision(model, "half", "prompt-topk", PromptMLP.load(checkpoint).eval())
+
+
+def features(loaded, examples, batch_size: int = 32):
+    """-> hidden [layers + 1, N, D] at each question's last prompt token, the model's greedy first answer token."""
+    import torch
+
+    from export.train.data import encode_example, text_tensors
+    from export.train.model import IGNORE, embed_sequence, patch_position_ids, visual_tokens
+    from sdk.preprocess import preprocess
+
+    pipeline, model, vision = loaded
     prompter, pad = pipeline.prompter, pipeline.manifest.special_tokens.pad
     hidden, answers = [], []
     with torch.no_grad():
@@ -102,10 +111,10 @@ def main(argv=None) -> int:
     parser.add_argument("--test", type=int, default=600, help="test-split relation questions they are scored on")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    sets = {}
+    loaded, sets = load(args.checkpoint), {}
     for split, n in (("train", args.train), ("test", args.test)):
         examples = evaluate.questions(split, n, families=["relation"], instruction_fraction=0.0)
-        hidden, said = features(args.checkpoint, examples)
+        hidden, said = features(loaded, examples)
         yes = np.array([normalize(e.answer) == "yes" for e in examples])
         order = np.array([y == first_when_yes(e.prompt) for e, y in zip(examples, yes)])
         axis = np.array([bool(re.search(r"\b(left|right)\b", e.prompt.lower())) for e in examples])

@@ -240,12 +240,14 @@ def assemble_variant(base: Path, variant: Path, out: Path) -> Path:
     return out
 
 
-# python3 -m export.train.state portable SRC DST | split CHECKPOINT OUT
-COMMANDS = {"portable": portable_copy, "split": split_variant}
+# the shell scripts' entry points: command -> (function, its path arguments)
+COMMANDS = {"portable": (portable_copy, "SRC DST"), "split": (split_variant, "CHECKPOINT OUT"),
+            "assemble": (assemble_variant, "BASE VARIANT OUT"), "base": (variant_base, "VARIANT")}
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python3 -m export.train.state COMMAND PATH...: prints the resulting path
     import sys
 
-    if len(sys.argv) != 4 or sys.argv[1] not in COMMANDS:
-        sys.exit("usage: python3 -m export.train.state {portable|split} SRC DST")
-    print(COMMANDS[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3])))
+    command, paths = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
+    if command not in COMMANDS or len(paths) != len(COMMANDS[command][1].split()):
+        sys.exit("usage: python3 -m export.train.state " + " | ".join(f"{c} {a}" for c, (_, a) in COMMANDS.items()))
+    print(COMMANDS[command][0](*map(Path, paths)))
