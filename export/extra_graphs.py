@@ -243,6 +243,22 @@ def _bundle_precision(manifest: Manifest, graphs=()) -> str:
     return precision
 
 
+def _build_precision(manifest: Manifest, graphs, weights: dict | None, fused_target: str) -> str:
+    """_bundle_precision, except that a decoder_fused with MatMulNBits weights for the CPU is built in fp32 in an fp16
+    bundle too: x86 CPUs have no fp16 arithmetic, so ONNX Runtime widens an fp16 graph's weights at load and runs
+    a Cast around every float op (m20: 47 Casts a decode step), and MatMulNBits at accuracy level 4 quantizes fp32
+    activations per block either way. Its inputs and outputs are then fp32 and the runtime casts at the boundary
+    (runtimes/onnxruntime.py); the weights are quantized from the checkpoint's fp32 ones, the bytes an fp32 bundle's
+    quantized decoder_fused holds."""
+    precision = _bundle_precision(manifest, graphs)
+    if weights and fused_target == "cpu" and precision in ("fp16", "bf16"):
+        if set(graphs) != {FUSED_DECODER}:
+            raise ExportError(f"a quantized {FUSED_DECODER} for the CPU is built in fp32, the other graphs in "
+                              f"{precision}: add it in its own add-graphs call")
+        return "fp32"
+    return precision
+
+
 def _check_names(graphs) -> None:
     for name in graphs:
         if name not in onnx_graphs.OPTIONAL_EXPORTERS:
@@ -353,8 +369,8 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=True)
     manifest = bundle.manifest
-    precision = _bundle_precision(manifest, graphs)
     weights = weight_settings(manifest, fused_weights) if FUSED_DECODER in graphs else None
+    precision = _build_precision(manifest, graphs, weights, fused_target)
     _check_names(graphs)
     for name in graphs:
         if name in manifest.graphs and not overwrite:
@@ -372,7 +388,8 @@ def add_graphs(bundle_dir, checkpoint_dir, graphs=("decoder_static",), device: s
                 module.pieces = not weights
             if name == FUSED_DECODER and weights:  # quantized in memory, written once
                 def rewrite(graph, name=name):
-                    graph, quantized[name] = quantize_fused(graph, weights)
+                    graph, record = quantize_fused(graph, weights)
+                    quantized[name] = {**record, "activations": precision}
                     return graph
                 onnx_graphs.export_decoder_fused(module, out, manifest.model.to_dict(), rewrite)
             else:

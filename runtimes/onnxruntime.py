@@ -57,6 +57,13 @@ ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
+def _io_kind(dtype: str) -> str:
+    """An input's dtype as decoder_fused must match the plain decoder's: any float width (a quantized CPU
+    decoder_fused of an fp16 bundle computes in fp32, export/extra_graphs.py _build_precision; every feed is cast to
+    the running graph's dtypes, read below), else the dtype itself."""
+    return "float" if dtype in ("float16", "float32", "bfloat16") else dtype
+
+
 def _ort():
     try:
         import onnxruntime
@@ -178,14 +185,17 @@ class OnnxRuntimeBackend:
                  "device": (partial(self._new_dynamic_cache, kind=DeviceKVCache), self._decode_device)}
         embed_out = bundle.graphs["embed"].outputs[0]  # bound straight into the decoder's input row where it fits
         embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
+        # an fp16 embed graph before an fp32 decoder (a quantized decoder_fused of an fp16 bundle): the host table
+        # holds its rows widened, exactly, and the token step copies them as for a bound embed graph
+        host_rows = embed_binds or (embed_out.name == "inputs_embeds" and _io_kind(embed_out.dtype) == "float")
         self._token_step, self._buffer = None, None  # decode_token's in-place path (token id -> logits)
         # a small vocabulary's embedding rows on the host: the in-place token step copies its row instead of
         # running the embed graph (one session run less per token; inplace_cache.py token_step)
-        self.embed_table = self._host_embed_table() if self.kv_cache == "inplace" and embed_binds else None
+        self.embed_table = self._host_embed_table() if self.kv_cache == "inplace" and host_rows else None
         if self.kv_cache == "inplace":
             self._inplace = InPlaceCaches(ort, self.sessions[FUSED_DECODER], self)
             kinds["inplace"] = (self._inplace.new_cache, self._inplace.step)
-            self._token_step = self._inplace.token_step if embed_binds else None
+            self._token_step = self._inplace.token_step if embed_binds or self.embed_table is not None else None
         if self.static_cache:  # one device buffer: decoder_fused's (slot = order) or decoder_static's (= position)
             entry = token_ids and FusedDecoderEntry.of(bundle)
             self._buffer = DeviceBufferCaches(ort, self.sessions[self.decoder_graph], self, self.cuda_graph,
@@ -206,7 +216,7 @@ class OnnxRuntimeBackend:
             return None
         if self.vocab_size * self.hidden_size * np.dtype(self.embed_dtype).itemsize > HOST_EMBED_TABLE_BYTES:
             return None
-        table = np.ascontiguousarray(self.embed(np.arange(self.vocab_size, dtype=np.int64)[None])[0])
+        table = np.ascontiguousarray(self.embed(np.arange(self.vocab_size, dtype=np.int64)[None])[0], self.embed_dtype)
         table.setflags(write=False)
         return table
 
@@ -237,7 +247,8 @@ class OnnxRuntimeBackend:
         plain, fused = self.bundle.graphs["decoder"], self.bundle.graphs[FUSED_DECODER]
         entry = FusedDecoderEntry.of(self.bundle)
         cmai = () if entry.cmai else ("image_bias", "attention")  # the CUDA target has no CMAI
-        if [(i.name, i.dtype) for i in plain.inputs if i.name not in cmai] != [(i.name, i.dtype) for i in fused.inputs] or \
+        if [(i.name, _io_kind(i.dtype)) for i in plain.inputs if i.name not in cmai] != \
+                [(i.name, _io_kind(i.dtype)) for i in fused.inputs] or \
                 [o.name for o in plain.outputs if o.name not in cmai] != \
                 [o.name for o in fused.outputs if o.name != entry.next_token]:
             reason = f"{FUSED_DECODER}'s inputs/outputs differ from decoder's (re-add it with --overwrite)"

@@ -19,6 +19,7 @@ Variants (each a bundle or a transformers attention implementation):
   *-int4          the bundle quantized (export/precision/quantize.py, as `pipmm export --precision int4`, + its INT4
                   decoder_fused), with --precisions fp32,int4; transformers stays FP32 (it has no CPU INT4 path here)
   transformers-eager / -sdpa  transformers at each --hf-attn
+  --also NAME=DIR + pipmm-NAME: another bundle of the checkpoint as it is (no decoder_fused added), same rounds
   --before DIR    + pipmm@REV: the same bundle through DIR's code (a worktree of the commit before a change),
                   in the same interleaved rounds
   --ablations     + pipmm-one-decoder-session (prefills on the decode session's one thread), pipmm-plain-decoder
@@ -234,6 +235,9 @@ def variants(args, work: Path) -> dict:
     if args.ablations:  # the default bundle as describe ran it before (issue 18 CPU pass 2): same tokens, slower
         for name, env in ABLATIONS.items():
             specs[name] = {**specs["pipmm"], "env": env}
+    for pair in args.also:  # another bundle of the same checkpoint as it is (e.g. the one before a re-export)
+        name, _, path = pair.partition("=")
+        specs[f"pipmm-{name}"] = {"side": "pipmm", "bundle": str(Path(path).resolve()), "precision": "as exported"}
     if args.before is not None:  # the same bundle through another checkout's code (the commit before a change)
         rev = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip() or "before"
@@ -308,6 +312,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", action="store_true", help="also the default bundle with each of ABLATIONS")
     parser.add_argument("--before", type=Path, default=None,
                         help="another checkout of this repo: its pipmm on the same bundle, interleaved (pipmm@REV)")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=BUNDLE",
+                        help="another bundle of the checkpoint, timed as it is in the same rounds (pipmm-NAME)")
     parser.add_argument("--prompt", default=None, help="the question (default: sdk.bench's)")
     parser.add_argument("--work", type=Path, default=None, help="where the derived bundles go")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "gpu-results" / "cpu-vs-transformers-default.json")

@@ -94,3 +94,47 @@ def test_fused_weights_follow_the_bundle_or_are_asked_for(quantized, bundles, tm
     shutil.copytree(quantized("int4"), int4_dir)
     with pytest.raises(ExportError, match="optional graphs are traced in fp32"):  # only decoder_fused is quantized
         add_graphs(int4_dir, None, graphs=("decoder_static",))
+
+
+def test_a_cpu_int4_decoder_fused_of_an_fp16_bundle_computes_in_fp32(bundles, checkpoints, image, tmp_path):
+    """The shipped default's CPU decode graph (scripts/export_default_bundle.sh): an fp16 bundle's decoder_fused with
+    int4 MatMulNBits is built in fp32 from the checkpoint, so its graph is the one an fp32 bundle gets, bit for bit;
+    the runtime feeds it across the fp16 embed/vision graphs, and the CPU chooses it."""
+    import onnx
+    from onnx import numpy_helper
+
+    fp16 = quantize.quantize_bundle(bundles("qwen2"), tmp_path / "fp16", "fp16", progress=False)
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(bundles("qwen2"), fp32)
+    with pytest.raises(ExportError, match="its own add-graphs call"):
+        add_graphs(fp16, checkpoints["qwen2"], graphs=("decoder_fused", "decoder_static"), fused_weights="int4")
+    for path in (fp16, fp32):
+        add_graphs(path, checkpoints["qwen2"], graphs=("decoder_fused",), fused_weights="int4")
+    manifest = json.loads((fp16 / "manifest.json").read_text())
+    assert manifest["precision"]["graphs"]["decoder_fused"] == "int4"
+    assert manifest["precision"]["graphs"]["decoder"] == "fp16"
+    assert manifest["precision"]["details"]["decoder_fused"]["activations"] == "fp32"
+    weights = [{t.name: numpy_helper.to_array(t) for t in onnx.load(p / "decoder_fused.onnx").graph.initializer}
+               for p in (fp16, fp32)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        np.testing.assert_array_equal(value, weights[1][name], err_msg=name)
+
+    pipe = sdk.load(fp16, device="cpu")
+    backend = pipe.backend
+    info = backend.info()
+    assert info["decoder_graph"] == "decoder_fused" and info["decoder_flavour_note"] is None
+    assert backend.kv_dtype == np.float32 and backend.embed_dtype == np.float32
+    assert backend.embed_table is not None and backend.embed_table.dtype == np.float32  # fp16 rows, widened
+    result = pipe.generate(image, PROMPT, max_new_tokens=16, min_new_tokens=16)
+    assert len(result.token_ids) == 16
+    # the same graph on the same fp32 inputs as in the fp32 bundle: the same logits
+    rng = np.random.default_rng(5)
+    embeds = rng.standard_normal((1, 9, backend.hidden_size)).astype(np.float32)
+    reference = sdk.load(fp32, device="cpu").backend
+    got, want = (b.decoder(embeds, b.new_cache(1))[0].copy() for b in (backend, reference))
+    np.testing.assert_allclose(got, want, atol=SAME_WEIGHTS_ATOL, rtol=0)
+    # and within int4's bound of the bundle's own fp16 decoder
+    plain = OnnxRuntimeBackend(backend.bundle, device="cpu", decoder_flavour="plain")
+    fp16_logits = plain.decoder(embeds.astype(np.float16), plain.new_cache(1))[0].astype(np.float32)
+    assert np.abs(got - fp16_logits).max() <= FP32_ATOL["int4"]
