@@ -39,7 +39,7 @@
 #        learning rate re-warmed over $REWARM steps, default 200)
 #   bash scripts/gpu_default_model.sh variants FILES_DIR BASE [DST]
 #        on the CPU side: what a finetune call brought back -> whole checkpoints DST/pip0, DST/plain0 ... (default
-#        runs/finetune), the vision tower taken from the stage-0 checkpoint BASE (e.g. models/stage0/m20)
+#        runs/finetune), the vision tower taken from the stage-0 checkpoint BASE (e.g. models/stage0/m21)
 #   bash scripts/gpu_default_model.sh unpack FILES_DIR [DIR]
 #        on the CPU side: what a big0/big call brought back (FILES_DIR) -> DIR (default runs/big/s0), the
 #        directory the next call carries
