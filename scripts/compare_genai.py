@@ -4,6 +4,7 @@
     python scripts/compare_genai.py                                  # the default model and bundle
     python scripts/compare_genai.py --checkpoint CKPT --bundle BUNDLE --json docs/gpu-results/cpu-genai-X.json
     python scripts/compare_genai.py --precision int4   # the bundle quantized (int4, + its INT4 decoder_fused) vs -p int4
+                                                       # (a bundle whose decoder_fused is int4 already runs as it is)
 
 The peer is built with GenAI's own model builder (`python -m onnxruntime_genai.models.builder -i TEXT -o OUT
 -p fp32 -e cpu`) from the checkpoint's text model, extracted with transformers into a plain
@@ -254,7 +255,9 @@ def main(argv=None) -> int:
     args.json = args.json or ROOT / "docs" / "gpu-results" / \
         f"cpu-genai-default{'' if args.precision == 'fp32' else '-' + args.precision}.json"
     genai_dir, peer_note = build_genai(args.checkpoint, work, args.precision)
-    if args.precision != "fp32":
+    shipped = load_bundle(args.bundle, verify=False).graphs.get("decoder_fused")
+    # a bundle whose decoder_fused already has these weights (the default's int4 one) runs as it is
+    if args.precision != "fp32" and (shipped is None or shipped.extra.get("weights") != args.precision):
         args.bundle = quantized_copy(args.bundle, work, args.precision)
     fused = fused_copy(args.bundle, args.checkpoint, work)
     model = og.Model(str(genai_dir))
