@@ -57,6 +57,14 @@ ADAPTER_GRAPHS = ("adapter",)  # opened when the bundle has them (sdk/frames.py)
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
+# Graph optimizers left off for a static-int8 (QDQ) graph: CommonSubexpressionElimination merges the identical Q/DQ
+# pairs that quantize_static's DedicatedQDQPair writes, one per consumer (export/precision/quantize.py), back into one
+# pair shared by several MatMuls, and ONNX Runtime's QDQ fusion then leaves those as DequantizeLinear + fp32 MatMul
+# on every run instead of QLinearMatMul (m21's vision graph: 26 of 50 weight MatMuls fused with it, 50 without;
+# 27.5 -> 19.9 ms a run on 2 cores).
+QDQ_KEEP_PAIRS = ["CommonSubexpressionElimination"]
+
+
 def _io_kind(dtype: str) -> str:
     """An input's dtype as decoder_fused must match the plain decoder's: any float width (a quantized CPU
     decoder_fused of an fp16 bundle computes in fp32, export/extra_graphs.py _build_precision; every feed is cast to
@@ -270,9 +278,11 @@ class OnnxRuntimeBackend:
         graph_capture = self.cuda_graph and name == self.decoder_graph
         path = str(self.bundle.graph_path(name))
         options = options or (self.decoder_options if name.startswith("decoder") else self.options)
+        disabled = QDQ_KEEP_PAIRS if "QDQ" in str(self.bundle.manifest.precision.details.get(name, {}).get("method")) \
+            else None
         try:
             try:
-                session = ort.InferenceSession(path, sess_options=options,
+                session = ort.InferenceSession(path, sess_options=options, disabled_optimizers=disabled,
                                                providers=self._provider_options(name, graph_capture, device))
             except Exception as err:
                 if not graph_capture:
@@ -280,7 +290,7 @@ class OnnxRuntimeBackend:
                 # ORT refuses graph capture when some node runs on the CPU with a copy in between: run without.
                 self.cuda_graph, graph_capture = False, False
                 self.cuda_graph_note = f"CUDA graph refused by onnxruntime: {one_line(err, 300)}"
-                session = ort.InferenceSession(path, sess_options=options,
+                session = ort.InferenceSession(path, sess_options=options, disabled_optimizers=disabled,
                                                providers=self._provider_options(name, False))
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BundleError(f"graph {name} ({spec.file}) cannot be loaded by onnxruntime: "

@@ -206,6 +206,35 @@ def test_static_int8_quantizes_weights_not_attention(variants):
         assert len(quantized) < len(matmuls), f"{graph}: the attention MatMuls were quantized"
 
 
+def test_static_int8_weight_matmuls_all_run_as_qlinearmatmul_on_the_cpu(variants, tmp_path):
+    """Each quantized MatMul has its own Q/DQ pair on its activation (DedicatedQDQPair, export/precision/quantize.py)
+    and the runtime keeps ONNX Runtime from merging the pairs (runtimes/onnxruntime.py QDQ_KEEP_PAIRS), so after the
+    session's optimisation every one is a QLinearMatMul: with one pair shared by the ViT's q/k/v, those three stayed
+    DequantizeLinear + fp32 MatMul on every run. (The static-int8 decoder is TensorRT's; ONNX Runtime runs the
+    weight-only one.)"""
+    import onnxruntime as ort
+
+    from runtimes.onnxruntime import QDQ_KEEP_PAIRS
+
+    for variant, graph in (("fp16-int8vision", "vision"), ("int8-static", "vision")):
+        path = variants[variant] / f"{graph}.onnx"
+        model = onnx.load(str(path), load_external_data=False)
+        producer = {o: n for n in model.graph.node for o in n.output}
+        quantized_out = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        # DQ(activation), DQ(weight) -> MatMul -> Q: a whole quantized unit (kept-float nodes have no Q after them)
+        weights = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in producer
+                   and producer[n.input[1]].op_type == "DequantizeLinear" and n.output[0] in quantized_out]
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{variant}-{graph}.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=QDQ_KEEP_PAIRS)
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        fused = sum(n.op_type == "QLinearMatMul" for n in optimized.graph.node)
+        assert fused == len(weights) > 0, (variant, graph, fused, len(weights))
+        manifest = json.loads((variants[variant] / "manifest.json").read_text())
+        assert "QDQ" in manifest["precision"]["details"][graph]["method"]  # what the runtime keys QDQ_KEEP_PAIRS on
+
+
 def test_quantized_weights_are_smaller(fp32, variants):
     """Initializer bytes against FP32. The tiny checkpoint's float32 lm_head (320 x 64), prompt MLP and norms weigh
     relatively more than in the default model, whose int8 bundle is ~0.3x (docs/precision.md): int8 <= 0.45x here.

@@ -294,6 +294,11 @@ def int8_static(name: str, src: Path, dst: Path, ctx: dict) -> dict:
                         use_external_data_format=src.stat().st_size > EXTERNAL_DATA_BYTES,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "MatMulConstBOnly": "attention" in keep, "CalibTensorRangeSymmetric": True,
+                                       # a Q/DQ pair for each consumer: ONNX Runtime fuses DQ -> MatMul -> Q into
+                                       # QLinearMatMul only where the pair is the MatMul's own (the ViT's q/k/v
+                                       # share one input: 24 of m21's 50 weight MatMuls ran DQ + fp32 MatMul); the
+                                       # runtime keeps the pairs apart (runtimes/onnxruntime.py QDQ_KEEP_PAIRS)
+                                       "DedicatedQDQPair": True,
                                        # biases stay float: TensorRT dequantizes INT8/INT4/FP8, not int32
                                        "QuantizeBias": False})
     return {"tool": f"onnxruntime.quantization.quantize_static (onnxruntime {ort_version()})",
