@@ -22,7 +22,7 @@ PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m sdk.cli export "$ckpt" --
   --precision "${PRECISION:-fp32}" $([ "${INT8_VISION:-0}" = 1 ] && echo --int8-vision) --out "$out" --overwrite --quiet
 # decoder_fused (the CPU's default flavour, docs/gpu.md). FUSED_WEIGHTS=int4 (default in an fp16 bundle): MatMulNBits
 # weights, computed in fp32 (export/extra_graphs.py _build_precision), 6.6 MB of its own: a decode step reads 4 MB,
-# not the fp16 decoder's 16 MB widened to 32 (m21: describe 158 -> 91 ms, test split 81.85 -> 82.0%, docs/gpu.md);
+# not the fp16 decoder's 16 MB widened to 32 (m21: describe 149 -> 82 ms, docs/gpu.md);
 # FUSED_WEIGHTS=float: its float weights are the decoder's, shared in decoder.onnx.data (0.16 MB more)
 fused=${FUSED_WEIGHTS:-$([ "${PRECISION:-fp32}" = fp16 ] && echo int4 || echo float)}
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m sdk.cli add-graphs "$out" --checkpoint "$ckpt" --graph decoder_fused \

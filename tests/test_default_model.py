@@ -82,7 +82,7 @@ def test_default_bundle_ships_energy_grad_on_the_decoders_weights():
 def test_default_bundle_ships_an_int4_decoder_fused_for_the_cpu():
     """The CPU's fused flavour is in the embedded bundle with int4 MatMulNBits weights computed in fp32
     (scripts/export_default_bundle.sh; export/extra_graphs.py _build_precision): a decode step reads its 6.6 MB, not
-    the fp16 decoder's weights widened to fp32 (m21: describe 158 -> 91 ms, docs/gpu.md). The CPU runs it."""
+    the fp16 decoder's weights widened to fp32 (m21: describe 149 -> 82 ms, docs/gpu.md). The CPU runs it."""
     manifest = json.loads((default_bundle_path() / "manifest.json").read_text())
     entry, details = manifest["graphs"]["decoder_fused"], manifest["precision"]["details"]["decoder_fused"]
     assert entry["weights"] == "int4" and details["activations"] == "fp32" and details["block_size"] == 32
