@@ -104,7 +104,7 @@ def _referring_cases(n):
 
 
 def test_default_model_answers_about_a_box(default_pipeline):
-    # docs/referring.md, 60 scenes (m21): ControlMLLM++ with a box 80.0%, no referring 16.7%
+    # docs/referring.md, 60 scenes (m21): ControlMLLM++ with a box 78.3%, no referring 16.7%
     plain = referred = 0
     for scene, target, box in _referring_cases(10):
         ask = lambda **kw: normalize(default_pipeline.generate(scene.image, "What color is the object?",
