@@ -25,8 +25,8 @@ PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m sdk.cli export "$ckpt" --
 # not the fp16 decoder's 16 MB widened to 32 (m21: describe 149 -> 82 ms, docs/gpu.md);
 # FUSED_WEIGHTS=float: its float weights are the decoder's, shared in decoder.onnx.data (0.16 MB more)
 fused=${FUSED_WEIGHTS:-$([ "${PRECISION:-fp32}" = fp16 ] && echo int4 || echo float)}
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m sdk.cli add-graphs "$out" --checkpoint "$ckpt" --graph decoder_fused \
-  $([ "$fused" != float ] && echo --fused-weights "$fused")
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m sdk.cli add-graphs "$out" --checkpoint "$ckpt" \
+  --graph decoder_fused $([ "$fused" != float ] && echo --fused-weights "$fused")
 python - "$ckpt" "$out" <<'PY'
 import sys
 from pathlib import Path
