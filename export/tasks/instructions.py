@@ -49,6 +49,10 @@ class Instruction:
     form: Callable[[str], bool]               # model output -> has the asked form (content not checked)
     note: str
     held_out_texts: tuple[str, ...] = ()      # never trained: the `phrasing` split
+    # more train phrasings (after m21, 2026-12-04: 23% of held-out-worded instructions were followed against 84%
+    # of trained ones, a 15-point cost on the phrasing split): drawn by the train split only, so the questions of
+    # the eval splits, drawn from `texts`, stay the ones measured before
+    more_texts: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
@@ -75,34 +79,47 @@ TRAINED: dict[str, Instruction] = {
         ("Answer in capitals.", "Reply in capital letters.", "Use upper case.", "Answer in uppercase.",
          "Write your answer in capital letters."), ("color", "shape", "position", "label", "refer"), str.upper,
         _capitals_form, "colour/shape/position/label answers in upper case: 'TOP LEFT'",
-        ("Please respond in ALL CAPS.", "Capitalise every letter of the answer.")),
+        ("Please respond in ALL CAPS.", "Capitalise every letter of the answer."),
+        ("Please give the answer in upper-case letters.", "Respond in block capitals.",
+         "Make the whole answer uppercase.", "Type the reply in capitals.", "Everything in upper case, please.",
+         "Write it all in capitals.")),
     "number-word": Instruction(
         ("Answer with the number written as a word.", "Spell out the number.", "Write the number in words.",
          "Give the count as a word."), ("count",), lambda answer: NUMBER_WORDS[int(answer)],
         lambda out: normalize(out) in NUMBER_WORDS, "count answers as words: 'three'",
-        ("Use words, not digits, for the number.",)),
+        ("Use words, not digits, for the number.",),
+        ("Please write the count out in letters.", "Respond with the number spelled out.", "Give the number in "
+         "letters.", "Spell the count.", "Say the number as a word.")),
     "digits": Instruction(
         ("Answer with a number.", "Give the number in digits.", "Reply with just the number."), ("count",),
         lambda answer: answer, lambda out: normalize(out).isdigit(), "count answers stay digits: '3'",
-        ("Respond using numerals only.",)),
+        ("Respond using numerals only.",),
+        ("Please answer with digits.", "Give the count in figures.", "Answer using digits.", "Respond with the count "
+         "as a figure.")),
     "yes-no": Instruction(
         ("Answer yes or no.", "Just say yes or no.", "Reply with yes or no."), ("exist", "relation"),
         lambda answer: answer, lambda out: normalize(out) in ("yes", "no"),
         "exist/relation answers are already yes/no: the instruction must not derail them",
-        ("A yes/no answer, please.",)),
+        ("A yes/no answer, please.",),
+        ("Please answer with yes or no.", "Respond yes or no.", "Yes or no?", "Reply yes or no only.")),
     "true-false": Instruction(
         ("Answer true or false.", "Reply with true or false.", "Say true or false."), ("exist", "relation"),
         lambda answer: {"yes": "true", "no": "false"}[answer], lambda out: normalize(out) in ("true", "false"),
-        "exist/relation answers as true/false: content, not only form", ("Respond with either true or false.",)),
+        "exist/relation answers as true/false: content, not only form", ("Respond with either true or false.",),
+        ("Please answer with true or false.", "Respond true or false.", "True or false?", "State true or false.")),
     "object-count": Instruction(
         ("Just tell me how many objects there are.", "Only give the number of objects.",
          "Answer with the number of objects only."), ("describe",), lambda caption: str(len(_items(caption))),
         lambda out: normalize(out).isdigit(), "describe answered by the number of listed objects: '4'",
-        ("Rather than listing them, count the objects.",)),
+        ("Rather than listing them, count the objects.",),
+        ("Please give only how many objects there are.", "Respond with the number of objects.", "How many objects? "
+         "Just the number.", "Give the object count alone.")),
     "first-object": Instruction(
         ("Name only the first object.", "Only the first object, please.", "Just give the first object."),
         ("describe",), lambda caption: _items(caption)[0], lambda out: "," not in out,
-        "describe answered by its first item only: 'small red star'", ("Stop after naming one object.",)),
+        "describe answered by its first item only: 'small red star'", ("Stop after naming one object.",),
+        ("Please give just the first object.", "Respond with the first object only.", "Give me the first object and "
+         "nothing else.", "The first object alone, please.")),
 }
 HELD_OUT: dict[str, Instruction] = {
     "one-word": Instruction(("Answer in one word.",), ("describe",), None, lambda out: len(_words(out)) == 1,
@@ -114,11 +131,13 @@ ALL: dict[str, Instruction] = {**TRAINED, **HELD_OUT}
 def instruct(question: Question, name: str, rng: np.random.Generator | None = None,
              phrasing: str = "train") -> Question:
     """`question` with instruction `name` appended (its first phrasing, or one drawn from `rng`; phrasing
-    'held_out': the held-out phrasings) and its answer in the asked form (trained ones)."""
+    'held_out': the held-out phrasings, 'train-wide': the train ones and `more_texts`, as the train split draws
+    them) and its answer in the asked form (trained ones)."""
     instruction = TRAINED[name]
     if question.family not in instruction.families:
         raise ValueError(f"instruction {name!r} is for {instruction.families}, not {question.family!r}")
-    texts = instruction.held_out_texts if phrasing == "held_out" else instruction.texts
+    texts = {"held_out": instruction.held_out_texts, "train-wide": instruction.texts + instruction.more_texts}.get(
+        phrasing, instruction.texts)
     text = texts[0] if rng is None else texts[int(rng.integers(len(texts)))]
     return replace(question, prompt=join(question.prompt, text), answer=instruction.answer(question.answer))
 
@@ -131,7 +150,7 @@ def join(prompt: str, text: str) -> str:
 def instruction_of(prompt: str) -> str | None:
     """The name of the trained instruction a prompt ends with (any phrasing), else None."""
     for name, i in TRAINED.items():
-        if any(prompt.endswith(" " + t) for t in (*i.texts, *i.held_out_texts)):
+        if any(prompt.endswith(" " + t) for t in (*i.texts, *i.more_texts, *i.held_out_texts)):
             return name
     return None
 

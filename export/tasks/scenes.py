@@ -74,7 +74,7 @@ class SplitSpec:
 
 _HELD_OUT_MIX = {name: 1.0 for name in HELD_OUT_STYLES}
 SPLITS = {
-    "train": SplitSpec(0, TRAIN_STYLES),
+    "train": SplitSpec(0, TRAIN_STYLES, instruction_phrasing="train-wide"),
     "val": SplitSpec(SPLIT_SPAN, TRAIN_STYLES),
     "test": SplitSpec(2 * SPLIT_SPAN, TRAIN_STYLES),
     "phrasing": SplitSpec(3 * SPLIT_SPAN, TRAIN_STYLES, "held_out", instruction_phrasing="held_out"),
