@@ -195,7 +195,7 @@ class OnnxRuntimeBackend:
         embed_binds = embed_out.name == "inputs_embeds" and embed_out.dtype == np.dtype(self.embed_dtype).name
         # an fp16 embed graph before an fp32 decoder (a quantized decoder_fused of an fp16 bundle): the host table
         # holds its rows widened, exactly, and the token step copies them as for a bound embed graph
-        host_rows = embed_binds or (embed_out.name == "inputs_embeds" and _io_kind(embed_out.dtype) == "float")
+        host_rows = embed_out.name == "inputs_embeds" and _io_kind(embed_out.dtype) == "float"
         self._token_step, self._buffer = None, None  # decode_token's in-place path (token id -> logits)
         # a small vocabulary's embedding rows on the host: the in-place token step copies its row instead of
         # running the embed graph (one session run less per token; inplace_cache.py token_step)

@@ -40,7 +40,7 @@ def test_training_stream_instructs_about_the_asked_fraction_and_keeps_the_questi
     mixed = scene_items("train", 0, 40, 224, instruction_fraction=0.5)
     assert [s.seed for s, _ in plain] == [s.seed for s, _ in mixed]
     fits = instructed = 0
-    texts = {t for i in instructions.TRAINED.values() for t in (*i.texts, *i.more_texts)}  # the train split's
+    texts = {t for i in instructions.TRAINED.values() for t in i.train_texts}  # the train split's
     for (_, qa), (_, qb) in zip(plain, mixed):
         assert len(qa) == len(qb)
         for a, b in zip(qa, qb):
@@ -51,7 +51,7 @@ def test_training_stream_instructs_about_the_asked_fraction_and_keeps_the_questi
             sep = " " if a.prompt[-1] in ".?!" else ". "
             suffix = b.prompt[len(a.prompt) + len(sep):]
             assert b.prompt.startswith(a.prompt + sep) and suffix in texts
-            name = next(n for n, i in instructions.TRAINED.items() if suffix in (*i.texts, *i.more_texts))
+            name = next(n for n, i in instructions.TRAINED.items() if suffix in i.train_texts)
             assert instructions.instruction_of(b.prompt) == name
             assert b.answer == instructions.TRAINED[name].answer(a.answer)
             instructed += 1

@@ -27,7 +27,7 @@ def test_train_and_held_out_never_share_a_template():
     train = {norm(t) for f in FAMILIES for t in templates(f, "train")}
     held = {norm(t) for f in FAMILIES for t in templates(f, "held_out")}
     assert not train & held, train & held
-    texts = [t for i in instructions.TRAINED.values() for t in (*i.texts, *i.more_texts)]
+    texts = [t for i in instructions.TRAINED.values() for t in i.train_texts]
     held_texts = [t for i in instructions.TRAINED.values() for t in i.held_out_texts]
     assert not {norm(t) for t in texts} & {norm(t) for t in held_texts}
     assert all(i.held_out_texts for i in instructions.TRAINED.values())
@@ -51,12 +51,12 @@ def test_the_train_split_draws_the_wider_instruction_phrasings_and_eval_splits_k
     assert scenes.SPLITS["train"].instruction_phrasing == "train-wide"
     assert all(scenes.SPLITS[s].instruction_phrasing in ("train", "held_out") for s in scenes.EVAL_SPLITS)
     for name, instruction in instructions.TRAINED.items():
-        assert len(instruction.texts) + len(instruction.more_texts) >= 7, name
+        assert len(instruction.train_texts) >= 7, name
         question = Question(instruction.families[0], "Is there a red star?", "yes" if name in ("yes-no",
                             "true-false") else "3" if instruction.families[0] == "count" else "small red star")
         rng = np.random.default_rng(0)
         drawn = {instructions.instruct(question, name, rng, "train-wide").prompt for _ in range(200)}
-        endings = {t for t in (*instruction.texts, *instruction.more_texts)}
+        endings = set(instruction.train_texts)
         assert {d.split("? ", 1)[1] for d in drawn} == endings, name
         assert all(instructions.instruction_of(d) == name for d in drawn)
         test = {instructions.instruct(question, name, rng, "train").prompt.split("? ", 1)[1] for _ in range(100)}

@@ -156,7 +156,7 @@ def test_training_never_draws_held_out_styles_or_phrasings():
             for q in questions:
                 assert not any(q.prompt.endswith(t) for t in held_instr)
                 bases = {q.prompt} | {q.prompt[:-len(sep + t)] for i in instructions.TRAINED.values()
-                                      for t in (*i.texts, *i.more_texts)
+                                      for t in i.train_texts
                                       for sep in (" ", ". ") if q.prompt.endswith(sep + t)}
                 assert any(_template(q.family, b) in train for b in bases), q
                 assert not any(_template(q.family, b) in held for b in bases), q

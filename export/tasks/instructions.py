@@ -58,6 +58,11 @@ class Instruction:
     def text(self) -> str:
         return self.texts[0]
 
+    @property
+    def train_texts(self) -> tuple[str, ...]:
+        """Every phrasing the train split draws ('train-wide'): texts, then more_texts."""
+        return self.texts + self.more_texts
+
     def exact(self, output: str, plain_answer: str) -> bool:
         """The asked form with the right content (form only where `answer` is None)."""
         if self.answer is None:
@@ -136,7 +141,7 @@ def instruct(question: Question, name: str, rng: np.random.Generator | None = No
     instruction = TRAINED[name]
     if question.family not in instruction.families:
         raise ValueError(f"instruction {name!r} is for {instruction.families}, not {question.family!r}")
-    texts = {"held_out": instruction.held_out_texts, "train-wide": instruction.texts + instruction.more_texts}.get(
+    texts = {"held_out": instruction.held_out_texts, "train-wide": instruction.train_texts}.get(
         phrasing, instruction.texts)
     text = texts[0] if rng is None else texts[int(rng.integers(len(texts)))]
     return replace(question, prompt=join(question.prompt, text), answer=instruction.answer(question.answer))
@@ -150,7 +155,7 @@ def join(prompt: str, text: str) -> str:
 def instruction_of(prompt: str) -> str | None:
     """The name of the trained instruction a prompt ends with (any phrasing), else None."""
     for name, i in TRAINED.items():
-        if any(prompt.endswith(" " + t) for t in (*i.texts, *i.more_texts, *i.held_out_texts)):
+        if any(prompt.endswith(" " + t) for t in (*i.train_texts, *i.held_out_texts)):
             return name
     return None
 

@@ -223,8 +223,7 @@ def _config(args, arch, model, mlp, vision, trainable, parent, resolved: dict) -
                  "instruction_fraction": args.instruction_fraction,
                  "paraphrase_fraction": args.paraphrase_fraction,
                  "paraphrase": paraphrase.settings() if args.paraphrase_fraction else None,
-                 # the phrasings the train split draws (instructions.py: texts + more_texts)
-                 "instructions": {n: [*i.texts, *i.more_texts] for n, i in instructions.TRAINED.items()}
+                 "instructions": {n: list(i.train_texts) for n, i in instructions.TRAINED.items()}
                  if args.instruction_fraction else None,
                  "tokenizer_scenes": args.tokenizer_scenes if args.stage == 0 else None},
         **resolved,
