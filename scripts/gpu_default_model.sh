@@ -17,6 +17,9 @@
 #        reworded with probability PARA (default 0.5, export/tasks/paraphrase.py), then the GPU eval of the result
 #        on the test / phrasing / style / classic splits (2000 questions each) -> $RUNS/c2, $RUNS/evals ($W2: data
 #        workers, default 14; $EXTRA2: more train flags, e.g. EXTRA2="--extra-questions relation=2")
+#   [PARA=F] EXTRA_A=... EXTRA_B=... bash scripts/gpu_default_model.sh cont2ab DIR [SECONDS] [LR]
+#        two cont2 runs side by side (W2=7 data workers each), one with $EXTRA_A, one with $EXTRA_B: both evals
+#        come back, and the model of the better one (mean of the four splits; the log names it)
 #   [PATCH=1] [INSTR=F] [PARA=F] [SEEDS="0 1 2"] [EVALS=0] [MERGE=1] [S0=DIR] bash scripts/gpu_default_model.sh finetune
 #        stages 1-2 (PIP-MM) and the plain baseline for seeds 0-2 in parallel, then batched evals
 #        (PATCH=1: PIP-MM's stage 2 and evals with --patch-positions / --visual-positions patch;
@@ -150,6 +153,31 @@ cont2)
   wait
   summarize_evals
   pack c2/model.safetensors
+  ;;
+cont2ab)
+  # Two cont2 runs side by side on one GPU (W2 data workers each, default 7), A with $EXTRA2 $EXTRA_A, B with
+  # $EXTRA2 $EXTRA_B, each in its own $RUNS/a|b; both runs' evals and small files come back, and the model shards
+  # of the one whose mean over the four splits is higher (64 MiB come back: not both models)
+  export W2=${W2:-7}
+  for ab in a b; do
+    extra=$EXTRA_A; [ $ab = b ] && extra=$EXTRA_B
+    OUT="$RUNS/$ab-out" RUNS="$RUNS/$ab" EXTRA2="$EXTRA2 $extra" bash "$0" cont2 "${2:?DIR}" "${3:-330}" "${4:-2e-4}" \
+      > "$RUNS/cont2-$ab.log" 2>&1 &
+  done
+  wait
+  tail -n 12 "$RUNS/cont2-a.log" "$RUNS/cont2-b.log"
+  best=$(python3 - "$RUNS" <<'PY'
+import glob, json, sys
+mean = {ab: sum(json.load(open(f))["overall"]["accuracy"] for f in glob.glob(f"{sys.argv[1]}/{ab}/evals/*.json")) / 4
+        for ab in "ab"}
+print(max(mean, key=mean.get))
+PY
+)
+  echo "better: $best"
+  cp "$RUNS/$best-out"/*.safetensors "$OUT/"
+  for ab in a b; do cp "$RUNS/$ab-out/small.tar.gz" "$OUT/$ab-small.tar.gz"; done
+  cp "$RUNS"/cont2-?.log "$OUT/"
+  ls -l "$OUT"
   ;;
 finetune)
   # PIP-MM stage 1 (prompt MLP alone, full budget) then stage 2 (MLP + projector + LLM at half,

@@ -133,6 +133,27 @@ def relevant_objects(scene, question) -> list:
     return out
 
 
+LOCATE_FAMILIES = ("color", "shape", "position", "label", "relation")
+LOCATE_OUTPUTS = 4  # x_a, y_a, x_b, y_b
+
+
+def locate_targets(scene, question) -> tuple[np.ndarray, np.ndarray]:
+    """-> (targets [4] float32, present [4] bool): the view coordinates, in [-1, 1], of the first and second object
+    the prompt names where a name matches exactly one drawn object (export/train/locate.py says why)."""
+    targets, present = np.zeros(LOCATE_OUTPUTS, np.float32), np.zeros(LOCATE_OUTPUTS, bool)
+    if question.family not in LOCATE_FAMILIES:
+        return targets, present
+    half = scene.image_size / 2
+    for slot, phrase in enumerate(named_phrases(question.prompt)[:2]):
+        matches = [o for o in scene.objects if all(getattr(o, k) == v for k, v in phrase.items())]
+        if len(matches) != 1:
+            continue
+        x, y = scene.view_xy(matches[0].x, matches[0].y)
+        targets[2 * slot:2 * slot + 2] = (x - half) / half, (y - half) / half
+        present[2 * slot:2 * slot + 2] = True
+    return targets, present
+
+
 def relevant_patches(scene, question, grid: int) -> np.ndarray:
     """[grid*grid] bool: patches overlapped by the box of a relevant object (and its label for 'label')."""
     mask = np.zeros((grid, grid), bool)
@@ -242,7 +263,7 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
     """[(scene, [Question])] -> one batch dict of tensors (see SceneBatches); pack: one packed row a scene
     (pack_scene) instead of a row a question (stage 0's language-model loss reads only these)."""
     pixels, encoded, scene_index, grounding, family = [], [], [], [], []
-    classes, packed = [], []
+    classes, packed, located = [], [], []
     for s, (scene, questions) in enumerate(items):
         pixels.append(preprocess(scene.image, preprocessing)[0])
         classes.append(patch_targets(scene, grid))
@@ -250,6 +271,7 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
             encoded.append(encode_example(prompter, q.prompt, q.answer))
             scene_index.append(s)
             grounding.append(relevant_patches(scene, q, grid))
+            located.append(locate_targets(scene, q))
             family.append(families.index(q.family) if q.family in families else -1)
         if pack:
             packed.append(pack_scene(encoded[-len(questions):], int(spec.special["image"])))
@@ -264,6 +286,8 @@ def collate_scenes(items: list[tuple], spec: SequenceSpec, prompter, preprocessi
         "family": torch.tensor(family, dtype=torch.int64),                        # [Q] index into FAMILIES
         "patch_classes": torch.from_numpy(np.stack([c[0] for c in classes])),     # [S,N] index into PATCH_CLASSES
         "patch_chars": torch.from_numpy(np.stack([c[1] for c in classes])),       # [S,N,3] index into CHAR_CLASSES
+        "locate": torch.from_numpy(np.stack([t for t, _ in located])),            # [Q,4] float32 (locate_targets)
+        "locate_present": torch.from_numpy(np.stack([p for _, p in located])),    # [Q,4] bool
     }
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from export.model.prompt import PromptMLP
 from export.model.reducers import top_patches
 from export.train.data import IGNORE
+from export.train.locate import locate_loss
 from export.model.vision import PipmmVision, vision_config_from
 
 
@@ -249,15 +250,17 @@ def _packed_lm_loss(model, batch: dict, scene_tokens: torch.Tensor) -> tuple[tor
 
 def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: float = 0.0,
                  frozen_llm_for_prompt: bool = True, aux_head: torch.nn.Module | None = None,
-                 aux_weight: float = 0.0, reduced: tuple | None = None, patch_positions: bool = False) -> dict:
+                 aux_weight: float = 0.0, reduced: tuple | None = None, patch_positions: bool = False,
+                 locate: tuple | None = None) -> dict:
     """Next-token cross-entropy on the answer tokens (+ EOS); optionally the grounding term:
     -log(attention mass T-CLS puts on the patches of the objects the question names), and (stage 0)
     the auxiliary patch-classification term of aux_patch_loss on the full-budget visual tokens, and
     (stage 0, reduced = (fraction, budgets, generator)) answers from reduced sets (sample_keep). A packed batch
-    (data.pack_scene: stage 0, the plain model at full budget) runs the language model once a scene."""
+    (data.pack_scene: stage 0, the plain model at full budget) runs the language model once a scene.
+    locate = (head, layer, weight): the locate term of export/train/locate.py on hidden state `layer`."""
     aux = None
     if "packed_ids" in batch:
-        if vision.prompt_mlp is not None or reduced is not None or patch_positions or grounding_weight > 0:
+        if vision.prompt_mlp is not None or reduced is not None or patch_positions or grounding_weight > 0 or locate:
             raise ValueError("packed questions are a stage-0 setting: the plain model, all visual tokens")
         scene_tokens = vision(batch["pixel_values"], None)[0]  # [S,N,D]
         lm_loss, answers = _packed_lm_loss(model, batch, scene_tokens)
@@ -294,7 +297,9 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
         attend = torch.ones_like(slots)
         attend[slots] = batch["keep"].flatten()
         lm_kwargs = {"attention_mask": attend.long(), "position_ids": (attend.long().cumsum(1) - 1).clamp_min(0)}
-    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False, **lm_kwargs).last_hidden_state
+    lm_out = model.model.language_model(inputs_embeds=embeds, use_cache=False, output_hidden_states=bool(locate),
+                                        **lm_kwargs)
+    hidden = lm_out.last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE  # predict token t+1 from position t; only answer tokens
     logits = model.lm_head(hidden[:, :-1][keep]).float()
@@ -304,6 +309,11 @@ def forward_loss(model, vision: PipmmVision, batch: dict, grounding_weight: floa
     if aux is not None:
         out["aux_loss"] = aux
         loss = loss + aux_weight * aux
+    if locate:
+        head, layer, weight = locate
+        out["locate_loss"] = locate_loss(head, lm_out.hidden_states[layer], batch["labels"], batch["locate"],
+                                         batch["locate_present"])
+        loss = loss + weight * out["locate_loss"]
     if grounding_weight > 0:
         mask = batch["grounding"]
         rows = mask.any(-1)

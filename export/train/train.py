@@ -33,6 +33,7 @@ from export.train import archs, multiframe
 from export.train.train_args import add_arguments  # noqa: F401  (sdk/cli.py's VERBS read it here)
 from export.train.data import (SCENE_MIXES, SceneBatches, SequenceSpec, build_tokenizer, collate_scenes, data_mix,
                                loader, scene_items)
+from export.train.locate import locate_setting
 from export.train.progress import resolve_device, step_bar
 from export.train.model import (ModelSizes, aux_head_outputs, build_llava, forward_loss, greedy_generate, make_vision, parameter_counts,
                           special_tokens)
@@ -207,6 +208,7 @@ def _config(args, arch, model, mlp, vision, trainable, parent, resolved: dict) -
         "budget": vision.config.budget, "reducer": vision.config.reducer, "visual_tokens": vision.config.num_tokens,
         "grounding_weight": args.grounding_weight if mlp is not None else 0.0,
         "aux_patch_weight": _aux_weight(args),
+        "locate_weight": args.locate_weight or 0.0, "locate_layer": args.locate_layer if args.locate_weight else None,
         "reduced_fraction": args.reduced_fraction if args.stage == 0 else 0.0,
         "reduced_budgets": list(args.reduced_budgets) if args.stage == 0 and args.reduced_fraction > 0 else None,
         "pack_questions": bool(args.pack_questions),
@@ -315,6 +317,10 @@ def run(args) -> int:
     aux_weight = _aux_weight(args)
     if aux_head is not None:
         aux_head.to(device).train()
+    locate = locate_setting(args, model.config.text_config.hidden_size, sizes.text_layers)  # (head, layer, weight)
+    if locate:
+        trainable.update({f"locate_head.{n}": p for n, p in locate[0].named_parameters()})
+        locate[0].to(device).train()
     model.to(device).train()
     vision.to(device)  # the reducer's buffers (pool matrix) are the vision module's own
     if mlp is not None:
@@ -419,7 +425,7 @@ def run(args) -> int:
             losses = forward_loss(model, vision, batch, args.grounding_weight if mlp is not None else 0.0,
                                   frozen_llm_for_prompt=frozen_prompt, aux_head=aux_head, aux_weight=aux_weight,
                                   reduced=(args.reduced_fraction, reduced_budgets, keep_rng) if reduced_budgets else None,
-                                  patch_positions=args.patch_positions)
+                                  patch_positions=args.patch_positions, locate=locate)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)

@@ -63,6 +63,12 @@ def add_arguments(parser) -> None:
         p.add_argument(f"--{name}", type=int, default=None, help="model size (stage 0)")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="stage 0: weight of the auxiliary patch-classification loss (default 1.0; 0 = LM loss only)")
+    p.add_argument("--locate-weight", type=float, default=None, metavar="W",
+                   help="weight of the locate loss (export/train/locate.py: a training-only head regresses the "
+                        "places of the objects the prompt names from one LLM layer's last prompt token; "
+                        "default 0; a --resume keeps the run's)")
+    p.add_argument("--locate-layer", type=int, default=None, metavar="L",
+                   help="the LLM layer whose output the locate head reads (default: two below the top)")
     p.add_argument("--reduced-fraction", type=float, default=None,
                    help="stage 0: fraction of questions trained on a reduced visual-token set (their objects' "
                         "patches + random others; see model.sample_keep; default 0; a --resume keeps the run's)")
