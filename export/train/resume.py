@@ -16,7 +16,8 @@ from export.train.model import ModelSizes
 _KEPT = {"lr": ("lr",), "batch_size": ("batch_size",), "data_offset": ("data_offset",),
          "instruction_fraction": ("data", "instruction_fraction"), "paraphrase_fraction": ("data", "paraphrase_fraction"),
          "aux_weight": ("aux_patch_weight",), "reduced_fraction": ("reduced_fraction",),
-         "pack_questions": ("pack_questions",), "locate_weight": ("locate_weight",), "locate_layer": ("locate_layer",), "extra_questions": ("data", "extra_questions"),
+         "pack_questions": ("pack_questions",), "extra_questions": ("data", "extra_questions"),
+         "locate_weight": ("locate_weight",), "locate_layer": ("locate_layer",),
          "steps": ("requested_steps",), "time_budget": ("time_budget_s",)}
 
 
