@@ -14,6 +14,9 @@ answer) of train-split questions and scores them on test-split questions:
   answer  the yes/no answer itself (order XOR the word is right/below).
   axis    whether the question asks left/right or above/below: read from the prompt's own words, a control that
           the probe can decode what the state does hold.
+  places  R^2 of ridge regressions for x_a, y_a, x_b, y_b, the view coordinates of the first- and second-named
+          object (the locate loss's targets, export/train/locate.py): whether the state holds where the objects
+          are, before any comparison.
 
 The model runs as it ships (PIP-MM at half budget, prompt-topk, patch positions; export/train/evaluate.py's
 batched torch path), on the CPU; the model's own answers are scored too.
@@ -35,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 # direction word of a TRAIN relation template -> whether "yes" means a before b (left of, above)
 DIRECTIONS = [(re.compile(r"\b(left)\b"), True), (re.compile(r"\b(right)\b"), False),
               (re.compile(r"\b(above|over|higher)\b"), True), (re.compile(r"\b(below|under|beneath|lower)\b"), False)]
+
+
+PLACES = ("x_a", "y_a", "x_b", "y_b")  # the named objects' view coordinates, as the locate loss regresses them
 
 
 def first_when_yes(prompt: str) -> bool:
@@ -101,6 +107,32 @@ def ridge_accuracy(train_x, train_y, test_x, test_y, penalty: float = 10.0) -> f
     return float(((b @ w > 0) == test_y).mean())
 
 
+def ridge_r2(train_x, train_y, test_x, test_y, penalty: float = 10.0) -> float:
+    """Closed-form ridge on standardised features for a real target; R^2 on the test rows (0: no better than the
+    train mean, 1: exact)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    a, b = np.hstack([a, np.ones((len(a), 1))]), np.hstack([b, np.ones((len(b), 1))])
+    w = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ train_y)
+    return float(1 - ((b @ w - test_y) ** 2).sum() / ((test_y - train_y.mean()) ** 2).sum())
+
+
+def places(split: str, examples) -> np.ndarray:
+    """[N,4] view coordinates (x_a, y_a, x_b, y_b in [-1, 1]) of the two objects each relation question names, in
+    the order it names them (export/train/data.py locate_targets, the locate loss's targets)."""
+    from export.tasks.scenes import Question, make_scene, split_style
+    from export.train.data import locate_targets
+
+    out = []
+    for e in examples:
+        scene = make_scene(e.scene_seed, e.image.size[0], split_style(split, e.scene_seed))
+        targets, present = locate_targets(scene, Question(e.family, e.prompt, e.answer))
+        if not present.all():
+            raise ValueError(f"no single drawn object for each name of {e.prompt!r}")
+        out.append(targets)
+    return np.stack(out)
+
+
 def main(argv=None) -> int:
     from export.tasks.answers import normalize
     from export.train import evaluate
@@ -118,23 +150,27 @@ def main(argv=None) -> int:
         yes = np.array([normalize(e.answer) == "yes" for e in examples])
         order = np.array([y == first_when_yes(e.prompt) for e, y in zip(examples, yes)])
         axis = np.array([bool(re.search(r"\b(left|right)\b", e.prompt.lower())) for e in examples])
-        sets[split] = {"hidden": hidden, "yes": yes, "order": order, "axis": axis,
+        sets[split] = {"hidden": hidden, "yes": yes, "order": order, "axis": axis, "places": places(split, examples),
                        "model": float(np.mean([normalize(s) == normalize(e.answer) for s, e in zip(said, examples)])),
                        "says_yes": float(np.mean([normalize(s) == "yes" for s in said]))}
     train, test = sets["train"], sets["test"]
     layers = [{"layer": layer,
                "order": ridge_accuracy(train["hidden"][layer], train["order"], test["hidden"][layer], test["order"]),
                "answer": ridge_accuracy(train["hidden"][layer], train["yes"], test["hidden"][layer], test["yes"]),
-               "axis": ridge_accuracy(train["hidden"][layer], train["axis"], test["hidden"][layer], test["axis"])}
+               "axis": ridge_accuracy(train["hidden"][layer], train["axis"], test["hidden"][layer], test["axis"]),
+               **{f"r2_{name}": ridge_r2(train["hidden"][layer], train["places"][:, k], test["hidden"][layer],
+                                          test["places"][:, k]) for k, name in enumerate(PLACES)}}
               for layer in range(train["hidden"].shape[0])]
     result = {"checkpoint": str(args.checkpoint), "train_questions": args.train, "test_questions": args.test,
               "model_accuracy_test": test["model"], "model_says_yes_test": test["says_yes"],
               "yes_fraction_test": float(test["yes"].mean()), "layers": layers}
     print(f"\nmodel: {100 * test['model']:.1f}% right on {args.test} test relation questions, says yes "
           f"{100 * test['says_yes']:.1f}% (truth: {100 * test['yes'].mean():.1f}%)")
-    print("| layer (0 = embeddings) | probe: order | probe: answer | probe: axis (control) |\n|---|---|---|---|")
+    print("| layer (0 = embeddings) | probe: order | probe: answer | probe: axis (control) | R^2: x_a, y_a, x_b, y_b |"
+          "\n|---|---|---|---|---|")
     for row in layers:
-        print(f"| {row['layer']} | {100 * row['order']:.1f} | {100 * row['answer']:.1f} | {100 * row['axis']:.1f} |")
+        r2 = ", ".join(f"{row['r2_' + name]:.2f}" for name in PLACES)
+        print(f"| {row['layer']} | {100 * row['order']:.1f} | {100 * row['answer']:.1f} | {100 * row['axis']:.1f} | {r2} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

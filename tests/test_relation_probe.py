@@ -28,3 +28,23 @@ def test_the_ridge_probe_reads_a_linear_fact_and_not_noise():
     noise = rng.random(1200) > 0.5
     assert probe.ridge_accuracy(x[:800], linear[:800], x[800:], linear[800:]) > 0.85  # least squares, not max-margin: 0.91 here
     assert abs(probe.ridge_accuracy(x[:800], noise[:800], x[800:], noise[800:]) - 0.5) < 0.08
+
+
+def test_the_place_regression_reads_a_linear_coordinate_and_not_noise():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1200, 64))
+    coordinate = np.tanh(0.5 * x[:, 5] + 0.3 * x[:, 20])
+    assert probe.ridge_r2(x[:800], coordinate[:800], x[800:], coordinate[800:]) > 0.8
+    assert probe.ridge_r2(x[:800], rng.random(800), x[800:], rng.random(400)) < 0.05
+
+
+def test_the_places_of_relation_questions_are_the_named_objects():
+    from export.train import evaluate
+
+    examples = evaluate.questions("test", 30, families=["relation"])
+    places = probe.places("test", examples)
+    assert places.shape == (30, 4) and np.all(np.abs(places) <= 1)
+    for e, (xa, ya, xb, yb) in zip(examples, places):
+        horizontal = "left" in e.prompt.lower() or "right" in e.prompt.lower()
+        a, b = (xa, xb) if horizontal else (ya, yb)
+        assert (e.answer == "yes") == ((a < b) == probe.first_when_yes(e.prompt)), e.prompt
