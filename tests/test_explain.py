@@ -117,4 +117,8 @@ def test_the_readme_overlay_is_what_its_command_makes(tmp_path):
     assert done.returncode == 0, done.stderr
     made = np.asarray(Image.open(out), np.int16)
     committed = np.asarray(Image.open(ROOT / "docs/explain-scene.png"), np.int16)
-    assert made.shape == committed.shape and np.abs(made - committed).mean() < 1.0  # ORT builds round apart a little
+    # The int8 vision graph's per-tensor activation quantization flips at rounding boundaries with the float
+    # kernels' summation order, so another CPU keeps other near-tied background patches (the outlines move): an
+    # AVX2 EPYC against the machine that drew m21's image before, mean 2.92 levels (2.4% of pixels off by > 30);
+    # m20's image against m21's, the same scene, 8.43 (8.4%). Redrawn where CI runs, this compares 0.0 there.
+    assert made.shape == committed.shape and np.abs(made - committed).mean() < 4.0
