@@ -117,15 +117,16 @@ def ridge_r2(train_x, train_y, test_x, test_y, penalty: float = 10.0) -> float:
     return float(1 - ((b @ w - test_y) ** 2).sum() / ((test_y - train_y.mean()) ** 2).sum())
 
 
-def places(split: str, examples) -> np.ndarray:
+def places(split: str, examples, size: int = 224) -> np.ndarray:
     """[N,4] view coordinates (x_a, y_a, x_b, y_b in [-1, 1]) of the two objects each relation question names, in
-    the order it names them (export/train/data.py locate_targets, the locate loss's targets)."""
+    the order it names them (export/train/data.py locate_targets, the locate loss's targets). size: the scene
+    size the examples were drawn at (evaluate.questions'; a canvas of another aspect is wider than it)."""
     from export.tasks.scenes import Question, make_scene, split_style
     from export.train.data import locate_targets
 
     out = []
     for e in examples:
-        scene = make_scene(e.scene_seed, e.image.size[0], split_style(split, e.scene_seed))
+        scene = make_scene(e.scene_seed, size, split_style(split, e.scene_seed))
         targets, present = locate_targets(scene, Question(e.family, e.prompt, e.answer))
         if not present.all():
             raise ValueError(f"no single drawn object for each name of {e.prompt!r}")

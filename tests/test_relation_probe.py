@@ -41,9 +41,9 @@ def test_the_place_regression_reads_a_linear_coordinate_and_not_noise():
 def test_the_places_of_relation_questions_are_the_named_objects():
     from export.train import evaluate
 
-    examples = evaluate.questions("test", 30, families=["relation"])
-    places = probe.places("test", examples)
-    assert places.shape == (30, 4) and np.all(np.abs(places) <= 1)
+    examples = evaluate.questions("train", 40, families=["relation"])  # train: canvases of other aspects too
+    places = probe.places("train", examples)
+    assert places.shape == (40, 4) and np.all(np.abs(places) <= 1)
     for e, (xa, ya, xb, yb) in zip(examples, places):
         horizontal = "left" in e.prompt.lower() or "right" in e.prompt.lower()
         a, b = (xa, xb) if horizontal else (ya, yb)
