@@ -168,14 +168,16 @@ cont2ab)
   tail -n 12 "$RUNS/cont2-a.log" "$RUNS/cont2-b.log"
   best=$(python3 - "$RUNS" <<'PY'
 import glob, json, sys
-mean = {ab: sum(json.load(open(f))["overall"]["accuracy"] for f in glob.glob(f"{sys.argv[1]}/{ab}/evals/*.json")) / 4
-        for ab in "ab"}
-print(max(mean, key=mean.get))
+# an arm is eligible only with its four evals (a failed run or eval has fewer)
+scores = {ab: [json.load(open(f))["overall"]["accuracy"] for f in glob.glob(f"{sys.argv[1]}/{ab}/evals/*.json")]
+          for ab in "ab"}
+mean = {ab: sum(v) / 4 for ab, v in scores.items() if len(v) == 4}
+print(max(mean, key=mean.get) if mean else "none")
 PY
 )
   echo "better: $best"
-  cp "$RUNS/$best-out"/*.safetensors "$OUT/"
-  for ab in a b; do cp "$RUNS/$ab-out/small.tar.gz" "$OUT/$ab-small.tar.gz"; done
+  [ "$best" != none ] && cp "$RUNS/$best-out"/*.safetensors "$OUT/"
+  for ab in a b; do [ -f "$RUNS/$ab-out/small.tar.gz" ] && cp "$RUNS/$ab-out/small.tar.gz" "$OUT/$ab-small.tar.gz"; done
   cp "$RUNS"/cont2-?.log "$OUT/"
   ls -l "$OUT"
   ;;
