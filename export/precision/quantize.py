@@ -290,8 +290,8 @@ def int8_static(name: str, src: Path, dst: Path, ctx: dict) -> dict:
         quantize_static(str(src), str(dst), _Feeds(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                         # 7-bit weights: on x86 without VNNI (AVX2) ONNX Runtime's int8 GEMM adds pairs of
                         # u8 x s8 products in int16 (vpmaddubsw), which saturates for 8-bit weights (255 * 127 * 2 >
-                        # 32767): the ViT's outputs then differed by CPU (README overlay: mean 2.9 levels on an
-                        # AVX2 EPYC against one drawn with VNNI). At 7 bits (255 * 64 * 2 < 32767) it is exact on both.
+                        # 32767), so the graphs' error depended on the CPU (tests/test_precision.py: T-CLS attention
+                        # 0.22 from fp32 on an AVX2 EPYC, 0.048 with 7 bits; 255 * 64 * 2 < 32767 never saturates)
                         per_channel=True, reduce_range=True, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=CalibrationMethod.MinMax,
