@@ -80,7 +80,7 @@ def test_the_head_learns_the_places_on_a_fixed_batch(tmp_path):
         optimizer.step()
         last = float(out["locate_loss"].detach())
         first = last if first is None else first
-    assert last < 0.1 * first, (first, last)  # 0.197 -> 0.0035 in 50 steps here
+    assert last < 0.1 * first, (first, last)  # 0.197 -> 0.0089 in 50 steps here
     assert float(out["loss"].detach()) > float(out["lm_loss"].detach())  # the term is in the total
 
 
