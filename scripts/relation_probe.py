@@ -70,7 +70,8 @@ def features(loaded, examples, batch_size: int = 32):
     import torch
 
     from export.train.data import encode_example, text_tensors
-    from export.train.model import IGNORE, embed_sequence, patch_position_ids, visual_tokens
+    from export.train.locate import last_prompt_positions
+    from export.train.model import embed_sequence, patch_position_ids, visual_tokens
     from sdk.preprocess import preprocess
 
     pipeline, model, vision = loaded
@@ -84,37 +85,37 @@ def features(loaded, examples, batch_size: int = 32):
                      **text_tensors([encode_example(prompter, e.prompt, e.answer) for e in chunk], pad),
                      "scene_index": torch.arange(len(chunk))}
             ids, labels = batch["input_ids"], batch["labels"]
-            lengths = (labels != IGNORE).int().argmax(1)  # the first answer token: the prompt ends just before it
+            last = last_prompt_positions(labels)  # the prompt ends just before the first answer token
             tokens, attention = visual_tokens(model, vision, batch)
-            width = int(lengths.max())
+            width = int(last.max()) + 1
             positions = patch_position_ids(ids[:, :width], model.config.image_token_index, attention, tokens.shape[1])
             out = model.model.language_model(inputs_embeds=embed_sequence(model, ids[:, :width], tokens),
                                               position_ids=positions, output_hidden_states=True)
             rows = torch.arange(len(chunk))
-            hidden.append(torch.stack([h[rows, lengths - 1] for h in out.hidden_states]).numpy())
-            first_tokens = model.lm_head(out.last_hidden_state[rows, lengths - 1]).argmax(-1)
+            hidden.append(torch.stack([h[rows, last] for h in out.hidden_states]).numpy())
+            first_tokens = model.lm_head(out.last_hidden_state[rows, last]).argmax(-1)
             answers += [prompter.decode([int(t)]) for t in first_tokens]  # yes / no are one token each
             print(f"{first + len(chunk)}/{len(examples)} questions", end="\r", file=sys.stderr, flush=True)
     return np.concatenate(hidden, 1), answers
 
 
-def ridge_accuracy(train_x, train_y, test_x, test_y, penalty: float = 10.0) -> float:
-    """Closed-form ridge on standardised features, targets ±1; accuracy of the sign on the test rows."""
+def ridge_predict(train_x, train_y, test_x, penalty: float = 10.0) -> np.ndarray:
+    """Closed-form ridge on standardised features (with a bias column) fit to train_y -> predictions for test_x."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     a, b = (train_x - mean) / std, (test_x - mean) / std
     a, b = np.hstack([a, np.ones((len(a), 1))]), np.hstack([b, np.ones((len(b), 1))])
-    w = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ (2.0 * train_y - 1))
-    return float(((b @ w > 0) == test_y).mean())
+    return b @ np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ train_y)
+
+
+def ridge_accuracy(train_x, train_y, test_x, test_y, penalty: float = 10.0) -> float:
+    """Ridge on ±1 targets; accuracy of the sign on the test rows."""
+    return float(((ridge_predict(train_x, 2.0 * train_y - 1, test_x, penalty) > 0) == test_y).mean())
 
 
 def ridge_r2(train_x, train_y, test_x, test_y, penalty: float = 10.0) -> float:
-    """Closed-form ridge on standardised features for a real target; R^2 on the test rows (0: no better than the
-    train mean, 1: exact)."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    a, b = (train_x - mean) / std, (test_x - mean) / std
-    a, b = np.hstack([a, np.ones((len(a), 1))]), np.hstack([b, np.ones((len(b), 1))])
-    w = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ train_y)
-    return float(1 - ((b @ w - test_y) ** 2).sum() / ((test_y - train_y.mean()) ** 2).sum())
+    """Ridge for a real target; R^2 on the test rows (0: no better than the train mean, 1: exact)."""
+    predicted = ridge_predict(train_x, train_y, test_x, penalty)
+    return float(1 - ((predicted - test_y) ** 2).sum() / ((test_y - train_y.mean()) ** 2).sum())
 
 
 def places(split: str, examples, size: int = 224) -> np.ndarray:
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
           "\n|---|---|---|---|---|")
     for row in layers:
         r2 = ", ".join(f"{row['r2_' + name]:.2f}" for name in PLACES)
-        print(f"| {row['layer']} | {100 * row['order']:.1f} | {100 * row['answer']:.1f} | {100 * row['axis']:.1f} | {r2} |")
+        probes = " | ".join(f"{100 * row[k]:.1f}" for k in ("order", "answer", "axis"))
+        print(f"| {row['layer']} | {probes} | {r2} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -129,8 +129,13 @@ def relevant_objects(scene, question) -> list:
         return list(scene.objects)
     out = []
     for phrase in named_phrases(question.prompt):
-        out += [o for o in scene.objects if all(getattr(o, k) == v for k, v in phrase.items()) and o not in out]
+        out += [o for o in matching_objects(scene, phrase) if o not in out]
     return out
+
+
+def matching_objects(scene, phrase: dict) -> list:
+    """The drawn objects that a name ({attribute: value}, named_phrases) fits."""
+    return [o for o in scene.objects if all(getattr(o, k) == v for k, v in phrase.items())]
 
 
 LOCATE_FAMILIES = ("color", "shape", "position", "label", "relation")
@@ -145,7 +150,7 @@ def locate_targets(scene, question) -> tuple[np.ndarray, np.ndarray]:
         return targets, present
     half = scene.image_size / 2
     for slot, phrase in enumerate(named_phrases(question.prompt)[:2]):
-        matches = [o for o in scene.objects if all(getattr(o, k) == v for k, v in phrase.items())]
+        matches = matching_objects(scene, phrase)
         if len(matches) != 1:
             continue
         x, y = scene.view_xy(matches[0].x, matches[0].y)

@@ -33,6 +33,7 @@ from export.train.data import IGNORE, LOCATE_OUTPUTS
 class LocateArgumentError(PipmmError, ValueError):
     """--locate-weight / --locate-layer with a stage or setting the locate loss cannot train."""
 
+
 def default_layer(text_layers: int) -> int:
     """Index into the LLM's hidden states (0 = embeddings, i = after layer i): two layers below the top."""
     return max(1, text_layers - 2)
